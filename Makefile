@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make up` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: up test venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the local fleet (Redis, Envoy, controller, collector, 2 pickers, 4 simulated pods) until Ctrl-C.
+up: $(STAMP)
+	$(BIN)/local-fleet --manifests examples/fleet
+
+## Run the test suite against real Redis, Envoy and simulated pods.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

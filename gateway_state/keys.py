@@ -1,0 +1,41 @@
+"""Every Redis key the fleet uses.
+
+Keys that belong to one pool carry the pool name as a Redis Cluster hash tag
+(`{pool}`), so the multi-key Lua scripts of one pool run on one shard.
+"""
+
+from __future__ import annotations
+
+# The whole routing configuration (pools, endpoints, models) is one record, so a
+# reader always sees one consistent generation of it.
+CONFIG = "gw:{config}:config"
+
+
+def pool_prefix(pool: str) -> str:
+    """Prefix of every per-pool key; Lua scripts derive their keys from it."""
+    return f"gw:{{{pool}}}:"
+
+
+def load(pool: str) -> str:
+    """Hash endpoint -> encoded LoadSample, written by collectors."""
+    return pool_prefix(pool) + "load"
+
+
+def pickers(pool: str) -> str:
+    """Sorted set picker replica id -> lease expiry (ms) of its in-flight counts."""
+    return pool_prefix(pool) + "pickers"
+
+
+def inflight(pool: str, replica: str) -> str:
+    """Hash endpoint -> requests this picker replica has in flight there."""
+    return pool_prefix(pool) + "inflight:" + replica
+
+
+def prefix_block(pool: str, block_hash: str) -> str:
+    """Hash endpoint -> last use (ms) for one chained prefix block."""
+    return pool_prefix(pool) + "pfx:" + block_hash
+
+
+def endpoint_lru(pool: str, endpoint: str) -> str:
+    """Sorted set of the prefix blocks recorded for one endpoint, by recency."""
+    return pool_prefix(pool) + "lru:" + endpoint

@@ -1,0 +1,97 @@
+"""Lua scripts: each is one atomic Redis round trip of the picker's request path.
+
+All keys a script touches share the pool's hash tag; KEYS[1] names that slot
+for Redis Cluster, and the other keys are derived from the pool prefix (ARGV[1]).
+"""
+
+# KEYS[1] = pickers zset. ARGV = pool prefix, now_ms, block hashes...
+# Returns {inflight_flat, matched_flat}: in-flight counts summed over the live
+# picker replicas, and per endpoint the number of leading prompt blocks it holds.
+# Block hashes are chained, so holding block i means holding the whole prefix
+# up to i; the walk stops at the first block no endpoint holds.
+LOOKUP = """
+local prefix = ARGV[1]
+local now = tonumber(ARGV[2])
+local inflight = {}
+local replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+for _, r in ipairs(replicas) do
+  local kv = redis.call('HGETALL', prefix .. 'inflight:' .. r)
+  for i = 1, #kv, 2 do
+    inflight[kv[i]] = (inflight[kv[i]] or 0) + tonumber(kv[i + 1])
+  end
+end
+local matched = {}
+for i = 3, #ARGV do
+  local holders = redis.call('HKEYS', prefix .. 'pfx:' .. ARGV[i])
+  if #holders == 0 then break end
+  for _, e in ipairs(holders) do matched[e] = i - 2 end
+end
+local out_inflight, out_matched = {}, {}
+for e, n in pairs(inflight) do
+  if n > 0 then
+    table.insert(out_inflight, e)
+    table.insert(out_inflight, tostring(n))
+  end
+end
+for e, n in pairs(matched) do
+  table.insert(out_matched, e)
+  table.insert(out_matched, tostring(n))
+end
+return {out_inflight, out_matched}
+"""
+
+# KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, now_ms,
+# prefix ttl_ms, endpoint capacity in blocks, lease_ms, block hashes...
+# Counts one request in flight at the endpoint and records the endpoint as a
+# holder of every block. The endpoint's blocks form an LRU bounded by capacity;
+# within one request deeper blocks score lower, so eviction takes leaves first,
+# as the model server's own cache does.
+RECORD = """
+local prefix, replica, endpoint = ARGV[1], ARGV[2], ARGV[3]
+local now, ttl, cap, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local ik = prefix .. 'inflight:' .. replica
+redis.call('HINCRBY', ik, endpoint, 1)
+redis.call('PEXPIRE', ik, lease)
+redis.call('ZADD', KEYS[1], now + lease, replica)
+local n = #ARGV - 7
+if n == 0 then return 0 end
+local lru = prefix .. 'lru:' .. endpoint
+for i = 8, #ARGV do
+  local bk = prefix .. 'pfx:' .. ARGV[i]
+  redis.call('HSET', bk, endpoint, now)
+  redis.call('PEXPIRE', bk, ttl)
+  redis.call('ZADD', lru, now * 1024 + (1023 - math.min(i - 8, 1023)), ARGV[i])
+end
+redis.call('PEXPIRE', lru, ttl)
+local size = redis.call('ZCARD', lru)
+local evicted = 0
+if size > cap then
+  local gone = redis.call('ZPOPMIN', lru, size - cap)
+  for j = 1, #gone, 2 do
+    redis.call('HDEL', prefix .. 'pfx:' .. gone[j], endpoint)
+    evicted = evicted + 1
+  end
+end
+return evicted
+"""
+
+# ARGV = pool prefix, replica, endpoint. Ends one in-flight request; a count
+# lost to a Redis flush never goes negative.
+RELEASE = """
+local ik = ARGV[1] .. 'inflight:' .. ARGV[2]
+local n = redis.call('HINCRBY', ik, ARGV[3], -1)
+if n <= 0 then redis.call('HDEL', ik, ARGV[3]) end
+return n
+"""
+
+# KEYS[1] = pickers zset. ARGV = pool prefix, replica, now_ms, lease_ms.
+# Renews a live picker replica's lease on its in-flight counts; a replica that
+# dies stops renewing and its counts stop counting when the lease runs out.
+HEARTBEAT = """
+local ik = ARGV[1] .. 'inflight:' .. ARGV[2]
+local now, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', ik, lease)
+return 1
+"""

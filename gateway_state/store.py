@@ -1,0 +1,114 @@
+"""The typed face of Redis: every read and write the fleet makes goes through here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from gateway_state import keys, scripts
+from gateway_state.records import Config, LoadSample, decode_config, decode_load, encode_config, encode_load
+
+
+@dataclass(frozen=True)
+class SharedView:
+    """What the picker reads from Redis for one decision."""
+
+    inflight: dict[str, int]  # endpoint -> requests in flight, over all picker replicas
+    matched_blocks: dict[str, int]  # endpoint -> leading prompt blocks it holds
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
+    return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class StateStore:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        # register_script does no I/O; scripts load on first use (EVALSHA, then EVAL).
+        self._lookup = redis.register_script(scripts.LOOKUP)
+        self._record = redis.register_script(scripts.RECORD)
+        self._release = redis.register_script(scripts.RELEASE)
+        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
+
+    # -- configuration (controller writes, everyone reads) -------------------
+
+    async def write_config(self, config: Config) -> None:
+        await self.redis.set(keys.CONFIG, encode_config(config))
+
+    async def read_config_raw(self) -> bytes | None:
+        """The encoded config, or None when Redis holds none (lost or not yet written)."""
+        return await self.redis.get(keys.CONFIG)
+
+    async def read_config(self) -> Config | None:
+        raw = await self.read_config_raw()
+        return decode_config(raw) if raw is not None else None
+
+    # -- load samples (collectors write, pickers read) ------------------------
+
+    async def write_load(self, pool: str, samples: Mapping[str, LoadSample]) -> None:
+        if samples:
+            await self.redis.hset(keys.load(pool), mapping={e: encode_load(s) for e, s in samples.items()})
+
+    async def read_load(self, pools: Sequence[str]) -> dict[str, dict[str, LoadSample]]:
+        """pool -> endpoint -> sample, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pool in pools:
+                pipe.hgetall(keys.load(pool))
+            replies = await pipe.execute()
+        return {
+            pool: {e.decode(): decode_load(raw) for e, raw in reply.items()}
+            for pool, reply in zip(pools, replies)
+        }
+
+    async def prune_load(self, pool: str, keep: set[str]) -> None:
+        """Drop samples of endpoints that left the pool."""
+        stale = [e for e in await self.redis.hkeys(keys.load(pool)) if e.decode() not in keep]
+        if stale:
+            await self.redis.hdel(keys.load(pool), *stale)
+
+    # -- the picker's request path ---------------------------------------------
+
+    async def lookup(self, pool: str, block_hashes: Sequence[str], now_ms: int) -> SharedView:
+        inflight, matched = await self._lookup(
+            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), now_ms, *block_hashes]
+        )
+        return SharedView(_pairs(inflight), _pairs(matched))
+
+    async def record(
+        self,
+        pool: str,
+        replica: str,
+        endpoint: str,
+        block_hashes: Sequence[str],
+        now_ms: int,
+        prefix_ttl_ms: int,
+        capacity_blocks: int,
+        lease_ms: int,
+    ) -> int:
+        """Count a request in flight at `endpoint` and note it now holds the blocks.
+
+        Returns how many blocks the endpoint's LRU evicted.
+        """
+        return int(
+            await self._record(
+                keys=[keys.pickers(pool)],
+                args=[
+                    keys.pool_prefix(pool),
+                    replica,
+                    endpoint,
+                    now_ms,
+                    prefix_ttl_ms,
+                    capacity_blocks,
+                    lease_ms,
+                    *block_hashes,
+                ],
+            )
+        )
+
+    async def release(self, pool: str, replica: str, endpoint: str) -> None:
+        await self._release(keys=[keys.inflight(pool, replica)], args=[keys.pool_prefix(pool), replica, endpoint])
+
+    async def heartbeat(self, pool: str, replica: str, now_ms: int, lease_ms: int) -> None:
+        await self._heartbeat(keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), replica, now_ms, lease_ms])

@@ -1,0 +1,208 @@
+"""Continuous batching with chunked prefill, as vLLM's V1 scheduler does it.
+
+Every step the scheduler gives each running sequence the tokens it still needs
+to compute (a whole prefill chunk, or the one decode token), within the per-step
+token budget, then admits waiting sequences while the batch has room and the KV
+cache has blocks. A sequence that cannot get a block for its next token preempts
+the newest running one, which later recomputes (mostly from the prefix cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from simulator.kv_cache import KVCache
+from simulator.physics import Physics
+from simulator.tokenizer import output_piece, tokenize
+
+
+class EngineObserver(Protocol):
+    def on_admit(self, seq: Sequence) -> None: ...
+    def on_first_token(self, seq: Sequence, ttft_s: float) -> None: ...
+    def on_finish(self, seq: Sequence, e2e_s: float) -> None: ...
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    tokens: list[int]  # prompt, then each generated token
+    num_prompt: int
+    max_tokens: int
+    finish_reason: str  # "length" when max_tokens was asked for, else "stop"
+    adapter: str | None = None
+    events: asyncio.Queue[str | None] | None = None  # generated pieces, then None; None for synthetic load
+    arrival_s: float = 0.0
+    computed: int = 0  # tokens whose KV is in the cache
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    admitted_once: bool = False
+    shared: list[int] = field(default_factory=list)  # cached block hashes referenced
+    private: int = 0  # blocks held that are not shared (partial, or not yet published)
+    chain: list[int] = field(default_factory=list)  # chained hashes of this sequence's full blocks
+    first_token_s: float | None = None
+    state: str = "new"  # new -> waiting -> running (-> waiting when preempted) -> done
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
+    def held_blocks(self) -> int:
+        return len(self.shared) + self.private
+
+
+def _blocks(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+class Engine:
+    def __init__(self, physics: Physics, observer: EngineObserver) -> None:
+        self.physics = physics
+        self.cache = KVCache(physics.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._observer = observer
+        self._wake = asyncio.Event()
+
+    def submit(self, seq: Sequence) -> None:
+        seq.arrival_s = asyncio.get_running_loop().time()
+        seq.state = "waiting"
+        self.waiting.append(seq)
+        self._wake.set()
+
+    def abort(self, seq: Sequence) -> None:
+        """The client went away: free the sequence's slot and blocks."""
+        if seq.state == "waiting":
+            self.waiting.remove(seq)
+            seq.state = "done"
+        elif seq.state == "running":
+            self._finish(seq)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.running and not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self._schedule()
+            decode = [seq for seq, chunk in batch if chunk == 1 and seq.first_token_s is not None]
+            prefill = sum(chunk for _, chunk in batch) - len(decode)
+            context = sum(len(seq.tokens) for seq in decode)
+            step = self.physics.step_seconds(prefill, len(decode), context)
+            await asyncio.sleep(step * self.physics.time_scale)
+            self._advance(batch, loop.time())
+
+    # -- scheduling -------------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        bs = self.physics.block_size
+        budget = self.physics.max_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq.state != "running" or budget <= 0:
+                continue  # preempted by an older sequence this step
+            chunk = min(len(seq.tokens) - seq.computed, budget)
+            if not self._grow(seq, _blocks(seq.computed + chunk, bs) - seq.held_blocks):
+                continue
+            batch.append((seq, chunk))
+            budget -= chunk
+        while self.waiting and budget > 0 and len(self.running) < self.physics.max_num_seqs:
+            seq = self.waiting[0]
+            admitted = self._admit(seq, budget)
+            if admitted == 0:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.state = "running"
+            batch.append((seq, admitted))
+            budget -= admitted
+        return batch
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Reserve blocks for the sequence's first chunk; 0 when the cache is full."""
+        bs = self.physics.block_size
+        self._extend_chain(seq)
+        hit = self.cache.cached_prefix(seq.chain)
+        hit = min(hit, (len(seq.tokens) - 1) // bs)  # the last token is always computed
+        reuse = seq.chain[:hit]
+        chunk = min(len(seq.tokens) - hit * bs, budget)
+        need = _blocks(hit * bs + chunk, bs) - hit
+        if not self.cache.can_allocate(need, reuse):
+            return 0
+        self.cache.acquire(reuse)
+        self.cache.allocate_private(need)
+        seq.shared, seq.private, seq.computed = list(reuse), need, hit * bs
+        if not seq.admitted_once:
+            seq.admitted_once = True
+            seq.cached_tokens = min(hit * bs, seq.num_prompt)
+            self._observer.on_admit(seq)
+        return chunk
+
+    def _grow(self, seq: Sequence, need: int) -> bool:
+        """Give `seq` `need` more blocks, preempting the newest sequences if the cache is full."""
+        while need > 0 and not self.cache.allocate_private(need):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.private += need
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        seq.computed = 0
+        seq.state = "waiting"
+        self.waiting.appendleft(seq)
+
+    # -- after the step ---------------------------------------------------------
+
+    def _advance(self, batch: list[tuple[Sequence, int]], now: float) -> None:
+        for seq, chunk in batch:
+            if seq.state != "running":
+                continue  # preempted or aborted during the step
+            seq.computed += chunk
+            self._publish(seq)
+            if seq.computed < len(seq.tokens):
+                continue  # prefill continues next step
+            piece = output_piece(seq.num_prompt, seq.generated)
+            seq.tokens.extend(tokenize(piece))
+            if seq.first_token_s is None:
+                seq.first_token_s = now
+                self._observer.on_first_token(seq, now - seq.arrival_s)
+            if seq.events is not None:
+                seq.events.put_nowait(piece)
+            if seq.generated >= seq.max_tokens:
+                self._finish(seq)
+                self._observer.on_finish(seq, now - seq.arrival_s)
+                if seq.events is not None:
+                    seq.events.put_nowait(None)
+
+    def _publish(self, seq: Sequence) -> None:
+        """Share the sequence's newly completed full blocks through the prefix cache."""
+        self._extend_chain(seq)
+        full = min(seq.computed // self.physics.block_size, len(seq.chain))
+        fresh = seq.chain[len(seq.shared) : full]
+        if fresh:
+            seq.private -= self.cache.publish(fresh)
+            seq.shared.extend(fresh)
+
+    def _extend_chain(self, seq: Sequence) -> None:
+        bs = self.physics.block_size
+        while (len(seq.chain) + 1) * bs <= len(seq.tokens):
+            start = len(seq.chain) * bs
+            parent = seq.chain[-1] if seq.chain else 0
+            seq.chain.append(hash((parent, tuple(seq.tokens[start : start + bs]))))
+
+    def _finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        seq.state = "done"
+        self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        self.cache.release(seq.shared)
+        self.cache.free_private(seq.private)
+        seq.shared, seq.private = [], 0

@@ -1,0 +1,81 @@
+"""Entry point: host many simulated pods, each on its own address, in one process.
+
+    model-server-simulator --pod qwen-0@127.0.0.11:8000 --pod qwen-1@127.0.0.12:8000 \
+        --runtime vllm --model /models/Qwen3-32B
+
+Loopback has the whole 127.0.0.0/8 range, so pods can share the pool's target
+port on distinct addresses, exactly as pods in a cluster do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import fields
+
+from aiohttp import web
+
+from simulator.physics import Physics
+from simulator.pod import PodSpec, SimulatedPod
+
+log = logging.getLogger("simulator")
+
+
+def parse_pod(value: str) -> tuple[str, str, int]:
+    try:
+        name, address = value.split("@", 1)
+        host, port = address.rsplit(":", 1)
+        return name, host, int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME@HOST:PORT, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="model-server-simulator", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pod", action="append", type=parse_pod, required=True, help="NAME@HOST:PORT, repeatable")
+    p.add_argument("--runtime", choices=("vllm", "sglang"), default="vllm")
+    p.add_argument("--model", default="/models/Qwen3-32B")
+    p.add_argument("--adapter", action="append", default=[], help="a LoRA adapter name the pods also serve")
+    defaults = Physics()
+    for f in fields(Physics):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+                       default=getattr(defaults, f.name), help=f"physics: {f.name} (default %(default)s)")
+    return p
+
+
+async def serve(pods: list[SimulatedPod]) -> None:
+    runners, engines = [], []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for pod in pods:
+            engines.append(asyncio.create_task(pod.engine.run(), name=f"engine-{pod.spec.name}"))
+            runner = web.AppRunner(pod.app(), access_log=None, handle_signals=False)
+            await runner.setup()
+            await web.TCPSite(runner, pod.spec.host, pod.spec.port, reuse_address=True).start()
+            runners.append(runner)
+            log.info("pod %s (%s) serving on %s:%d", pod.spec.name, pod.spec.runtime, pod.spec.host, pod.spec.port)
+        await stop.wait()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        for task in engines:
+            task.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    physics = Physics(**{f.name: getattr(args, f.name) for f in fields(Physics)})
+    pods = [SimulatedPod(PodSpec(name, host, port, args.runtime, args.model, tuple(args.adapter)), physics)
+            for name, host, port in args.pod]
+    asyncio.run(serve(pods))
+
+
+if __name__ == "__main__":
+    main()

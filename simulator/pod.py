@@ -1,0 +1,267 @@
+"""One simulated model-server pod: an engine, its metrics and its OpenAI-style HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from simulator.engine import Engine, Sequence
+from simulator.metrics import SGLangMetrics, VLLMMetrics
+from simulator.physics import Physics
+from simulator.tokenizer import render_chat, tokenize
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    name: str
+    host: str
+    port: int
+    runtime: str  # "vllm" or "sglang"
+    model: str
+    adapters: tuple[str, ...] = ()
+    max_loras: int = 4
+
+
+def openai_error(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    return web.json_response(body, status=status)
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str, err_type: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.response = openai_error(status, message, err_type, param)
+
+
+class SimulatedPod:
+    def __init__(self, spec: PodSpec, physics: Physics) -> None:
+        self.spec = spec
+        self.physics = physics
+        self.metrics = (
+            SGLangMetrics(spec.model, physics) if spec.runtime == "sglang"
+            else VLLMMetrics(spec.model, physics, spec.max_loras)
+        )
+        self.engine = Engine(physics, self.metrics)
+        self._synthetic: list[Sequence] = []
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        return (self.spec.model, *self.spec.adapters)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._tag_pod], client_max_size=64 * 1024 * 1024)
+        r = app.router
+        r.add_post("/v1/chat/completions", self._chat)
+        r.add_post("/v1/completions", self._completions)
+        r.add_get("/v1/models", self._models)
+        r.add_get("/health", self._health)
+        r.add_get("/metrics", self._metrics)
+        r.add_post("/sim/load", self._add_load)
+        r.add_delete("/sim/load", self._clear_load)
+        if self.spec.runtime == "sglang":
+            for path in ("/get_model_info", "/model_info"):
+                r.add_get(path, self._model_info)
+            for path in ("/get_server_info", "/server_info"):
+                r.add_get(path, self._server_info)
+            r.add_get("/health_generate", self._health_generate)
+        return app
+
+    @web.middleware
+    async def _tag_pod(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = openai_error(exc.status, exc.reason, "BadRequestError" if exc.status < 500 else "InternalServerError")
+        if not response.prepared:  # a stream tags itself before its first byte
+            response.headers["x-inference-pod"] = self.spec.name
+        return response
+
+    # -- generation ------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await self._parse(request, chat)
+        except _BadRequest as exc:
+            return exc.response
+        prompt = render_chat(body["messages"]) if chat else self._prompt_text(body["prompt"])
+        tokens = tokenize(prompt)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if len(tokens) + (max_tokens or 1) > self.physics.max_model_len:
+            return openai_error(400, f"This model's maximum context length is {self.physics.max_model_len} tokens. "
+                                f"However, you requested {len(tokens) + (max_tokens or 1)} tokens.", "BadRequestError")
+        # Without max_tokens the model "stops" after a length fixed by the prompt.
+        length = int(max_tokens) if max_tokens else 16 + zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % 240
+        seq = Sequence(
+            request_id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            tokens=tokens, num_prompt=len(tokens), max_tokens=length,
+            finish_reason="length" if max_tokens else "stop",
+            adapter=body["model"] if body["model"] in self.spec.adapters else None,
+            events=asyncio.Queue(),
+        )
+        self.engine.submit(seq)
+        try:
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return await self._stream(request, seq, body["model"], chat, include_usage)
+            return await self._complete(seq, body["model"], chat)
+        finally:
+            if seq.state != "done":
+                self.engine.abort(seq)
+
+    async def _parse(self, request: web.Request, chat: bool) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            raise _BadRequest(400, "Request body is not valid JSON.", "BadRequestError") from None
+        if not isinstance(body, dict):
+            raise _BadRequest(400, "Request body must be a JSON object.", "BadRequestError")
+        model = body.get("model")
+        if model not in self.served_models:
+            raise _BadRequest(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        field = "messages" if chat else "prompt"
+        if not body.get(field):
+            raise _BadRequest(400, f"`{field}` is required.", "BadRequestError", field)
+        if chat and not isinstance(body["messages"], list):
+            raise _BadRequest(400, "`messages` must be a list.", "BadRequestError", "messages")
+        return body
+
+    @staticmethod
+    def _prompt_text(prompt: Any) -> str:
+        if isinstance(prompt, list):
+            return "".join(p if isinstance(p, str) else " ".join(map(str, p)) for p in prompt)
+        return str(prompt)
+
+    def _usage(self, seq: Sequence) -> dict[str, Any]:
+        return {
+            "prompt_tokens": seq.num_prompt,
+            "total_tokens": seq.num_prompt + seq.generated,
+            "completion_tokens": seq.generated,
+            "prompt_tokens_details": {"cached_tokens": seq.cached_tokens},
+        }
+
+    async def _complete(self, seq: Sequence, model: str, chat: bool) -> web.Response:
+        pieces = []
+        assert seq.events is not None
+        while (piece := await seq.events.get()) is not None:
+            pieces.append(piece)
+        text = "".join(pieces)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "reasoning_content": None, "content": text,
+                                              "tool_calls": []},
+                      "logprobs": None, "finish_reason": seq.finish_reason, "stop_reason": None}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason,
+                      "stop_reason": None}
+        return web.json_response({
+            "id": seq.request_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice], "usage": self._usage(seq),
+        })
+
+    async def _stream(self, request: web.Request, seq: Sequence, model: str, chat: bool,
+                      include_usage: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response.headers["x-inference-pod"] = self.spec.name
+        await response.prepare(request)
+        created = int(time.time())
+        base = {"id": seq.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": model}
+        extra = {"usage": None} if include_usage else {}
+
+        async def send(choices: list[dict[str, Any]], **fields: Any) -> None:
+            await response.write(b"data: " + json.dumps({**base, "choices": choices, **fields}).encode() + b"\n\n")
+
+        if chat:
+            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}], **extra)
+        assert seq.events is not None
+        sent = 0
+        while (piece := await seq.events.get()) is not None:
+            sent += 1
+            # The length is known up front, so the last piece carries finish_reason without waiting.
+            finish = seq.finish_reason if sent >= seq.max_tokens else None
+            if chat:
+                choice = {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+            await send([choice], **extra)
+        if include_usage:
+            await send([], usage=self._usage(seq))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    # -- everything else -----------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        created = int(time.time())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": self.spec.runtime, "root": self.spec.model,
+                 "parent": None if m == self.spec.model else self.spec.model,
+                 "max_model_len": self.physics.max_model_len} for m in self.served_models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _health_generate(self, request: web.Request) -> web.Response:
+        seq = Sequence(request_id="health-" + uuid.uuid4().hex, tokens=tokenize("ping"), num_prompt=1,
+                       max_tokens=1, finish_reason="length", events=asyncio.Queue())
+        self.engine.submit(seq)
+        assert seq.events is not None
+        while await seq.events.get() is not None:
+            pass
+        return web.Response(status=200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.metrics.refresh(self.engine)
+        return web.Response(body=self.metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_path": self.spec.model, "tokenizer_path": self.spec.model,
+                                  "is_generation": True, "preferred_sampling_params": None})
+
+    async def _server_info(self, request: web.Request) -> web.Response:
+        p = self.physics
+        return web.json_response({
+            "model_path": self.spec.model, "served_model_name": self.spec.model, "host": self.spec.host,
+            "port": self.spec.port, "page_size": p.block_size, "max_running_requests": p.max_num_seqs,
+            "chunked_prefill_size": p.max_batched_tokens, "context_length": p.max_model_len,
+            "max_total_num_tokens": p.num_blocks * p.block_size, "disaggregation_mode": "null",
+            "internal_states": [{"last_gen_throughput": 0.0}], "version": "sim",
+        })
+
+    async def _add_load(self, request: web.Request) -> web.Response:
+        """Artificial load: synthetic sequences that occupy batch slots and KV blocks for real."""
+        try:
+            spec = json.loads(await request.read() or b"{}")
+            count, prompt, output = int(spec.get("requests", 32)), int(spec.get("prompt_tokens", 1024)), \
+                int(spec.get("max_tokens", 100_000))
+        except (ValueError, TypeError, AttributeError):
+            return openai_error(400, "Expected {\"requests\", \"prompt_tokens\", \"max_tokens\"} integers.",
+                                "BadRequestError")
+        for i in range(count):
+            tokens = tokenize(" ".join(f"load{len(self._synthetic)}x{j}" for j in range(prompt)))
+            seq = Sequence(request_id=f"load-{uuid.uuid4().hex}", tokens=tokens, num_prompt=len(tokens),
+                           max_tokens=output, finish_reason="length")
+            self._synthetic.append(seq)
+            self.engine.submit(seq)
+        return web.json_response({"synthetic_requests": len(self._synthetic)})
+
+    async def _clear_load(self, request: web.Request) -> web.Response:
+        for seq in self._synthetic:
+            self.engine.abort(seq)
+        self._synthetic.clear()
+        return web.json_response({"synthetic_requests": 0})
