@@ -1,0 +1,1 @@
+"""Collector: scrapes every endpoint's /metrics and publishes load samples to Redis."""

@@ -1,0 +1,46 @@
+"""Entry point of the collector process: wires settings, Redis and the scrape loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+from redis.asyncio import Redis
+
+from collector.collector import Collector, CollectorSettings
+from gateway_state.store import StateStore
+
+
+def parse_settings(argv: list[str] | None) -> CollectorSettings:
+    defaults = CollectorSettings()
+    p = argparse.ArgumentParser(prog="collector", description="Scrape model-server pods into Redis load samples.")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", defaults.redis_url))
+    p.add_argument("--scrape-interval-ms", type=int, default=defaults.scrape_interval_ms)
+    p.add_argument("--scrape-timeout-ms", type=int, default=defaults.scrape_timeout_ms)
+    p.add_argument("--config-refresh-ms", type=int, default=defaults.config_refresh_ms)
+    a = p.parse_args(argv)
+    return CollectorSettings(a.redis_url, a.scrape_interval_ms, a.scrape_timeout_ms, a.config_refresh_ms)
+
+
+async def serve(settings: CollectorSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        await Collector(StateStore(redis), settings).run(stop)
+    finally:
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(parse_settings(argv)))
+
+
+if __name__ == "__main__":
+    main()

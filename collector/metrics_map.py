@@ -1,0 +1,85 @@
+"""Map vLLM's or SGLang's Prometheus text to one LoadSample (names as in DESIGN.md)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway_state.records import LoadSample
+
+Series = dict[str, list[tuple[dict[str, str], float]]]
+
+
+class GarbledMetrics(ValueError):
+    """The text is not Prometheus exposition format, or has neither server's metrics."""
+
+
+def parse_series(text: str) -> Series:
+    series: Series = defaultdict(list)
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                series[sample.name].append((sample.labels, sample.value))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise GarbledMetrics(f"unparsable metrics: {exc}") from None
+    return series
+
+
+def _total(series: Series, name: str) -> float | None:
+    values = [v for _, v in series.get(name, ())]
+    return sum(values) if values else None
+
+
+def _highest(series: Series, name: str) -> float | None:
+    values = [v for _, v in series.get(name, ())]
+    return max(values) if values else None
+
+
+def _labels(series: Series, name: str) -> dict[str, str]:
+    """Labels of the series with the highest value (info metrics valued by timestamp)."""
+    rows = series.get(name)
+    return max(rows, key=lambda row: row[1])[0] if rows else {}
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(float(value)) if value not in (None, "", "None") else 0
+    except ValueError:
+        return 0
+
+
+def to_load_sample(text: str, now_ms: int) -> LoadSample:
+    series = parse_series(text)
+    if "vllm:num_requests_waiting" in series:
+        # vLLM: one series per engine (data-parallel ranks add up).
+        kv = _highest(series, "vllm:kv_cache_usage_perc")
+        if kv is None:
+            kv = _highest(series, "vllm:gpu_cache_usage_perc")  # before 0.9.2
+        lora = _labels(series, "vllm:lora_requests_info")
+        cache = _labels(series, "vllm:cache_config_info")
+        return LoadSample(
+            scraped_at_ms=now_ms,
+            ok=True,
+            waiting=_total(series, "vllm:num_requests_waiting") or 0.0,
+            running=_total(series, "vllm:num_requests_running") or 0.0,
+            kv_cache_usage=kv or 0.0,
+            running_adapters=tuple(a for a in lora.get("running_lora_adapters", "").split(",") if a),
+            waiting_adapters=tuple(a for a in lora.get("waiting_lora_adapters", "").split(",") if a),
+            max_adapters=_int(lora.get("max_lora")),
+            block_size=_int(cache.get("block_size")),
+            num_blocks=_int(cache.get("num_gpu_blocks")),
+        )
+    if "sglang:num_queue_reqs" in series:
+        # SGLang: tensor-parallel ranks report the same scheduler, so take one figure.
+        cache = _labels(series, "sglang:cache_config_info")
+        return LoadSample(
+            scraped_at_ms=now_ms,
+            ok=True,
+            waiting=_highest(series, "sglang:num_queue_reqs") or 0.0,
+            running=_highest(series, "sglang:num_running_reqs") or 0.0,
+            kv_cache_usage=_highest(series, "sglang:token_usage") or 0.0,
+            block_size=_int(cache.get("page_size")),
+            num_blocks=_int(cache.get("num_pages")),
+        )
+    raise GarbledMetrics("neither vLLM nor SGLang queue metrics found")

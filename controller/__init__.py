@@ -1,0 +1,1 @@
+"""Controller: turns InferencePool/InferenceModel/Gateway/HTTPRoute manifests into Redis records and Envoy config."""

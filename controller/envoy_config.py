@@ -1,0 +1,243 @@
+"""Render Envoy's listeners and clusters from Gateways, HTTPRoutes, pools and Services.
+
+Per InferencePool route, the picker (ext_proc) sets `x-gateway-destination-endpoint`
+and clears the route cache; routing then re-matches:
+  - header present -> the pool's ORIGINAL_DST cluster, which connects to that ip:port;
+  - header absent (the picker failed and the pool fails open) -> round robin over the
+    pool; a pool that fails closed answers 503 instead.
+Clients cannot choose the endpoint themselves: the first filter strips the header.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from controller.desired import DesiredState
+from controller.manifests import HTTPRouteSpec, Manifests, RouteRule
+from gateway_state.records import FailureMode, Pool
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+POOL_METADATA_KEY = "x-inference-pool"  # gRPC initial metadata naming the pool to the picker
+PICKER_CLUSTER = "picker"
+
+T_LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+T_CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+T_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+T_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+T_EXT_PROC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+T_HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+T_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+T_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True)
+class EnvoySettings:
+    listen_address: str = "0.0.0.0"
+    picker_endpoints: tuple[tuple[str, int], ...] = (("127.0.0.1", 9002),)
+    # Envoy buffers the whole body for the picker; larger bodies get an OpenAI-shaped 413.
+    # 8 MiB holds a 32k-token prompt many times over, and a few inline images.
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    # Upper bound on one picker answer; decisions take about a millisecond.
+    picker_message_timeout_ms: int = 2000
+    # The seeds' BackendTrafficPolicy: generation can take an hour.
+    request_timeout_s: int = 3600
+    # A killed picker replica leaves rotation after two missed checks.
+    picker_health_interval_ms: int = 500
+
+
+def _duration(ms: int) -> str:
+    return f"{ms / 1000:.3f}s"
+
+
+def _error_json(status: int, message: str, err_type: str) -> str:
+    return json.dumps({"error": {"message": message, "type": err_type, "param": None, "code": status}})
+
+
+def _static_cluster(name: str, hosts: tuple[tuple[str, int], ...], http2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "@type": T_CLUSTER, "name": name, "type": "STATIC", "connect_timeout": "2s", "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}}} for ip, port in hosts
+        ]}]},
+        # LLM traffic is few, long requests: never let Envoy's default of 1024 shed them.
+        "circuit_breakers": {"thresholds": [{"max_connections": 100_000, "max_pending_requests": 100_000,
+                                             "max_requests": 100_000}]},
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": T_HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}}
+    return cluster
+
+
+def pool_cluster(pool: str) -> str:
+    return f"pool/{pool}"
+
+
+def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
+    picker = _static_cluster(PICKER_CLUSTER, s.picker_endpoints, http2=True)
+    picker["health_checks"] = [{
+        "timeout": _duration(min(1000, s.picker_health_interval_ms)), "interval": _duration(s.picker_health_interval_ms),
+        "unhealthy_threshold": 2, "healthy_threshold": 1, "grpc_health_check": {},
+    }]
+    clusters = [picker]
+    for pool in sorted(state.pools.values(), key=lambda p: p.name):
+        clusters.append({
+            "@type": T_CLUSTER, "name": pool_cluster(pool.name), "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s", "cleanup_interval": "60s",
+            "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
+            "circuit_breakers": picker["circuit_breakers"],
+        })
+        clusters.append(_static_cluster(pool_cluster(pool.name) + "/failopen",
+                                        tuple((e.address, e.port) for e in pool.endpoints)))
+    for (name, port), hosts in sorted(state.services.items()):
+        clusters.append(_static_cluster(f"service/{name}/{port}", hosts))
+    return clusters
+
+
+def _match(kind: str, value: str) -> dict[str, Any]:
+    if kind == "Exact":
+        return {"path": value}
+    if value == "/" or value.endswith("/"):
+        return {"prefix": value}
+    return {"path_separated_prefix": value}  # Gateway API PathPrefix matches whole segments
+
+
+def _precedence(entry: tuple[str, str, Any]) -> tuple[int, int]:
+    kind, value, _ = entry
+    return (0 if kind == "Exact" else 1, -len(value))
+
+
+def _routes_for_rule(rule: RouteRule, state: DesiredState, s: EnvoySettings) -> list[tuple[str, str, Any]]:
+    mirrors = [{"cluster": f"service/{m.name}/{m.port}", "runtime_fraction": {"default_value": {"numerator": 100}}}
+               for m in rule.mirrors]
+    out: list[tuple[str, str, Any]] = []
+    pool_ref = next((b for b in rule.backends if b.kind == "InferencePool"), None)
+    for kind, value in rule.matches:
+        match = _match(kind, value)
+        if pool_ref is not None:
+            out.extend((kind, value, r) for r in _pool_routes(match, state.pools.get(pool_ref.name), pool_ref.name,
+                                                             mirrors, s))
+            continue
+        services = [b for b in rule.backends if b.weight > 0]
+        route: dict[str, Any] = {"match": match}
+        if not services:
+            route["direct_response"] = {"status": 500, "body": {"inline_string": _error_json(
+                500, "The route has no backend.", "InternalServerError")}}
+        else:
+            action: dict[str, Any] = {"timeout": f"{s.request_timeout_s}s"}
+            if len(services) == 1:
+                action["cluster"] = f"service/{services[0].name}/{services[0].port}"
+            else:
+                action["weighted_clusters"] = {"clusters": [
+                    {"name": f"service/{b.name}/{b.port}", "weight": b.weight} for b in services]}
+            if mirrors:
+                action["request_mirror_policies"] = mirrors
+            route["route"] = action
+            route["typed_per_filter_config"] = {"envoy.filters.http.ext_proc": {"@type": T_EXT_PROC_ROUTE,
+                                                                                "disabled": True}}
+        out.append((kind, value, route))
+    return out
+
+
+def _pool_routes(match: dict[str, Any], pool: Pool | None, name: str, mirrors: list[dict[str, Any]],
+                 s: EnvoySettings) -> list[dict[str, Any]]:
+    fail_open = pool is None or pool.failure_mode == FailureMode.FAIL_OPEN
+    per_filter = {"envoy.filters.http.ext_proc": {"@type": T_EXT_PROC_ROUTE, "overrides": {
+        "grpc_initial_metadata": [{"key": POOL_METADATA_KEY, "value": name}],
+        "failure_mode_allow": fail_open,
+    }}}
+    picked: dict[str, Any] = {"cluster": pool_cluster(name), "timeout": f"{s.request_timeout_s}s"}
+    if mirrors:
+        picked["request_mirror_policies"] = mirrors
+    routed = {"match": {**match, "headers": [{"name": DESTINATION_HEADER, "present_match": True}]},
+              "route": picked, "typed_per_filter_config": per_filter}
+    if fail_open:
+        fallback: dict[str, Any] = {"match": match, "route": {**picked, "cluster": pool_cluster(name) + "/failopen"},
+                                    "typed_per_filter_config": per_filter}
+    else:
+        fallback = {"match": match, "typed_per_filter_config": per_filter,
+                    "direct_response": {"status": 503, "body": {"inline_string": _error_json(
+                        503, f"No endpoint could be picked in pool {name}.", "ServiceUnavailableError")}},
+                    "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}
+    return [routed, fallback]
+
+
+def _virtual_hosts(routes: list[HTTPRouteSpec], state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
+    """One virtual host per hostname; routes without hostnames apply to every host."""
+    by_host: dict[str, list[tuple[str, str, Any]]] = {"*": []}
+    for route in routes:
+        entries = [e for rule in route.rules for e in _routes_for_rule(rule, state, s)]
+        for host in route.hostnames or ("*",):
+            by_host.setdefault(host, []).extend(entries)
+    for host in by_host:
+        if host != "*":
+            by_host[host].extend(by_host["*"])
+    return [{"name": host, "domains": [host], "routes": [r for _, _, r in sorted(entries, key=_precedence)]}
+            for host, entries in sorted(by_host.items())]
+
+
+def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec], state: DesiredState,
+              s: EnvoySettings) -> dict[str, Any]:
+    name = f"{gateway}/{listener}"
+    filters: list[dict[str, Any]] = [{"name": "envoy.filters.http.header_mutation", "typed_config": {
+        "@type": T_HEADER_MUTATION, "mutations": {"request_mutations": [{"remove": DESTINATION_HEADER}]}}}]
+    if any(b.kind == "InferencePool" for r in routes for rule in r.rules for b in rule.backends):
+        filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
+            "@type": T_EXT_PROC,
+            "grpc_service": {"envoy_grpc": {"cluster_name": PICKER_CLUSTER}},
+            "failure_mode_allow": False,
+            "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
+                                "request_body_mode": "BUFFERED", "response_body_mode": "NONE",
+                                "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+            "message_timeout": _duration(s.picker_message_timeout_ms),
+            "mutation_rules": {"allow_all_routing": True},
+        }})
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": T_ROUTER}})
+    too_large = _error_json(413, f"Request body exceeds the gateway limit of {s.max_request_body_bytes} bytes.",
+                            "BadRequestError")
+    hcm = {
+        "@type": T_HCM, "stat_prefix": name.replace("/", "_"), "codec_type": "AUTO",
+        "route_config": {"name": name, "virtual_hosts": _virtual_hosts(routes, state, s)},
+        "http_filters": filters,
+        "stream_idle_timeout": "300s",
+        # Envoy answers an over-limit body itself; make that answer OpenAI-shaped too.
+        "local_reply_config": {"mappers": [{
+            "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                "default_value": 413, "runtime_key": "gateway.too_large"}}}},
+            "body": {"inline_string": too_large},
+            "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
+        }]},
+    }
+    return {
+        "@type": T_LISTENER, "name": name,
+        "address": {"socket_address": {"address": s.listen_address, "port_value": port}},
+        "per_connection_buffer_limit_bytes": s.max_request_body_bytes,
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+
+
+def render(m: Manifests, state: DesiredState, s: EnvoySettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(listeners, clusters) as Envoy v3 resources."""
+    listeners = []
+    for gateway in sorted(m.gateways, key=lambda g: g.meta.name):
+        for listener in gateway.listeners:
+            attached = [r for r in m.routes
+                        if any(g == gateway.meta.name and section in (None, listener.name) for g, section in r.parents)]
+            listeners.append(_listener(gateway.meta.name, listener.name, listener.port, attached, state, s))
+    return listeners, _clusters(state, s)
+
+
+def bootstrap(config_dir: str, admin_address: str, admin_port: int) -> dict[str, Any]:
+    """Envoy's static bootstrap: listeners and clusters come from files the controller rewrites."""
+    def source(file: str) -> dict[str, Any]:
+        return {"path_config_source": {"path": f"{config_dir}/{file}", "watched_directory": {"path": config_dir}},
+                "resource_api_version": "V3"}
+
+    return {
+        "node": {"id": "inference-gateway", "cluster": "inference-gateway"},
+        "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
+        "dynamic_resources": {"lds_config": source("lds.json"), "cds_config": source("cds.json")},
+    }

@@ -1,0 +1,184 @@
+"""Kubernetes-style manifests the controller understands, parsed and validated.
+
+Kinds the fleet does not act on (Deployment, ConfigMap, BackendTrafficPolicy, ...)
+are accepted and ignored, so any directory of cluster YAML loads unchanged.
+Every error names the file, the document and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controller.selectors import LabelSelector
+
+ANNOTATION_STRATEGY = "inference.networking.x-k8s.io/routing-strategy"
+ANNOTATION_RUNTIME = "inference.networking.x-k8s.io/model-server-runtime"
+
+
+class ManifestError(ValueError):
+    def __init__(self, where: str, path: str, message: str) -> None:
+        super().__init__(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+        self.where, self.path = where, path
+
+
+@dataclass(frozen=True)
+class Meta:
+    kind: str
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    where: str  # "file.yaml document 2 (Kind name)", for error messages
+
+
+@dataclass(frozen=True)
+class InferencePoolSpec:
+    meta: Meta
+    selector: LabelSelector
+    target_port: int
+    strategy: str
+    runtime: str
+    failure_mode: str
+
+
+@dataclass(frozen=True)
+class InferenceModelSpec:
+    meta: Meta
+    model_name: str
+    criticality: str
+    pool: str
+    targets: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class TrafficPolicySpec:
+    meta: Meta
+    pool: str
+    runtime: str | None
+    prefix_cache: bool
+    pd_role_label: str | None
+    bootstrap_port: int | None
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    name: str
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    meta: Meta
+    listeners: tuple[ListenerSpec, ...]
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    kind: str  # "InferencePool" or "Service"
+    name: str
+    port: int | None
+    weight: int
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    matches: tuple[tuple[str, str], ...]  # (match type, path value)
+    backends: tuple[BackendRef, ...]
+    mirrors: tuple[BackendRef, ...]
+
+
+@dataclass(frozen=True)
+class HTTPRouteSpec:
+    meta: Meta
+    parents: tuple[tuple[str, str | None], ...]  # (gateway name, listener section or None)
+    hostnames: tuple[str, ...]
+    rules: tuple[RouteRule, ...]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    meta: Meta
+    selector: dict[str, str]
+    ports: tuple[tuple[int, int], ...]  # (service port, target port)
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    meta: Meta
+    ip: str | None
+    ready: bool
+
+
+@dataclass
+class Manifests:
+    pools: list[InferencePoolSpec] = field(default_factory=list)
+    models: list[InferenceModelSpec] = field(default_factory=list)
+    policies: list[TrafficPolicySpec] = field(default_factory=list)
+    gateways: list[GatewaySpec] = field(default_factory=list)
+    routes: list[HTTPRouteSpec] = field(default_factory=list)
+    services: list[ServiceSpec] = field(default_factory=list)
+    pods: list[PodSpec] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # where of each document of a kind we do not act on
+
+
+class Document:
+    """Typed access to one YAML document; every failure names the field path."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        self.data, self.where = data, where
+
+    def get(self, path: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        node: Any = self.data
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node or node[part] is None:
+                if required:
+                    raise ManifestError(self.where, path, "is required")
+                return default
+            node = node[part]
+        if isinstance(node, bool) and kind in (int, (int,)):
+            raise ManifestError(self.where, path, f"must be {_kind_name(kind)}, got {node!r}")
+        if not isinstance(node, kind):
+            raise ManifestError(self.where, path, f"must be {_kind_name(kind)}, got {type(node).__name__}")
+        return node
+
+    def port(self, path: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise ManifestError(self.where, path, f"must be a port number 1-65535, got {value!r}")
+        return value
+
+    def enum(self, path: str, value: str, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            raise ManifestError(self.where, path, f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def string_map(self, path: str) -> dict[str, str]:
+        raw = self.get(path, dict, {})
+        for k, v in raw.items():
+            if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)):
+                raise ManifestError(self.where, f"{path}.{k}", "must map strings to strings")
+        return {k: str(v) for k, v in raw.items()}
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def iter_documents(directory: Path) -> Iterator[tuple[str, int, Any]]:
+    """(file name, 1-based document number, parsed document) of every YAML file, sorted by name."""
+    for path in sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()):
+        rel = str(path.relative_to(directory))
+        try:
+            docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ManifestError(rel, "", f"is not valid YAML: {exc}") from None
+        for index, doc in enumerate(docs, start=1):
+            if doc is not None:
+                yield rel, index, doc
