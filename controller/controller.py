@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class Controller:
         self._envoy_written: tuple[Any, Any] | None = None
         self._last_problem = ""
         self._last_warnings: list[str] = []
+        self._prefix_seed: int | None = None
         self.generation = 0
 
     def write_bootstrap(self) -> Path:
@@ -117,11 +119,15 @@ class Controller:
     async def _publish(self, state: DesiredState) -> None:
         try:
             current = await self._store.read_config()
-            if current is not None and (current.pools, current.models) == (state.pools, state.models):
+            if self._prefix_seed is None:
+                # Keep the deployment's seed across controller restarts, or the prefix index would go cold.
+                self._prefix_seed = current.prefix_seed if current is not None else secrets.randbits(32)
+            desired = (state.pools, state.models, self._prefix_seed)
+            if current is not None and (current.pools, current.models, current.prefix_seed) == desired:
                 self.generation = current.generation
                 return
             self.generation = max(self.generation, current.generation if current else 0) + 1
-            await self._store.write_config(Config(self.generation, state.pools, state.models))
+            await self._store.write_config(Config(self.generation, state.pools, state.models, self._prefix_seed))
             log.info("config generation %d written to Redis%s", self.generation,
                      "" if current is not None else " (Redis held none)")
         except (RedisError, ValueError) as exc:

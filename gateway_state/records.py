@@ -90,6 +90,8 @@ class Config:
     generation: int
     pools: dict[str, Pool]
     models: dict[str, Model]
+    # Keys every prefix hash of the deployment (DESIGN.md rule 10); chosen once by the controller.
+    prefix_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ def decode_config(raw: bytes) -> Config:
         generation=int(d["generation"]),
         pools={k: _pool(v) for k, v in d["pools"].items()},
         models={k: _model(v) for k, v in d["models"].items()},
+        prefix_seed=int(d.get("prefix_seed", 0)),
     )
 
 

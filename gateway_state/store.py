@@ -51,15 +51,15 @@ class StateStore:
         if samples:
             await self.redis.hset(keys.load(pool), mapping={e: encode_load(s) for e, s in samples.items()})
 
-    async def read_load(self, pools: Sequence[str]) -> dict[str, dict[str, LoadSample]]:
-        """pool -> endpoint -> sample, in one round trip."""
+    async def read_snapshot(self, pools: Sequence[str]) -> tuple[bytes | None, dict[str, dict[str, LoadSample]]]:
+        """The encoded config and the load samples of `pools`, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.CONFIG)
             for pool in pools:
                 pipe.hgetall(keys.load(pool))
-            replies = await pipe.execute()
-        return {
-            pool: {e.decode(): decode_load(raw) for e, raw in reply.items()}
-            for pool, reply in zip(pools, replies)
+            raw, *replies = await pipe.execute()
+        return raw, {
+            pool: {e.decode(): decode_load(v) for e, v in reply.items()} for pool, reply in zip(pools, replies)
         }
 
     async def prune_load(self, pool: str, keep: set[str]) -> None:

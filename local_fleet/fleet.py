@@ -1,0 +1,196 @@
+"""Run the whole fleet on loopback as real processes: Redis, simulated pods, controller,
+Envoy, collector and picker replicas. `make up` and the test suite both use it.
+
+The pods to simulate are the endpoints the manifests' pools and Services select,
+each on its own loopback address at its target port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from controller.desired import build
+from controller.resources import load_directory
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    manifests_dir: Path
+    work_dir: Path
+    redis_url: str | None = None  # None: start our own Redis
+    redis_port: int = 6379
+    picker_ports: tuple[int, ...] = (9002, 9003)
+    picker_metrics_ports: tuple[int, ...] = (9102, 9103)
+    envoy_admin_port: int = 9901
+    listen_address: str = "127.0.0.1"
+    scrape_interval_ms: int = 100
+    resync_interval_ms: int = 500
+    simulator_args: tuple[str, ...] = ()  # physics flags, e.g. ("--time-scale", "0.5")
+    picker_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.picker_ports) != len(self.picker_metrics_ports):
+            raise ValueError("each picker needs a gRPC port and a metrics port")
+
+
+def _bin(name: str) -> str:
+    """A console script or server binary installed beside this interpreter (the project venv)."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed; run `make venv`")
+    return found
+
+
+def _http_ok(url: str, timeout: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except OSError:
+        return False
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass
+class Fleet:
+    settings: FleetSettings
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _logs: dict[str, IO[bytes]] = field(default_factory=dict)
+    _commands: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def redis_url(self) -> str:
+        return self.settings.redis_url or f"redis://127.0.0.1:{self.settings.redis_port}/0"
+
+    @property
+    def envoy_dir(self) -> Path:
+        return self.settings.work_dir / "envoy"
+
+    def log_path(self, name: str) -> Path:
+        return self.settings.work_dir / "logs" / f"{name}.log"
+
+    def pods(self) -> dict[str, tuple[str, str, int]]:
+        """endpoint key -> (pod name, runtime, port) of every pod the manifests select."""
+        state = build(load_directory(self.settings.manifests_dir))
+        pods: dict[str, tuple[str, str, int]] = {}
+        for pool in state.pools.values():
+            for e in pool.endpoints:
+                pods[e.key] = (e.name, pool.runtime.value, e.port)
+        return pods
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        s = self.settings
+        (s.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.envoy_dir.mkdir(parents=True, exist_ok=True)
+        env = {"REDIS_URL": self.redis_url}
+        if s.redis_url is None:
+            self._spawn("redis", [_bin("redis-server"), "--bind", "127.0.0.1", "--port", str(s.redis_port),
+                                  "--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            self._wait("redis", lambda: _port_open("127.0.0.1", s.redis_port), timeout_s)
+        pods = self.pods()
+        by_runtime: dict[str, list[str]] = {}
+        for key, (name, runtime, _) in pods.items():
+            by_runtime.setdefault(runtime, []).append(f"{name}@{key}")
+        for runtime, specs in sorted(by_runtime.items()):
+            self._spawn(f"pods-{runtime}", [_bin("model-server-simulator"), "--runtime", runtime,
+                                            *[a for spec in specs for a in ("--pod", spec)], *s.simulator_args])
+        for key in pods:
+            self._wait("simulated pods", lambda key=key: _http_ok(f"http://{key}/health"), timeout_s)
+        pickers = [a for p in s.picker_ports for a in ("--picker-endpoint", f"127.0.0.1:{p}")]
+        self._spawn("controller", [_bin("controller"), "--manifests", str(s.manifests_dir), "--envoy-config-dir",
+                                   str(self.envoy_dir), "--listen-address", s.listen_address,
+                                   "--envoy-admin-port", str(s.envoy_admin_port),
+                                   "--resync-interval-ms", str(s.resync_interval_ms), *pickers], env)
+        self._wait("controller", lambda: (self.envoy_dir / "lds.json").exists(), timeout_s)
+        self._spawn("collector", [_bin("collector"), "--scrape-interval-ms", str(s.scrape_interval_ms)], env)
+        for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports)):
+            self._spawn(f"picker-{i}", [_bin("picker"), "--grpc-address", f"127.0.0.1:{port}",
+                                        "--metrics-address", f"127.0.0.1:{metrics_port}",
+                                        "--replica-id", f"picker-{i}", *s.picker_args], env)
+        for metrics_port in s.picker_metrics_ports:
+            self._wait("pickers", lambda p=metrics_port: _http_ok(f"http://127.0.0.1:{p}/healthz"), timeout_s)
+        self._spawn("envoy", [_bin("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",
+                              "--log-level", "warn", "--concurrency", "2"])
+        self._wait("envoy", self._envoy_ready, timeout_s)
+
+    def _envoy_ready(self) -> bool:
+        admin = f"http://127.0.0.1:{self.settings.envoy_admin_port}"
+        if not _http_ok(admin + "/ready"):
+            return False
+        try:
+            with urllib.request.urlopen(admin + "/clusters?format=json", timeout=0.5) as r:
+                clusters = json.load(r)
+        except OSError:
+            return False
+        for cluster in clusters.get("cluster_statuses", []):
+            if cluster["name"] == "picker":
+                hosts = cluster.get("host_statuses", [])
+                return bool(hosts) and all("failed_active_health_check" not in h.get("health_status", {})
+                                           for h in hosts)
+        return False
+
+    def stop(self) -> None:
+        """Stop every process, newest first, each with SIGTERM and then, if it lingers, SIGKILL."""
+        for name in reversed(list(self.processes)):
+            self._terminate(name)
+        for log in self._logs.values():
+            log.close()
+        self._logs.clear()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, as a crash would."""
+        proc = self.processes[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def restart(self, name: str) -> None:
+        if self.processes[name].poll() is None:
+            self._terminate(name)
+        self._spawn(name, self._commands[name])
+
+    def _terminate(self, name: str) -> None:
+        proc = self.processes[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
+        log = self._logs.get(name)
+        if log is None or log.closed:
+            log = self._logs[name] = open(self.log_path(name), "ab")  # noqa: SIM115 (closed in stop)
+        self._commands[name] = command
+        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def _wait(self, what: str, ready: object, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ready():  # type: ignore[operator]
+                return
+            dead = [n for n, p in self.processes.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}; see {self.log_path(dead[0])}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s; logs in {self.settings.work_dir / 'logs'}")

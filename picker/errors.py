@@ -1,0 +1,44 @@
+"""The picker's error tree; each becomes an OpenAI-shaped immediate response at the edge."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "InternalServerError"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.status}}
+
+
+class BadRequest(GatewayError):
+    status, error_type = 400, "BadRequestError"
+
+
+class NotFound(GatewayError):
+    status, error_type = 404, "NotFoundError"
+
+
+class MethodNotAllowed(GatewayError):
+    status, error_type = 405, "MethodNotAllowedError"
+
+
+class PayloadTooLarge(GatewayError):
+    status, error_type = 413, "BadRequestError"
+
+
+class Shed(GatewayError):
+    """Sheddable traffic while every endpoint is saturated."""
+
+    status, error_type = 429, "RateLimitError"
+
+
+class NoEndpoint(GatewayError):
+    status, error_type = 503, "ServiceUnavailableError"

@@ -1,0 +1,159 @@
+"""Envoy's ext_proc protocol: request headers, then the buffered body, then the stream's end.
+
+This is the edge: GatewayErrors become OpenAI-shaped immediate responses here
+and nowhere else. With response body mode NONE, Envoy keeps the stream open
+until the HTTP exchange ends, so the stream's end is the request's end and the
+in-flight count is released then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import struct_pb2
+
+from picker.errors import BadRequest, GatewayError, MethodNotAllowed
+from picker.metrics import PickerMetrics
+from picker.router import RequestRouter, Routed
+
+log = logging.getLogger("picker")
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+POOL_METADATA_KEY = "x-inference-pool"
+_OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@dataclass
+class _Stream:
+    pool: str | None
+    request_id: str = ""
+    method: str = ""
+    path: str = ""
+    body: bytearray = field(default_factory=bytearray)
+    routed: Routed | None = None
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+                                      append_action=_OVERWRITE)
+
+
+def _immediate(status: int, body: dict[str, object], details: str) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status={"code": status},
+        headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json")]),
+        body=json.dumps(body).encode(), details=details))
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, router: RequestRouter, metrics: PickerMetrics) -> None:
+        self._router = router
+        self._metrics = metrics
+        self._releases: set[asyncio.Task[None]] = set()
+
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # noqa: N802 (gRPC name)
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        metadata = dict(context.invocation_metadata() or ())
+        stream = _Stream(pool=metadata.get(POOL_METADATA_KEY))
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("request")
+                if kind == "request_headers":
+                    yield self._on_headers(stream, message.request_headers)
+                elif kind == "request_body":
+                    stream.body += message.request_body.body
+                    if message.request_body.end_of_stream:
+                        yield await self._on_body(stream)
+                    else:
+                        yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                elif kind == "response_headers":
+                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        finally:
+            if stream.routed is not None:
+                self._release_later(stream.routed)
+
+    async def drain(self) -> None:
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+
+    def _release_later(self, routed: Routed) -> None:
+        # The stream may be cancelled; release in a task of its own so it always runs.
+        self._metrics.inflight.labels(routed.pool).dec()
+        task = asyncio.get_running_loop().create_task(self._router.release(routed))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    def _on_headers(self, stream: _Stream, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
+        for h in headers.headers.headers:
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            if h.key == ":method":
+                stream.method = value
+            elif h.key == ":path":
+                stream.path = value
+            elif h.key == "x-request-id":
+                stream.request_id = value
+        path = stream.path.split("?", 1)[0]
+        if stream.method == "GET" and path.rstrip("/") == "/v1/models":
+            return self._models(stream)
+        if stream.method != "POST":
+            return self._reject(stream, MethodNotAllowed(
+                f"Method {stream.method} is not allowed for {path}; send POST with a JSON body."))
+        if headers.end_of_stream:
+            return self._reject(stream, BadRequest("Request body is empty; expected a JSON object."))
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+    def _models(self, stream: _Stream) -> pb.ProcessingResponse:
+        created = int(time.time())
+        data = [{"id": m.name, "object": "model", "created": created, "owned_by": m.pool}
+                for m in self._router.models(stream.pool)]
+        return _immediate(200, {"object": "list", "data": data}, "models_listed_by_picker")
+
+    async def _on_body(self, stream: _Stream) -> pb.ProcessingResponse:
+        try:
+            routed = await self._router.route(stream.pool, bytes(stream.body))
+        except GatewayError as err:
+            return self._reject(stream, err)
+        stream.routed = routed
+        chosen = routed.chosen.endpoint
+        self._metrics.inflight.labels(routed.pool).inc()
+        self._metrics.requests.labels(routed.model, routed.pool, chosen.name, "routed").inc()
+        self._metrics.decision_seconds.labels(routed.pool, routed.strategy.value).observe(routed.decision_seconds)
+        if routed.prompt_blocks:
+            self._metrics.prefix_blocks_queried.labels(routed.pool).inc(routed.prompt_blocks)
+            self._metrics.prefix_blocks_matched.labels(routed.pool).inc(routed.matched_blocks)
+        log.info("Request Handled request_id=%s model=%s target_model=%s pool=%s pod=%s endpoint=%s strategy=%s "
+                 "prefix_blocks=%d/%d fallbacks=%s decision_ms=%.3f",
+                 stream.request_id or "-", routed.model, routed.target_model, routed.pool, chosen.name, chosen.key,
+                 routed.strategy.value, routed.matched_blocks, routed.prompt_blocks,
+                 ",".join(c.endpoint.key for c in routed.endpoints[1:]) or "-", routed.decision_seconds * 1000)
+        all_endpoints = ",".join(c.endpoint.key for c in routed.endpoints)
+        set_headers = [_header(DESTINATION_HEADER, chosen.key)]
+        body_mutation = None
+        if routed.body is not None:
+            set_headers.append(_header("content-length", str(len(routed.body))))
+            body_mutation = pb.BodyMutation(body=routed.body)
+        metadata = struct_pb2.Struct()
+        # The upstream endpoint-picker protocol: the ordered list, chosen endpoint first.
+        metadata.update({"envoy.lb": {DESTINATION_HEADER: all_endpoints}})
+        return pb.ProcessingResponse(
+            request_body=pb.BodyResponse(response=pb.CommonResponse(
+                header_mutation=pb.HeaderMutation(set_headers=set_headers), body_mutation=body_mutation,
+                clear_route_cache=True)),
+            dynamic_metadata=metadata)
+
+    def _reject(self, stream: _Stream, err: GatewayError) -> pb.ProcessingResponse:
+        # No model label: a client-chosen name would make the label set unbounded.
+        self._metrics.requests.labels("", stream.pool or "", "", str(err.status)).inc()
+        log.info("Request Rejected request_id=%s pool=%s status=%d reason=%s", stream.request_id or "-",
+                 stream.pool or "-", err.status, err.message)
+        return _immediate(err.status, err.body(), f"picker_{err.status}")
+

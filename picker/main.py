@@ -1,0 +1,138 @@
+"""Entry point of a picker replica: wires settings, Redis, the snapshot, the scheduler and the servers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import uuid
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from redis.asyncio import Redis
+
+from gateway_state.store import StateStore
+from picker.extproc import ExternalProcessor
+from picker.metrics import PickerMetrics
+from picker.router import RequestRouter
+from picker.scheduler import Scheduler, build_profiles
+from picker.settings import PickerSettings, ServerSettings, StateSettings
+from picker.snapshot import SnapshotSource
+
+log = logging.getLogger("picker")
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def parse_settings(argv: list[str] | None) -> PickerSettings:
+    server, state = ServerSettings(), StateSettings()
+    p = argparse.ArgumentParser(prog="picker", description="Envoy ext_proc endpoint picker backed by Redis.")
+    p.add_argument("--grpc-address", default=server.grpc_address)
+    p.add_argument("--metrics-address", default=server.metrics_address)
+    p.add_argument("--replica-id", default=os.environ.get("PICKER_REPLICA_ID", ""),
+                   help="unique per replica (default: host name and a random suffix)")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", state.redis_url))
+    p.add_argument("--snapshot-refresh-ms", type=int, default=state.snapshot_refresh_ms)
+    p.add_argument("--redis-timeout-ms", type=int, default=state.redis_timeout_ms)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    replica = a.replica_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    return PickerSettings(
+        server=ServerSettings(a.grpc_address, a.metrics_address, replica),
+        state=StateSettings(a.redis_url, a.snapshot_refresh_ms, a.redis_timeout_ms),
+    )
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+async def _every(interval_s: float, stop: asyncio.Event, action: object) -> None:
+    while not stop.is_set():
+        await action()  # type: ignore[operator]
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+        except TimeoutError:
+            pass
+
+
+async def serve(settings: PickerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    redis = Redis.from_url(settings.state.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0,
+                           max_connections=256)
+    store = StateStore(redis)
+    metrics = PickerMetrics()
+    snapshots = SnapshotSource(store, settings.state)
+    rng = random.Random()
+    router = RequestRouter(store, snapshots, Scheduler(build_profiles(settings.scheduling, rng)), settings,
+                           metrics, rng)
+    processor = ExternalProcessor(router, metrics)
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2 * settings.server.max_request_body_bytes),
+                                      ("grpc.so_reuseport", 0)])
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(settings.server.grpc_address)
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        metrics.redis_up.set(1 if snapshots.redis_ok else 0)
+        return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def ready_handler(request: web.Request) -> web.Response:
+        ready = snapshots.current.config is not None
+        return web.json_response({"ready": ready, "redis": snapshots.redis_ok}, status=200 if ready else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", ready_handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    await snapshots.refresh_once()
+    await server.start()
+    await runner.setup()
+    host, port = _split(settings.server.metrics_address)
+    await web.TCPSite(runner, host, port).start()
+    tasks = [
+        asyncio.create_task(snapshots.run(stop)),
+        asyncio.create_task(_every(settings.state.heartbeat_interval_ms / 1000, stop, router.renew_leases)),
+    ]
+    # Serving once a config is known: a replica that cannot route yet gets no traffic.
+    while snapshots.current.config is None and not stop.is_set():
+        await asyncio.sleep(0.05)
+    for service in ("", EXT_PROC_SERVICE):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("picker %s serving ext_proc on %s, metrics on %s", settings.server.replica_id,
+             settings.server.grpc_address, settings.server.metrics_address)
+    try:
+        await stop.wait()
+    finally:
+        # Leave Envoy's rotation first, then let running decisions finish.
+        await health.enter_graceful_shutdown()
+        await asyncio.sleep(settings.server.drain_ms / 1000)
+        await server.stop(grace=5)
+        await processor.drain()
+        for t in tasks:
+            t.cancel()
+        await runner.cleanup()
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(serve(parse_settings(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Scheduling plugins: filters, scorers and pickers, pure functions of a snapshot."""

@@ -1,0 +1,40 @@
+"""Filters: drop candidates that should not serve a request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway_state.records import Criticality
+from picker.plugins.framework import Candidate, SchedulingRequest
+
+
+@dataclass(frozen=True)
+class HealthyFilter:
+    """Endpoints whose scrapes keep failing leave the candidates until they recover.
+
+    If every endpoint is failing (say the collectors are down), none is dropped:
+    routing blind beats refusing all traffic.
+    """
+
+    max_scrape_failures: int
+    name: str = "healthy"
+
+    def filter(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
+        healthy = [c for c in candidates if c.scrape_failures < self.max_scrape_failures]
+        return healthy or list(candidates)
+
+
+@dataclass(frozen=True)
+class SheddableFilter:
+    """Sheddable requests only go to endpoints that are not saturated (none left: 429)."""
+
+    max_waiting: float
+    max_kv_cache: float
+    name: str = "sheddable"
+
+    def filter(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
+        if request.criticality != Criticality.SHEDDABLE:
+            return list(candidates)
+        return [c for c in candidates
+                if c.load is None or (c.load.waiting < self.max_waiting and c.load.kv_cache_usage < self.max_kv_cache)]

@@ -1,0 +1,49 @@
+"""One interface per extension point. Plugins do no I/O: everything they need is here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway_state.records import Criticality, Endpoint, LoadSample
+
+
+@dataclass(frozen=True)
+class Candidate:
+    endpoint: Endpoint
+    load: LoadSample | None  # None: no fresh, good sample, so the load is unknown
+    scrape_failures: int  # consecutive failed scrapes of the endpoint
+    inflight: int  # requests in flight there, over every picker replica
+    matched_blocks: int  # leading prompt blocks the endpoint holds
+
+
+@dataclass(frozen=True)
+class SchedulingRequest:
+    model: str  # the target model the endpoint will serve
+    criticality: Criticality
+    prompt_blocks: int  # how many prefix blocks the prompt has
+
+
+class Filter(Protocol):
+    name: str
+
+    def filter(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
+        """The candidates that may serve the request."""
+        ...
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        """One score per candidate, in order; higher is better, 0..1 (the runner clamps)."""
+        ...
+
+
+class Picker(Protocol):
+    name: str
+
+    def pick(self, request: SchedulingRequest, scored: Sequence[tuple[Candidate, float]]) -> list[Candidate]:
+        """The chosen candidate first, then fallbacks in order."""
+        ...

@@ -1,0 +1,69 @@
+"""Scorers: each rates every candidate 0..1 from one signal."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from picker.plugins.framework import Candidate, SchedulingRequest
+
+
+def _relative(values: Sequence[float | None], scale: float) -> list[float]:
+    """1 for the least loaded, falling by the excess over it measured against `scale`.
+
+    Against a fixed scale, not the spread: one request more must not look like
+    a backlog when the pool is idle. Unknown values score in the middle.
+    """
+    known = [v for v in values if v is not None]
+    if not known:
+        return [0.5] * len(values)
+    low = min(known)
+    return [0.5 if v is None else max(0.0, 1.0 - (v - low) / scale) for v in values]
+
+
+@dataclass(frozen=True)
+class QueueScorer:
+    """Fewer requests waiting in the model server's queue is better."""
+
+    scale: float
+    name: str = "queue"
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        return _relative([c.load.waiting if c.load else None for c in candidates], self.scale)
+
+
+@dataclass(frozen=True)
+class KVCacheScorer:
+    """More free KV cache is better."""
+
+    name: str = "kv-cache"
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        return [1.0 - c.load.kv_cache_usage if c.load else 0.5 for c in candidates]
+
+
+@dataclass(frozen=True)
+class InflightScorer:
+    """Fewer requests in flight, counted by every picker replica at once, is better.
+
+    Scrapes lag by up to an interval; these counts do not, so replicas do not
+    herd onto the same idle endpoint between scrapes.
+    """
+
+    scale: float
+    name: str = "inflight"
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        return _relative([float(c.inflight) for c in candidates], self.scale)
+
+
+@dataclass(frozen=True)
+class PrefixScorer:
+    """The longer the prompt prefix already in an endpoint's KV cache, the better."""
+
+    name: str = "prefix"
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        if request.prompt_blocks == 0:
+            return [0.0] * len(candidates)
+        return [c.matched_blocks / request.prompt_blocks for c in candidates]

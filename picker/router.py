@@ -1,0 +1,172 @@
+"""From a request body to the endpoint that serves it, with the shared state around the decision.
+
+Per request: one Redis round trip before scoring (in-flight counts over every
+replica and the prefix blocks each endpoint holds), the pure scheduling step,
+then one round trip recording the choice. Each Redis call has a deadline; past
+it the decision falls back to this replica's own in-flight counts, so a slow or
+dead Redis slows nothing and fails nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from gateway_state.records import Model, Pool, Strategy
+from gateway_state.store import SharedView, StateStore
+from picker.errors import NoEndpoint, NotFound
+from picker.metrics import PickerMetrics
+from picker.plugins.framework import Candidate, SchedulingRequest
+from picker.prefix import block_hashes, capacity_blocks, prompt_text
+from picker.request import parse_body
+from picker.scheduler import Scheduler
+from picker.settings import PickerSettings
+from picker.snapshot import SnapshotSource
+
+log = logging.getLogger("picker")
+
+
+@dataclass(frozen=True)
+class Routed:
+    model: str
+    target_model: str
+    pool: str
+    strategy: Strategy
+    endpoints: list[Candidate]  # chosen first
+    body: bytes | None  # the rewritten body, when the target model differs
+    prompt_blocks: int
+    matched_blocks: int
+    recorded_shared: bool  # the in-flight count reached Redis and must be released there
+    decision_seconds: float
+
+    @property
+    def chosen(self) -> Candidate:
+        return self.endpoints[0]
+
+
+class RequestRouter:
+    def __init__(self, store: StateStore, snapshots: SnapshotSource, scheduler: Scheduler,
+                 settings: PickerSettings, metrics: PickerMetrics, rng: random.Random) -> None:
+        self._store = store
+        self._snapshots = snapshots
+        self._scheduler = scheduler
+        self._settings = settings
+        self._metrics = metrics
+        self._rng = rng
+        self._local_inflight: dict[str, Counter[str]] = {}  # pool -> endpoint -> this replica's requests
+
+    def models(self, pool: str | None) -> list[Model]:
+        config = self._snapshots.current.config
+        if config is None:
+            return []
+        return [m for m in config.models.values() if pool is None or m.pool == pool]
+
+    async def route(self, route_pool: str | None, raw_body: bytes) -> Routed:
+        started = time.perf_counter()
+        parsed = parse_body(raw_body, self._settings.server.max_request_body_bytes)
+        snapshot = self._snapshots.current
+        if snapshot.config is None:
+            raise NoEndpoint("The gateway has not loaded its configuration yet.")
+        model = snapshot.config.models.get(parsed.model)
+        if model is None or (route_pool is not None and model.pool != route_pool):
+            raise NotFound(f"The model `{parsed.model}` does not exist.", param="model")
+        pool = snapshot.config.pools.get(model.pool)
+        if pool is None or not pool.endpoints:
+            raise NoEndpoint(f"Pool {model.pool} has no ready endpoint.")
+        target = self._target(model)
+        body = None
+        if target != parsed.model:
+            body = json.dumps({**parsed.body, "model": target}, ensure_ascii=False).encode()
+
+        hashes: list[str] = []
+        if pool.strategy == Strategy.PREFIX_CACHE:
+            p = self._settings.prefix
+            hashes = block_hashes(prompt_text(parsed.body), target, snapshot.config.prefix_seed, p.block_chars,
+                                  p.max_blocks)
+        view = await self._shared_view(pool, hashes)
+        candidates = self._candidates(pool, snapshot.load.get(pool.name, {}), view)
+        request = SchedulingRequest(target, model.criticality, len(hashes))
+        decision = self._scheduler.schedule(pool.strategy, request, candidates)
+        chosen = decision.endpoints[0]
+        recorded = await self._record(pool, chosen, hashes)
+        return Routed(parsed.model, target, pool.name, pool.strategy, decision.endpoints, body, len(hashes),
+                      chosen.matched_blocks, recorded, time.perf_counter() - started)
+
+    def _target(self, model: Model) -> str:
+        if len(model.targets) == 1:
+            return model.targets[0].name
+        return self._rng.choices([t.name for t in model.targets], weights=[t.weight for t in model.targets])[0]
+
+    def _candidates(self, pool: Pool, samples: dict, view: SharedView) -> list[Candidate]:
+        now_ms = int(time.time() * 1000)
+        max_age = self._settings.state.max_sample_age_ms
+        out = []
+        for e in pool.endpoints:
+            sample = samples.get(e.key)
+            fresh = sample if sample is not None and sample.ok and now_ms - sample.scraped_at_ms <= max_age else None
+            out.append(Candidate(e, fresh, sample.consecutive_failures if sample else 0,
+                                 view.inflight.get(e.key, 0), view.matched_blocks.get(e.key, 0)))
+        return out
+
+    async def _shared_view(self, pool: Pool, hashes: list[str]) -> SharedView:
+        try:
+            return await asyncio.wait_for(self._store.lookup(pool.name, hashes, int(time.time() * 1000)),
+                                          self._settings.state.redis_timeout_ms / 1000)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._metrics.redis_fallbacks.labels("lookup").inc()
+            log.debug("shared lookup failed, scoring locally: %s", exc)
+            return SharedView(dict(self._local_inflight.get(pool.name, {})), {})
+
+    async def _record(self, pool: Pool, chosen: Candidate, hashes: list[str]) -> bool:
+        self._local_inflight.setdefault(pool.name, Counter())[chosen.endpoint.key] += 1
+        p, s = self._settings.prefix, self._settings.state
+        load = chosen.load
+        capacity = capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
+                                   p.chars_per_token, p.block_chars, p.default_capacity_blocks)
+        try:
+            await asyncio.wait_for(
+                self._store.record(pool.name, self._settings.server.replica_id, chosen.endpoint.key, hashes,
+                                   int(time.time() * 1000), p.ttl_ms, capacity, s.inflight_lease_ms),
+                s.redis_timeout_ms / 1000)
+            return True
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._metrics.redis_fallbacks.labels("record").inc()
+            log.debug("shared record failed: %s", exc)
+            return False
+
+    async def release(self, routed: Routed) -> None:
+        """The request ended (Envoy closed the stream): it is no longer in flight."""
+        local = self._local_inflight.get(routed.pool)
+        if local is not None:
+            local[routed.chosen.endpoint.key] -= 1
+            if local[routed.chosen.endpoint.key] <= 0:
+                del local[routed.chosen.endpoint.key]
+        if not routed.recorded_shared:
+            return
+        try:
+            await asyncio.wait_for(
+                self._store.release(routed.pool, self._settings.server.replica_id, routed.chosen.endpoint.key),
+                self._settings.state.redis_timeout_ms * 10 / 1000)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._metrics.redis_fallbacks.labels("release").inc()
+            log.debug("shared release failed (the lease will expire it): %s", exc)
+
+    async def renew_leases(self) -> None:
+        """Keep this replica's in-flight counts alive in every pool."""
+        config = self._snapshots.current.config
+        if config is None:
+            return
+        now, lease = int(time.time() * 1000), self._settings.state.inflight_lease_ms
+        for pool in config.pools:
+            try:
+                await self._store.heartbeat(pool, self._settings.server.replica_id, now, lease)
+            except (RedisError, OSError) as exc:
+                log.debug("lease renewal failed: %s", exc)
+                return

@@ -1,0 +1,79 @@
+"""The scheduling runner: filters, then weighted scorers, then the picker.
+
+The runner, not the plugins, owns clamping, weights, timing and logging, so a
+plugin stays a small pure function and every strategy is measured the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gateway_state.records import Criticality, Strategy
+from picker.errors import NoEndpoint, Shed
+from picker.plugins.filters import HealthyFilter, SheddableFilter
+from picker.plugins.framework import Candidate, Filter, Picker, SchedulingRequest, Scorer
+from picker.plugins.pickers import MaxScorePicker
+from picker.plugins.scorers import InflightScorer, KVCacheScorer, PrefixScorer, QueueScorer
+from picker.settings import SchedulingSettings
+
+log = logging.getLogger("picker.scheduler")
+
+
+@dataclass(frozen=True)
+class Weighted:
+    scorer: Scorer
+    weight: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    filters: tuple[Filter, ...]
+    scorers: tuple[Weighted, ...]
+    picker: Picker
+
+
+@dataclass(frozen=True)
+class Decision:
+    endpoints: list[Candidate]  # the chosen one first, then fallbacks
+    score: float  # the chosen endpoint's total
+    seconds: float
+
+
+class Scheduler:
+    def __init__(self, profiles: Mapping[Strategy, Profile]) -> None:
+        self._profiles = dict(profiles)
+
+    def schedule(self, strategy: Strategy, request: SchedulingRequest, candidates: Sequence[Candidate]) -> Decision:
+        started = time.perf_counter()
+        profile = self._profiles[strategy]
+        remaining = list(candidates)
+        for f in profile.filters:
+            remaining = f.filter(request, remaining)
+            if not remaining:
+                if request.criticality == Criticality.SHEDDABLE:
+                    raise Shed("Every endpoint is saturated; sheddable requests are refused until load drops.")
+                raise NoEndpoint(f"No endpoint passed the {f.name} filter.")
+        totals = [0.0] * len(remaining)
+        for w in profile.scorers:
+            scores = w.scorer.score(request, remaining)
+            totals = [t + w.weight * min(1.0, max(0.0, s)) for t, s in zip(totals, scores)]
+        chosen = profile.picker.pick(request, list(zip(remaining, totals)))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("scores %s", {c.endpoint.name: round(t, 3) for c, t in zip(remaining, totals)})
+        best = max(totals)
+        return Decision(chosen, best, time.perf_counter() - started)
+
+
+def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[Strategy, Profile]:
+    filters = (HealthyFilter(s.max_scrape_failures), SheddableFilter(s.saturation_waiting, s.saturation_kv_cache))
+    load = (Weighted(QueueScorer(s.queue_scale), s.queue_weight), Weighted(KVCacheScorer(), s.kv_cache_weight),
+            Weighted(InflightScorer(s.inflight_scale), s.inflight_weight))
+    picker = MaxScorePicker(s.fallbacks, rng)
+    return {
+        Strategy.DEFAULT: Profile(filters, load, picker),
+        Strategy.PREFIX_CACHE: Profile(filters, (*load, Weighted(PrefixScorer(), s.prefix_weight)), picker),
+    }

@@ -1,0 +1,93 @@
+"""The picker's settings: typed groups, each number with its reason, validated at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    grpc_address: str = "127.0.0.1:9002"
+    metrics_address: str = "127.0.0.1:9102"
+    # Names this replica's in-flight counts in Redis; unique per replica.
+    replica_id: str = ""
+    # Envoy's own buffer limit rejects larger bodies first; this guards direct callers.
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    # On shutdown the replica reports NOT_SERVING this long before refusing streams:
+    # two of Envoy's 500 ms health checks, so Envoy has moved its traffic away.
+    drain_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # The local snapshot of config and load samples; collectors scrape every 100 ms,
+    # so a fresher snapshot would not see newer figures.
+    snapshot_refresh_ms: int = 50
+    # A request-path Redis call slower than this is abandoned for local scoring:
+    # a loopback round trip is ~0.1 ms, so 20 ms means Redis is in trouble.
+    redis_timeout_ms: int = 20
+    # A load sample older than this is unknown, not trusted (ten missed scrapes).
+    max_sample_age_ms: int = 1000
+    # A replica's in-flight counts stop counting this long after it stops renewing them.
+    inflight_lease_ms: int = 5000
+    heartbeat_interval_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class PrefixSettings:
+    # Upstream's block of 64 characters: about 16 tokens, one vLLM KV block.
+    block_chars: int = 64
+    # Upstream matches at most 256 blocks (16k characters); longer prompts share more anyway.
+    max_blocks: int = 256
+    # Index entries outlive no realistic cache residency.
+    ttl_ms: int = 600_000
+    # Upstream's per-endpoint LRU capacity when the pod does not publish its cache size.
+    default_capacity_blocks: int = 31_250
+    # Converting the pod's KV tokens to characters of prompt text.
+    chars_per_token: float = 4.0
+
+
+@dataclass(frozen=True)
+class SchedulingSettings:
+    # Upstream's weights: queue 2, KV cache 2, prefix 3; in-flight counts weigh like the queue.
+    queue_weight: float = 2.0
+    kv_cache_weight: float = 2.0
+    inflight_weight: float = 2.0
+    prefix_weight: float = 3.0
+    # Load differences are scored against these scales, so one request more does not
+    # outweigh a cached prefix, while a real backlog does. Upstream calls a pod
+    # saturated at 5 waiting requests.
+    queue_scale: float = 5.0
+    inflight_scale: float = 16.0
+    # Saturation (upstream): sheddable requests are refused while every endpoint is here.
+    saturation_waiting: float = 5.0
+    saturation_kv_cache: float = 0.8
+    # Endpoints whose scrapes failed this often in a row leave the candidates.
+    max_scrape_failures: int = 3
+    # Endpoints returned to Envoy after the chosen one, in order, for fallback.
+    fallbacks: int = 2
+
+
+@dataclass(frozen=True)
+class PickerSettings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    prefix: PrefixSettings = field(default_factory=PrefixSettings)
+    scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
+
+    def __post_init__(self) -> None:
+        st, pf, sc = self.state, self.prefix, self.scheduling
+        if not self.server.replica_id:
+            raise ValueError("server.replica_id must be set")
+        if st.redis_timeout_ms <= 0 or st.snapshot_refresh_ms <= 0 or st.heartbeat_interval_ms <= 0:
+            raise ValueError("state durations must be positive")
+        if st.inflight_lease_ms < 2 * st.heartbeat_interval_ms:
+            raise ValueError("state.inflight_lease_ms must cover at least two heartbeats")
+        if pf.block_chars < 8 or pf.max_blocks < 1:
+            raise ValueError("prefix.block_chars must be >= 8 and prefix.max_blocks >= 1")
+        weights = (sc.queue_weight, sc.kv_cache_weight, sc.inflight_weight, sc.prefix_weight)
+        if min(weights) < 0 or sum(weights) == 0:
+            raise ValueError("scheduling weights must be non-negative and not all zero")
+        if sc.queue_scale <= 0 or sc.inflight_scale <= 0 or sc.fallbacks < 0:
+            raise ValueError("scheduling scales must be positive and fallbacks non-negative")

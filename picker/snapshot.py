@@ -1,0 +1,68 @@
+"""The picker's local snapshot of config and load, refreshed from Redis in one round trip.
+
+Missing config in Redis means Redis lost it (a flush, a failover), not that the
+fleet has none, so the last known config stays until the controller rewrites it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+from gateway_state.records import Config, LoadSample, decode_config
+from gateway_state.store import StateStore
+from picker.settings import StateSettings
+
+log = logging.getLogger("picker.snapshot")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: Config | None = None
+    load: dict[str, dict[str, LoadSample]] = field(default_factory=dict)  # pool -> endpoint -> sample
+
+
+class SnapshotSource:
+    def __init__(self, store: StateStore, settings: StateSettings) -> None:
+        self._store = store
+        self._settings = settings
+        self._raw: bytes | None = None
+        self.current = Snapshot()
+        self.redis_ok = False
+
+    async def refresh_once(self) -> None:
+        pools = list(self.current.config.pools) if self.current.config else []
+        try:
+            raw, load = await asyncio.wait_for(self._store.read_snapshot(pools),
+                                               timeout=max(self._settings.redis_timeout_ms * 10, 200) / 1000)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if self.redis_ok:
+                log.warning("Redis unreachable, routing from the last snapshot: %s", exc)
+            self.redis_ok = False
+            return
+        if not self.redis_ok:
+            log.info("Redis reachable")
+        self.redis_ok = True
+        config = self.current.config
+        if raw is not None and raw != self._raw:
+            try:
+                config = decode_config(raw)
+                self._raw = raw
+                log.info("config generation %d: %d pools, %d models", config.generation, len(config.pools),
+                         len(config.models))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("undecodable config in Redis, keeping the last one: %s", exc)
+        # Samples missing after a flush keep their last value until they age out.
+        merged = {pool: {**self.current.load.get(pool, {}), **samples} for pool, samples in load.items()}
+        self.current = Snapshot(config, merged)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.refresh_once()
+            try:
+                await asyncio.wait_for(stop.wait(), self._settings.snapshot_refresh_ms / 1000)
+            except TimeoutError:
+                pass
