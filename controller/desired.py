@@ -23,8 +23,8 @@ from gateway_state.records import (
 class DesiredState:
     pools: dict[str, Pool]
     models: dict[str, Model]
-    # (service name, service port) -> ready pod addresses (ip, target port)
-    services: dict[tuple[str, int], tuple[tuple[str, int], ...]]
+    # (service name, service port) -> the ready pods it selects, at the target port
+    services: dict[tuple[str, int], tuple[Endpoint, ...]]
     warnings: list[str] = field(default_factory=list)
 
 
@@ -67,12 +67,13 @@ def build(m: Manifests) -> DesiredState:
         models[spec.model_name] = Model(spec.model_name, spec.pool, Criticality(spec.criticality),
                                         tuple(TargetModel(n, w) for n, w in spec.targets))
 
-    services: dict[tuple[str, int], tuple[tuple[str, int], ...]] = {}
+    services: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
     for svc in m.services:
         selector = LabelSelector(tuple(sorted(svc.selector.items())))
         members = _members(m.pods, svc.meta.namespace, selector) if svc.selector else []
         for port, target in svc.ports:
-            services[(svc.meta.name, port)] = tuple((p.ip or "", target) for p in members)
+            services[(svc.meta.name, port)] = tuple(Endpoint(p.meta.name, p.ip or "", target, dict(p.meta.labels))
+                                                    for p in members)
 
     gateways = {g.meta.name for g in m.gateways}
     for route in m.routes:

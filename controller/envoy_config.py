@@ -92,7 +92,7 @@ def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
         clusters.append(_static_cluster(pool_cluster(pool.name) + "/failopen",
                                         tuple((e.address, e.port) for e in pool.endpoints)))
     for (name, port), hosts in sorted(state.services.items()):
-        clusters.append(_static_cluster(f"service/{name}/{port}", hosts))
+        clusters.append(_static_cluster(f"service/{name}/{port}", tuple((e.address, e.port) for e in hosts)))
     return clusters
 
 

@@ -86,12 +86,15 @@ class Fleet:
         return self.settings.work_dir / "logs" / f"{name}.log"
 
     def pods(self) -> dict[str, tuple[str, str, int]]:
-        """endpoint key -> (pod name, runtime, port) of every pod the manifests select."""
+        """endpoint key -> (pod name, runtime) of every pod a pool or Service selects."""
         state = build(load_directory(self.settings.manifests_dir))
-        pods: dict[str, tuple[str, str, int]] = {}
+        pods: dict[str, tuple[str, str]] = {}
         for pool in state.pools.values():
             for e in pool.endpoints:
-                pods[e.key] = (e.name, pool.runtime.value, e.port)
+                pods[e.key] = (e.name, pool.runtime.value)
+        for endpoints in state.services.values():
+            for e in endpoints:
+                pods.setdefault(e.key, (e.name, "vllm"))
         return pods
 
     # -- lifecycle -----------------------------------------------------------------
@@ -107,7 +110,7 @@ class Fleet:
             self._wait("redis", lambda: _port_open("127.0.0.1", s.redis_port), timeout_s)
         pods = self.pods()
         by_runtime: dict[str, list[str]] = {}
-        for key, (name, runtime, _) in pods.items():
+        for key, (name, runtime) in pods.items():
             by_runtime.setdefault(runtime, []).append(f"{name}@{key}")
         for runtime, specs in sorted(by_runtime.items()):
             self._spawn(f"pods-{runtime}", [_bin("model-server-simulator"), "--runtime", runtime,

@@ -1,0 +1,48 @@
+"""A small HTTP client for the gateway's OpenAI surface, used by the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+QWEN = "/models/Qwen3-32B"
+
+
+@dataclass
+class Reply:
+    status: int
+    pod: str | None
+    text: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+async def post(session: aiohttp.ClientSession, port: int, body: Any, path: str = "/v1/chat/completions",
+               raw: bytes | None = None, method: str = "POST") -> Reply:
+    data = raw if raw is not None else json.dumps(body).encode()
+    async with session.request(method, f"http://127.0.0.1:{port}{path}", data=data,
+                               headers={"Content-Type": "application/json"}) as r:
+        return Reply(r.status, r.headers.get("x-inference-pod"), await r.text())
+
+
+def chat(content: str, model: str = QWEN, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **extra}
+
+
+async def spread(session: aiohttp.ClientSession, port: int, bodies: list[dict[str, Any]],
+                 concurrency: int) -> tuple[Counter[str], list[Reply]]:
+    """Send bodies with bounded concurrency; count which pod served each."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(body: dict[str, Any]) -> Reply:
+        async with gate:
+            return await post(session, port, body)
+
+    replies = await asyncio.gather(*(one(b) for b in bodies))
+    return Counter(r.pod for r in replies if r.status == 200 and r.pod), list(replies)
