@@ -81,6 +81,9 @@ def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
         "timeout": _duration(min(1000, s.picker_health_interval_ms)), "interval": _duration(s.picker_health_interval_ms),
         "unhealthy_threshold": 2, "healthy_threshold": 1, "grpc_health_check": {},
     }]
+    # Never send streams to a replica that is not serving, even with most replicas down:
+    # with none left, the ext_proc call fails and the pool's failure mode decides.
+    picker["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     clusters = [picker]
     for pool in sorted(state.pools.values(), key=lambda p: p.name):
         clusters.append({

@@ -72,7 +72,7 @@ class Fleet:
     settings: FleetSettings
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: dict[str, IO[bytes]] = field(default_factory=dict)
-    _commands: dict[str, list[str]] = field(default_factory=dict)
+    _commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     @property
     def redis_url(self) -> str:
@@ -167,7 +167,7 @@ class Fleet:
     def restart(self, name: str) -> None:
         if self.processes[name].poll() is None:
             self._terminate(name)
-        self._spawn(name, self._commands[name])
+        self._spawn(name, *self._commands[name])
 
     def _terminate(self, name: str) -> None:
         proc = self.processes[name]
@@ -183,7 +183,7 @@ class Fleet:
         log = self._logs.get(name)
         if log is None or log.closed:
             log = self._logs[name] = open(self.log_path(name), "ab")  # noqa: SIM115 (closed in stop)
-        self._commands[name] = command
+        self._commands[name] = (command, env or {})
         self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 

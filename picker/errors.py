@@ -40,5 +40,9 @@ class Shed(GatewayError):
     status, error_type = 429, "RateLimitError"
 
 
+class PickerUnavailable(Exception):
+    """This replica cannot decide at all (no config yet): Envoy applies the pool's failure mode."""
+
+
 class NoEndpoint(GatewayError):
     status, error_type = 503, "ServiceUnavailableError"

@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
-from picker.errors import BadRequest, GatewayError, MethodNotAllowed
+from picker.errors import BadRequest, GatewayError, MethodNotAllowed, PickerUnavailable
 from picker.metrics import PickerMetrics
 from picker.router import RequestRouter, Routed
 
@@ -72,7 +72,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 elif kind == "request_body":
                     stream.body += message.request_body.body
                     if message.request_body.end_of_stream:
-                        yield await self._on_body(stream)
+                        try:
+                            response = await self._on_body(stream)
+                        except PickerUnavailable as exc:
+                            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                        yield response
                     else:
                         yield pb.ProcessingResponse(request_body=pb.BodyResponse())
                 elif kind == "response_headers":

@@ -86,6 +86,8 @@ async def serve(settings: PickerSettings) -> None:
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(settings.server.grpc_address)
+    for service in ("", EXT_PROC_SERVICE):
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def metrics_handler(request: web.Request) -> web.Response:
         metrics.redis_up.set(1 if snapshots.redis_ok else 0)

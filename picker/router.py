@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from gateway_state.records import Model, Pool, Strategy
 from gateway_state.store import SharedView, StateStore
-from picker.errors import NoEndpoint, NotFound
+from picker.errors import NoEndpoint, NotFound, PickerUnavailable
 from picker.metrics import PickerMetrics
 from picker.plugins.framework import Candidate, SchedulingRequest
 from picker.prefix import block_hashes, capacity_blocks, prompt_text
@@ -73,7 +73,7 @@ class RequestRouter:
         parsed = parse_body(raw_body, self._settings.server.max_request_body_bytes)
         snapshot = self._snapshots.current
         if snapshot.config is None:
-            raise NoEndpoint("The gateway has not loaded its configuration yet.")
+            raise PickerUnavailable("no configuration loaded from Redis yet")
         model = snapshot.config.models.get(parsed.model)
         if model is None or (route_pool is not None and model.pool != route_pool):
             raise NotFound(f"The model `{parsed.model}` does not exist.", param="model")

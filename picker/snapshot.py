@@ -32,6 +32,7 @@ class SnapshotSource:
         self._raw: bytes | None = None
         self.current = Snapshot()
         self.redis_ok = False
+        self._reported: bool | None = None  # the Redis state last logged
 
     async def refresh_once(self) -> None:
         pools = list(self.current.config.pools) if self.current.config else []
@@ -39,13 +40,13 @@ class SnapshotSource:
             raw, load = await asyncio.wait_for(self._store.read_snapshot(pools),
                                                timeout=max(self._settings.redis_timeout_ms * 10, 200) / 1000)
         except (RedisError, OSError, TimeoutError) as exc:
-            if self.redis_ok:
-                log.warning("Redis unreachable, routing from the last snapshot: %s", exc)
-            self.redis_ok = False
+            if self._reported is not False:
+                log.warning("Redis unreachable, routing from the last snapshot: %s", exc or type(exc).__name__)
+            self.redis_ok = self._reported = False
             return
-        if not self.redis_ok:
+        if self._reported is not True:
             log.info("Redis reachable")
-        self.redis_ok = True
+        self.redis_ok = self._reported = True
         config = self.current.config
         if raw is not None and raw != self._raw:
             try:

@@ -1,0 +1,167 @@
+"""Routing survives Redis flushes, picker restarts and crashes, and manifest changes, with no Envoy restart."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from gateway_state import keys
+from local_fleet.fleet import Fleet
+from tests.client import Reply, chat, post
+from tests.conftest import PREFIX_PORT
+
+
+@pytest.fixture
+async def http(fleet: Fleet) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def steady_load(http: aiohttp.ClientSession, seconds: float, fault: Callable[[], object],
+                      fault_at_s: float = 0.5, port: int = PREFIX_PORT) -> list[Reply]:
+    """Requests from 4 concurrent clients for `seconds`; `fault` runs once at `fault_at_s`."""
+    deadline = time.monotonic() + seconds
+    replies: list[Reply] = []
+
+    async def client(n: int) -> None:
+        i = 0
+        while time.monotonic() < deadline:
+            replies.append(await post(http, port, chat(f"client {n} turn {i}", max_tokens=4)))
+            i += 1
+
+    async def inject() -> None:
+        await asyncio.sleep(fault_at_s)
+        result = fault()
+        if asyncio.iscoroutine(result):
+            await result
+
+    await asyncio.gather(*(client(n) for n in range(4)), inject())
+    return replies
+
+
+def controller_log(fleet: Fleet) -> str:
+    return fleet.log_path("controller").read_text()
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool] | bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        met = condition()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.05)
+
+
+async def test_flushall_breaks_no_request(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    redis = Redis.from_url(fleet.redis_url)
+    try:
+        replies = await steady_load(http, 3.0, redis.flushall)
+        assert len(replies) > 20
+        assert [r.status for r in replies if r.status != 200] == []
+        # The controller refills the config within one resync interval (300 ms here).
+        started = time.monotonic()
+        while not await redis.exists(keys.CONFIG):
+            assert time.monotonic() - started < 2.0
+            await asyncio.sleep(0.05)
+        assert await redis.exists(keys.load("prefix-pool"))  # collectors republish too
+    finally:
+        await redis.aclose()
+
+
+async def test_restarting_a_picker_breaks_no_request(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    replies = await steady_load(http, 4.0, lambda: fleet.restart("picker-0"))
+    assert len(replies) > 20
+    assert [r.status for r in replies if r.status != 200] == []
+
+
+async def test_a_crashed_picker_breaks_no_request(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    # kill -9: in-flight ext_proc streams to it fail; the pool fails open to round robin.
+    replies = await steady_load(http, 3.0, lambda: fleet.kill("picker-1"))
+    fleet.restart("picker-1")
+    assert len(replies) > 20
+    assert [r.status for r in replies if r.status != 200] == []
+    # The restarted replica is ready again.
+    url = f"http://127.0.0.1:{fleet.settings.picker_metrics_ports[1]}/healthz"
+
+    async def ready() -> bool:
+        try:
+            async with http.get(url) as r:
+                return r.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_for(ready, 10.0)
+
+
+async def test_a_new_listener_goes_live_without_restarting_envoy(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    envoy_pid = fleet.processes["envoy"].pid
+    extra: Path = fleet.settings.manifests_dir / "extra-listener.yaml"
+    extra.write_text("""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: extra-gateway
+spec:
+  gatewayClassName: test-class
+  listeners:
+  - name: extra
+    protocol: HTTP
+    port: 18083
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: extra-route
+spec:
+  parentRefs:
+  - name: extra-gateway
+  rules:
+  - backendRefs:
+    - name: prefix-pool
+      kind: InferencePool
+""")
+    try:
+        reply: Reply | None = None
+        for _ in range(100):
+            try:
+                reply = await post(http, 18083, chat("through the new listener"))
+                break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+        assert reply is not None and reply.status == 200 and reply.pod and reply.pod.startswith("prefix-")
+        assert fleet.processes["envoy"].pid == envoy_pid and fleet.processes["envoy"].poll() is None
+    finally:
+        extra.unlink()
+
+
+async def test_an_invalid_manifest_keeps_the_last_good_config(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    bad: Path = fleet.settings.manifests_dir / "zz-broken.yaml"
+    bad.write_text("""
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferencePool
+metadata:
+  name: broken-pool
+spec:
+  selector:
+    app: prefix-pods
+""")
+    expected = "zz-broken.yaml document 1 (InferencePool broken-pool): spec.targetPortNumber: is required"
+    try:
+        await wait_for(lambda: expected in controller_log(fleet), 5.0)
+        reply = await post(http, PREFIX_PORT, chat("the last good config still routes"))
+        assert reply.status == 200
+    finally:
+        bad.unlink()
+    await wait_for(lambda: "manifests are valid again" in controller_log(fleet), 5.0)
+    assert (await post(http, PREFIX_PORT, chat("and after the fix"))).status == 200
