@@ -1,0 +1,137 @@
+"""The collector: vLLM and SGLang metric names to load samples, and a scrape loop that never crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from collector.collector import Collector, CollectorSettings
+from collector.metrics_map import GarbledMetrics, to_load_sample
+from gateway_state.records import Config, Endpoint, Pool
+from gateway_state.store import StateStore
+from simulator.physics import Physics
+from simulator.pod import PodSpec, SimulatedPod
+from tests.conftest import free_port
+
+OLD_VLLM = """# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 3.0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 7.0
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{engine="0",model_name="m"} 0.25
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="old",waiting_lora_adapters=""} 1.7e+09
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="a,b",waiting_lora_adapters="c"} 1.8e+09
+"""
+
+SGLANG_TP2 = """# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="m",tp_rank="0"} 4.0
+sglang:num_queue_reqs{model_name="m",tp_rank="1"} 4.0
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="m",tp_rank="0"} 9.0
+sglang:num_running_reqs{model_name="m",tp_rank="1"} 9.0
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="m",tp_rank="0"} 0.5
+sglang:token_usage{model_name="m",tp_rank="1"} 0.5
+"""
+
+
+def test_older_vllm_names_and_the_newest_lora_series() -> None:
+    s = to_load_sample(OLD_VLLM, 1)
+    assert (s.waiting, s.running, s.kv_cache_usage) == (3.0, 7.0, 0.25)
+    assert s.running_adapters == ("a", "b") and s.waiting_adapters == ("c",) and s.max_adapters == 4
+
+
+def test_sglang_tensor_parallel_ranks_count_once() -> None:
+    s = to_load_sample(SGLANG_TP2, 1)
+    assert (s.waiting, s.running, s.kv_cache_usage) == (4.0, 9.0, 0.5)
+
+
+@pytest.mark.parametrize("text", ["<html>not metrics</html>", "foo{bar 1", "# TYPE x gauge\nx 1\n", ""])
+def test_garbled_or_foreign_metrics_are_rejected(text: str) -> None:
+    with pytest.raises(GarbledMetrics):
+        to_load_sample(text, 1)
+
+
+@pytest.fixture
+async def pods() -> AsyncIterator[dict[str, SimulatedPod]]:
+    """A live vLLM pod, a live SGLang pod and a server that answers garbage, on loopback."""
+    physics = Physics(num_blocks=2000)
+    live = {"vllm": SimulatedPod(PodSpec("vllm-0", "127.0.4.1", free_port(), "vllm", "m"), physics),
+            "sglang": SimulatedPod(PodSpec("sglang-0", "127.0.4.2", free_port(), "sglang", "m"), physics)}
+    runners, engines = [], []
+    for pod in live.values():
+        engines.append(asyncio.create_task(pod.engine.run()))
+        runner = web.AppRunner(pod.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, pod.spec.host, pod.spec.port).start()
+        runners.append(runner)
+    async def oops(request: web.Request) -> web.Response:
+        return web.Response(text="<html>oops</html>")
+
+    garbage = web.Application()
+    garbage.router.add_get("/metrics", oops)
+    runner = web.AppRunner(garbage, access_log=None)
+    await runner.setup()
+    garbage_port = free_port()
+    await web.TCPSite(runner, "127.0.4.3", garbage_port).start()
+    runners.append(runner)
+    live["garbage-port"] = garbage_port  # type: ignore[assignment]
+    yield live
+    for r in runners:
+        await r.cleanup()
+    for t in engines:
+        t.cancel()
+
+
+async def test_collector_publishes_samples_and_marks_failures_stale(redis_client: Redis,
+                                                                   pods: dict[str, SimulatedPod]) -> None:
+    vllm, sglang = pods["vllm"], pods["sglang"]
+    endpoints = (Endpoint("vllm-0", vllm.spec.host, vllm.spec.port), Endpoint("sglang-0", sglang.spec.host,
+                 sglang.spec.port), Endpoint("garbage", "127.0.4.3", pods["garbage-port"]),  # type: ignore[arg-type]
+                 Endpoint("dead", "127.0.4.4", free_port()))
+    store = StateStore(redis_client)
+    await store.write_config(Config(1, {"p": Pool("p", 8000, endpoints=endpoints)}, {}))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://{vllm.spec.host}:{vllm.spec.port}/sim/load",
+                             json={"requests": 300, "prompt_tokens": 64}) as r:
+            assert r.status == 200
+    collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300))
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    await asyncio.sleep(0.6)
+    stop.set()
+    await task
+    _, load = await store.read_snapshot(["p"])
+    samples = load["p"]
+    v = samples[endpoints[0].key]
+    assert v.ok and v.running == 256 and v.waiting == 44 and v.kv_cache_usage > 0
+    assert (v.block_size, v.num_blocks) == (16, 2000)
+    assert abs(v.scraped_at_ms - time.time() * 1000) < 2000
+    s = samples[endpoints[1].key]
+    assert s.ok and (s.block_size, s.num_blocks) == (16, 2000)
+    for bad in endpoints[2:]:
+        assert not samples[bad.key].ok and samples[bad.key].consecutive_failures >= 2, samples[bad.key]
+    assert samples[endpoints[2].key].error.startswith("unparsable metrics")
+
+
+async def test_sglang_pod_answers_the_routers_discovery_calls(pods: dict[str, SimulatedPod]) -> None:
+    pod = pods["sglang"]
+    base = f"http://{pod.spec.host}:{pod.spec.port}"
+    async with aiohttp.ClientSession() as http:
+        for path in ("/get_model_info", "/model_info", "/get_server_info", "/server_info"):
+            async with http.get(base + path) as r:
+                assert r.status == 200 and json.loads(await r.text())
+        async with http.get(base + "/health_generate") as r:
+            assert r.status == 200
+        async with http.get(base + "/metrics") as r:
+            text = await r.text()
+    assert 'sglang:num_queue_reqs{model_name="m",tp_rank="0"}' in text
+    assert 'sglang:cache_config_info{num_pages="2000",page_size="16"} 1.0' in text

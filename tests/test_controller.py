@@ -1,0 +1,140 @@
+"""Manifests: every seed loads unchanged, errors name file, document and field, and Envoy accepts the config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller import envoy_config
+from controller.desired import build
+from controller.manifests import ManifestError
+from controller.resources import load_directory
+from controller.selectors import LabelSelector, requirement
+from gateway_state.records import FailureMode, Runtime, Strategy
+from tests.conftest import FIXTURES
+
+SEEDS = sorted((FIXTURES / "seeds").glob("*.yaml"))
+ENVOY = str(Path(sys.executable).parent / "envoy")
+
+
+def one_file(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
+    (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[s.name for s in SEEDS])
+def test_every_seed_manifest_loads_unchanged(seed: Path, tmp_path: Path) -> None:
+    shutil.copy(seed, tmp_path / seed.name)
+    manifests = load_directory(tmp_path)
+    state = build(manifests)
+    for spec in manifests.pools:
+        assert spec.target_port == 8000
+        assert state.pools[spec.meta.name].strategy in (Strategy.DEFAULT, Strategy.PREFIX_CACHE)
+
+
+def test_seed_annotations_and_traffic_policies_take_effect(tmp_path: Path) -> None:
+    for name in ("seed000_07.yaml", "seed000_10.yaml"):  # SGLang PREFIX_CACHE pool; PD policy with prefixCache
+        shutil.copy(FIXTURES / "seeds" / name, tmp_path / name)
+        state = build(load_directory(tmp_path))
+        pool = state.pools["qwen-inference-pool"]
+        assert (pool.strategy, pool.runtime) == (Strategy.PREFIX_CACHE, Runtime.SGLANG)
+        (tmp_path / name).unlink()
+    shutil.copy(FIXTURES / "seeds" / "seed000_10.yaml", tmp_path / "pd.yaml")
+    pd = build(load_directory(tmp_path)).pools["qwen-inference-pool"].pd
+    assert pd is not None and pd.role_label == "rolebasedgroup.workloads.x-k8s.io/role" and pd.bootstrap_port == 34000
+
+
+def test_seed_gateway_renders_two_listeners_and_warns_about_the_undeclared_service(tmp_path: Path) -> None:
+    for name in ("seed002_01.yaml", "seed002_02.yaml"):
+        shutil.copy(FIXTURES / "seeds" / name, tmp_path / name)
+    manifests = load_directory(tmp_path)
+    state = build(manifests)
+    assert any("Service 'qwen' port 8000 is not declared" in w for w in state.warnings)
+    listeners, clusters = envoy_config.render(manifests, state, envoy_config.EnvoySettings())
+    assert sorted(lst["address"]["socket_address"]["port_value"] for lst in listeners) == [8080, 8081]
+    assert {"picker", "pool/vllm-qwen-pool", "pool/vllm-qwen-pool/failopen"} <= {c["name"] for c in clusters}
+    assert "BackendTrafficPolicy" in " ".join(manifests.ignored)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferencePool\nmetadata: {name: p}\n"
+     "spec: {selector: {app: x}, targetPortNumber: 70000}",
+     "m.yaml document 1 (InferencePool p): spec.targetPortNumber: must be a port number 1-65535, got 70000"),
+    ("apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferencePool\nmetadata:\n  name: p\n"
+     "  annotations: {inference.networking.x-k8s.io/routing-strategy: FASTEST}\n"
+     "spec: {selector: {app: x}, targetPortNumber: 8000}",
+     "metadata.annotations[inference.networking.x-k8s.io/routing-strategy]: must be one of DEFAULT, PREFIX_CACHE"),
+    ("kind: Pod\nmetadata: {name: x}\n---\napiVersion: inference.networking.x-k8s.io/v1alpha2\n"
+     "kind: InferenceModel\nmetadata: {name: m}\nspec: {modelName: m, poolRef: {name: p}, criticality: Urgent}",
+     "m.yaml document 1: apiVersion: is required"),
+    ("---\napiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModel\nmetadata: {name: m}\n"
+     "spec: {modelName: m, poolRef: {name: p}, targetModels: [{name: a, weight: -1}]}",
+     "m.yaml document 1 (InferenceModel m): spec.targetModels[0].weight: must be between 0 and 1000000"),
+    ("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\n"
+     "spec: {rules: [{backendRefs: [{kind: Service, name: s}]}]}",
+     "m.yaml document 1 (HTTPRoute r): spec.rules[0].backendRefs[0].port: is required for a Service backend"),
+    ("key: [unclosed", "m.yaml: is not valid YAML"),
+])
+def test_invalid_manifests_name_the_file_document_and_field(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ManifestError) as exc:
+        load_directory(one_file(tmp_path, text))
+    assert expected in str(exc.value)
+
+
+def test_selectors_match_as_kubernetes_does() -> None:
+    sel = LabelSelector((("app", "x"),), (requirement("tier", "In", ["a", "b"]),
+                                          requirement("canary", "DoesNotExist", []),
+                                          requirement("zone", "NotIn", ["z1"])))
+    assert sel.matches({"app": "x", "tier": "a"})
+    assert sel.matches({"app": "x", "tier": "b", "zone": "z2"})
+    assert not sel.matches({"app": "x", "tier": "c"})
+    assert not sel.matches({"app": "x", "tier": "a", "canary": "yes"})
+    assert not sel.matches({"app": "x", "tier": "a", "zone": "z1"})
+    assert not sel.matches({"tier": "a"})
+    assert LabelSelector().matches({"anything": "goes"})
+    with pytest.raises(ValueError):
+        requirement("k", "Exists", ["v"])
+
+
+def test_pods_join_pools_by_selector_readiness_and_namespace(tmp_path: Path) -> None:
+    shutil.copy(FIXTURES / "fleet" / "pods.yaml", tmp_path / "pods.yaml")
+    shutil.copy(FIXTURES / "fleet" / "pools.yaml", tmp_path / "pools.yaml")
+    state = build(load_directory(tmp_path))
+    prefix = state.pools["prefix-pool"]
+    assert [e.name for e in prefix.endpoints] == [f"prefix-{i}" for i in range(4)]  # not prefix-unready
+    assert state.pools["default-pool"].failure_mode == FailureMode.FAIL_OPEN
+    assert [t.name for t in state.models["qwen-canary"].targets] == ["adapter-a", "adapter-b"]
+    assert [e.key for e in state.services[("mirror-svc", 8000)]] == ["127.0.3.1:8000"]
+
+
+def _static_bootstrap(listeners: list[dict], clusters: list[dict]) -> dict:
+    def strip(resource: dict) -> dict:
+        return {k: v for k, v in resource.items() if k != "@type"}
+
+    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {"listeners": [strip(r) for r in listeners], "clusters": [strip(r) for r in clusters]}}
+
+
+@pytest.mark.parametrize("directory", ["fleet", "seeds-combined"])
+def test_envoy_accepts_the_rendered_config(directory: str, tmp_path: Path) -> None:
+    manifests_dir = tmp_path / "m"
+    manifests_dir.mkdir()
+    if directory == "fleet":
+        for path in (FIXTURES / "fleet").glob("*.yaml"):
+            shutil.copy(path, manifests_dir / path.name)
+    else:  # seed 003's mirroring gateway, with its pool, model and Service
+        for name in ("seed003_02.yaml", "seed003_03.yaml"):
+            shutil.copy(FIXTURES / "seeds" / name, manifests_dir / name)
+    manifests = load_directory(manifests_dir)
+    listeners, clusters = envoy_config.render(manifests, build(manifests), envoy_config.EnvoySettings(
+        picker_endpoints=(("127.0.0.1", 9002), ("127.0.0.1", 9003))))
+    config = tmp_path / "envoy.json"
+    config.write_text(json.dumps(_static_bootstrap(listeners, clusters)))
+    result = subprocess.run([ENVOY, "--mode", "validate", "-c", str(config)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -1,0 +1,96 @@
+"""The shared Redis state: prefix index, LRU capacity, in-flight counts and their leases, on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.asyncio import Redis
+
+from gateway_state import keys
+from gateway_state.records import (
+    Config,
+    Endpoint,
+    LoadSample,
+    Model,
+    Pool,
+    Strategy,
+    TargetModel,
+    decode_config,
+    encode_config,
+)
+from gateway_state.store import StateStore
+
+LEASE_MS = 5000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def record(store: StateStore, endpoint: str, blocks: list[str], replica: str = "r1", capacity: int = 1000,
+                 lease_ms: int = LEASE_MS) -> int:
+    return await store.record("pool", replica, endpoint, blocks, now_ms(), 60_000, capacity, lease_ms)
+
+
+async def test_lookup_finds_the_longest_cached_prefix_per_endpoint(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    await record(store, "a:1", ["h1", "h2", "h3"])
+    await record(store, "b:1", ["h1"])
+    view = await store.lookup("pool", ["h1", "h2", "h3", "h4"], now_ms())
+    assert view.matched_blocks == {"a:1": 3, "b:1": 1}
+    # The walk stops at the first block nobody holds.
+    view = await store.lookup("pool", ["x0", "h1", "h2"], now_ms())
+    assert view.matched_blocks == {}
+
+
+async def test_inflight_counts_add_up_over_replicas_and_release(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    await asyncio.gather(*(record(store, "a:1", [], replica=f"r{i % 3}") for i in range(30)))
+    assert (await store.lookup("pool", [], now_ms())).inflight == {"a:1": 30}
+    await asyncio.gather(*(store.release("pool", f"r{i % 3}", "a:1") for i in range(30)))
+    assert (await store.lookup("pool", [], now_ms())).inflight == {}
+    # A release with no matching record (say after a flush) never drives the count negative.
+    await store.release("pool", "r0", "a:1")
+    await record(store, "a:1", [], replica="r0")
+    assert (await store.lookup("pool", [], now_ms())).inflight == {"a:1": 1}
+
+
+async def test_a_dead_replicas_counts_stop_counting_when_its_lease_ends(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    await record(store, "a:1", [], replica="dead", lease_ms=300)
+    await record(store, "a:1", [], replica="alive")
+    assert (await store.lookup("pool", [], now_ms())).inflight == {"a:1": 2}
+    await asyncio.sleep(0.4)
+    await store.heartbeat("pool", "alive", now_ms(), LEASE_MS)
+    assert (await store.lookup("pool", [], now_ms())).inflight == {"a:1": 1}
+    assert not await redis_client.exists(keys.inflight("pool", "dead"))
+
+
+async def test_endpoint_capacity_evicts_least_recent_blocks_leaves_first(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    assert await record(store, "a:1", ["p1", "p2", "p3"], capacity=4) == 0
+    await asyncio.sleep(0.002)
+    # Two newer blocks: the LRU holds 4, so the deepest old block goes first.
+    assert await record(store, "a:1", ["q1", "q2"], capacity=4) == 1
+    view = await store.lookup("pool", ["p1", "p2", "p3"], now_ms())
+    assert view.matched_blocks == {"a:1": 2}
+    assert await redis_client.zcard(keys.endpoint_lru("pool", "a:1")) == 4
+    # Another endpoint's entries are untouched by a's eviction.
+    await record(store, "b:1", ["p1", "p2", "p3"], capacity=4)
+    assert (await store.lookup("pool", ["p1", "p2", "p3"], now_ms())).matched_blocks == {"a:1": 2, "b:1": 3}
+
+
+async def test_config_and_load_round_trip(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    pool = Pool("p", 8000, Strategy.PREFIX_CACHE, endpoints=(Endpoint("pod-0", "10.0.0.1", 8000, {"app": "x"}),))
+    config = Config(3, {"p": pool}, {"m": Model("m", "p", targets=(TargetModel("m", 1),))}, prefix_seed=42)
+    assert decode_config(encode_config(config)) == config
+    await store.write_config(config)
+    sample = LoadSample(now_ms(), True, waiting=2, running=5, kv_cache_usage=0.4, running_adapters=("a",),
+                        block_size=16, num_blocks=100)
+    await store.write_load("p", {"10.0.0.1:8000": sample, "10.0.0.2:8000": sample})
+    await store.prune_load("p", {"10.0.0.1:8000"})
+    raw, load = await store.read_snapshot(["p"])
+    assert raw is not None and decode_config(raw) == config
+    assert load == {"p": {"10.0.0.1:8000": sample}}

@@ -1,0 +1,116 @@
+"""The simulator's physics: continuous batching, a prefix cache with LRU eviction, preemption."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from simulator.engine import Engine, Sequence
+from simulator.kv_cache import KVCache
+from simulator.physics import Physics
+from simulator.tokenizer import output_piece, tokenize
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.admitted: list[Sequence] = []
+        self.finished: list[Sequence] = []
+
+    def on_admit(self, seq: Sequence) -> None:
+        self.admitted.append(seq)
+
+    def on_first_token(self, seq: Sequence, ttft_s: float) -> None:
+        pass
+
+    def on_finish(self, seq: Sequence, e2e_s: float) -> None:
+        self.finished.append(seq)
+
+
+@pytest.fixture
+async def engine_factory() -> AsyncIterator[object]:
+    tasks: list[asyncio.Task[None]] = []
+
+    def make(**physics: object) -> tuple[Engine, Recorder]:
+        recorder = Recorder()
+        engine = Engine(Physics(time_scale=0.05, **physics), recorder)  # type: ignore[arg-type]
+        tasks.append(asyncio.create_task(engine.run()))
+        return engine, recorder
+
+    yield make
+    for t in tasks:
+        t.cancel()
+
+
+def request(text: str, max_tokens: int = 4) -> Sequence:
+    tokens = tokenize(text)
+    return Sequence(request_id=text[:16], tokens=tokens, num_prompt=len(tokens), max_tokens=max_tokens,
+                    finish_reason="length", events=asyncio.Queue())
+
+
+async def complete(engine: Engine, seq: Sequence) -> str:
+    engine.submit(seq)
+    pieces = []
+    assert seq.events is not None
+    while (piece := await seq.events.get()) is not None:
+        pieces.append(piece)
+    return "".join(pieces)
+
+
+def test_generated_text_tokenizes_back_to_the_same_tokens() -> None:
+    text = "".join(output_piece(7, i) for i in range(20))
+    assert len(tokenize(text)) == 20
+    assert tokenize("Hi, here's zork!") == tokenize("Hi, here's zork!")
+
+
+async def test_a_repeated_prompt_hits_the_prefix_cache(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = engine_factory()
+    prompt = "shared system prompt " * 40
+    first, second = request(prompt), request(prompt + " and a follow-up question")
+    assert await complete(engine, first)
+    await complete(engine, second)
+    assert first.cached_tokens == 0
+    assert second.cached_tokens >= (first.num_prompt // 16) * 16 - 16
+
+
+async def test_batch_size_is_bounded_by_max_num_seqs(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine, recorder = engine_factory(max_num_seqs=2, max_batched_tokens=64)
+    seqs = [request(f"prompt number {i}", max_tokens=30) for i in range(5)]
+    for s in seqs:
+        engine.submit(s)
+    await asyncio.sleep(0.02)
+    assert len(engine.running) == 2 and len(engine.waiting) == 3
+    while len(recorder.finished) < 5:
+        await asyncio.sleep(0.01)
+    assert all(s.generated == 30 for s in seqs)
+
+
+async def test_cold_blocks_are_evicted_least_recent_first() -> None:
+    cache = KVCache(num_blocks=4)
+    assert cache.allocate_private(2)
+    cache.publish([1, 2])
+    cache.release([1, 2])  # cached, unreferenced
+    assert cache.usage == 0 and cache.cached_prefix([1, 2]) == 2
+    assert cache.allocate_private(3)  # needs one of the cached blocks back
+    assert cache.cached_prefix([1, 2]) == 0 and cache.cached_prefix([2]) == 1
+    assert not cache.allocate_private(2)
+
+
+async def test_a_full_cache_preempts_and_every_request_still_finishes(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine, recorder = engine_factory(num_blocks=40, max_num_seqs=8, max_batched_tokens=256)
+    seqs = [request(f"long running request {i} " * 6, max_tokens=120) for i in range(6)]
+    results = await asyncio.wait_for(asyncio.gather(*(complete(engine, s) for s in seqs)), timeout=60)
+    assert all(len(tokenize(r)) == 120 for r in results)
+    assert engine.cache.used_blocks == 0
+    assert len(recorder.admitted) == 6  # a preempted sequence is counted once
+
+
+async def test_an_aborted_request_frees_its_blocks(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = engine_factory()
+    seq = request("abandon me " * 50, max_tokens=10_000)
+    engine.submit(seq)
+    await asyncio.sleep(0.05)
+    assert engine.cache.used_blocks > 0
+    engine.abort(seq)
+    assert engine.cache.used_blocks == 0 and not engine.running
