@@ -117,8 +117,8 @@ class RequestRouter:
 
     async def _shared_view(self, pool: Pool, hashes: list[str]) -> SharedView:
         try:
-            return await asyncio.wait_for(self._store.lookup(pool.name, hashes, int(time.time() * 1000)),
-                                          self._settings.state.redis_timeout_ms / 1000)
+            async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
+                return await self._store.lookup(pool.name, hashes, int(time.time() * 1000))
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("lookup").inc()
             log.debug("shared lookup failed, scoring locally: %s", exc)
@@ -131,10 +131,9 @@ class RequestRouter:
         capacity = capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
                                    p.chars_per_token, p.block_chars, p.default_capacity_blocks)
         try:
-            await asyncio.wait_for(
-                self._store.record(pool.name, self._settings.server.replica_id, chosen.endpoint.key, hashes,
-                                   int(time.time() * 1000), p.ttl_ms, capacity, s.inflight_lease_ms),
-                s.redis_timeout_ms / 1000)
+            async with asyncio.timeout(s.redis_timeout_ms / 1000):
+                await self._store.record(pool.name, self._settings.server.replica_id, chosen.endpoint.key, hashes,
+                                         int(time.time() * 1000), p.ttl_ms, capacity, s.inflight_lease_ms)
             return True
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("record").inc()
@@ -151,9 +150,9 @@ class RequestRouter:
         if not routed.recorded_shared:
             return
         try:
-            await asyncio.wait_for(
-                self._store.release(routed.pool, self._settings.server.replica_id, routed.chosen.endpoint.key),
-                self._settings.state.redis_timeout_ms * 10 / 1000)
+            # Off the request path, so a slower Redis may take longer before the lease expires the count.
+            async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
+                await self._store.release(routed.pool, self._settings.server.replica_id, routed.chosen.endpoint.key)
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("release").inc()
             log.debug("shared release failed (the lease will expire it): %s", exc)

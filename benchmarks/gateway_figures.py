@@ -1,0 +1,192 @@
+"""Figures for the gateway on this machine, measured in one run on one fleet:
+
+1. latency the picker route (:8080, Envoy + ext_proc picker) adds over the plain
+   route (:8081, Envoy round robin) to the same pods, at concurrency 1 and 16;
+2. picker decisions per second of one picker process, driven over gRPC directly;
+3. prefix-cache hit rate of a multi-turn conversation test through each route,
+   from the pods' own vllm:prefix_cache_* counters.
+
+    .venv/bin/python -m benchmarks.gateway_figures [--requests 2000]
+
+The simulated pods run at time scale 0.01 so that model time does not hide the
+gateway's own cost in the latency figures. Writes bench/out/gateway_figures.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from local_fleet.fleet import Fleet, FleetSettings
+
+MODEL = "/models/Qwen3-32B"
+POOL = "qwen-inference-pool"
+PICKED, PLAIN = 8080, 8081
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def latencies(port: int, concurrency: int, requests: int) -> list[float]:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}).encode()
+    out: list[float] = []
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                started = time.perf_counter()
+                async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+                out.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def decisions_per_second(address: str, pid: int, concurrency: int, seconds: float) -> dict[str, float]:
+    """Ext_proc streams straight to one picker: headers, body, the decision, stream end.
+
+    The client shares the machine's two cores, so besides the rate this reports
+    the picker's own CPU per decision: the rate one picker sustains on one core.
+    """
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 300}]}).encode()
+    headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
+        base_pb2.HeaderValue(key=":path", raw_value=b"/v1/chat/completions")])))
+    count = 0
+    deadline = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ExternalProcessorStub(channel)
+
+        async def worker() -> None:
+            nonlocal count
+            while time.monotonic() < deadline:
+                call = stub.Process(metadata=((("x-inference-pool", POOL),)))
+                await call.write(headers)
+                await call.read()
+                await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)))
+                response = await call.read()
+                assert response.WhichOneof("response") == "request_body", response
+                await call.done_writing()
+                count += 1
+
+        started, cpu = time.monotonic(), cpu_seconds(pid)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed, used = time.monotonic() - started, cpu_seconds(pid) - cpu
+    return {"decisions_per_s": count / elapsed, "picker_cpu_ms_per_decision": used / count * 1000,
+            "decisions_per_cpu_s": count / used}
+
+
+async def pod_counters(pods: list[str]) -> tuple[float, float]:
+    hits = queries = 0.0
+    async with aiohttp.ClientSession() as http:
+        for pod in pods:
+            async with http.get(f"http://{pod}/metrics") as r:
+                text = await r.text()
+            hits += float(re.search(r"^vllm:prefix_cache_hits_total\{.*\} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+            queries += float(re.search(r"^vllm:prefix_cache_queries_total\{.*\} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return hits, queries
+
+
+async def multi_turn_hit_rate(port: int, pods: list[str], conversations: int, turns: int) -> float:
+    """Conversations that grow turn by turn under a shared system prompt, as the seeds' multi-turn test."""
+    tag = uuid.uuid4().hex  # fresh text per run, so no route profits from the other's cache
+    system = f"[{tag}] You are a helpful assistant for a text adventure. " + "Follow the rules of the game. " * 30
+    before = await pod_counters(pods)
+    async with aiohttp.ClientSession() as http:
+        async def conversation(c: int) -> None:
+            messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
+            for t in range(turns):
+                messages.append({"role": "user", "content": f"User {c} turn {t}: " + "look around. " * 20})
+                async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     json={"model": MODEL, "messages": messages, "max_tokens": 24}) as r:
+                    reply = await r.json()
+                messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+
+        await asyncio.gather(*(conversation(c) for c in range(conversations)))
+    after = await pod_counters(pods)
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+async def measure(fleet: Fleet, requests: int) -> dict[str, Any]:
+    pods = list(fleet.pods())
+    result: dict[str, Any] = {"latency_ms": {}}
+    await latencies(PICKED, 4, 200)  # warm connections and caches
+    await latencies(PLAIN, 4, 200)
+    for concurrency in (1, 16):
+        n = requests if concurrency == 16 else requests // 2
+        plain, picked = await latencies(PLAIN, concurrency, n), await latencies(PICKED, concurrency, n)
+        row = {}
+        for name, values in (("plain_8081", plain), ("picker_8080", picked)):
+            row[name] = {"p50": percentile(values, 0.5) * 1000, "p99": percentile(values, 0.99) * 1000,
+                         "req_per_s": len(values) / sum(values) * concurrency}
+        row["added_p50"] = row["picker_8080"]["p50"] - row["plain_8081"]["p50"]
+        row["added_p99"] = row["picker_8080"]["p99"] - row["plain_8081"]["p99"]
+        result["latency_ms"][f"concurrency_{concurrency}"] = row
+    address, pid = f"127.0.0.1:{fleet.settings.picker_ports[0]}", fleet.processes["picker-0"].pid
+    result["picker_decisions"] = {f"concurrency_{c}": await decisions_per_second(address, pid, c, 5.0)
+                                  for c in (1, 16, 64)}
+    result["multi_turn_hit_rate"] = {
+        "picker_8080": await multi_turn_hit_rate(PICKED, pods, conversations=16, turns=6),
+        "plain_8081": await multi_turn_hit_rate(PLAIN, pods, conversations=16, turns=6),
+    }
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=2000, help="requests per route at concurrency 16")
+    p.add_argument("--manifests", type=Path, default=Path("examples/fleet"))
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gateway-figures-"))
+    fleet = Fleet(FleetSettings(manifests_dir=args.manifests.resolve(), work_dir=work,
+                                simulator_args=("--time-scale", "0.01")))
+    try:
+        fleet.start()
+        result = asyncio.run(measure(fleet, args.requests))
+    finally:
+        fleet.stop()
+    out = Path("bench/out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gateway_figures.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    lat = result["latency_ms"]
+    print("\nroute            conc   p50 ms   p99 ms   req/s")
+    for c in ("concurrency_1", "concurrency_16"):
+        for name in ("plain_8081", "picker_8080"):
+            r = lat[c][name]
+            print(f"{name:<16} {c.split('_')[1]:>4} {r['p50']:8.2f} {r['p99']:8.2f} {r['req_per_s']:7.0f}")
+        print(f"{'added by picker':<16} {c.split('_')[1]:>4} {lat[c]['added_p50']:8.2f} {lat[c]['added_p99']:8.2f}")
+    print("\npicker, gRPC direct   conc  decisions/s  CPU ms/decision  decisions per CPU-second")
+    for c, r in result["picker_decisions"].items():
+        print(f"{'':<20} {c.split('_')[1]:>5} {r['decisions_per_s']:12.0f} {r['picker_cpu_ms_per_decision']:16.3f}"
+              f" {r['decisions_per_cpu_s']:12.0f}")
+    print("multi-turn prefix-cache hit rate:", {k: round(v, 3) for k, v in result["multi_turn_hit_rate"].items()})
+
+
+if __name__ == "__main__":
+    main()
