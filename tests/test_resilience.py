@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gateway_state import keys
 from local_fleet.fleet import Fleet
@@ -165,3 +166,25 @@ spec:
         bad.unlink()
     await wait_for(lambda: "manifests are valid again" in controller_log(fleet), 5.0)
     assert (await post(http, PREFIX_PORT, chat("and after the fix"))).status == 200
+
+
+async def test_redis_dying_under_load_breaks_no_request(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    replies = await steady_load(http, 3.0, lambda: fleet.kill("redis"))
+    assert len(replies) > 20
+    assert [r.status for r in replies if r.status != 200] == []
+    # Redis comes back empty; the controller and collector refill it and pickers resume shared scoring.
+    fleet.restart("redis")
+    redis = Redis.from_url(fleet.redis_url)
+    try:
+        async def refilled() -> bool:
+            try:
+                return bool(await redis.exists(keys.CONFIG) and await redis.exists(keys.load("prefix-pool")))
+            except RedisError:
+                return False
+
+        await wait_for(refilled, 5.0)
+        reply = await post(http, PREFIX_PORT, chat("after the outage"))
+        assert reply.status == 200
+        await wait_for(lambda: redis.exists(keys.pickers("prefix-pool")), 5.0)
+    finally:
+        await redis.aclose()
