@@ -20,6 +20,7 @@ up: $(STAMP)
 
 ## Run the test suite against real Redis, Envoy and simulated pods.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -11,6 +11,7 @@ import aiohttp
 from redis.exceptions import RedisError
 
 from collector.metrics_map import GarbledMetrics, to_load_sample
+from gateway_state.lifecycle import every
 from gateway_state.records import Config, Endpoint, LoadSample
 from gateway_state.store import StateStore
 
@@ -45,16 +46,8 @@ class Collector:
 
     async def run(self, stop: asyncio.Event) -> None:
         timeout = aiohttp.ClientTimeout(total=self._settings.scrape_timeout_ms / 1000)
-        interval = self._settings.scrape_interval_ms / 1000
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            while not stop.is_set():
-                started = time.monotonic()
-                await self.scrape_once(session)
-                elapsed = time.monotonic() - started
-                try:
-                    await asyncio.wait_for(stop.wait(), max(0.0, interval - elapsed))
-                except TimeoutError:
-                    pass
+            await every(self._settings.scrape_interval_ms / 1000, stop, lambda: self.scrape_once(session))
 
     async def scrape_once(self, session: aiohttp.ClientSession) -> None:
         config = await self._current_config()
@@ -62,7 +55,7 @@ class Collector:
             return
         pools = [(pool.name, pool.endpoints) for pool in config.pools.values()]
         results = await asyncio.gather(*(self._scrape_pool(session, eps) for _, eps in pools))
-        for (name, endpoints), samples in zip(pools, results):
+        for (name, endpoints), samples in zip(pools, results, strict=True):
             try:
                 await self._store.write_load(name, samples)
                 await self._store.prune_load(name, {e.key for e in endpoints})
@@ -82,9 +75,10 @@ class Collector:
             self._config_read_at = now
         return self._config
 
-    async def _scrape_pool(self, session: aiohttp.ClientSession, endpoints: tuple[Endpoint, ...]) -> dict[str, LoadSample]:
+    async def _scrape_pool(self, session: aiohttp.ClientSession,
+                           endpoints: tuple[Endpoint, ...]) -> dict[str, LoadSample]:
         samples = await asyncio.gather(*(self._scrape(session, e) for e in endpoints))
-        return {e.key: s for e, s in zip(endpoints, samples)}
+        return {e.key: s for e, s in zip(endpoints, samples, strict=True)}
 
     async def _scrape(self, session: aiohttp.ClientSession, endpoint: Endpoint) -> LoadSample:
         now_ms = int(time.time() * 1000)

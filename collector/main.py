@@ -6,11 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
-
-from redis.asyncio import Redis
 
 from collector.collector import Collector, CollectorSettings
+from gateway_state.lifecycle import connect, stop_on_signals
 from gateway_state.store import StateStore
 
 
@@ -26,11 +24,8 @@ def parse_settings(argv: list[str] | None) -> CollectorSettings:
 
 
 async def serve(settings: CollectorSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    stop = stop_on_signals()
+    redis = connect(settings.redis_url)
     try:
         await Collector(StateStore(redis), settings).run(stop)
     finally:

@@ -23,6 +23,7 @@ from controller import envoy_config
 from controller.desired import DesiredState, build
 from controller.manifests import ManifestError
 from controller.resources import load_directory
+from gateway_state.lifecycle import every
 from gateway_state.records import Config
 from gateway_state.store import StateStore
 
@@ -73,12 +74,7 @@ class Controller:
         return path
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self.reconcile_once()
-            try:
-                await asyncio.wait_for(stop.wait(), self._settings.resync_interval_ms / 1000)
-            except TimeoutError:
-                pass
+        await every(self._settings.resync_interval_ms / 1000, stop, self.reconcile_once)
 
     async def reconcile_once(self) -> None:
         self._load()

@@ -78,7 +78,8 @@ def pool_cluster(pool: str) -> str:
 def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
     picker = _static_cluster(PICKER_CLUSTER, s.picker_endpoints, http2=True)
     picker["health_checks"] = [{
-        "timeout": _duration(min(1000, s.picker_health_interval_ms)), "interval": _duration(s.picker_health_interval_ms),
+        "timeout": _duration(min(1000, s.picker_health_interval_ms)),
+        "interval": _duration(s.picker_health_interval_ms),
         "unhealthy_threshold": 2, "healthy_threshold": 1, "grpc_health_check": {},
     }]
     # Never send streams to a replica that is not serving, even with most replicas down:

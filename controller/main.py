@@ -6,13 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 from pathlib import Path
-
-from redis.asyncio import Redis
 
 from controller.controller import Controller, ControllerSettings
 from controller.envoy_config import EnvoySettings
+from gateway_state.lifecycle import connect, stop_on_signals
 from gateway_state.store import StateStore
 
 
@@ -44,11 +42,8 @@ def parse_settings(argv: list[str] | None) -> ControllerSettings:
 
 
 async def serve(settings: ControllerSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    stop = stop_on_signals()
+    redis = connect(settings.redis_url)
     try:
         controller = Controller(StateStore(redis), settings)
         controller.write_bootstrap()

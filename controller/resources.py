@@ -222,5 +222,6 @@ def _check_unique(out: Manifests) -> None:
     models: dict[str, str] = {}
     for m in out.models:
         if m.model_name in models:
-            raise ManifestError(m.meta.where, "spec.modelName", f"{m.model_name!r} is already served by {models[m.model_name]}")
+            raise ManifestError(m.meta.where, "spec.modelName",
+                                f"{m.model_name!r} is already served by {models[m.model_name]}")
         models[m.model_name] = m.meta.where

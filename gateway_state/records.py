@@ -10,27 +10,27 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Strategy(str, Enum):
+class Strategy(StrEnum):
     DEFAULT = "DEFAULT"  # queue length, KV-cache use and in-flight requests
     PREFIX_CACHE = "PREFIX_CACHE"  # prefix affinity, guarded by load
 
 
-class Runtime(str, Enum):
+class Runtime(StrEnum):
     VLLM = "vllm"
     SGLANG = "sglang"
 
 
-class Criticality(str, Enum):
+class Criticality(StrEnum):
     CRITICAL = "Critical"
     STANDARD = "Standard"
     SHEDDABLE = "Sheddable"
 
 
-class FailureMode(str, Enum):
+class FailureMode(StrEnum):
     FAIL_OPEN = "FailOpen"
     FAIL_CLOSE = "FailClose"
 

@@ -59,7 +59,8 @@ class StateStore:
                 pipe.hgetall(keys.load(pool))
             raw, *replies = await pipe.execute()
         return raw, {
-            pool: {e.decode(): decode_load(v) for e, v in reply.items()} for pool, reply in zip(pools, replies)
+            pool: {e.decode(): decode_load(v) for e, v in reply.items()}
+            for pool, reply in zip(pools, replies, strict=True)
         }
 
     async def prune_load(self, pool: str, keep: set[str]) -> None:

@@ -124,7 +124,7 @@ class Fleet:
                                    "--resync-interval-ms", str(s.resync_interval_ms), *pickers], env)
         self._wait("controller", lambda: (self.envoy_dir / "lds.json").exists(), timeout_s)
         self._spawn("collector", [_bin("collector"), "--scrape-interval-ms", str(s.scrape_interval_ms)], env)
-        for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports)):
+        for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports, strict=True)):
             self._spawn(f"picker-{i}", [_bin("picker"), "--grpc-address", f"127.0.0.1:{port}",
                                         "--metrics-address", f"127.0.0.1:{metrics_port}",
                                         "--replica-id", f"picker-{i}", *s.picker_args], env)

@@ -7,6 +7,7 @@ controller, Envoy, a collector and two picker replicas.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -44,12 +45,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _print_hints(fleet: Fleet) -> None:
     pods = fleet.pods()
+    example = json.dumps({"model": "/models/Qwen3-32B", "max_tokens": 50,
+                          "messages": [{"role": "user", "content": "Hello, this is a test"}]})
     print(f"""
 The fleet is up: Redis at {fleet.redis_url}, {len(pods)} simulated pods, 2 pickers, Envoy.
 
   Through the picker (:8080):
     curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
-      -d '{{"model": "/models/Qwen3-32B", "messages": [{{"role": "user", "content": "Hello, this is a test"}}], "max_tokens": 50}}'
+      -d '{example}'
   Plain round robin over the same pods (:8081): the same command on port 8081.
   Which pod served: the x-inference-pod response header (curl -i), and
     grep "Request Handled" {fleet.log_path('picker-0')} {fleet.log_path('picker-1')}

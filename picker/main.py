@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import random
-import signal
 import socket
 import uuid
 
@@ -16,8 +15,8 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from redis.asyncio import Redis
 
+from gateway_state.lifecycle import connect, every, stop_on_signals
 from gateway_state.store import StateStore
 from picker.extproc import ExternalProcessor
 from picker.metrics import PickerMetrics
@@ -55,23 +54,9 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def _every(interval_s: float, stop: asyncio.Event, action: object) -> None:
-    while not stop.is_set():
-        await action()  # type: ignore[operator]
-        try:
-            await asyncio.wait_for(stop.wait(), interval_s)
-        except TimeoutError:
-            pass
-
-
 async def serve(settings: PickerSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    redis = Redis.from_url(settings.state.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0,
-                           max_connections=256)
+    stop = stop_on_signals()
+    redis = connect(settings.state.redis_url, timeout_s=1.0, max_connections=256)
     store = StateStore(redis)
     metrics = PickerMetrics()
     snapshots = SnapshotSource(store, settings.state)
@@ -109,7 +94,7 @@ async def serve(settings: PickerSettings) -> None:
     await web.TCPSite(runner, host, port).start()
     tasks = [
         asyncio.create_task(snapshots.run(stop)),
-        asyncio.create_task(_every(settings.state.heartbeat_interval_ms / 1000, stop, router.renew_leases)),
+        asyncio.create_task(every(settings.state.heartbeat_interval_ms / 1000, stop, router.renew_leases)),
     ]
     # Serving once a config is known: a replica that cannot route yet gets no traffic.
     while snapshots.current.config is None and not stop.is_set():

@@ -27,7 +27,8 @@ def parse_body(raw: bytes, max_bytes: int) -> ParsedRequest:
     try:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadRequest(f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.") from None
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise BadRequest(f"Request body is not valid JSON: {exc.msg} at {where}.") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object.")
     model = body.get("model")

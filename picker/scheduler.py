@@ -60,10 +60,10 @@ class Scheduler:
         totals = [0.0] * len(remaining)
         for w in profile.scorers:
             scores = w.scorer.score(request, remaining)
-            totals = [t + w.weight * min(1.0, max(0.0, s)) for t, s in zip(totals, scores)]
-        chosen = profile.picker.pick(request, list(zip(remaining, totals)))
+            totals = [t + w.weight * min(1.0, max(0.0, s)) for t, s in zip(totals, scores, strict=True)]
+        chosen = profile.picker.pick(request, list(zip(remaining, totals, strict=True)))
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("scores %s", {c.endpoint.name: round(t, 3) for c, t in zip(remaining, totals)})
+            log.debug("scores %s", {c.endpoint.name: round(t, 3) for c, t in zip(remaining, totals, strict=True)})
         best = max(totals)
         return Decision(chosen, best, time.perf_counter() - started)
 

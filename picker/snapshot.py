@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from gateway_state.lifecycle import every
 from gateway_state.records import Config, LoadSample, decode_config
 from gateway_state.store import StateStore
 from picker.settings import StateSettings
@@ -61,9 +62,4 @@ class SnapshotSource:
         self.current = Snapshot(config, merged)
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self.refresh_once()
-            try:
-                await asyncio.wait_for(stop.wait(), self._settings.snapshot_refresh_ms / 1000)
-            except TimeoutError:
-                pass
+        await every(self._settings.snapshot_refresh_ms / 1000, stop, self.refresh_once)

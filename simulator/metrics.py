@@ -35,7 +35,8 @@ class VLLMMetrics:
         self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
         self.gpu_cache = gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.")
         self.kv_cache = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
-        self.queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+        self.queries = Counter("vllm:prefix_cache_queries",
+                               "Prefix cache queries, in terms of number of queried tokens.",
                                labels, registry=r).labels(*values)
         self.hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
                             labels, registry=r).labels(*values)

@@ -78,7 +78,8 @@ class SimulatedPod:
         try:
             response = await handler(request)
         except web.HTTPException as exc:
-            response = openai_error(exc.status, exc.reason, "BadRequestError" if exc.status < 500 else "InternalServerError")
+            kind = "BadRequestError" if exc.status < 500 else "InternalServerError"
+            response = openai_error(exc.status, exc.reason, kind)
         if not response.prepared:  # a stream tags itself before its first byte
             response.headers["x-inference-pod"] = self.spec.name
         return response
@@ -252,7 +253,7 @@ class SimulatedPod:
         except (ValueError, TypeError, AttributeError):
             return openai_error(400, "Expected {\"requests\", \"prompt_tokens\", \"max_tokens\"} integers.",
                                 "BadRequestError")
-        for i in range(count):
+        for _ in range(count):
             tokens = tokenize(" ".join(f"load{len(self._synthetic)}x{j}" for j in range(prompt)))
             seq = Sequence(request_id=f"load-{uuid.uuid4().hex}", tokens=tokens, num_prompt=len(tokens),
                            max_tokens=output, finish_reason="length")

@@ -99,10 +99,9 @@ async def test_collector_publishes_samples_and_marks_failures_stale(redis_client
                  Endpoint("dead", "127.0.4.4", free_port()))
     store = StateStore(redis_client)
     await store.write_config(Config(1, {"p": Pool("p", 8000, endpoints=endpoints)}, {}))
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"http://{vllm.spec.host}:{vllm.spec.port}/sim/load",
-                             json={"requests": 300, "prompt_tokens": 64}) as r:
-            assert r.status == 200
+    async with aiohttp.ClientSession() as http, http.post(f"http://{vllm.spec.host}:{vllm.spec.port}/sim/load",
+                         json={"requests": 300, "prompt_tokens": 64}) as r:
+        assert r.status == 200
     collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300))
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop))

@@ -1,0 +1,35 @@
+"""What every process's entry point does the same way: stop on signals, connect, run periodically."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, for a graceful stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def connect(redis_url: str, timeout_s: float = 2.0, max_connections: int | None = None) -> Redis:
+    """A Redis client; it connects lazily, on first use."""
+    return Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                          max_connections=max_connections)
+
+
+async def every(interval_s: float, stop: asyncio.Event, action: Callable[[], Awaitable[object]]) -> None:
+    """Run `action`, then wait out the rest of the interval, until `stop` is set."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        started = loop.time()
+        await action()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, interval_s - (loop.time() - started)))
