@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 
 from collector.collector import Collector, CollectorSettings
-from gateway_state.lifecycle import connect, stop_on_signals
+from gateway_state.lifecycle import configure_logging, connect, stop_on_signals
 from gateway_state.store import StateStore
 
 
@@ -33,7 +32,7 @@ async def serve(settings: CollectorSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     asyncio.run(serve(parse_settings(argv)))
 
 

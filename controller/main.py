@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 from pathlib import Path
 
 from controller.controller import Controller, ControllerSettings
 from controller.envoy_config import EnvoySettings
-from gateway_state.lifecycle import connect, stop_on_signals
+from gateway_state.lifecycle import configure_logging, connect, stop_on_signals
 from gateway_state.store import StateStore
 
 
@@ -53,7 +52,7 @@ async def serve(settings: ControllerSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     asyncio.run(serve(parse_settings(argv)))
 
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """One line format for every process, so their logs read and grep alike."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def stop_on_signals() -> asyncio.Event:

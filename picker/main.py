@@ -16,7 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from gateway_state.lifecycle import connect, every, stop_on_signals
+from gateway_state.lifecycle import configure_logging, connect, every, stop_on_signals
 from gateway_state.store import StateStore
 from picker.extproc import ExternalProcessor
 from picker.metrics import PickerMetrics
@@ -41,7 +41,7 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     p.add_argument("--redis-timeout-ms", type=int, default=state.redis_timeout_ms)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(a.log_level)
     replica = a.replica_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     return PickerSettings(
         server=ServerSettings(a.grpc_address, a.metrics_address, replica),

@@ -17,6 +17,7 @@ from dataclasses import fields
 
 from aiohttp import web
 
+from gateway_state.lifecycle import configure_logging
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
 
@@ -70,7 +71,7 @@ async def serve(pods: list[SimulatedPod]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     physics = Physics(**{f.name: getattr(args, f.name) for f in fields(Physics)})
     pods = [SimulatedPod(PodSpec(name, host, port, args.runtime, args.model, tuple(args.adapter)), physics)
             for name, host, port in args.pod]
