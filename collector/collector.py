@@ -11,6 +11,7 @@ import aiohttp
 from redis.exceptions import RedisError
 
 from collector.metrics_map import GarbledMetrics, to_load_sample
+from collector.sharding import owned
 from gateway_state.lifecycle import every
 from gateway_state.records import Config, Endpoint, LoadSample
 from gateway_state.store import StateStore
@@ -21,6 +22,8 @@ log = logging.getLogger("collector")
 @dataclass(frozen=True)
 class CollectorSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Names this collector among those sharing the scrape work; unique per process.
+    collector_id: str = "collector"
     # Upstream pickers refresh metrics every 50 ms; 100 ms halves the scrape work
     # and is still far shorter than the time a queue takes to build.
     scrape_interval_ms: int = 100
@@ -28,12 +31,19 @@ class CollectorSettings:
     scrape_timeout_ms: int = 1000
     # Endpoints change on pod churn, not per request: re-read the config each second.
     config_refresh_ms: int = 1000
+    # A collector renews its membership this often; one that stops renewing for
+    # the lease is gone, and the others take its endpoints. Heartbeat plus lease
+    # plus one scrape stays under the 3 s a dead collector's endpoints may go stale.
+    membership_heartbeat_ms: int = 500
+    membership_lease_ms: int = 1500
 
     def __post_init__(self) -> None:
         if not 10 <= self.scrape_interval_ms <= 60_000:
             raise ValueError("scrape_interval_ms must be between 10 and 60000")
         if self.scrape_timeout_ms <= 0 or self.config_refresh_ms <= 0:
             raise ValueError("scrape_timeout_ms and config_refresh_ms must be positive")
+        if self.membership_lease_ms < 2 * self.membership_heartbeat_ms:
+            raise ValueError("membership_lease_ms must cover at least two heartbeats")
 
 
 class Collector:
@@ -43,22 +53,46 @@ class Collector:
         self._config: Config | None = None
         self._config_read_at = 0.0
         self._last: dict[str, LoadSample] = {}  # endpoint -> last sample, to carry figures over failures
+        self.members: list[str] = []  # live collectors, this one included; empty while unknown
 
     async def run(self, stop: asyncio.Event) -> None:
-        timeout = aiohttp.ClientTimeout(total=self._settings.scrape_timeout_ms / 1000)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            await every(self._settings.scrape_interval_ms / 1000, stop, lambda: self.scrape_once(session))
+        s = self._settings
+        timeout = aiohttp.ClientTimeout(total=s.scrape_timeout_ms / 1000)
+        headers = {"User-Agent": f"inference-picker-collector/{s.collector_id}"}
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+            membership = asyncio.create_task(every(s.membership_heartbeat_ms / 1000, stop, self.renew_membership))
+            try:
+                await every(s.scrape_interval_ms / 1000, stop, lambda: self.scrape_once(session))
+            finally:
+                membership.cancel()
+                try:
+                    await self._store.leave_collectors(s.collector_id)  # the others take over at once
+                except RedisError as exc:
+                    log.warning("cannot leave the collector set: %s", exc)
+
+    async def renew_membership(self) -> None:
+        s = self._settings
+        try:
+            members = await self._store.collector_heartbeat(s.collector_id, int(time.time() * 1000),
+                                                            s.membership_lease_ms)
+        except RedisError as exc:
+            log.warning("cannot renew membership, scraping by the last member list: %s", exc)
+            return
+        if members != self.members:
+            log.info("collectors: %s", ", ".join(members))
+            self.members = members
 
     async def scrape_once(self, session: aiohttp.ClientSession) -> None:
         config = await self._current_config()
         if config is None:
             return
-        pools = [(pool.name, pool.endpoints) for pool in config.pools.values()]
+        all_keys = [e.key for pool in config.pools.values() for e in pool.endpoints]
+        mine = owned(all_keys, self.members, self._settings.collector_id)
+        pools = [(pool.name, tuple(e for e in pool.endpoints if e.key in mine)) for pool in config.pools.values()]
         results = await asyncio.gather(*(self._scrape_pool(session, eps) for _, eps in pools))
-        for (name, endpoints), samples in zip(pools, results, strict=True):
+        for (name, _), samples in zip(pools, results, strict=True):
             try:
                 await self._store.write_load(name, samples)
-                await self._store.prune_load(name, {e.key for e in endpoints})
             except RedisError as exc:
                 log.warning("cannot publish load of pool %s: %s", name, exc)
 
@@ -70,10 +104,19 @@ class Collector:
             except (RedisError, ValueError) as exc:
                 log.warning("cannot read config, keeping the last one: %s", exc)
                 return self._config
-            if config is not None:  # none: Redis lost it; keep scraping what we knew
+            if config is not None and config != self._config:  # none: Redis lost it; keep what we knew
                 self._config = config
+                await self._prune(config)
             self._config_read_at = now
         return self._config
+
+    async def _prune(self, config: Config) -> None:
+        """Drop the samples of endpoints that left their pool."""
+        try:
+            for pool in config.pools.values():
+                await self._store.prune_load(pool.name, {e.key for e in pool.endpoints})
+        except RedisError as exc:
+            log.warning("cannot prune load samples: %s", exc)
 
     async def _scrape_pool(self, session: aiohttp.ClientSession,
                            endpoints: tuple[Endpoint, ...]) -> dict[str, LoadSample]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
+import uuid
 
 from collector.collector import Collector, CollectorSettings
 from gateway_state.lifecycle import configure_logging, connect, stop_on_signals
@@ -15,11 +17,15 @@ def parse_settings(argv: list[str] | None) -> CollectorSettings:
     defaults = CollectorSettings()
     p = argparse.ArgumentParser(prog="collector", description="Scrape model-server pods into Redis load samples.")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", defaults.redis_url))
+    p.add_argument("--collector-id", default=os.environ.get("COLLECTOR_ID", ""),
+                   help="unique per collector (default: host name and a random suffix)")
     p.add_argument("--scrape-interval-ms", type=int, default=defaults.scrape_interval_ms)
     p.add_argument("--scrape-timeout-ms", type=int, default=defaults.scrape_timeout_ms)
     p.add_argument("--config-refresh-ms", type=int, default=defaults.config_refresh_ms)
     a = p.parse_args(argv)
-    return CollectorSettings(a.redis_url, a.scrape_interval_ms, a.scrape_timeout_ms, a.config_refresh_ms)
+    collector_id = a.collector_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    return CollectorSettings(a.redis_url, collector_id, a.scrape_interval_ms, a.scrape_timeout_ms,
+                             a.config_refresh_ms)
 
 
 async def serve(settings: CollectorSettings) -> None:

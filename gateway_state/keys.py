@@ -11,6 +11,10 @@ from __future__ import annotations
 CONFIG = "gw:{config}:config"
 
 
+# Sorted set collector id -> lease expiry (ms): the collectors sharing the scrape work.
+COLLECTORS = "gw:{collectors}:members"
+
+
 def pool_prefix(pool: str) -> str:
     """Prefix of every per-pool key; Lua scripts derive their keys from it."""
     return f"gw:{{{pool}}}:"

@@ -84,6 +84,15 @@ if n <= 0 then redis.call('HDEL', ik, ARGV[3]) end
 return n
 """
 
+# KEYS[1] = members zset. ARGV = member id, now_ms, lease_ms.
+# Renews one member's lease, drops expired members, returns the live ones.
+MEMBERSHIP = """
+local now, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica, now_ms, lease_ms.
 # Renews a live picker replica's lease on its in-flight counts; a replica that
 # dies stops renewing and its counts stop counting when the lease runs out.

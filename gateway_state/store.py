@@ -31,6 +31,7 @@ class StateStore:
         self._record = redis.register_script(scripts.RECORD)
         self._release = redis.register_script(scripts.RELEASE)
         self._heartbeat = redis.register_script(scripts.HEARTBEAT)
+        self._membership = redis.register_script(scripts.MEMBERSHIP)
 
     # -- configuration (controller writes, everyone reads) -------------------
 
@@ -68,6 +69,14 @@ class StateStore:
         stale = [e for e in await self.redis.hkeys(keys.load(pool)) if e.decode() not in keep]
         if stale:
             await self.redis.hdel(keys.load(pool), *stale)
+
+    async def collector_heartbeat(self, collector: str, now_ms: int, lease_ms: int) -> list[str]:
+        """Renew this collector's membership; returns every live collector, itself included."""
+        members = await self._membership(keys=[keys.COLLECTORS], args=[collector, now_ms, lease_ms])
+        return sorted(m.decode() for m in members)
+
+    async def leave_collectors(self, collector: str) -> None:
+        await self.redis.zrem(keys.COLLECTORS, collector)
 
     # -- the picker's request path ---------------------------------------------
 

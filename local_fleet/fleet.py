@@ -38,6 +38,7 @@ class FleetSettings:
     resync_interval_ms: int = 500
     simulator_args: tuple[str, ...] = ()  # physics flags, e.g. ("--time-scale", "0.5")
     picker_args: tuple[str, ...] = ()
+    collectors: int = 1
 
     def __post_init__(self) -> None:
         if len(self.picker_ports) != len(self.picker_metrics_ports):
@@ -123,7 +124,9 @@ class Fleet:
                                    "--envoy-admin-port", str(s.envoy_admin_port),
                                    "--resync-interval-ms", str(s.resync_interval_ms), *pickers], env)
         self._wait("controller", lambda: (self.envoy_dir / "lds.json").exists(), timeout_s)
-        self._spawn("collector", [_bin("collector"), "--scrape-interval-ms", str(s.scrape_interval_ms)], env)
+        for i in range(s.collectors):
+            self._spawn(f"collector-{i}", [_bin("collector"), "--collector-id", f"collector-{i}",
+                                           "--scrape-interval-ms", str(s.scrape_interval_ms)], env)
         for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports, strict=True)):
             self._spawn(f"picker-{i}", [_bin("picker"), "--grpc-address", f"127.0.0.1:{port}",
                                         "--metrics-address", f"127.0.0.1:{metrics_port}",
