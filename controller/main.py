@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
+import uuid
 from pathlib import Path
 
 from controller.controller import Controller, ControllerSettings
@@ -27,6 +29,9 @@ def parse_settings(argv: list[str] | None) -> ControllerSettings:
     p.add_argument("--manifests", type=Path, required=True, help="directory of YAML manifests, watched for changes")
     p.add_argument("--envoy-config-dir", type=Path, required=True, help="where bootstrap.json, lds.json, cds.json go")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", d.redis_url))
+    p.add_argument("--controller-id", default=os.environ.get("CONTROLLER_ID", ""),
+                   help="unique per controller replica (default: host name and a random suffix)")
+    p.add_argument("--leader-lease-ms", type=int, default=d.leader_lease_ms)
     p.add_argument("--resync-interval-ms", type=int, default=d.resync_interval_ms)
     p.add_argument("--picker-endpoint", type=_host_port, action="append", help="HOST:PORT of a picker replica")
     p.add_argument("--listen-address", default=e.listen_address, help="address Envoy's listeners bind")
@@ -36,8 +41,9 @@ def parse_settings(argv: list[str] | None) -> ControllerSettings:
     envoy = EnvoySettings(listen_address=a.listen_address,
                           picker_endpoints=tuple(a.picker_endpoint or e.picker_endpoints),
                           max_request_body_bytes=a.max_request_body_bytes)
-    return ControllerSettings(a.manifests, a.envoy_config_dir, a.redis_url, a.resync_interval_ms,
-                              envoy_admin_port=a.envoy_admin_port, envoy=envoy)
+    controller_id = a.controller_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    return ControllerSettings(a.manifests, a.envoy_config_dir, a.redis_url, a.resync_interval_ms, controller_id,
+                              a.leader_lease_ms, envoy_admin_port=a.envoy_admin_port, envoy=envoy)
 
 
 async def serve(settings: ControllerSettings) -> None:

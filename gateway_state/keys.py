@@ -11,6 +11,11 @@ from __future__ import annotations
 CONFIG = "gw:{config}:config"
 
 
+# The controller leader's lease, "id|epoch", and the epoch counter that fences writes.
+# Same hash tag as CONFIG: a fenced write checks the lease and sets the config atomically.
+LEADER = "gw:{config}:leader"
+LEADER_EPOCH = "gw:{config}:epoch"
+
 # Sorted set collector id -> lease expiry (ms): the collectors sharing the scrape work.
 COLLECTORS = "gw:{collectors}:members"
 

@@ -84,6 +84,32 @@ if n <= 0 then redis.call('HDEL', ik, ARGV[3]) end
 return n
 """
 
+# KEYS[1] = leader key, KEYS[2] = epoch counter. ARGV = candidate id, lease_ms.
+# Acquires the lease when it is free (a new epoch) or renews it when the candidate
+# holds it. Returns the holder's "id|epoch".
+LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  local epoch = redis.call('INCR', KEYS[2])
+  holder = ARGV[1] .. '|' .. epoch
+  redis.call('SET', KEYS[1], holder, 'PX', ARGV[2])
+  return holder
+end
+if string.sub(holder, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return holder
+"""
+
+# KEYS[1] = leader key, KEYS[2] = the key to write. ARGV = expected "id|epoch", value.
+# Writes only while the writer still holds the lease of that epoch: a deposed
+# leader, paused past its lease, cannot overwrite its successor.
+FENCED_SET = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"""
+
 # KEYS[1] = members zset. ARGV = member id, now_ms, lease_ms.
 # Renews one member's lease, drops expired members, returns the live ones.
 MEMBERSHIP = """

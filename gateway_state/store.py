@@ -11,6 +11,10 @@ from gateway_state import keys, scripts
 from gateway_state.records import Config, LoadSample, decode_config, decode_load, encode_config, encode_load
 
 
+class Deposed(Exception):
+    """A write fenced off: the writer's leader lease has passed to another controller."""
+
+
 @dataclass(frozen=True)
 class SharedView:
     """What the picker reads from Redis for one decision."""
@@ -32,11 +36,20 @@ class StateStore:
         self._release = redis.register_script(scripts.RELEASE)
         self._heartbeat = redis.register_script(scripts.HEARTBEAT)
         self._membership = redis.register_script(scripts.MEMBERSHIP)
+        self._lease = redis.register_script(scripts.LEASE)
+        self._fenced_set = redis.register_script(scripts.FENCED_SET)
 
     # -- configuration (controller writes, everyone reads) -------------------
 
-    async def write_config(self, config: Config) -> None:
-        await self.redis.set(keys.CONFIG, encode_config(config))
+    async def write_config(self, config: Config, leadership: str) -> None:
+        """Write the config as the leader `leadership` ("id|epoch"); raises Deposed otherwise."""
+        written = await self._fenced_set(keys=[keys.LEADER, keys.CONFIG], args=[leadership, encode_config(config)])
+        if not written:
+            raise Deposed(f"{leadership} no longer holds the controller lease")
+
+    async def lead(self, candidate: str, lease_ms: int) -> str:
+        """Acquire or renew the controller lease; returns the holder as "id|epoch"."""
+        return (await self._lease(keys=[keys.LEADER, keys.LEADER_EPOCH], args=[candidate, lease_ms])).decode()
 
     async def read_config_raw(self) -> bytes | None:
         """The encoded config, or None when Redis holds none (lost or not yet written)."""

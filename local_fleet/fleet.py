@@ -39,6 +39,7 @@ class FleetSettings:
     simulator_args: tuple[str, ...] = ()  # physics flags, e.g. ("--time-scale", "0.5")
     picker_args: tuple[str, ...] = ()
     collectors: int = 1
+    controllers: int = 1  # one leads, the others stand by
 
     def __post_init__(self) -> None:
         if len(self.picker_ports) != len(self.picker_metrics_ports):
@@ -119,10 +120,12 @@ class Fleet:
         for key in pods:
             self._wait("simulated pods", lambda key=key: _http_ok(f"http://{key}/health"), timeout_s)
         pickers = [a for p in s.picker_ports for a in ("--picker-endpoint", f"127.0.0.1:{p}")]
-        self._spawn("controller", [_bin("controller"), "--manifests", str(s.manifests_dir), "--envoy-config-dir",
-                                   str(self.envoy_dir), "--listen-address", s.listen_address,
-                                   "--envoy-admin-port", str(s.envoy_admin_port),
-                                   "--resync-interval-ms", str(s.resync_interval_ms), *pickers], env)
+        for i in range(s.controllers):
+            self._spawn(f"controller-{i}", [
+                _bin("controller"), "--controller-id", f"controller-{i}", "--manifests", str(s.manifests_dir),
+                "--envoy-config-dir", str(self.envoy_dir), "--listen-address", s.listen_address,
+                "--envoy-admin-port", str(s.envoy_admin_port), "--resync-interval-ms", str(s.resync_interval_ms),
+                *pickers], env)
         self._wait("controller", lambda: (self.envoy_dir / "lds.json").exists(), timeout_s)
         for i in range(s.collectors):
             self._spawn(f"collector-{i}", [_bin("collector"), "--collector-id", f"collector-{i}",

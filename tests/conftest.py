@@ -14,6 +14,8 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from gateway_state.records import Config
+from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -21,6 +23,11 @@ BIN = Path(sys.executable).parent
 
 # Ports of the test fleet; the listeners are in tests/fixtures/fleet/gateway.yaml.
 PREFIX_PORT, PLAIN_PORT, DEFAULT_PORT = 18080, 18081, 18082
+
+
+async def publish(store: StateStore, config: Config) -> None:
+    """Write a config as a test controller holding the leader lease."""
+    await store.write_config(config, await store.lead("test-controller", 60_000))
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from gateway_state.records import Config, Endpoint, Pool
 from gateway_state.store import StateStore
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
-from tests.conftest import free_port
+from tests.conftest import free_port, publish
 
 OLD_VLLM = """# TYPE vllm:num_requests_waiting gauge
 vllm:num_requests_waiting{engine="0",model_name="m"} 3.0
@@ -98,7 +98,7 @@ async def test_collector_publishes_samples_and_marks_failures_stale(redis_client
                  sglang.spec.port), Endpoint("garbage", "127.0.4.3", pods["garbage-port"]),  # type: ignore[arg-type]
                  Endpoint("dead", "127.0.4.4", free_port()))
     store = StateStore(redis_client)
-    await store.write_config(Config(1, {"p": Pool("p", 8000, endpoints=endpoints)}, {}))
+    await publish(store, Config(1, {"p": Pool("p", 8000, endpoints=endpoints)}, {}))
     async with aiohttp.ClientSession() as http, http.post(f"http://{vllm.spec.host}:{vllm.spec.port}/sim/load",
                          json={"requests": 300, "prompt_tokens": 64}) as r:
         assert r.status == 200

@@ -48,7 +48,7 @@ async def steady_load(http: aiohttp.ClientSession, seconds: float, fault: Callab
 
 
 def controller_log(fleet: Fleet) -> str:
-    return fleet.log_path("controller").read_text()
+    return fleet.log_path("controller-0").read_text()
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool] | bool], timeout_s: float) -> None:

@@ -20,6 +20,7 @@ from gateway_state.records import (
     encode_config,
 )
 from gateway_state.store import StateStore
+from tests.conftest import publish
 
 LEASE_MS = 5000
 
@@ -86,7 +87,7 @@ async def test_config_and_load_round_trip(redis_client: Redis) -> None:
     pool = Pool("p", 8000, Strategy.PREFIX_CACHE, endpoints=(Endpoint("pod-0", "10.0.0.1", 8000, {"app": "x"}),))
     config = Config(3, {"p": pool}, {"m": Model("m", "p", targets=(TargetModel("m", 1),))}, prefix_seed=42)
     assert decode_config(encode_config(config)) == config
-    await store.write_config(config)
+    await publish(store, config)
     sample = LoadSample(now_ms(), True, waiting=2, running=5, kv_cache_usage=0.4, running_adapters=("a",),
                         block_size=16, num_blocks=100)
     await store.write_load("p", {"10.0.0.1:8000": sample, "10.0.0.2:8000": sample})
