@@ -3,8 +3,8 @@
 Per InferencePool route, the picker (ext_proc) sets `x-gateway-destination-endpoint`
 and clears the route cache; routing then re-matches:
   - header present -> the pool's ORIGINAL_DST cluster, which connects to that ip:port;
-  - header absent (the picker failed and the pool fails open) -> round robin over the
-    pool; a pool that fails closed answers 503 instead.
+  - header absent (no picker answered) -> the pool's failure mode: FailOpen goes round
+    robin over the pool, FailClose answers an OpenAI-shaped 503.
 Clients cannot choose the endpoint themselves: the first filter strips the header.
 """
 
@@ -81,10 +81,21 @@ def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
         "timeout": _duration(min(1000, s.picker_health_interval_ms)),
         "interval": _duration(s.picker_health_interval_ms),
         "unhealthy_threshold": 2, "healthy_threshold": 1, "grpc_health_check": {},
+        # Envoy does not count ext_proc's gRPC streams as traffic to this cluster, so
+        # without these it would check only once a minute.
+        "no_traffic_interval": _duration(s.picker_health_interval_ms),
+        "no_traffic_healthy_interval": _duration(s.picker_health_interval_ms),
     }]
     # Never send streams to a replica that is not serving, even with most replicas down:
     # with none left, the ext_proc call fails and the pool's failure mode decides.
     picker["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    # A crashed replica refuses connections: eject it on the first refusal instead of
+    # waiting for two missed health checks.
+    picker["outlier_detection"] = {
+        "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
+        "enforcing_consecutive_local_origin_failure": 100, "interval": "1s", "base_ejection_time": "5s",
+        "max_ejection_percent": 100,
+    }
     clusters = [picker]
     for pool in sorted(state.pools.values(), key=lambda p: p.name):
         clusters.append({
@@ -150,7 +161,6 @@ def _pool_routes(match: dict[str, Any], pool: Pool | None, name: str, mirrors: l
     fail_open = pool is None or pool.failure_mode == FailureMode.FAIL_OPEN
     per_filter = {"envoy.filters.http.ext_proc": {"@type": T_EXT_PROC_ROUTE, "overrides": {
         "grpc_initial_metadata": [{"key": POOL_METADATA_KEY, "value": name}],
-        "failure_mode_allow": fail_open,
     }}}
     picked: dict[str, Any] = {"cluster": pool_cluster(name), "timeout": f"{s.request_timeout_s}s"}
     if mirrors:
@@ -191,7 +201,9 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
         filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
             "@type": T_EXT_PROC,
             "grpc_service": {"envoy_grpc": {"cluster_name": PICKER_CLUSTER}},
-            "failure_mode_allow": False,
+            # A failed picker call continues without a destination; the route without
+            # one then applies the pool's failure mode (round robin, or an OpenAI 503).
+            "failure_mode_allow": True,
             "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
                                 "request_body_mode": "BUFFERED", "response_body_mode": "NONE",
                                 "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},

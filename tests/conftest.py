@@ -22,7 +22,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 BIN = Path(sys.executable).parent
 
 # Ports of the test fleet; the listeners are in tests/fixtures/fleet/gateway.yaml.
-PREFIX_PORT, PLAIN_PORT, DEFAULT_PORT = 18080, 18081, 18082
+PREFIX_PORT, PLAIN_PORT, DEFAULT_PORT, CLOSED_PORT = 18080, 18081, 18082, 18084
 
 
 async def publish(store: StateStore, config: Config) -> None:

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from gateway_state import keys
 from local_fleet.fleet import Fleet
 from tests.client import Reply, chat, post
-from tests.conftest import PREFIX_PORT
+from tests.conftest import CLOSED_PORT, DEFAULT_PORT, PREFIX_PORT
 
 
 @pytest.fixture
@@ -86,23 +86,35 @@ async def test_restarting_a_picker_breaks_no_request(http: aiohttp.ClientSession
     assert [r.status for r in replies if r.status != 200] == []
 
 
-async def test_a_crashed_picker_breaks_no_request(http: aiohttp.ClientSession, fleet: Fleet) -> None:
-    # kill -9: in-flight ext_proc streams to it fail; the pool fails open to round robin.
-    replies = await steady_load(http, 3.0, lambda: fleet.kill("picker-1"))
+async def envoy_counter(http: aiohttp.ClientSession, fleet: Fleet, name: str) -> int:
+    async with http.get(f"http://127.0.0.1:{fleet.settings.envoy_admin_port}/stats?filter={name}") as r:
+        return sum(int(line.rsplit(":", 1)[1]) for line in (await r.text()).splitlines() if line.strip())
+
+
+async def picker_ready(http: aiohttp.ClientSession, fleet: Fleet, index: int) -> bool:
+    try:
+        async with http.get(f"http://127.0.0.1:{fleet.settings.picker_metrics_ports[index]}/healthz") as r:
+            return r.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+async def test_a_crashed_picker_gets_no_streams_a_second_later(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    # kill -9: streams in progress to it fail and their requests fall back to the pool's failure mode.
+    failed_after_1s: list[int] = []
+
+    async def crash() -> None:
+        fleet.kill("picker-1")
+        await asyncio.sleep(1.0)
+        failed_after_1s.append(await envoy_counter(http, fleet, "ext_proc.failure_mode_allowed"))
+
+    replies = await steady_load(http, 3.5, crash)
+    failed_at_end = await envoy_counter(http, fleet, "ext_proc.failure_mode_allowed")
     fleet.restart("picker-1")
     assert len(replies) > 20
     assert [r.status for r in replies if r.status != 200] == []
-    # The restarted replica is ready again.
-    url = f"http://127.0.0.1:{fleet.settings.picker_metrics_ports[1]}/healthz"
-
-    async def ready() -> bool:
-        try:
-            async with http.get(url) as r:
-                return r.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    await wait_for(ready, 10.0)
+    assert failed_at_end == failed_after_1s[0], "Envoy still sent streams to the dead replica after 1 s"
+    await wait_for(lambda: picker_ready(http, fleet, 1), 10.0)
 
 
 async def test_a_new_listener_goes_live_without_restarting_envoy(http: aiohttp.ClientSession, fleet: Fleet) -> None:
@@ -188,3 +200,24 @@ async def test_redis_dying_under_load_breaks_no_request(http: aiohttp.ClientSess
         await wait_for(lambda: redis.exists(keys.pickers("prefix-pool")), 5.0)
     finally:
         await redis.aclose()
+
+
+async def test_with_every_picker_down_pools_fail_open_or_closed(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    for name in ("picker-0", "picker-1"):
+        fleet.kill(name)
+    try:
+        await asyncio.sleep(0.2)
+        # Failing open, the body goes unchanged: a model name the pods serve, not an alias.
+        opened = await post(http, DEFAULT_PORT, chat("fail open"))
+        assert opened.status == 200 and opened.pod and opened.pod.startswith("default-")
+        closed = await post(http, CLOSED_PORT, chat("fail closed", model="qwen-closed"))
+        assert closed.status == 503
+        assert closed.json()["error"]["type"] == "ServiceUnavailableError"
+    finally:
+        for name in ("picker-0", "picker-1"):
+            fleet.restart(name)
+        for i in range(2):
+            await wait_for(lambda i=i: picker_ready(http, fleet, i), 10.0)
+    await asyncio.sleep(1.5)  # Envoy's health checks see them serving again
+    routed = await post(http, CLOSED_PORT, chat("picked again", model="qwen-closed"))
+    assert routed.status == 200
