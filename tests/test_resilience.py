@@ -221,3 +221,51 @@ async def test_with_every_picker_down_pools_fail_open_or_closed(http: aiohttp.Cl
     await asyncio.sleep(1.5)  # Envoy's health checks see them serving again
     routed = await post(http, CLOSED_PORT, chat("picked again", model="qwen-closed"))
     assert routed.status == 200
+
+
+async def test_a_stalled_redis_does_not_stall_decisions(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    redis = Redis.from_url(fleet.redis_url)
+    try:
+        async def stall() -> None:
+            await redis.execute_command("DEBUG", "SLEEP", "1.5")  # Redis answers nothing for 1.5 s
+
+        started = time.monotonic()
+        replies, latencies = [], []
+
+        async def timed() -> None:
+            while time.monotonic() - started < 2.5:
+                t = time.monotonic()
+                replies.append(await post(http, PREFIX_PORT, chat("during the stall", max_tokens=2)))
+                latencies.append(time.monotonic() - t)
+
+        await asyncio.gather(stall(), *(timed() for _ in range(4)))
+    finally:
+        await redis.aclose()
+    assert [r.status for r in replies if r.status != 200] == []
+    # Deadlines of 20 ms per request-path call: no request waits out the 1.5 s stall.
+    assert max(latencies) < 0.75, max(latencies)
+
+
+async def test_a_crashed_pickers_inflight_counts_expire_and_its_requests_finish(
+        http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    redis = Redis.from_url(fleet.redis_url)
+    try:
+        long = [asyncio.create_task(post(http, PREFIX_PORT, chat(f"long {i}", max_tokens=400, stream=True)))
+                for i in range(8)]
+        await asyncio.sleep(0.5)
+        counts = await redis.hgetall(keys.inflight("prefix-pool", "picker-0"))
+        assert sum(int(v) for v in counts.values()) > 0  # picker-0 routed some of them
+        fleet.kill("picker-0")
+        killed_at = time.monotonic()
+        # The requests it routed are already at their pods and run to the end.
+        assert all(r.status == 200 and r.text.rstrip().endswith("data: [DONE]") for r in await asyncio.gather(*long))
+
+        async def expired() -> bool:
+            return not await redis.exists(keys.inflight("prefix-pool", "picker-0"))
+
+        await wait_for(expired, 8.0)
+        print(f"\npicker-0's in-flight counts expired {time.monotonic() - killed_at:.1f} s after kill -9")
+    finally:
+        await redis.aclose()
+        fleet.restart("picker-0")
+        await wait_for(lambda: picker_ready(http, fleet, 0), 10.0)
