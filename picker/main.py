@@ -39,13 +39,15 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", state.redis_url))
     p.add_argument("--snapshot-refresh-ms", type=int, default=state.snapshot_refresh_ms)
     p.add_argument("--redis-timeout-ms", type=int, default=state.redis_timeout_ms)
+    p.add_argument("--state", choices=("redis", "local"), default=state.mode,
+                   help="where the prefix index and in-flight counts live (local: per-replica baseline)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     configure_logging(a.log_level)
     replica = a.replica_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     return PickerSettings(
         server=ServerSettings(a.grpc_address, a.metrics_address, replica),
-        state=StateSettings(a.redis_url, a.snapshot_refresh_ms, a.redis_timeout_ms),
+        state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms),
     )
 
 

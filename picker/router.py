@@ -14,7 +14,6 @@ import json
 import logging
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -22,6 +21,7 @@ from redis.exceptions import RedisError
 from gateway_state.records import Model, Pool, Strategy
 from gateway_state.store import SharedView, StateStore
 from picker.errors import NoEndpoint, NotFound, PickerUnavailable
+from picker.local_state import LocalState
 from picker.metrics import PickerMetrics
 from picker.plugins.framework import Candidate, SchedulingRequest
 from picker.prefix import block_hashes, capacity_blocks, prompt_text
@@ -60,7 +60,8 @@ class RequestRouter:
         self._settings = settings
         self._metrics = metrics
         self._rng = rng
-        self._local_inflight: dict[str, Counter[str]] = {}  # pool -> endpoint -> this replica's requests
+        self._local = LocalState()
+        self._shared = settings.state.mode == "redis"
 
     def models(self, pool: str | None) -> list[Model]:
         config = self._snapshots.current.config
@@ -116,20 +117,25 @@ class RequestRouter:
         return out
 
     async def _shared_view(self, pool: Pool, hashes: list[str]) -> SharedView:
+        if not self._shared:
+            return self._local.view(pool.name, hashes)
         try:
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
                 return await self._store.lookup(pool.name, hashes, int(time.time() * 1000))
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("lookup").inc()
             log.debug("shared lookup failed, scoring locally: %s", exc)
-            return SharedView(dict(self._local_inflight.get(pool.name, {})), {})
+            return self._local.view(pool.name, ())
 
     async def _record(self, pool: Pool, chosen: Candidate, hashes: list[str]) -> bool:
-        self._local_inflight.setdefault(pool.name, Counter())[chosen.endpoint.key] += 1
         p, s = self._settings.prefix, self._settings.state
         load = chosen.load
         capacity = capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
                                    p.chars_per_token, p.block_chars, p.default_capacity_blocks)
+        # This replica's own counts always: the fallback while Redis is unreachable.
+        self._local.record(pool.name, chosen.endpoint.key, () if self._shared else hashes, capacity)
+        if not self._shared:
+            return False
         try:
             async with asyncio.timeout(s.redis_timeout_ms / 1000):
                 await self._store.record(pool.name, self._settings.server.replica_id, chosen.endpoint.key, hashes,
@@ -142,11 +148,7 @@ class RequestRouter:
 
     async def release(self, routed: Routed) -> None:
         """The request ended (Envoy closed the stream): it is no longer in flight."""
-        local = self._local_inflight.get(routed.pool)
-        if local is not None:
-            local[routed.chosen.endpoint.key] -= 1
-            if local[routed.chosen.endpoint.key] <= 0:
-                del local[routed.chosen.endpoint.key]
+        self._local.release(routed.pool, routed.chosen.endpoint.key)
         if not routed.recorded_shared:
             return
         try:
@@ -160,7 +162,7 @@ class RequestRouter:
     async def renew_leases(self) -> None:
         """Keep this replica's in-flight counts alive in every pool."""
         config = self._snapshots.current.config
-        if config is None:
+        if config is None or not self._shared:
             return
         now, lease = int(time.time() * 1000), self._settings.state.inflight_lease_ms
         for pool in config.pools:

@@ -21,6 +21,10 @@ class ServerSettings:
 @dataclass(frozen=True)
 class StateSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # "redis": prefix index and in-flight counts shared by every replica (the product).
+    # "local": each replica keeps its own in memory, as upstream pickers do; a baseline
+    # for measuring what sharing is worth. Config and load come from Redis either way.
+    mode: str = "redis"
     # The local snapshot of config and load samples; collectors scrape every 100 ms,
     # so a fresher snapshot would not see newer figures.
     snapshot_refresh_ms: int = 50
@@ -80,6 +84,8 @@ class PickerSettings:
         st, pf, sc = self.state, self.prefix, self.scheduling
         if not self.server.replica_id:
             raise ValueError("server.replica_id must be set")
+        if st.mode not in ("redis", "local"):
+            raise ValueError("state.mode must be redis or local")
         if st.redis_timeout_ms <= 0 or st.snapshot_refresh_ms <= 0 or st.heartbeat_interval_ms <= 0:
             raise ValueError("state durations must be positive")
         if st.inflight_lease_ms < 2 * st.heartbeat_interval_ms:
