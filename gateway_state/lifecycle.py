@@ -8,7 +8,9 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+
+RedisClient = Redis | RedisCluster
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -25,8 +27,18 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def connect(redis_url: str, timeout_s: float = 2.0, max_connections: int | None = None) -> Redis:
-    """A Redis client; it connects lazily, on first use."""
+CLUSTER_SCHEME = "redis-cluster://"
+
+
+def connect(redis_url: str, timeout_s: float = 2.0, max_connections: int | None = None) -> RedisClient:
+    """A Redis client, connecting lazily on first use.
+
+    `redis-cluster://host:port` names any node of a Redis Cluster; the client finds
+    the others. Keys of one pool share a hash tag, so every script runs on one shard.
+    """
+    if redis_url.startswith(CLUSTER_SCHEME):
+        return RedisCluster.from_url("redis://" + redis_url[len(CLUSTER_SCHEME):], socket_timeout=timeout_s,
+                                     socket_connect_timeout=timeout_s, max_connections=max_connections or 100)
     return Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                           max_connections=max_connections)
 

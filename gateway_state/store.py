@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from gateway_state import keys, scripts
 from gateway_state.records import Config, LoadSample, decode_config, decode_load, encode_config, encode_load
@@ -28,7 +28,7 @@ def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
 
 
 class StateStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis | RedisCluster) -> None:
         self.redis = redis
         # register_script does no I/O; scripts load on first use (EVALSHA, then EVAL).
         self._lookup = redis.register_script(scripts.LOOKUP)

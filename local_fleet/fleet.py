@@ -30,6 +30,8 @@ class FleetSettings:
     work_dir: Path
     redis_url: str | None = None  # None: start our own Redis
     redis_port: int = 6379
+    # Non-empty: start our own Redis Cluster with one master per port instead.
+    redis_cluster_ports: tuple[int, ...] = ()
     picker_ports: tuple[int, ...] = (9002, 9003)
     picker_metrics_ports: tuple[int, ...] = (9102, 9103)
     envoy_admin_port: int = 9901
@@ -78,7 +80,16 @@ class Fleet:
 
     @property
     def redis_url(self) -> str:
-        return self.settings.redis_url or f"redis://127.0.0.1:{self.settings.redis_port}/0"
+        s = self.settings
+        if s.redis_url:
+            return s.redis_url
+        if s.redis_cluster_ports:
+            return f"redis-cluster://127.0.0.1:{s.redis_cluster_ports[0]}"
+        return f"redis://127.0.0.1:{s.redis_port}/0"
+
+    @property
+    def redis_processes(self) -> list[str]:
+        return [f"redis-{p}" for p in self.settings.redis_cluster_ports] or ["redis"]
 
     @property
     def envoy_dir(self) -> Path:
@@ -106,7 +117,9 @@ class Fleet:
         (s.work_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.envoy_dir.mkdir(parents=True, exist_ok=True)
         env = {"REDIS_URL": self.redis_url}
-        if s.redis_url is None:
+        if s.redis_url is None and s.redis_cluster_ports:
+            self._start_redis_cluster(timeout_s)
+        elif s.redis_url is None:
             self._spawn("redis", [_bin("redis-server"), "--bind", "127.0.0.1", "--port", str(s.redis_port),
                                   "--save", "", "--appendonly", "no", "--protected-mode", "no"])
             self._wait("redis", lambda: _port_open("127.0.0.1", s.redis_port), timeout_s)
@@ -139,6 +152,27 @@ class Fleet:
         self._spawn("envoy", [_bin("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",
                               "--log-level", "warn", "--concurrency", "2"])
         self._wait("envoy", self._envoy_ready, timeout_s)
+
+    def _start_redis_cluster(self, timeout_s: float) -> None:
+        ports = self.settings.redis_cluster_ports
+        for port in ports:
+            data = self.settings.work_dir / f"redis-{port}"
+            data.mkdir(exist_ok=True)
+            self._spawn(f"redis-{port}", [_bin("redis-server"), "--bind", "127.0.0.1", "--port", str(port),
+                                          "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                          "--cluster-node-timeout", "2000", "--dir", str(data), "--save", "",
+                                          "--appendonly", "no", "--protected-mode", "no"])
+        for port in ports:
+            self._wait("redis cluster nodes", lambda port=port: _port_open("127.0.0.1", port), timeout_s)
+        subprocess.run([_bin("redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+
+        def cluster_ok() -> bool:
+            return all(b"cluster_state:ok" in subprocess.run(
+                [_bin("redis-cli"), "-p", str(p), "cluster", "info"], capture_output=True, timeout=10).stdout
+                for p in ports)
+
+        self._wait("redis cluster", cluster_ok, timeout_s)
 
     def _envoy_ready(self) -> bool:
         admin = f"http://127.0.0.1:{self.settings.envoy_admin_port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_cluster_ports(count: int) -> tuple[int, ...]:
+    """Ports for Redis Cluster nodes; each node's bus port (port + 10000) must be free too."""
+    ports: list[int] = []
+    for port in range(random.randrange(20000, 29000), 30000):
+        if _bindable(port) and _bindable(port + 10000):
+            ports.append(port)
+            if len(ports) == count:
+                return tuple(ports)
+    raise RuntimeError("no free ports for a Redis Cluster")
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis-server of its own, for tests of the shared state."""
@@ -62,9 +83,10 @@ async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-@pytest.fixture(scope="session")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """Redis, simulated pods, controller, Envoy, a collector and two pickers, as real processes."""
+@pytest.fixture(scope="session", params=["redis", "redis-cluster"])
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """Redis (standalone, or a 3-master Redis Cluster), simulated pods, controller, Envoy, a collector
+    and two pickers, as real processes."""
     manifests = tmp_path_factory.mktemp("manifests")
     for path in (FIXTURES / "fleet").glob("*.yaml"):
         shutil.copy(path, manifests / path.name)
@@ -72,6 +94,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         manifests_dir=manifests, work_dir=tmp_path_factory.mktemp("fleet"), redis_port=free_port(),
         picker_ports=(free_port(), free_port()), picker_metrics_ports=(free_port(), free_port()),
         envoy_admin_port=free_port(), resync_interval_ms=300,
+        redis_cluster_ports=free_cluster_ports(3) if request.param == "redis-cluster" else (),
         simulator_args=("--adapter", "adapter-a", "--adapter", "adapter-b"),
     )
     f = Fleet(settings)

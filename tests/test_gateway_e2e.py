@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import openai
 import pytest
+from redis.asyncio import Redis
 
 from local_fleet.fleet import Fleet
 from tests.client import QWEN, chat, post, spread
@@ -195,3 +196,16 @@ async def test_picker_metrics_count_requests_and_decisions(http: aiohttp.ClientS
     assert 'picker_decision_seconds_count{pool="prefix-pool",strategy="PREFIX_CACHE"}' in text
     assert 'picker_prefix_blocks_matched_total{pool="prefix-pool"}' in text
     assert re.search(r'picker_requests_total\{endpoint="",model="",pool="prefix-pool",result="404"\} [1-9]', text)
+
+
+async def test_on_a_cluster_the_state_spreads_over_the_masters(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    if not fleet.settings.redis_cluster_ports:
+        pytest.skip("standalone Redis")
+    await post(http, PREFIX_PORT, chat("spread"))
+    per_node = {}
+    for port in fleet.settings.redis_cluster_ports:
+        node = Redis(port=port)
+        per_node[port] = await node.dbsize()
+        await node.aclose()
+    # Config, collectors and each pool hash to their own slots, over at least two masters.
+    assert sum(1 for n in per_node.values() if n > 0) >= 2, per_node

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway_state import keys
+from gateway_state.lifecycle import connect
 from local_fleet.fleet import Fleet
 from tests.client import Reply, chat, post
 from tests.conftest import CLOSED_PORT, DEFAULT_PORT, PREFIX_PORT
@@ -47,6 +47,11 @@ async def steady_load(http: aiohttp.ClientSession, seconds: float, fault: Callab
     return replies
 
 
+def standalone_only(fleet: Fleet) -> None:
+    if fleet.settings.redis_cluster_ports:
+        pytest.skip("stops the one Redis process; a cluster without replicas has no failover to test")
+
+
 def controller_log(fleet: Fleet) -> str:
     return fleet.log_path("controller-0").read_text()
 
@@ -65,7 +70,7 @@ async def wait_for(condition: Callable[[], Awaitable[bool] | bool], timeout_s: f
 
 
 async def test_flushall_breaks_no_request(http: aiohttp.ClientSession, fleet: Fleet) -> None:
-    redis = Redis.from_url(fleet.redis_url)
+    redis = connect(fleet.redis_url)
     try:
         replies = await steady_load(http, 3.0, redis.flushall)
         assert len(replies) > 20
@@ -181,12 +186,13 @@ spec:
 
 
 async def test_redis_dying_under_load_breaks_no_request(http: aiohttp.ClientSession, fleet: Fleet) -> None:
+    standalone_only(fleet)
     replies = await steady_load(http, 3.0, lambda: fleet.kill("redis"))
     assert len(replies) > 20
     assert [r.status for r in replies if r.status != 200] == []
     # Redis comes back empty; the controller and collector refill it and pickers resume shared scoring.
     fleet.restart("redis")
-    redis = Redis.from_url(fleet.redis_url)
+    redis = connect(fleet.redis_url)
     try:
         async def refilled() -> bool:
             try:
@@ -224,7 +230,8 @@ async def test_with_every_picker_down_pools_fail_open_or_closed(http: aiohttp.Cl
 
 
 async def test_a_stalled_redis_does_not_stall_decisions(http: aiohttp.ClientSession, fleet: Fleet) -> None:
-    redis = Redis.from_url(fleet.redis_url)
+    standalone_only(fleet)
+    redis = connect(fleet.redis_url)
     try:
         async def stall() -> None:
             await redis.execute_command("DEBUG", "SLEEP", "1.5")  # Redis answers nothing for 1.5 s
@@ -248,7 +255,7 @@ async def test_a_stalled_redis_does_not_stall_decisions(http: aiohttp.ClientSess
 
 async def test_a_crashed_pickers_inflight_counts_expire_and_its_requests_finish(
         http: aiohttp.ClientSession, fleet: Fleet) -> None:
-    redis = Redis.from_url(fleet.redis_url)
+    redis = connect(fleet.redis_url)
     try:
         long = [asyncio.create_task(post(http, PREFIX_PORT, chat(f"long {i}", max_tokens=400, stream=True)))
                 for i in range(8)]
