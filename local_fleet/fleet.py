@@ -151,6 +151,12 @@ class Fleet:
             self._wait("pickers", lambda p=metrics_port: _http_ok(f"http://127.0.0.1:{p}/healthz"), timeout_s)
         self._spawn("envoy", [_bin("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",
                               "--log-level", "warn", "--concurrency", "2"])
+        self.wait_pickers_routable(timeout_s)
+
+    def wait_pickers_routable(self, timeout_s: float = 30.0) -> None:
+        """Until every picker replica is ready and Envoy's health checks route to it."""
+        for metrics_port in self.settings.picker_metrics_ports:
+            self._wait("pickers", lambda p=metrics_port: _http_ok(f"http://127.0.0.1:{p}/healthz"), timeout_s)
         self._wait("envoy", self._envoy_ready, timeout_s)
 
     def _start_redis_cluster(self, timeout_s: float) -> None:
@@ -186,8 +192,8 @@ class Fleet:
         for cluster in clusters.get("cluster_statuses", []):
             if cluster["name"] == "picker":
                 hosts = cluster.get("host_statuses", [])
-                return bool(hosts) and all("failed_active_health_check" not in h.get("health_status", {})
-                                           for h in hosts)
+                return bool(hosts) and all(h.get("health_status", {}).get("eds_health_status") == "HEALTHY"
+                                           and len(h["health_status"]) == 1 for h in hosts)
         return False
 
     def stop(self) -> None:

@@ -93,7 +93,7 @@ class RequestRouter:
                                   p.max_blocks)
         view = await self._shared_view(pool, hashes)
         candidates = self._candidates(pool, snapshot.load.get(pool.name, {}), view)
-        request = SchedulingRequest(target, model.criticality, len(hashes))
+        request = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "")
         decision = self._scheduler.schedule(pool.strategy, request, candidates)
         chosen = decision.endpoints[0]
         recorded = await self._record(pool, chosen, hashes)

@@ -17,7 +17,7 @@ from picker.errors import NoEndpoint, Shed
 from picker.plugins.filters import HealthyFilter, SheddableFilter
 from picker.plugins.framework import Candidate, Filter, Picker, SchedulingRequest, Scorer
 from picker.plugins.pickers import MaxScorePicker
-from picker.plugins.scorers import InflightScorer, KVCacheScorer, PrefixScorer, QueueScorer
+from picker.plugins.scorers import InflightScorer, KVCacheScorer, PrefixHomeScorer, PrefixScorer, QueueScorer
 from picker.settings import SchedulingSettings
 
 log = logging.getLogger("picker.scheduler")
@@ -75,5 +75,6 @@ def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[Strategy, 
     picker = MaxScorePicker(s.fallbacks, rng)
     return {
         Strategy.DEFAULT: Profile(filters, load, picker),
-        Strategy.PREFIX_CACHE: Profile(filters, (*load, Weighted(PrefixScorer(), s.prefix_weight)), picker),
+        Strategy.PREFIX_CACHE: Profile(filters, (*load, Weighted(PrefixScorer(), s.prefix_weight),
+                                                 Weighted(PrefixHomeScorer(), s.prefix_home_weight)), picker),
     }

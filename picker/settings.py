@@ -59,6 +59,9 @@ class SchedulingSettings:
     kv_cache_weight: float = 2.0
     inflight_weight: float = 2.0
     prefix_weight: float = 3.0
+    # Pulls a prefix nobody holds yet to one home endpoint; worth less than a small backlog
+    # (one waiting request scores 2 x 1/5 = 0.4 on the queue), so load still decides.
+    prefix_home_weight: float = 0.3
     # Load differences are scored against these scales, so one request more does not
     # outweigh a cached prefix, while a real backlog does. Upstream calls a pod
     # saturated at 5 waiting requests.

@@ -85,3 +85,20 @@ def test_prefix_hashes_chain_and_are_seeded_per_model_and_deployment() -> None:
     assert block_hashes(prompt_text(turn1), "m", 2, 64, 256)[0] != h1[0]
     assert len(block_hashes("z" * 64 * 300, "m", 1, 64, 256)) == 256
     assert prompt_text({"prompt": "abc"}) == "abc" and prompt_text({}) == ""
+
+
+def test_a_new_prefix_has_one_home_whatever_the_candidate_order() -> None:
+    from picker.plugins.scorers import PrefixHomeScorer
+
+    scorer, pods = PrefixHomeScorer(), [candidate(i) for i in range(6)]
+    homes = set()
+    for shift in range(6):
+        order = pods[shift:] + pods[:shift]
+        scores = scorer.score(SchedulingRequest("m", Criticality.STANDARD, 4, "abc"), order)
+        homes.add(order[scores.index(1.0)].endpoint.name)
+    assert len(homes) == 1
+    others = {pods[scorer.score(SchedulingRequest("m", Criticality.STANDARD, 4, f"p{i}"), pods).index(1.0)]
+              .endpoint.name for i in range(60)}
+    assert len(others) == 6  # different prefixes spread over every endpoint
+    held = [candidate(0, matched=2), *pods[1:]]
+    assert scorer.score(SchedulingRequest("m", Criticality.STANDARD, 4, "abc"), held) == [0.0] * 6

@@ -23,6 +23,7 @@ class SchedulingRequest:
     model: str  # the target model the endpoint will serve
     criticality: Criticality
     prompt_blocks: int  # how many prefix blocks the prompt has
+    first_block: str = ""  # hash of the prompt's first block; empty without prefix routing
 
 
 class Filter(Protocol):

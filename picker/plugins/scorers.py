@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import mmh3
+
 from picker.plugins.framework import Candidate, SchedulingRequest
 
 
@@ -55,6 +57,26 @@ class InflightScorer:
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
         return _relative([float(c.inflight) for c in candidates], self.scale)
+
+
+@dataclass(frozen=True)
+class PrefixHomeScorer:
+    """A prefix nobody holds yet goes to its home: the rendezvous winner for its first block.
+
+    Replicas deciding at the same instant cannot see each other's choices, so
+    without a home the first requests of a new prefix (a group's shared system
+    prompt) scatter over several endpoints, each computing and caching it.
+    Every replica computes the same home, without coordinating.
+    """
+
+    name: str = "prefix-home"
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        if not request.first_block or any(c.matched_blocks for c in candidates):
+            return [0.0] * len(candidates)
+        home = max(candidates, key=lambda c: mmh3.hash64(f"{request.first_block}|{c.endpoint.key}",
+                                                         signed=False)[0])
+        return [1.0 if c is home else 0.0 for c in candidates]
 
 
 @dataclass(frozen=True)

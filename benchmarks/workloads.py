@@ -1,0 +1,53 @@
+"""Seeded, deterministic workloads: the same inputs for every router under test."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+_WORDS = ("adventure", "lantern", "mailbox", "forest", "river", "castle", "dragon", "sword", "treasure", "maze",
+          "door", "window", "kitchen", "attic", "cellar", "bridge", "troll", "thief", "lamp", "leaflet", "north",
+          "south", "east", "west", "open", "close", "take", "drop", "read", "climb", "enter", "exit")
+
+
+def _text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(words))
+
+
+@dataclass
+class Conversation:
+    """One user's chat: a group's system prompt, then questions turn by turn."""
+
+    group: int
+    user: int
+    system: str
+    questions: list[str]
+    messages: list[dict[str, str]] = field(default_factory=list)  # the history so far, answers included
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            self.messages = [{"role": "system", "content": self.system}]
+
+
+@dataclass(frozen=True)
+class SharedPrefixWorkload:
+    """G groups x U users: a long system prompt per group, per-user questions, conversations that grow.
+
+    With the simulator's tokenizer a word is a token, so `system_words` is the
+    shared prefix in tokens.
+    """
+
+    groups: int = 8
+    users: int = 6
+    turns: int = 8
+    system_words: int = 1500
+    question_words: int = 60
+    max_tokens: int = 32
+    seed: int = 7
+
+    def conversations(self) -> list[Conversation]:
+        rng = random.Random(self.seed)
+        systems = [f"Group {g} rules. " + _text(rng, self.system_words) for g in range(self.groups)]
+        return [Conversation(g, u, systems[g],
+                             [f"User {g}.{u} turn {t}: " + _text(rng, self.question_words) for t in range(self.turns)])
+                for g in range(self.groups) for u in range(self.users)]
