@@ -58,7 +58,7 @@ class ControllerSettings:
 
 def write_atomically(path: Path, data: Any) -> None:
     """Envoy watches the directory for moves, so it only ever sees whole files."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # controllers may share the directory
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
 

@@ -20,6 +20,8 @@ from gateway_state.records import FailureMode, Pool
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 POOL_METADATA_KEY = "x-inference-pool"  # gRPC initial metadata naming the pool to the picker
+# Envoy's response flags for a model server that could not be reached or went away.
+UPSTREAM_FAILURE_FLAGS = ("UF", "UH", "URX", "UC", "UR", "UO", "UT", "NR", "DC")
 PICKER_CLUSTER = "picker"
 
 T_LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -218,12 +220,18 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
         "route_config": {"name": name, "virtual_hosts": _virtual_hosts(routes, state, s)},
         "http_filters": filters,
         "stream_idle_timeout": "300s",
-        # Envoy answers an over-limit body itself; make that answer OpenAI-shaped too.
+        # Envoy's own answers (an over-limit body; a pod that refuses or resets the
+        # connection) are OpenAI-shaped too. The picker's answers carry no response flag.
         "local_reply_config": {"mappers": [{
             "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
                 "default_value": 413, "runtime_key": "gateway.too_large"}}}},
             "body": {"inline_string": too_large},
             "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
+        }, {
+            "filter": {"response_flag_filter": {"flags": list(UPSTREAM_FAILURE_FLAGS)}},
+            "body_format_override": {"json_format": {"error": {
+                "message": "The model server did not answer: %LOCAL_REPLY_BODY%",
+                "type": "ServiceUnavailableError", "param": None, "code": "%RESPONSE_CODE%"}}},
         }]},
     }
     return {

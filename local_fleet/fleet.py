@@ -42,6 +42,9 @@ class FleetSettings:
     picker_args: tuple[str, ...] = ()
     collectors: int = 1
     controllers: int = 1  # one leads, the others stand by
+    pod_per_process: bool = False  # each simulated pod in its own process, so one can be killed
+    # Pods the manifests declare ready but that are not started: a stale manifest, for tests.
+    absent_pods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.picker_ports) != len(self.picker_metrics_ports):
@@ -125,11 +128,18 @@ class Fleet:
             self._wait("redis", lambda: _port_open("127.0.0.1", s.redis_port), timeout_s)
         pods = self.pods()
         by_runtime: dict[str, list[str]] = {}
+        pods = {key: pod for key, pod in pods.items() if pod[0] not in s.absent_pods}
         for key, (name, runtime) in pods.items():
             by_runtime.setdefault(runtime, []).append(f"{name}@{key}")
+        simulator = _bin("model-server-simulator")
         for runtime, specs in sorted(by_runtime.items()):
-            self._spawn(f"pods-{runtime}", [_bin("model-server-simulator"), "--runtime", runtime,
-                                            *[a for spec in specs for a in ("--pod", spec)], *s.simulator_args])
+            if s.pod_per_process:
+                for spec in specs:
+                    self._spawn(f"pod-{spec.split('@')[0]}", [simulator, "--runtime", runtime, "--pod", spec,
+                                                             *s.simulator_args])
+            else:
+                self._spawn(f"pods-{runtime}", [simulator, "--runtime", runtime,
+                                                *[a for spec in specs for a in ("--pod", spec)], *s.simulator_args])
         for key in pods:
             self._wait("simulated pods", lambda key=key: _http_ok(f"http://{key}/health"), timeout_s)
         pickers = [a for p in s.picker_ports for a in ("--picker-endpoint", f"127.0.0.1:{p}")]

@@ -23,7 +23,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 BIN = Path(sys.executable).parent
 
 # Ports of the test fleet; the listeners are in tests/fixtures/fleet/gateway.yaml.
-PREFIX_PORT, PLAIN_PORT, DEFAULT_PORT, CLOSED_PORT = 18080, 18081, 18082, 18084
+PREFIX_PORT, PLAIN_PORT, DEFAULT_PORT, CLOSED_PORT, GHOST_PORT = 18080, 18081, 18082, 18084, 18085
 
 
 async def publish(store: StateStore, config: Config) -> None:
@@ -95,7 +95,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         picker_ports=(free_port(), free_port()), picker_metrics_ports=(free_port(), free_port()),
         envoy_admin_port=free_port(), resync_interval_ms=300,
         redis_cluster_ports=free_cluster_ports(3) if request.param == "redis-cluster" else (),
-        simulator_args=("--adapter", "adapter-a", "--adapter", "adapter-b"),
+        simulator_args=("--adapter", "adapter-a", "--adapter", "adapter-b"), absent_pods=("ghost-0",),
     )
     f = Fleet(settings)
     try:

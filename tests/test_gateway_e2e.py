@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from local_fleet.fleet import Fleet
 from tests.client import QWEN, chat, post, spread
-from tests.conftest import DEFAULT_PORT, FIXTURES, PLAIN_PORT, PREFIX_PORT
+from tests.conftest import DEFAULT_PORT, FIXTURES, GHOST_PORT, PLAIN_PORT, PREFIX_PORT
 
 PREFIX_PODS = {f"prefix-{i}" for i in range(4)}
 DEFAULT_PODS = {f"default-{i}" for i in range(4)}
@@ -209,3 +209,12 @@ async def test_on_a_cluster_the_state_spreads_over_the_masters(http: aiohttp.Cli
         await node.aclose()
     # Config, collectors and each pool hash to their own slots, over at least two masters.
     assert sum(1 for n in per_node.values() if n > 0) >= 2, per_node
+
+
+async def test_an_unreachable_pod_gets_an_openai_shaped_503(http: aiohttp.ClientSession) -> None:
+    # ghost-0 is declared ready but nothing listens there: Envoy's connect failure, reshaped.
+    reply = await post(http, GHOST_PORT, chat("anyone there?", model="ghost-model"))
+    assert reply.status == 503
+    error = reply.json()["error"]
+    assert error["type"] == "ServiceUnavailableError" and error["code"] == 503
+    assert error["message"].startswith("The model server did not answer")

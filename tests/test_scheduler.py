@@ -10,6 +10,7 @@ import pytest
 from gateway_state.records import Criticality, Endpoint, LoadSample, Strategy
 from picker.errors import Shed
 from picker.plugins.framework import Candidate, SchedulingRequest
+from picker.plugins.scorers import PrefixHomeScorer
 from picker.prefix import block_hashes, prompt_text
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import SchedulingSettings
@@ -88,8 +89,6 @@ def test_prefix_hashes_chain_and_are_seeded_per_model_and_deployment() -> None:
 
 
 def test_a_new_prefix_has_one_home_whatever_the_candidate_order() -> None:
-    from picker.plugins.scorers import PrefixHomeScorer
-
     scorer, pods = PrefixHomeScorer(), [candidate(i) for i in range(6)]
     homes = set()
     for shift in range(6):
