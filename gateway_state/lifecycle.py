@@ -9,6 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 
 RedisClient = Redis | RedisCluster
 
@@ -28,14 +29,26 @@ def stop_on_signals() -> asyncio.Event:
 
 
 CLUSTER_SCHEME = "redis-cluster://"
+SENTINEL_SCHEME = "redis-sentinel://"
 
 
 def connect(redis_url: str, timeout_s: float = 2.0, max_connections: int | None = None) -> RedisClient:
     """A Redis client, connecting lazily on first use.
 
-    `redis-cluster://host:port` names any node of a Redis Cluster; the client finds
-    the others. Keys of one pool share a hash tag, so every script runs on one shard.
+    - `redis://host:port/db`: one Redis.
+    - `redis-cluster://host:port`: any node of a Redis Cluster; the client finds the
+      others. Keys of one pool share a hash tag, so every script runs on one shard.
+    - `redis-sentinel://host:port,host:port/master-name`: the Sentinels of a
+      replicated Redis; the client follows the master through failovers.
     """
+    if redis_url.startswith(SENTINEL_SCHEME):
+        hosts, _, service = redis_url[len(SENTINEL_SCHEME):].partition("/")
+        if not service:
+            raise ValueError(f"{redis_url}: name the monitored master, as redis-sentinel://host:port/master-name")
+        sentinels = [(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in hosts.split(",")]
+        sentinel = Sentinel(sentinels, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return sentinel.master_for(service, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                   max_connections=max_connections)
     if redis_url.startswith(CLUSTER_SCHEME):
         return RedisCluster.from_url("redis://" + redis_url[len(CLUSTER_SCHEME):], socket_timeout=timeout_s,
                                      socket_connect_timeout=timeout_s, max_connections=max_connections or 100)
