@@ -185,5 +185,5 @@ async def test_chaos(chaos_fleet: Fleet, load: Load) -> None:
     assert by_fault["picker"] == by_fault["collector"] == by_fault["controller leader"] == by_fault["redis"] == 0
     assert exclusion_s < 1.0  # 3 failed scrapes at 100 ms; a dead pod refuses at once
     # Failed requests were running on the pod when it died, or routed before it left the candidates
-    # (exclusion, plus one snapshot refresh of the pickers).
-    assert all(t <= killed_at + exclusion_s + 0.1 for t in load.failures), (killed_at, exclusion_s, load.failures)
+    # (exclusion, plus a snapshot refresh of the pickers, with room for a busy machine).
+    assert all(t <= killed_at + exclusion_s + 0.5 for t in load.failures), (killed_at, exclusion_s, load.failures)
