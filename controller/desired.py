@@ -25,6 +25,7 @@ class DesiredState:
     models: dict[str, Model]
     # (service name, service port) -> the ready pods it selects, at the target port
     services: dict[tuple[str, int], tuple[Endpoint, ...]]
+    service_lb: dict[str, str] = field(default_factory=dict)  # service name -> Envoy lb_policy
     warnings: list[str] = field(default_factory=list)
 
 
@@ -87,4 +88,4 @@ def build(m: Manifests) -> DesiredState:
                     warnings.append(f"{route.meta.where}: backendRef {ref.kind} {ref.name!r}"
                                     f"{'' if ref.port is None else f' port {ref.port}'} is not declared; "
                                     "its requests get 503")
-    return DesiredState(pools, models, services, warnings)
+    return DesiredState(pools, models, services, {s.meta.name: s.lb_policy for s in m.services}, warnings)

@@ -57,9 +57,10 @@ def _error_json(status: int, message: str, err_type: str) -> str:
     return json.dumps({"error": {"message": message, "type": err_type, "param": None, "code": status}})
 
 
-def _static_cluster(name: str, hosts: tuple[tuple[str, int], ...], http2: bool = False) -> dict[str, Any]:
+def _static_cluster(name: str, hosts: tuple[tuple[str, int], ...], http2: bool = False,
+                    lb_policy: str = "ROUND_ROBIN") -> dict[str, Any]:
     cluster: dict[str, Any] = {
-        "@type": T_CLUSTER, "name": name, "type": "STATIC", "connect_timeout": "2s", "lb_policy": "ROUND_ROBIN",
+        "@type": T_CLUSTER, "name": name, "type": "STATIC", "connect_timeout": "2s", "lb_policy": lb_policy,
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}}} for ip, port in hosts
         ]}]},
@@ -109,7 +110,8 @@ def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
         clusters.append(_static_cluster(pool_cluster(pool.name) + "/failopen",
                                         tuple((e.address, e.port) for e in pool.endpoints)))
     for (name, port), hosts in sorted(state.services.items()):
-        clusters.append(_static_cluster(f"service/{name}/{port}", tuple((e.address, e.port) for e in hosts)))
+        clusters.append(_static_cluster(f"service/{name}/{port}", tuple((e.address, e.port) for e in hosts),
+                                        lb_policy=state.service_lb.get(name, "ROUND_ROBIN")))
     return clusters
 
 

@@ -18,6 +18,8 @@ from controller.selectors import LabelSelector
 
 ANNOTATION_STRATEGY = "inference.networking.x-k8s.io/routing-strategy"
 ANNOTATION_RUNTIME = "inference.networking.x-k8s.io/model-server-runtime"
+# On a Service: Envoy's load-balancing policy for routes to it (default ROUND_ROBIN).
+ANNOTATION_LB_POLICY = "inference-gateway.io/lb-policy"
 
 
 class ManifestError(ValueError):
@@ -106,6 +108,7 @@ class ServiceSpec:
     meta: Meta
     selector: dict[str, str]
     ports: tuple[tuple[int, int], ...]  # (service port, target port)
+    lb_policy: str = "ROUND_ROBIN"
 
 
 @dataclass(frozen=True)

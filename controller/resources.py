@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller.manifests import (
+    ANNOTATION_LB_POLICY,
     ANNOTATION_RUNTIME,
     ANNOTATION_STRATEGY,
     BackendRef,
@@ -31,6 +32,7 @@ RUNTIMES = ("vllm", "sglang")
 FAILURE_MODES = ("FailOpen", "FailClose")
 CRITICALITIES = ("Critical", "Standard", "Sheddable")
 PATH_TYPES = ("PathPrefix", "Exact")
+LB_POLICIES = ("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST")
 
 
 def _pool(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
@@ -167,7 +169,9 @@ def _service(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
         port = doc.port(f"{path}.port", sub.get("port", int, required=True))
         target = sub.get("targetPort", int, port)
         ports.append((port, doc.port(f"{path}.targetPort", target)))
-    out.services.append(ServiceSpec(meta, doc.string_map("spec.selector"), tuple(ports)))
+    policy = doc.enum(f"metadata.annotations[{ANNOTATION_LB_POLICY}]",
+                      meta.annotations.get(ANNOTATION_LB_POLICY, "ROUND_ROBIN"), LB_POLICIES)
+    out.services.append(ServiceSpec(meta, doc.string_map("spec.selector"), tuple(ports), policy))
 
 
 def _pod(doc: Document, meta: Meta, api: str, out: Manifests) -> None:

@@ -138,3 +138,27 @@ def test_envoy_accepts_the_rendered_config(directory: str, tmp_path: Path) -> No
     result = subprocess.run([ENVOY, "--mode", "validate", "-c", str(config)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_a_service_annotation_picks_envoys_load_balancing_policy(tmp_path: Path) -> None:
+    one_file(tmp_path, """
+apiVersion: v1
+kind: Service
+metadata:
+  name: least
+  annotations: {inference-gateway.io/lb-policy: LEAST_REQUEST}
+spec: {selector: {app: x}, ports: [{port: 8000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain}
+spec: {selector: {app: x}, ports: [{port: 8000}]}
+""")
+    manifests = load_directory(tmp_path)
+    _, clusters = envoy_config.render(manifests, build(manifests), envoy_config.EnvoySettings())
+    policies = {c["name"]: c["lb_policy"] for c in clusters}
+    assert policies["service/least/8000"] == "LEAST_REQUEST" and policies["service/plain/8000"] == "ROUND_ROBIN"
+    one_file(tmp_path, "apiVersion: v1\nkind: Service\nmetadata:\n  name: bad\n"
+                       "  annotations: {inference-gateway.io/lb-policy: FASTEST}\nspec: {ports: []}\n", "n.yaml")
+    with pytest.raises(ManifestError, match="lb-policy"):
+        load_directory(tmp_path)
