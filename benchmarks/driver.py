@@ -21,6 +21,7 @@ class Result:
     output_tokens: int
     pod: str | None
     finished_at: float
+    error: str = ""
 
 
 async def chat_once(http: aiohttp.ClientSession, url: str, model: str, conv: Conversation, max_tokens: int) -> Result:
@@ -33,8 +34,9 @@ async def chat_once(http: aiohttp.ClientSession, url: str, model: str, conv: Con
         async with http.post(url, json=body) as r:
             pod = r.headers.get("x-inference-pod")
             if r.status != 200:
-                await r.read()
-                return Result(False, 0.0, time.monotonic() - started, 0, pod, time.monotonic())
+                text = (await r.read()).decode("utf-8", "replace")
+                return Result(False, 0.0, time.monotonic() - started, 0, pod, time.monotonic(),
+                              f"{r.status} {text[:200]}")
             async for line in r.content:
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
@@ -44,8 +46,8 @@ async def chat_once(http: aiohttp.ClientSession, url: str, model: str, conv: Con
                     if piece:
                         ttft = ttft if ttft is not None else time.monotonic() - started
                         pieces.append(piece)
-    except (TimeoutError, aiohttp.ClientError):
-        return Result(False, 0.0, time.monotonic() - started, 0, pod, time.monotonic())
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return Result(False, 0.0, time.monotonic() - started, 0, pod, time.monotonic(), repr(exc)[:200])
     conv.messages.append({"role": "assistant", "content": "".join(pieces)})
     now = time.monotonic()
     return Result(True, ttft if ttft is not None else now - started, now - started, len(pieces), pod, now)

@@ -51,3 +51,47 @@ class SharedPrefixWorkload:
         return [Conversation(g, u, systems[g],
                              [f"User {g}.{u} turn {t}: " + _text(rng, self.question_words) for t in range(self.turns)])
                 for g in range(self.groups) for u in range(self.users)]
+
+
+@dataclass(frozen=True)
+class StressWorkload:
+    """The seeds' stress shape: `--random-prefix-len 10 --random-input-len 1550 --random-output-len 1800
+    --random-range-ratio 0.2`, concurrency-limited, scaled by `prompts` and `concurrency`."""
+
+    prompts: int = 96
+    prefix_words: int = 10
+    input_words: int = 1550
+    output_tokens: int = 1800
+    range_ratio: float = 0.2
+    seed: int = 11
+
+    def conversations(self) -> list[Conversation]:
+        rng = random.Random(self.seed)
+        prefix = _text(rng, self.prefix_words)
+        low, high = int(self.input_words * (1 - self.range_ratio)), int(self.input_words * (1 + self.range_ratio))
+        return [Conversation(0, i, "", [prefix + " " + _text(rng, rng.randint(low, high))])
+                for i in range(self.prompts)]
+
+    def max_tokens(self, rng: random.Random) -> int:
+        return rng.randint(int(self.output_tokens * (1 - self.range_ratio)),
+                           int(self.output_tokens * (1 + self.range_ratio)))
+
+
+@dataclass(frozen=True)
+class HotPrefixWorkload:
+    """Half of all requests share one hot system prompt; the other half share nothing."""
+
+    requests: int = 240
+    system_words: int = 2000
+    question_words: int = 80
+    max_tokens: int = 32
+    seed: int = 13
+
+    def conversations(self) -> list[Conversation]:
+        rng = random.Random(self.seed)
+        hot = "Hot assistant rules. " + _text(rng, self.system_words)
+        out = []
+        for i in range(self.requests):
+            system = hot if i % 2 == 0 else f"Cold {i}. " + _text(rng, self.system_words)
+            out.append(Conversation(i % 2, i, system, [f"Question {i}: " + _text(rng, self.question_words)]))
+        return out

@@ -228,7 +228,8 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
             "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
                 "default_value": 413, "runtime_key": "gateway.too_large"}}}},
             "body": {"inline_string": too_large},
-            "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
+            "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                     "content_type": "application/json"},
         }, {
             "filter": {"response_flag_filter": {"flags": list(UPSTREAM_FAILURE_FLAGS)}},
             "body_format_override": {"json_format": {"error": {

@@ -140,8 +140,7 @@ class Fleet:
             else:
                 self._spawn(f"pods-{runtime}", [simulator, "--runtime", runtime,
                                                 *[a for spec in specs for a in ("--pod", spec)], *s.simulator_args])
-        for key in pods:
-            self._wait("simulated pods", lambda key=key: _http_ok(f"http://{key}/health"), timeout_s)
+        self.wait_pods(timeout_s)
         pickers = [a for p in s.picker_ports for a in ("--picker-endpoint", f"127.0.0.1:{p}")]
         for i in range(s.controllers):
             self._spawn(f"controller-{i}", [
@@ -162,6 +161,13 @@ class Fleet:
         self._spawn("envoy", [_bin("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",
                               "--log-level", "warn", "--concurrency", "2"])
         self.wait_pickers_routable(timeout_s)
+
+    def wait_pods(self, timeout_s: float = 30.0) -> None:
+        """Until every simulated pod answers /health."""
+        absent = self.settings.absent_pods
+        for key, (name, _) in self.pods().items():
+            if name not in absent:
+                self._wait("simulated pods", lambda key=key: _http_ok(f"http://{key}/health"), timeout_s)
 
     def wait_pickers_routable(self, timeout_s: float = 30.0) -> None:
         """Until every picker replica is ready and Envoy's health checks route to it."""
@@ -220,10 +226,13 @@ class Fleet:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, extra_args: tuple[str, ...] = ()) -> None:
+        """Start `name` again with its command, plus `extra_args` for this start only."""
         if self.processes[name].poll() is None:
             self._terminate(name)
-        self._spawn(name, *self._commands[name])
+        command, env = self._commands[name]
+        self._spawn(name, command + list(extra_args), env)
+        self._commands[name] = (command, env)
 
     def _terminate(self, name: str) -> None:
         proc = self.processes[name]

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from simulator.kv_cache import KVCache
+from simulator.kv_cache import KVCache, extend_chain
 from simulator.physics import Physics
 from simulator.tokenizer import output_piece, tokenize
 
@@ -191,11 +191,7 @@ class Engine:
             seq.shared.extend(fresh)
 
     def _extend_chain(self, seq: Sequence) -> None:
-        bs = self.physics.block_size
-        while (len(seq.chain) + 1) * bs <= len(seq.tokens):
-            start = len(seq.chain) * bs
-            parent = seq.chain[-1] if seq.chain else 0
-            seq.chain.append(hash((parent, tuple(seq.tokens[start : start + bs]))))
+        extend_chain(seq.chain, seq.tokens, self.physics.block_size)
 
     def _finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -12,6 +12,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 
+def extend_chain(chain: list[int], tokens: Sequence[int], block_size: int) -> None:
+    """Append the chained hashes of the full blocks of `tokens` that `chain` does not cover yet."""
+    while (len(chain) + 1) * block_size <= len(tokens):
+        start = len(chain) * block_size
+        chain.append(hash((chain[-1] if chain else 0, tuple(tokens[start : start + block_size]))))
+
+
 class KVCache:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks

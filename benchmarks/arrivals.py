@@ -1,0 +1,92 @@
+"""Open-loop Poisson arrivals and closed-loop concurrency over conversations, recording every prompt."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from benchmarks.driver import Result, chat_once
+from benchmarks.workloads import Conversation
+from simulator.kv_cache import extend_chain
+from simulator.tokenizer import render_chat, tokenize
+
+
+@dataclass(frozen=True)
+class Sent:
+    prompt: str  # the prompt as the model server renders it, for the oracle
+    result: Result
+
+
+async def poisson(base_url: str, model: str, conversations: list[Conversation], qps: float, duration_s: float,
+                  max_tokens: int, seed: int) -> list[Sent]:
+    """Turns arrive as a Poisson process; each goes to the next idle conversation with turns left."""
+    rng = random.Random(seed)
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    idle: deque[tuple[Conversation, int]] = deque((c, 0) for c in conversations)
+    sent: list[Sent] = []
+    tasks: set[asyncio.Task[None]] = set()
+    start = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+        async def turn(conv: Conversation, t: int) -> None:
+            conv.messages.append({"role": "user", "content": conv.questions[t]})
+            prompt = render_chat(conv.messages)
+            sent.append(Sent(prompt, await chat_once(http, url, model, conv, max_tokens)))
+            if t + 1 < len(conv.questions):
+                idle.append((conv, t + 1))
+
+        at = 0.0
+        while True:
+            at += rng.expovariate(qps)
+            if at >= duration_s:
+                break
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            if not idle:
+                continue  # every conversation is mid-turn: the arrival finds no user
+            task = asyncio.create_task(turn(*idle.popleft()))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    return sent
+
+
+async def concurrent(base_url: str, model: str, conversations: list[Conversation], concurrency: int,
+                     max_tokens: Callable[[], int]) -> list[Sent]:
+    """Single-turn requests, at most `concurrency` at once (the seeds' --max-concurrency)."""
+    gate = asyncio.Semaphore(concurrency)
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    sent: list[Sent] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1200)) as http:
+        async def one(conv: Conversation) -> None:
+            async with gate:
+                conv.messages.append({"role": "user", "content": conv.questions[0]})
+                prompt = render_chat(conv.messages)
+                sent.append(Sent(prompt, await chat_once(http, url, model, conv, max_tokens())))
+
+        await asyncio.gather(*(one(c) for c in conversations))
+    return sent
+
+
+def oracle_hit_rate(prompts: list[str], block_size: int = 16) -> float:
+    """The hit rate an unlimited cache with perfect affinity would reach: the fraction of prompt
+    tokens in full blocks that repeat an earlier prompt's prefix (the last token is always computed)."""
+    seen: set[int] = set()
+    hits = total = 0
+    for prompt in prompts:
+        tokens = tokenize(prompt)
+        total += len(tokens)
+        matched, chain = 0, []
+        extend_chain(chain, tokens, block_size)
+        for h in chain[: (len(tokens) - 1) // block_size]:
+            if h not in seen:
+                break
+            matched += 1
+        hits += matched * block_size
+        seen.update(chain)
+    return hits / total if total else 0.0

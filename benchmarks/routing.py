@@ -1,0 +1,273 @@
+"""Routing quality, side by side: every router in front of the same simulated pods, same seeded workloads.
+
+    make bench                                        # quick profile
+    .venv/bin/python -m benchmarks.routing --profile full
+
+Per flavour (vLLM-like and SGLang-like pods), per workload, per router: the pods
+restart first so no router inherits another's cache; then the workload runs and
+the hit rate comes from the pods' own counters, TTFT and throughput from the
+client, and per-pod KV use and queues from sampling the pods' metrics.
+Writes bench/out/summary.json, bench/out/summary.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks import arrivals
+from benchmarks.driver import prefix_counters
+from benchmarks.routers import PeerProcess, Router, manifests, routers
+from benchmarks.workloads import HotPrefixWorkload, SharedPrefixWorkload, StressWorkload
+from gateway_state.lifecycle import every
+from local_fleet.fleet import Fleet, FleetSettings
+
+OUT = Path("bench/out")
+
+
+@dataclass(frozen=True)
+class Profile:
+    pods: int
+    time_scale: float
+    num_blocks: int
+    shared_prefix: SharedPrefixWorkload
+    qps: tuple[float, ...]
+    duration_s: float
+    stress: StressWorkload
+    stress_concurrency: int
+    hot: HotPrefixWorkload
+    hot_qps: float
+    flavours: tuple[str, ...]
+
+
+PROFILES = {
+    # Minutes on 2 cores: one flavour, one load level per workload.
+    "quick": Profile(pods=8, time_scale=1.0, num_blocks=6000,
+                     shared_prefix=SharedPrefixWorkload(groups=16, users=4, turns=6, system_words=2000),
+                     qps=(12.0,), duration_s=20.0, stress=StressWorkload(prompts=48, output_tokens=200),
+                     stress_concurrency=24, hot=HotPrefixWorkload(requests=120), hot_qps=10.0,
+                     flavours=("vllm",)),
+    # About an hour: both flavours and a QPS sweep up to saturation.
+    "full": Profile(pods=8, time_scale=1.0, num_blocks=6000,
+                    shared_prefix=SharedPrefixWorkload(groups=32, users=5, turns=8, system_words=3000),
+                    qps=(6.0, 12.0, 18.0, 24.0), duration_s=60.0, stress=StressWorkload(prompts=200),
+                    stress_concurrency=64, hot=HotPrefixWorkload(requests=400), hot_qps=12.0,
+                    flavours=("vllm", "sglang")),
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+Samples = dict[str, list[tuple[float, float, float]]]  # pod -> (seconds, KV use, waiting requests)
+
+
+async def sample_pods(pods: list[str], stop: asyncio.Event, series: Samples) -> None:
+    """Every 0.5 s: each pod's (time, KV use, waiting requests), from its own /metrics."""
+    kv_re = re.compile(r"^(?:vllm:kv_cache_usage_perc|sglang:token_usage)\{.*\} (\S+)$", re.M)
+    queue_re = re.compile(r"^(?:vllm:num_requests_waiting|sglang:num_queue_reqs)\{.*\} (\S+)$", re.M)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        async def sample() -> None:
+            for pod in pods:
+                try:
+                    async with http.get(f"http://{pod}/metrics") as r:
+                        text = await r.text()
+                except (aiohttp.ClientError, TimeoutError):
+                    continue
+                kv, queue = kv_re.search(text), queue_re.search(text)
+                if kv and queue:
+                    series[pod].append((time.monotonic() - started, float(kv.group(1)), float(queue.group(1))))
+
+        await every(0.5, stop, sample)
+
+
+async def measure(url: str, model: str, pods: list[str], workload: str, profile: Profile, qps: float,
+                  seed: int) -> dict[str, Any]:
+    series: Samples = defaultdict(list)
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_pods(pods, stop, series))
+    before = await prefix_counters(pods)
+    started = time.monotonic()
+    if workload == "shared_prefix":
+        sent = await arrivals.poisson(url, model, profile.shared_prefix.conversations(), qps, profile.duration_s,
+                                      profile.shared_prefix.max_tokens, seed)
+    elif workload == "hot_prefix":
+        sent = await arrivals.poisson(url, model, profile.hot.conversations(), qps, profile.duration_s,
+                                      profile.hot.max_tokens, seed)
+    else:
+        rng = random.Random(seed)
+        sent = await arrivals.concurrent(url, model, profile.stress.conversations(), profile.stress_concurrency,
+                                         lambda: profile.stress.max_tokens(rng))
+    wall = time.monotonic() - started
+    stop.set()
+    await sampler
+    after = await prefix_counters(pods)
+    ok = [s.result for s in sent if s.result.ok]
+    ttfts = [r.ttft_s for r in ok]
+    kv_means = {p: statistics.mean(kv for _, kv, _ in rows) for p, rows in series.items() if rows}
+    queue_means = {p: statistics.mean(q for _, _, q in rows) for p, rows in series.items() if rows}
+    pool_queue = statistics.mean(queue_means.values()) if queue_means else 0.0
+    return {
+        "hit_rate": (after[0] - before[0]) / (after[1] - before[1]) if after[1] > before[1] else 0.0,
+        "oracle_hit_rate": arrivals.oracle_hit_rate([s.prompt for s in sent]),
+        "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p90_s": percentile(ttfts, 0.9),
+        "ttft_p99_s": percentile(ttfts, 0.99),
+        "e2e_p50_s": percentile([r.latency_s for r in ok], 0.5),
+        "e2e_p99_s": percentile([r.latency_s for r in ok], 0.99),
+        "output_tok_s": sum(r.output_tokens for r in ok) / wall,
+        "requests": len(sent), "failed": len(sent) - len(ok),
+        "errors": dict(Counter(s.result.error for s in sent if not s.result.ok).most_common(3)),
+        "per_pod_requests": dict(Counter(r.pod for r in ok)),
+        "kv_mean_per_pod": kv_means,
+        "kv_spread": statistics.pstdev(kv_means.values()) if len(kv_means) > 1 else 0.0,
+        "queue_mean_per_pod": queue_means,
+        "max_queue_over_pool_mean": max(queue_means.values()) / pool_queue if pool_queue > 0 else 1.0,
+        "ttfts": ttfts,
+        "kv_series": {p: [(t, kv) for t, kv, _ in rows] for p, rows in series.items()},
+    }
+
+
+def run_flavour(flavour: str, profile: Profile, selected: list[Router], progress: list[int], total: int,
+                rows: list[dict[str, Any]]) -> None:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{flavour}-"))
+    subnet = 7 if flavour == "vllm" else 8
+    pods = [f"{flavour}-{i}@127.0.{subnet}.{i + 1}:8000" for i in range(profile.pods)]
+    (work / "manifests").mkdir()
+    manifests(work / "manifests", flavour, pods)
+    fleet = Fleet(FleetSettings(manifests_dir=work / "manifests", work_dir=work,
+                                simulator_args=("--time-scale", str(profile.time_scale),
+                                                "--num-blocks", str(profile.num_blocks))))
+    endpoints = [p.split("@")[1] for p in pods]
+    fleet.start()
+    try:
+        plan = [("shared_prefix", q) for q in profile.qps] + [("stress", 0.0), ("hot_prefix", profile.hot_qps)]
+        for workload, qps in plan:
+            for router in selected:
+                progress[0] += 1
+                print(f"[{progress[0]}/{total}] {flavour} {workload} qps={qps or '-'} {router.name} ...", flush=True)
+                fleet.restart(f"pods-{flavour}")  # cold caches and zeroed counters for every router
+                fleet.wait_pods()
+                peer = None
+                if router.kind == "peer":
+                    peer = PeerProcess(router, endpoints, work)
+                    peer.start()
+                elif router.kind == "picker-local":
+                    for name in ("picker-0", "picker-1"):
+                        fleet.restart(name, ("--state", "local"))
+                    fleet.wait_pickers_routable()
+                try:
+                    result = asyncio.run(measure(f"http://127.0.0.1:{router.port}", router.model, endpoints,
+                                                 workload, profile, qps, seed=17))
+                finally:
+                    if peer is not None:
+                        peer.stop()
+                    if router.kind == "picker-local":
+                        for name in ("picker-0", "picker-1"):
+                            fleet.restart(name)
+                        fleet.wait_pickers_routable()
+                row = {"flavour": flavour, "workload": workload, "qps": qps, "router": router.name, **result}
+                rows.append(row)
+                print(f"    hit {row['hit_rate']:.3f} (oracle {row['oracle_hit_rate']:.3f}) "
+                      f"ttft p90 {row['ttft_p90_s']:.3f} s  {row['output_tok_s']:.0f} tok/s  "
+                      f"failed {row['failed']} {row['errors'] or ''}", flush=True)
+    finally:
+        fleet.stop()
+
+
+def write_outputs(rows: list[dict[str, Any]]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    summary = [{k: v for k, v in r.items() if k not in ("ttfts", "kv_series")} for r in rows]
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = ["| flavour | workload | qps | router | hit rate | oracle | TTFT p50 s | p90 s | p99 s | out tok/s | "
+             "KV spread | max queue / mean | failed |", "|" + "---|" * 13]
+    for r in summary:
+        lines.append(f"| {r['flavour']} | {r['workload']} | {r['qps'] or '-'} | {r['router']} | "
+                     f"{r['hit_rate']:.3f} | {r['oracle_hit_rate']:.3f} | {r['ttft_p50_s']:.3f} | "
+                     f"{r['ttft_p90_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['output_tok_s']:.0f} | "
+                     f"{r['kv_spread']:.3f} | "
+                     f"{r['max_queue_over_pool_mean']:.2f} | {r['failed']} |")
+    (OUT / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows)
+
+
+def plot(rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for (flavour, workload, qps), group in _groups(rows).items():
+        tag = f"{flavour}_{workload}" + (f"_qps{qps:g}" if qps else "")
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in group:
+            values = sorted(r["ttfts"])
+            if values:
+                ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=r["router"])
+        ax.set(xlabel="TTFT (s)", ylabel="fraction of requests", title=f"TTFT CDF: {tag}", xscale="log")
+        ax.legend(fontsize=7)
+        fig.savefig(OUT / f"ttft_cdf_{tag}.png", dpi=100)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ax.bar([r["router"] for r in group], [r["hit_rate"] for r in group])
+        ax.axhline(group[0]["oracle_hit_rate"], color="k", linestyle="--", label="oracle")
+        ax.set(ylabel="prefix-cache hit rate", title=f"Hit rate: {tag}")
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(OUT / f"hit_rate_{tag}.png", dpi=100)
+        plt.close(fig)
+        shown = [r for r in group if r["router"] in ("round_robin", "ours_prefix_cache", "sglang_cache_aware")]
+        fig, axes = plt.subplots(len(shown), 1, figsize=(8, 3 * max(1, len(shown))), squeeze=False)
+        for ax, r in zip(axes[:, 0], shown, strict=True):
+            for pod, points in sorted(r["kv_series"].items()):
+                ax.plot([t for t, _ in points], [kv for _, kv in points], label=pod)
+            ax.set(title=f"KV-cache use per pod: {r['router']}", xlabel="s", ylabel="KV use")
+        fig.tight_layout()
+        fig.savefig(OUT / f"kv_per_pod_{tag}.png", dpi=100)
+        plt.close(fig)
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["flavour"], r["workload"], r["qps"])].append(r)
+    return groups
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--routers", nargs="*", help="names to run (default: all)")
+    a = p.parse_args()
+    profile = PROFILES[a.profile]
+    selected = [r for r in routers() if not a.routers or r.name in a.routers]
+    total = len(profile.flavours) * (len(profile.qps) + 2) * len(selected)
+    rows: list[dict[str, Any]] = []
+    progress = [0]
+    for flavour in profile.flavours:
+        run_flavour(flavour, profile, selected, progress, total, rows)
+    (OUT / "profile.json").parent.mkdir(parents=True, exist_ok=True)
+    (OUT / "profile.json").write_text(json.dumps({"profile": a.profile, **asdict(profile)}, indent=2, default=str))
+    write_outputs(rows)
+
+
+if __name__ == "__main__":
+    main()
