@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -62,6 +63,8 @@ class RequestRouter:
         self._rng = rng
         self._local = LocalState()
         self._shared = settings.state.mode == "redis"
+        # Decisions of this replica not yet recorded in Redis: concurrent requests count them too.
+        self._pending: dict[str, Counter[str]] = {}
 
     def models(self, pool: str | None) -> list[Model]:
         config = self._snapshots.current.config
@@ -92,11 +95,18 @@ class RequestRouter:
             hashes = block_hashes(prompt_text(parsed.body), target, snapshot.config.prefix_seed, p.block_chars,
                                   p.max_blocks)
         view = await self._shared_view(pool, hashes)
+        pending = self._pending.setdefault(pool.name, Counter())
         candidates = self._candidates(pool, snapshot.load.get(pool.name, {}), view)
         request = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "")
         decision = self._scheduler.schedule(pool.strategy, request, candidates)
         chosen = decision.endpoints[0]
-        recorded = await self._record(pool, chosen, hashes)
+        pending[chosen.endpoint.key] += 1
+        try:
+            recorded = await self._record(pool, chosen, hashes)
+        finally:
+            pending[chosen.endpoint.key] -= 1
+            if pending[chosen.endpoint.key] <= 0:
+                del pending[chosen.endpoint.key]
         return Routed(parsed.model, target, pool.name, pool.strategy, decision.endpoints, body, len(hashes),
                       chosen.matched_blocks, recorded, time.perf_counter() - started)
 
@@ -121,11 +131,15 @@ class RequestRouter:
             return self._local.view(pool.name, hashes)
         try:
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
-                return await self._store.lookup(pool.name, hashes, int(time.time() * 1000))
+                view = await self._store.lookup(pool.name, hashes, int(time.time() * 1000))
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("lookup").inc()
             log.debug("shared lookup failed, scoring locally: %s", exc)
             return self._local.view(pool.name, ())
+        pending = self._pending.get(pool.name)
+        if pending:  # this replica's own decisions still on their way to Redis
+            view = SharedView(dict(Counter(view.inflight) + pending), view.matched_blocks)
+        return view
 
     async def _record(self, pool: Pool, chosen: Candidate, hashes: list[str]) -> bool:
         p, s = self._settings.prefix, self._settings.state

@@ -72,7 +72,7 @@ def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[Strategy, 
     filters = (HealthyFilter(s.max_scrape_failures), SheddableFilter(s.saturation_waiting, s.saturation_kv_cache))
     load = (Weighted(QueueScorer(s.queue_scale), s.queue_weight), Weighted(KVCacheScorer(), s.kv_cache_weight),
             Weighted(InflightScorer(s.inflight_scale), s.inflight_weight))
-    picker = MaxScorePicker(s.fallbacks, rng)
+    picker = MaxScorePicker(s.fallbacks, rng, s.tie_margin)
     return {
         Strategy.DEFAULT: Profile(filters, load, picker),
         Strategy.PREFIX_CACHE: Profile(filters, (*load, Weighted(PrefixScorer(), s.prefix_weight),

@@ -74,6 +74,9 @@ class SchedulingSettings:
     max_scrape_failures: int = 3
     # Endpoints returned to Envoy after the chosen one, in order, for fallback.
     fallbacks: int = 2
+    # Scores this close to the best tie (then chosen at random): less than one request
+    # in flight more (2 x 1/16 = 0.125), more than a trivially short shared prefix.
+    tie_margin: float = 0.1
 
 
 @dataclass(frozen=True)

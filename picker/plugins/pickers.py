@@ -11,12 +11,20 @@ from picker.plugins.framework import Candidate, SchedulingRequest
 
 @dataclass(frozen=True)
 class MaxScorePicker:
-    """Highest score first; ties broken at random so equal endpoints share the load."""
+    """Highest score first; candidates within `tie_margin` of the best count as tied.
+
+    Ties are broken at random, so near-equal endpoints share a burst instead of all
+    of it landing on the one a hair ahead (a trivially short shared prefix, say).
+    """
 
     fallbacks: int
     rng: random.Random
+    tie_margin: float
     name: str = "max-score"
 
     def pick(self, request: SchedulingRequest, scored: Sequence[tuple[Candidate, float]]) -> list[Candidate]:
-        order = sorted(scored, key=lambda cs: (-round(cs[1], 9), self.rng.random()))
-        return [c for c, _ in order[: 1 + self.fallbacks]]
+        best = max(score for _, score in scored)
+        tied = [c for c, score in scored if score >= best - self.tie_margin]
+        chosen = tied[self.rng.randrange(len(tied))]
+        rest = sorted(((c, s) for c, s in scored if c is not chosen), key=lambda cs: (-cs[1], self.rng.random()))
+        return [chosen, *(c for c, _ in rest[: self.fallbacks])]
