@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ class Profile:
 PROFILES = {
     # Minutes on 2 cores: one flavour, one load level per workload.
     "quick": Profile(pods=8, time_scale=1.0, num_blocks=6000,
-                     shared_prefix=SharedPrefixWorkload(groups=16, users=4, turns=6, system_words=2000),
+                     shared_prefix=SharedPrefixWorkload(groups=24, users=4, turns=8, system_words=2000),
                      qps=(12.0,), duration_s=20.0, stress=StressWorkload(prompts=48, output_tokens=200),
                      stress_concurrency=24, hot=HotPrefixWorkload(requests=120), hot_qps=10.0,
                      flavours=("vllm",)),
@@ -144,8 +144,11 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
     }
 
 
-def run_flavour(flavour: str, profile: Profile, selected: list[Router], progress: list[int], total: int,
-                rows: list[dict[str, Any]]) -> None:
+WORKLOADS = ("shared_prefix", "stress", "hot_prefix")
+
+
+def run_flavour(flavour: str, profile: Profile, selected: list[Router], workloads: tuple[str, ...],
+                progress: list[int], total: int, rows: list[dict[str, Any]]) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{flavour}-"))
     subnet = 7 if flavour == "vllm" else 8
     pods = [f"{flavour}-{i}@127.0.{subnet}.{i + 1}:8000" for i in range(profile.pods)]
@@ -158,6 +161,7 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], progress
     fleet.start()
     try:
         plan = [("shared_prefix", q) for q in profile.qps] + [("stress", 0.0), ("hot_prefix", profile.hot_qps)]
+        plan = [(w, q) for w, q in plan if w in workloads]
         for workload, qps in plan:
             for router in selected:
                 progress[0] += 1
@@ -256,14 +260,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     p.add_argument("--routers", nargs="*", help="names to run (default: all)")
+    p.add_argument("--workloads", nargs="*", choices=WORKLOADS, default=list(WORKLOADS))
+    p.add_argument("--qps", nargs="*", type=float, help="shared-prefix arrival rates (default: the profile's)")
+    p.add_argument("--time-scale", type=float, help="simulated model speed (above 1: slower, same ratios)")
     a = p.parse_args()
     profile = PROFILES[a.profile]
+    if a.qps:
+        profile = replace(profile, qps=tuple(a.qps))
+    if a.time_scale:
+        profile = replace(profile, time_scale=a.time_scale)
     selected = [r for r in routers() if not a.routers or r.name in a.routers]
-    total = len(profile.flavours) * (len(profile.qps) + 2) * len(selected)
+    runs_per_flavour = (len(profile.qps) * ("shared_prefix" in a.workloads) + ("stress" in a.workloads)
+                        + ("hot_prefix" in a.workloads))
+    total = len(profile.flavours) * runs_per_flavour * len(selected)
     rows: list[dict[str, Any]] = []
     progress = [0]
     for flavour in profile.flavours:
-        run_flavour(flavour, profile, selected, progress, total, rows)
+        run_flavour(flavour, profile, selected, tuple(a.workloads), progress, total, rows)
     (OUT / "profile.json").parent.mkdir(parents=True, exist_ok=True)
     (OUT / "profile.json").write_text(json.dumps({"profile": a.profile, **asdict(profile)}, indent=2, default=str))
     write_outputs(rows)
