@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import tempfile
 import time
 import uuid
@@ -31,6 +30,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from benchmarks.driver import hit_rate, prefix_counters
 from local_fleet.fleet import Fleet, FleetSettings
 
 MODEL = "/models/Qwen3-32B"
@@ -101,22 +101,11 @@ async def decisions_per_second(address: str, pid: int, concurrency: int, seconds
             "decisions_per_cpu_s": count / used}
 
 
-async def pod_counters(pods: list[str]) -> tuple[float, float]:
-    hits = queries = 0.0
-    async with aiohttp.ClientSession() as http:
-        for pod in pods:
-            async with http.get(f"http://{pod}/metrics") as r:
-                text = await r.text()
-            hits += float(re.search(r"^vllm:prefix_cache_hits_total\{.*\} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-            queries += float(re.search(r"^vllm:prefix_cache_queries_total\{.*\} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-    return hits, queries
-
-
 async def multi_turn_hit_rate(port: int, pods: list[str], conversations: int, turns: int) -> float:
     """Conversations that grow turn by turn under a shared system prompt, as the seeds' multi-turn test."""
     tag = uuid.uuid4().hex  # fresh text per run, so no route profits from the other's cache
     system = f"[{tag}] You are a helpful assistant for a text adventure. " + "Follow the rules of the game. " * 30
-    before = await pod_counters(pods)
+    before = await prefix_counters(pods)
     async with aiohttp.ClientSession() as http:
         async def conversation(c: int) -> None:
             messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
@@ -128,8 +117,7 @@ async def multi_turn_hit_rate(port: int, pods: list[str], conversations: int, tu
                 messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
 
         await asyncio.gather(*(conversation(c) for c in range(conversations)))
-    after = await pod_counters(pods)
-    return (after[0] - before[0]) / (after[1] - before[1])
+    return hit_rate(before, await prefix_counters(pods))
 
 
 async def measure(fleet: Fleet, requests: int) -> dict[str, Any]:
