@@ -35,6 +35,7 @@ from gateway_state.lifecycle import every
 from local_fleet.fleet import Fleet, FleetSettings
 
 OUT = Path("bench/out")
+QUEUE_FLOOR = 0.1  # waiting requests: below this a pool's mean queue is noise
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
         "kv_mean_per_pod": kv_means,
         "kv_spread": statistics.pstdev(kv_means.values()) if len(kv_means) > 1 else 0.0,
         "queue_mean_per_pod": queue_means,
-        "max_queue_over_pool_mean": max(queue_means.values()) / pool_queue if pool_queue > 0 else 1.0,
+        # Against at least a tenth of a waiting request: on an idle pool one blip is not an imbalance.
+        "max_queue_over_pool_mean": max(queue_means.values(), default=0.0) / max(pool_queue, QUEUE_FLOOR),
         "ttfts": ttfts,
         "kv_series": {p: [(t, kv) for t, kv, _ in rows] for p, rows in series.items()},
     }
