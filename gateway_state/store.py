@@ -51,12 +51,9 @@ class StateStore:
         """Acquire or renew the controller lease; returns the holder as "id|epoch"."""
         return (await self._lease(keys=[keys.LEADER, keys.LEADER_EPOCH], args=[candidate, lease_ms])).decode()
 
-    async def read_config_raw(self) -> bytes | None:
-        """The encoded config, or None when Redis holds none (lost or not yet written)."""
-        return await self.redis.get(keys.CONFIG)
-
     async def read_config(self) -> Config | None:
-        raw = await self.read_config_raw()
+        """The config, or None when Redis holds none (lost, or not yet written)."""
+        raw = await self.redis.get(keys.CONFIG)
         return decode_config(raw) if raw is not None else None
 
     # -- load samples (collectors write, pickers read) ------------------------

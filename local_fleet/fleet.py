@@ -90,9 +90,6 @@ class Fleet:
             return f"redis-cluster://127.0.0.1:{s.redis_cluster_ports[0]}"
         return f"redis://127.0.0.1:{s.redis_port}/0"
 
-    @property
-    def redis_processes(self) -> list[str]:
-        return [f"redis-{p}" for p in self.settings.redis_cluster_ports] or ["redis"]
 
     @property
     def envoy_dir(self) -> Path:

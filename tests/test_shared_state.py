@@ -76,7 +76,10 @@ async def test_endpoint_capacity_evicts_least_recent_blocks_leaves_first(redis_c
     assert await record(store, "a:1", ["q1", "q2"], capacity=4) == 1
     view = await store.lookup("pool", ["p1", "p2", "p3"], now_ms())
     assert view.matched_blocks == {"a:1": 2}
+    # The scripts write exactly the keys the schema module names.
     assert await redis_client.zcard(keys.endpoint_lru("pool", "a:1")) == 4
+    assert await redis_client.hkeys(keys.prefix_block("pool", "p1")) == [b"a:1"]
+    assert not await redis_client.exists(keys.prefix_block("pool", "p3"))  # evicted, and no holder left
     # Another endpoint's entries are untouched by a's eviction.
     await record(store, "b:1", ["p1", "p2", "p3"], capacity=4)
     assert (await store.lookup("pool", ["p1", "p2", "p3"], now_ms())).matched_blocks == {"a:1": 2, "b:1": 3}
