@@ -135,10 +135,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self._metrics.prefix_blocks_queried.labels(routed.pool).inc(routed.prompt_blocks)
             self._metrics.prefix_blocks_matched.labels(routed.pool).inc(routed.matched_blocks)
         log.info("Request Handled request_id=%s model=%s target_model=%s pool=%s pod=%s endpoint=%s strategy=%s "
-                 "prefix_blocks=%d/%d fallbacks=%s decision_ms=%.3f",
+                 "prefix_blocks=%d/%d fallbacks=%s decision_ms=%.3f schedule_ms=%.3f",
                  stream.request_id or "-", routed.model, routed.target_model, routed.pool, chosen.name, chosen.key,
                  routed.strategy.value, routed.matched_blocks, routed.prompt_blocks,
-                 ",".join(c.endpoint.key for c in routed.endpoints[1:]) or "-", routed.decision_seconds * 1000)
+                 ",".join(c.endpoint.key for c in routed.endpoints[1:]) or "-", routed.decision_seconds * 1000,
+                 routed.schedule_seconds * 1000)
         all_endpoints = ",".join(c.endpoint.key for c in routed.endpoints)
         set_headers = [_header(DESTINATION_HEADER, chosen.key)]
         body_mutation = None

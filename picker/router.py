@@ -45,7 +45,8 @@ class Routed:
     prompt_blocks: int
     matched_blocks: int
     recorded_shared: bool  # the in-flight count reached Redis and must be released there
-    decision_seconds: float
+    decision_seconds: float  # body received to decision recorded, Redis round trips included
+    schedule_seconds: float  # the scheduling runner alone: filters, scorers, picker
 
     @property
     def chosen(self) -> Candidate:
@@ -95,20 +96,13 @@ class RequestRouter:
             hashes = block_hashes(prompt_text(parsed.body), target, snapshot.config.prefix_seed, p.block_chars,
                                   p.max_blocks)
         view = await self._shared_view(pool, hashes)
-        pending = self._pending.setdefault(pool.name, Counter())
         candidates = self._candidates(pool, snapshot.load.get(pool.name, {}), view)
         request = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "")
         decision = self._scheduler.schedule(pool.strategy, request, candidates)
         chosen = decision.endpoints[0]
-        pending[chosen.endpoint.key] += 1
-        try:
-            recorded = await self._record(pool, chosen, hashes)
-        finally:
-            pending[chosen.endpoint.key] -= 1
-            if pending[chosen.endpoint.key] <= 0:
-                del pending[chosen.endpoint.key]
+        recorded = await self._record(pool, chosen, hashes)
         return Routed(parsed.model, target, pool.name, pool.strategy, decision.endpoints, body, len(hashes),
-                      chosen.matched_blocks, recorded, time.perf_counter() - started)
+                      chosen.matched_blocks, recorded, time.perf_counter() - started, decision.seconds)
 
     def _target(self, model: Model) -> str:
         if len(model.targets) == 1:
@@ -150,15 +144,22 @@ class RequestRouter:
         self._local.record(pool.name, chosen.endpoint.key, () if self._shared else hashes, capacity)
         if not self._shared:
             return False
+        endpoint = chosen.endpoint.key
+        pending = self._pending.setdefault(pool.name, Counter())
+        pending[endpoint] += 1  # counted by this replica's concurrent decisions until Redis has it
         try:
             async with asyncio.timeout(s.redis_timeout_ms / 1000):
-                await self._store.record(pool.name, self._settings.server.replica_id, chosen.endpoint.key, hashes,
+                await self._store.record(pool.name, self._settings.server.replica_id, endpoint, hashes,
                                          int(time.time() * 1000), p.ttl_ms, capacity, s.inflight_lease_ms)
             return True
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("record").inc()
             log.debug("shared record failed: %s", exc)
             return False
+        finally:
+            pending[endpoint] -= 1
+            if pending[endpoint] <= 0:
+                del pending[endpoint]
 
     async def release(self, routed: Routed) -> None:
         """The request ended (Envoy closed the stream): it is no longer in flight."""

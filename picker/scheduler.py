@@ -39,7 +39,6 @@ class Profile:
 @dataclass(frozen=True)
 class Decision:
     endpoints: list[Candidate]  # the chosen one first, then fallbacks
-    score: float  # the chosen endpoint's total
     seconds: float
 
 
@@ -64,8 +63,7 @@ class Scheduler:
         chosen = profile.picker.pick(request, list(zip(remaining, totals, strict=True)))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("scores %s", {c.endpoint.name: round(t, 3) for c, t in zip(remaining, totals, strict=True)})
-        best = max(totals)
-        return Decision(chosen, best, time.perf_counter() - started)
+        return Decision(chosen, time.perf_counter() - started)
 
 
 def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[Strategy, Profile]:
