@@ -16,10 +16,9 @@ from typing import Any
 
 from controller.desired import DesiredState
 from controller.manifests import HTTPRouteSpec, Manifests, RouteRule
+from gateway_state.protocol import DESTINATION_HEADER, POOL_METADATA_KEY, openai_error
 from gateway_state.records import FailureMode, Pool
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-POOL_METADATA_KEY = "x-inference-pool"  # gRPC initial metadata naming the pool to the picker
 # Envoy's response flags for a model server that could not be reached or went away.
 UPSTREAM_FAILURE_FLAGS = ("UF", "UH", "URX", "UC", "UR", "UO", "UT", "NR", "DC")
 PICKER_CLUSTER = "picker"
@@ -54,7 +53,7 @@ def _duration(ms: int) -> str:
 
 
 def _error_json(status: int, message: str, err_type: str) -> str:
-    return json.dumps({"error": {"message": message, "type": err_type, "param": None, "code": status}})
+    return json.dumps(openai_error(status, message, err_type))
 
 
 def _static_cluster(name: str, hosts: tuple[tuple[str, int], ...], http2: bool = False,

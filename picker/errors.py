@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from gateway_state.protocol import openai_error
 
 
 class GatewayError(Exception):
@@ -13,9 +15,8 @@ class GatewayError(Exception):
         super().__init__(message)
         self.message, self.param = message, param
 
-    def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
-                          "code": self.status}}
+    def body(self) -> dict[str, Any]:
+        return openai_error(self.status, self.message, self.error_type, self.param)
 
 
 class BadRequest(GatewayError):

@@ -21,14 +21,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
+from gateway_state.protocol import DESTINATION_HEADER, POOL_METADATA_KEY
 from picker.errors import BadRequest, GatewayError, MethodNotAllowed, PickerUnavailable
 from picker.metrics import PickerMetrics
 from picker.router import RequestRouter, Routed
 
 log = logging.getLogger("picker")
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-POOL_METADATA_KEY = "x-inference-pool"
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 
 

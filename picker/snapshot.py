@@ -58,7 +58,12 @@ class SnapshotSource:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("undecodable config in Redis, keeping the last one: %s", exc)
         # Samples missing after a flush keep their last value until they age out.
-        merged = {pool: {**self.current.load.get(pool, {}), **samples} for pool, samples in load.items()}
+        # Only endpoints still in their pool stay, so pod churn does not grow the snapshot.
+        merged = {}
+        for pool, samples in load.items():
+            members = {e.key for e in config.pools[pool].endpoints} if config and pool in config.pools else set()
+            previous = self.current.load.get(pool, {})
+            merged[pool] = {e: s for e, s in {**previous, **samples}.items() if e in members}
         self.current = Snapshot(config, merged)
 
     async def run(self, stop: asyncio.Event) -> None:
