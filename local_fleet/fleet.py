@@ -98,7 +98,7 @@ class Fleet:
     def log_path(self, name: str) -> Path:
         return self.settings.work_dir / "logs" / f"{name}.log"
 
-    def pods(self) -> dict[str, tuple[str, str, int]]:
+    def pods(self) -> dict[str, tuple[str, str]]:
         """endpoint key -> (pod name, runtime) of every pod a pool or Service selects."""
         state = build(load_directory(self.settings.manifests_dir))
         pods: dict[str, tuple[str, str]] = {}
@@ -123,11 +123,10 @@ class Fleet:
             self._spawn("redis", [_bin("redis-server"), "--bind", "127.0.0.1", "--port", str(s.redis_port),
                                   "--save", "", "--appendonly", "no", "--protected-mode", "no"])
             self._wait("redis", lambda: _port_open("127.0.0.1", s.redis_port), timeout_s)
-        pods = self.pods()
         by_runtime: dict[str, list[str]] = {}
-        pods = {key: pod for key, pod in pods.items() if pod[0] not in s.absent_pods}
-        for key, (name, runtime) in pods.items():
-            by_runtime.setdefault(runtime, []).append(f"{name}@{key}")
+        for key, (name, runtime) in self.pods().items():
+            if name not in s.absent_pods:
+                by_runtime.setdefault(runtime, []).append(f"{name}@{key}")
         simulator = _bin("model-server-simulator")
         for runtime, specs in sorted(by_runtime.items()):
             if s.pod_per_process:
@@ -153,8 +152,6 @@ class Fleet:
             self._spawn(f"picker-{i}", [_bin("picker"), "--grpc-address", f"127.0.0.1:{port}",
                                         "--metrics-address", f"127.0.0.1:{metrics_port}",
                                         "--replica-id", f"picker-{i}", *s.picker_args], env)
-        for metrics_port in s.picker_metrics_ports:
-            self._wait("pickers", lambda p=metrics_port: _http_ok(f"http://127.0.0.1:{p}/healthz"), timeout_s)
         self._spawn("envoy", [_bin("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",
                               "--log-level", "warn", "--concurrency", "2"])
         self.wait_pickers_routable(timeout_s)

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway_state import protocol
 from simulator.engine import Engine, Sequence
 from simulator.metrics import SGLangMetrics, VLLMMetrics
 from simulator.physics import Physics
@@ -30,8 +31,7 @@ class PodSpec:
 
 
 def openai_error(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
-    return web.json_response(body, status=status)
+    return web.json_response(protocol.openai_error(status, message, err_type, param), status=status)
 
 
 class _BadRequest(Exception):
