@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from redis.exceptions import RedisError
 
 from gateway_state.lifecycle import connect
@@ -38,7 +39,19 @@ def sentinel_redis(tmp_path: Path) -> Iterator[tuple[str, dict[str, subprocess.P
                         f"sentinel monitor fleet 127.0.0.1 {master} 2\n"
                         "sentinel down-after-milliseconds fleet 1000\nsentinel failover-timeout fleet 5000\n")
         server(f"sentinel-{i}", str(conf), "--sentinel")
-    time.sleep(1.5)  # replication and the sentinels' discovery
+    # A failover needs every Sentinel to know the replica and its two peers; wait for that, not a guess.
+    deadline = time.monotonic() + 30
+    for port in sentinels:
+        sentinel = redis.Redis(port=port)
+        while True:
+            try:
+                if sentinel.sentinel_slaves("fleet") and len(sentinel.sentinel_sentinels("fleet")) == 2:
+                    break
+            except redis.RedisError:
+                pass
+            assert time.monotonic() < deadline, "the Sentinels did not discover the replica and each other"
+            time.sleep(0.2)
+        sentinel.close()
     yield "redis-sentinel://" + ",".join(f"127.0.0.1:{p}" for p in sentinels) + "/fleet", procs
     for proc in procs.values():
         proc.terminate()
