@@ -222,9 +222,7 @@ async def test_with_every_picker_down_pools_fail_open_or_closed(http: aiohttp.Cl
     finally:
         for name in ("picker-0", "picker-1"):
             fleet.restart(name)
-        for i in range(2):
-            await wait_for(lambda i=i: picker_ready(http, fleet, i), 10.0)
-    await asyncio.sleep(1.5)  # Envoy's health checks see them serving again
+        fleet.wait_pickers_routable()  # ready, and Envoy's health checks route to them again
     routed = await post(http, CLOSED_PORT, chat("picked again", model="qwen-closed"))
     assert routed.status == 200
 
