@@ -69,6 +69,7 @@ def to_load_sample(text: str, now_ms: int) -> LoadSample:
             max_adapters=_int(lora.get("max_lora")),
             block_size=_int(cache.get("block_size")),
             num_blocks=_int(cache.get("num_gpu_blocks")),
+            prompt_tokens=_total(series, "vllm:prompt_tokens_total") or 0.0,
         )
     if "sglang:num_queue_reqs" in series:
         # SGLang: tensor-parallel ranks report the same scheduler, so take one figure.
@@ -81,5 +82,6 @@ def to_load_sample(text: str, now_ms: int) -> LoadSample:
             kv_cache_usage=_highest(series, "sglang:token_usage") or 0.0,
             block_size=_int(cache.get("page_size")),
             num_blocks=_int(cache.get("num_pages")),
+            prompt_tokens=_highest(series, "sglang:prompt_tokens_total") or 0.0,
         )
     raise GarbledMetrics("neither vLLM nor SGLang queue metrics found")

@@ -108,6 +108,7 @@ class LoadSample:
     max_adapters: int = 0
     block_size: int = 0  # tokens per KV block (vLLM block_size, SGLang page_size)
     num_blocks: int = 0  # KV blocks on the device (vLLM num_gpu_blocks)
+    prompt_tokens: float = 0.0  # the server's prefill-token counter: when it falls, the server restarted
     consecutive_failures: int = 0
     error: str = ""
 

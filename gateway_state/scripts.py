@@ -75,6 +75,18 @@ end
 return evicted
 """
 
+# KEYS[1] = the endpoint's LRU. ARGV = pool prefix, endpoint, batch size.
+# Forgets up to a batch of the blocks the endpoint was recorded to hold (its
+# cache is gone: the server restarted). Returns how many blocks remain, so the
+# caller repeats until none do without stalling Redis on a large LRU.
+FORGET = """
+local gone = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[3]))
+for j = 1, #gone, 2 do
+  redis.call('HDEL', ARGV[1] .. 'pfx:' .. gone[j], ARGV[2])
+end
+return redis.call('ZCARD', KEYS[1])
+"""
+
 # ARGV = pool prefix, replica, endpoint. Ends one in-flight request; a count
 # lost to a Redis flush never goes negative.
 RELEASE = """

@@ -34,6 +34,7 @@ class StateStore:
         self._lookup = redis.register_script(scripts.LOOKUP)
         self._record = redis.register_script(scripts.RECORD)
         self._release = redis.register_script(scripts.RELEASE)
+        self._forget = redis.register_script(scripts.FORGET)
         self._heartbeat = redis.register_script(scripts.HEARTBEAT)
         self._membership = redis.register_script(scripts.MEMBERSHIP)
         self._lease = redis.register_script(scripts.LEASE)
@@ -129,6 +130,12 @@ class StateStore:
 
     async def release(self, pool: str, replica: str, endpoint: str) -> None:
         await self._release(keys=[keys.inflight(pool, replica)], args=[keys.pool_prefix(pool), replica, endpoint])
+
+    async def forget_endpoint(self, pool: str, endpoint: str, batch: int = 1000) -> None:
+        """Drop the endpoint from the prefix index: its KV cache is gone."""
+        lru, prefix = keys.endpoint_lru(pool, endpoint), keys.pool_prefix(pool)
+        while int(await self._forget(keys=[lru], args=[prefix, endpoint, batch])):
+            pass
 
     async def heartbeat(self, pool: str, replica: str, now_ms: int, lease_ms: int) -> None:
         await self._heartbeat(keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), replica, now_ms, lease_ms])

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from collector.collector import Collector, CollectorSettings
 from collector.metrics_map import GarbledMetrics, to_load_sample
+from gateway_state import keys
 from gateway_state.records import Config, Endpoint, Pool
 from gateway_state.store import StateStore
 from simulator.physics import Physics
@@ -134,3 +135,50 @@ async def test_sglang_pod_answers_the_routers_discovery_calls(pods: dict[str, Si
             text = await r.text()
     assert 'sglang:num_queue_reqs{model_name="m",tp_rank="0"}' in text
     assert 'sglang:cache_config_info{num_pages="2000",page_size="16"} 1.0' in text
+
+
+async def _serve(pod: SimulatedPod) -> tuple[web.AppRunner, asyncio.Task[None]]:
+    engine = asyncio.create_task(pod.engine.run())
+    runner = web.AppRunner(pod.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, pod.spec.host, pod.spec.port).start()
+    return runner, engine
+
+
+@pytest.mark.parametrize("runtime", ["vllm", "sglang"])
+async def test_a_restarted_pod_leaves_the_prefix_index(redis_client: Redis, runtime: str) -> None:
+    """Its KV cache died with the process, so the index must stop sending its prefixes there."""
+    spec = PodSpec("pod-0", "127.0.4.5", free_port(), runtime, "m")
+    pod = SimulatedPod(spec, Physics(num_blocks=2000))
+    runner, engine = await _serve(pod)
+    endpoint, other = Endpoint("pod-0", spec.host, spec.port), Endpoint("elsewhere", "127.0.4.6", free_port())
+    store = StateStore(redis_client)
+    await publish(store, Config(1, {"p": Pool("p", 8000, endpoints=(endpoint, other))}, {}))
+    blocks = [f"b{i}" for i in range(2500)]  # more than one FORGET batch
+    now = int(time.time() * 1000)
+    for e in (endpoint, other):
+        await store.record("p", "picker-0", e.key, blocks, now, 600_000, 10_000, 5000)
+    collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300))
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    try:
+        async with aiohttp.ClientSession() as http:
+            r = await http.post(f"http://{spec.host}:{spec.port}/v1/completions",
+                                json={"model": "m", "prompt": "hello " * 50, "max_tokens": 2})
+            assert r.status == 200
+            await asyncio.sleep(0.3)  # scraped with its counter above zero
+            assert (await store.lookup("p", blocks[:3], now)).matched_blocks == {endpoint.key: 3, other.key: 3}
+            await runner.cleanup()
+            engine.cancel()
+            runner, engine = await _serve(SimulatedPod(spec, Physics(num_blocks=2000)))
+            deadline = time.monotonic() + 3
+            while (await store.lookup("p", blocks[:3], now)).matched_blocks.get(endpoint.key):
+                assert time.monotonic() < deadline, "the restarted pod is still in the prefix index"
+                await asyncio.sleep(0.05)
+        assert (await store.lookup("p", blocks[:3], now)).matched_blocks == {other.key: 3}
+        assert await redis_client.zcard(keys.endpoint_lru("p", endpoint.key)) == 0
+    finally:
+        stop.set()
+        await task
+        await runner.cleanup()
+        engine.cancel()
