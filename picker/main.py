@@ -22,7 +22,7 @@ from picker.extproc import ExternalProcessor
 from picker.metrics import PickerMetrics
 from picker.router import RequestRouter
 from picker.scheduler import Scheduler, build_profiles
-from picker.settings import PickerSettings, ServerSettings, StateSettings
+from picker.settings import PickerSettings, SchedulingSettings, ServerSettings, StateSettings
 from picker.snapshot import SnapshotSource
 
 log = logging.getLogger("picker")
@@ -41,13 +41,21 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     p.add_argument("--redis-timeout-ms", type=int, default=state.redis_timeout_ms)
     p.add_argument("--state", choices=("redis", "local"), default=state.mode,
                    help="where the prefix index and in-flight counts live (local: per-replica baseline)")
+    p.add_argument("--scheduling", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one scheduling setting (repeatable), e.g. inflight_scale=4; "
+                        "the names and their reasons are in picker/settings.py")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
+    try:
+        scheduling = SchedulingSettings.from_overrides(a.scheduling)
+    except ValueError as exc:
+        p.error(str(exc))
     configure_logging(a.log_level)
     replica = a.replica_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     return PickerSettings(
         server=ServerSettings(a.grpc_address, a.metrics_address, replica),
         state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms),
+        scheduling=scheduling,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,21 @@ class SchedulingSettings:
     # Scores this close to the best tie (then chosen at random): less than one request
     # in flight more (2 x 1/16 = 0.125), more than a trivially short shared prefix.
     tie_margin: float = 0.1
+
+    @classmethod
+    def from_overrides(cls, pairs: list[str]) -> SchedulingSettings:
+        """Defaults with `name=value` overrides, each converted to the field's type."""
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, float | int] = {}
+        for pair in pairs:
+            name, sep, raw = pair.partition("=")
+            if not sep or name not in types:
+                raise ValueError(f"--scheduling {pair!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
+            try:
+                values[name] = int(raw) if types[name] == "int" else float(raw)
+            except ValueError:
+                raise ValueError(f"--scheduling {pair!r}: {raw!r} is not a number") from None
+        return cls(**values)
 
 
 @dataclass(frozen=True)

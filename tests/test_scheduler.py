@@ -101,3 +101,12 @@ def test_a_new_prefix_has_one_home_whatever_the_candidate_order() -> None:
     assert len(others) == 6  # different prefixes spread over every endpoint
     held = [candidate(0, matched=2), *pods[1:]]
     assert scorer.score(SchedulingRequest("m", Criticality.STANDARD, 4, "abc"), held) == [0.0] * 6
+
+
+def test_scheduling_overrides_take_each_fields_type_and_refuse_unknown_names() -> None:
+    s = SchedulingSettings.from_overrides(["inflight_scale=4", "fallbacks=3"])
+    assert (s.inflight_scale, s.fallbacks, s.queue_scale) == (4.0, 3, SchedulingSettings().queue_scale)
+    assert isinstance(s.fallbacks, int)
+    for bad in ("inflight_scale", "no_such=1", "fallbacks=two"):
+        with pytest.raises(ValueError, match="--scheduling"):
+            SchedulingSettings.from_overrides([bad])
