@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,13 +22,24 @@ class Sent:
     result: Result
 
 
+@dataclass(frozen=True)
+class Arrivals:
+    sent: list[Sent]
+    dropped: int  # arrivals that found every conversation mid-turn: the load the router could not absorb
+
+
 async def poisson(base_url: str, model: str, conversations: list[Conversation], qps: float, duration_s: float,
-                  max_tokens: int, seed: int) -> list[Sent]:
-    """Turns arrive as a Poisson process; each goes to the next idle conversation with turns left."""
-    rng = random.Random(seed)
+                  max_tokens: int, seed: int) -> Arrivals:
+    """Turns arrive as a Poisson process; each goes to an idle conversation with turns left, chosen at random.
+
+    Arrival times and choices come from separate generators, so every router sees
+    the same arrival times whatever its latencies do to the set of idle users.
+    """
+    times, choices = random.Random(seed), random.Random(seed + 1)
     url = base_url.rstrip("/") + "/v1/chat/completions"
-    idle: deque[tuple[Conversation, int]] = deque((c, 0) for c in conversations)
+    idle: list[tuple[Conversation, int]] = [(c, 0) for c in conversations]
     sent: list[Sent] = []
+    dropped = 0
     tasks: set[asyncio.Task[None]] = set()
     start = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
@@ -42,22 +52,23 @@ async def poisson(base_url: str, model: str, conversations: list[Conversation], 
 
         at = 0.0
         while True:
-            at += rng.expovariate(qps)
+            at += times.expovariate(qps)
             if at >= duration_s:
                 break
             await asyncio.sleep(max(0.0, start + at - time.monotonic()))
             if not idle:
-                continue  # every conversation is mid-turn: the arrival finds no user
-            task = asyncio.create_task(turn(*idle.popleft()))
+                dropped += 1
+                continue
+            task = asyncio.create_task(turn(*idle.pop(choices.randrange(len(idle)))))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks)
-    return sent
+    return Arrivals(sent, dropped)
 
 
 async def concurrent(base_url: str, model: str, conversations: list[Conversation], concurrency: int,
-                     max_tokens: Callable[[], int]) -> list[Sent]:
+                     max_tokens: Callable[[], int]) -> Arrivals:
     """Single-turn requests, at most `concurrency` at once (the seeds' --max-concurrency)."""
     gate = asyncio.Semaphore(concurrency)
     url = base_url.rstrip("/") + "/v1/chat/completions"
@@ -70,7 +81,7 @@ async def concurrent(base_url: str, model: str, conversations: list[Conversation
                 sent.append(Sent(prompt, await chat_once(http, url, model, conv, max_tokens())))
 
         await asyncio.gather(*(one(c) for c in conversations))
-    return sent
+    return Arrivals(sent, 0)
 
 
 def oracle_hit_rate(prompts: list[str], block_size: int = 16) -> float:

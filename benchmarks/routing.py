@@ -55,11 +55,11 @@ class Profile:
 
 PROFILES = {
     # Minutes on 2 cores: one flavour, one load level per workload.
-    "quick": Profile(pods=8, time_scale=1.0, num_blocks=6000,
-                     shared_prefix=SharedPrefixWorkload(groups=24, users=4, turns=8, system_words=2000),
-                     qps=(12.0,), duration_s=20.0, stress=StressWorkload(prompts=48, output_tokens=200),
+    "quick": Profile(pods=8, time_scale=10.0, num_blocks=3000,
+                     shared_prefix=SharedPrefixWorkload(groups=32, users=4, turns=8, system_words=3000),
+                     qps=(12.0,), duration_s=30.0, stress=StressWorkload(prompts=48, output_tokens=200),
                      stress_concurrency=24, hot=HotPrefixWorkload(requests=120), hot_qps=10.0,
-                     flavours=("vllm",)),
+                    flavours=("vllm",)),
     # About an hour: both flavours and a QPS sweep up to saturation.
     "full": Profile(pods=8, time_scale=1.0, num_blocks=6000,
                     shared_prefix=SharedPrefixWorkload(groups=32, users=5, turns=8, system_words=3000),
@@ -107,15 +107,16 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
     before = await prefix_counters(pods)
     started = time.monotonic()
     if workload == "shared_prefix":
-        sent = await arrivals.poisson(url, model, profile.shared_prefix.conversations(), qps, profile.duration_s,
+        done = await arrivals.poisson(url, model, profile.shared_prefix.conversations(), qps, profile.duration_s,
                                       profile.shared_prefix.max_tokens, seed)
     elif workload == "hot_prefix":
-        sent = await arrivals.poisson(url, model, profile.hot.conversations(), qps, profile.duration_s,
+        done = await arrivals.poisson(url, model, profile.hot.conversations(), qps, profile.duration_s,
                                       profile.hot.max_tokens, seed)
     else:
         rng = random.Random(seed)
-        sent = await arrivals.concurrent(url, model, profile.stress.conversations(), profile.stress_concurrency,
+        done = await arrivals.concurrent(url, model, profile.stress.conversations(), profile.stress_concurrency,
                                          lambda: profile.stress.max_tokens(rng))
+    sent = done.sent
     wall = time.monotonic() - started
     stop.set()
     await sampler
@@ -133,7 +134,7 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
         "e2e_p50_s": percentile([r.latency_s for r in ok], 0.5),
         "e2e_p99_s": percentile([r.latency_s for r in ok], 0.99),
         "output_tok_s": sum(r.output_tokens for r in ok) / wall,
-        "requests": len(sent), "failed": len(sent) - len(ok),
+        "requests": len(sent), "failed": len(sent) - len(ok), "dropped_arrivals": done.dropped,
         "errors": dict(Counter(s.result.error for s in sent if not s.result.ok).most_common(3)),
         "per_pod_requests": dict(Counter(r.pod for r in ok)),
         "kv_mean_per_pod": kv_means,
@@ -150,7 +151,7 @@ WORKLOADS = ("shared_prefix", "stress", "hot_prefix")
 
 
 def run_flavour(flavour: str, profile: Profile, selected: list[Router], workloads: tuple[str, ...],
-                progress: list[int], total: int, rows: list[dict[str, Any]]) -> None:
+                picker_args: tuple[str, ...], progress: list[int], total: int, rows: list[dict[str, Any]]) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{flavour}-"))
     subnet = 7 if flavour == "vllm" else 8
     pods = [f"{flavour}-{i}@127.0.{subnet}.{i + 1}:8000" for i in range(profile.pods)]
@@ -158,7 +159,8 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
     manifests(work / "manifests", flavour, pods)
     fleet = Fleet(FleetSettings(manifests_dir=work / "manifests", work_dir=work,
                                 simulator_args=("--time-scale", str(profile.time_scale),
-                                                "--num-blocks", str(profile.num_blocks))))
+                                                "--num-blocks", str(profile.num_blocks)),
+                                picker_args=picker_args))
     endpoints = [p.split("@")[1] for p in pods]
     fleet.start()
     try:
@@ -265,6 +267,8 @@ def main() -> None:
     p.add_argument("--workloads", nargs="*", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--qps", nargs="*", type=float, help="shared-prefix arrival rates (default: the profile's)")
     p.add_argument("--time-scale", type=float, help="simulated model speed (above 1: slower, same ratios)")
+    p.add_argument("--scheduling", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="our pickers' scheduling overrides, for tuning (see picker --scheduling)")
     a = p.parse_args()
     profile = PROFILES[a.profile]
     if a.qps:
@@ -278,7 +282,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     progress = [0]
     for flavour in profile.flavours:
-        run_flavour(flavour, profile, selected, tuple(a.workloads), progress, total, rows)
+        run_flavour(flavour, profile, selected, tuple(a.workloads),
+                    tuple(arg for pair in a.scheduling for arg in ("--scheduling", pair)), progress, total, rows)
     (OUT / "profile.json").parent.mkdir(parents=True, exist_ok=True)
     (OUT / "profile.json").write_text(json.dumps({"profile": a.profile, **asdict(profile)}, indent=2, default=str))
     write_outputs(rows)
