@@ -29,7 +29,8 @@ def sentinel_redis(tmp_path: Path) -> Iterator[tuple[str, dict[str, subprocess.P
         procs[name] = subprocess.Popen([str(BIN / "redis-server"), *args], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
 
-    base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    # Replication writes an RDB for the full sync: into the test's directory, not the working one.
+    base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
     server("master", "--port", str(master), *base)
     server("replica", "--port", str(replica), "--replicaof", "127.0.0.1", str(master), *base)
     sentinels = [free_port() for _ in range(3)]
