@@ -5,8 +5,9 @@ for Redis Cluster, and the other keys are derived from the pool prefix (ARGV[1])
 """
 
 # KEYS[1] = pickers zset. ARGV = pool prefix, now_ms, block hashes...
-# Returns {inflight_flat, matched_flat}: in-flight counts summed over the live
-# picker replicas, and per endpoint the number of leading prompt blocks it holds.
+# Returns {inflight_flat, matched_flat, live replicas}: in-flight figures summed over the live
+# picker replicas (fields "<endpoint>" count requests, "<endpoint>|work" their
+# uncached prompt blocks), and per endpoint the number of leading prompt blocks it holds.
 # Block hashes are chained, so holding block i means holding the whole prefix
 # up to i; the walk stops at the first block no endpoint holds.
 LOOKUP = """
@@ -37,30 +38,32 @@ for e, n in pairs(matched) do
   table.insert(out_matched, e)
   table.insert(out_matched, tostring(n))
 end
-return {out_inflight, out_matched}
+return {out_inflight, out_matched, replicas}
 """
 
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, now_ms,
-# prefix ttl_ms, endpoint capacity in blocks, lease_ms, block hashes...
-# Counts one request in flight at the endpoint and records the endpoint as a
-# holder of every block. The endpoint's blocks form an LRU bounded by capacity;
-# within one request deeper blocks score lower, so eviction takes leaves first,
-# as the model server's own cache does.
+# prefix ttl_ms, endpoint capacity in blocks, lease_ms, uncached prompt blocks,
+# block hashes... Counts one request and its uncached prompt blocks in flight at
+# the endpoint, and records the endpoint as a holder of every block. The
+# endpoint's blocks form an LRU bounded by capacity; within one request deeper
+# blocks score lower, so eviction takes leaves first, as the model server's own
+# cache does.
 RECORD = """
 local prefix, replica, endpoint = ARGV[1], ARGV[2], ARGV[3]
 local now, ttl, cap, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local ik = prefix .. 'inflight:' .. replica
 redis.call('HINCRBY', ik, endpoint, 1)
+if tonumber(ARGV[8]) > 0 then redis.call('HINCRBY', ik, endpoint .. '|work', ARGV[8]) end
 redis.call('PEXPIRE', ik, lease)
 redis.call('ZADD', KEYS[1], now + lease, replica)
-local n = #ARGV - 7
+local n = #ARGV - 8
 if n == 0 then return 0 end
 local lru = prefix .. 'lru:' .. endpoint
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   local bk = prefix .. 'pfx:' .. ARGV[i]
   redis.call('HSET', bk, endpoint, now)
   redis.call('PEXPIRE', bk, ttl)
-  redis.call('ZADD', lru, now * 1024 + (1023 - math.min(i - 8, 1023)), ARGV[i])
+  redis.call('ZADD', lru, now * 1024 + (1023 - math.min(i - 9, 1023)), ARGV[i])
 end
 redis.call('PEXPIRE', lru, ttl)
 local size = redis.call('ZCARD', lru)
@@ -87,12 +90,16 @@ end
 return redis.call('ZCARD', KEYS[1])
 """
 
-# ARGV = pool prefix, replica, endpoint. Ends one in-flight request; a count
-# lost to a Redis flush never goes negative.
+# ARGV = pool prefix, replica, endpoint, uncached prompt blocks. Ends one
+# in-flight request; figures lost to a Redis flush never go negative.
 RELEASE = """
 local ik = ARGV[1] .. 'inflight:' .. ARGV[2]
 local n = redis.call('HINCRBY', ik, ARGV[3], -1)
 if n <= 0 then redis.call('HDEL', ik, ARGV[3]) end
+if tonumber(ARGV[4]) > 0 then
+  local wk = ARGV[3] .. '|work'
+  if redis.call('HINCRBY', ik, wk, -tonumber(ARGV[4])) <= 0 or n <= 0 then redis.call('HDEL', ik, wk) end
+end
 return n
 """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis, RedisCluster
 
@@ -21,6 +21,11 @@ class SharedView:
 
     inflight: dict[str, int]  # endpoint -> requests in flight, over all picker replicas
     matched_blocks: dict[str, int]  # endpoint -> leading prompt blocks it holds
+    inflight_work: dict[str, int] = field(default_factory=dict)  # endpoint -> uncached prompt blocks in flight
+    replicas: tuple[str, ...] = ()  # the live picker replicas of the pool, sorted
+
+
+WORK_SUFFIX = "|work"  # in-flight hash field of an endpoint's uncached prompt blocks
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
@@ -92,10 +97,16 @@ class StateStore:
     # -- the picker's request path ---------------------------------------------
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], now_ms: int) -> SharedView:
-        inflight, matched = await self._lookup(
+        inflight, matched, replicas = await self._lookup(
             keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), now_ms, *block_hashes]
         )
-        return SharedView(_pairs(inflight), _pairs(matched))
+        counts, work = {}, {}
+        for field_name, n in _pairs(inflight).items():
+            if field_name.endswith(WORK_SUFFIX):
+                work[field_name.removesuffix(WORK_SUFFIX)] = n
+            else:
+                counts[field_name] = n
+        return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)))
 
     async def record(
         self,
@@ -107,8 +118,10 @@ class StateStore:
         prefix_ttl_ms: int,
         capacity_blocks: int,
         lease_ms: int,
+        work_blocks: int = 0,
     ) -> int:
-        """Count a request in flight at `endpoint` and note it now holds the blocks.
+        """Count a request (and its `work_blocks` of uncached prompt) in flight at `endpoint`,
+        and note the endpoint now holds the blocks.
 
         Returns how many blocks the endpoint's LRU evicted.
         """
@@ -123,13 +136,15 @@ class StateStore:
                     prefix_ttl_ms,
                     capacity_blocks,
                     lease_ms,
+                    work_blocks,
                     *block_hashes,
                 ],
             )
         )
 
-    async def release(self, pool: str, replica: str, endpoint: str) -> None:
-        await self._release(keys=[keys.inflight(pool, replica)], args=[keys.pool_prefix(pool), replica, endpoint])
+    async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0) -> None:
+        await self._release(keys=[keys.inflight(pool, replica)],
+                            args=[keys.pool_prefix(pool), replica, endpoint, work_blocks])
 
     async def forget_endpoint(self, pool: str, endpoint: str, batch: int = 1000) -> None:
         """Drop the endpoint from the prefix index: its KV cache is gone."""

@@ -17,6 +17,7 @@ from gateway_state.store import SharedView
 class LocalState:
     def __init__(self) -> None:
         self._inflight: dict[str, Counter[str]] = {}  # pool -> endpoint -> requests
+        self._work: dict[str, Counter[str]] = {}  # pool -> endpoint -> uncached prompt blocks in flight
         self._holders: dict[str, dict[str, set[str]]] = {}  # pool -> block hash -> endpoints holding it
         self._lru: dict[tuple[str, str], OrderedDict[str, None]] = {}  # (pool, endpoint) -> blocks, oldest first
 
@@ -29,10 +30,13 @@ class LocalState:
                 break
             for e in endpoints:
                 matched[e] = depth
-        return SharedView(dict(self._inflight.get(pool, {})), matched)
+        return SharedView(dict(self._inflight.get(pool, {})), matched, dict(self._work.get(pool, {})))
 
-    def record(self, pool: str, endpoint: str, block_hashes: Sequence[str], capacity_blocks: int) -> None:
+    def record(self, pool: str, endpoint: str, block_hashes: Sequence[str], capacity_blocks: int,
+               work_blocks: int = 0) -> None:
         self._inflight.setdefault(pool, Counter())[endpoint] += 1
+        if work_blocks > 0:
+            self._work.setdefault(pool, Counter())[endpoint] += work_blocks
         if not block_hashes:
             return
         holders = self._holders.setdefault(pool, {})
@@ -50,9 +54,10 @@ class LocalState:
                 if not endpoints:
                     del holders[h]
 
-    def release(self, pool: str, endpoint: str) -> None:
-        counts = self._inflight.get(pool)
-        if counts is not None:
-            counts[endpoint] -= 1
-            if counts[endpoint] <= 0:
-                del counts[endpoint]
+    def release(self, pool: str, endpoint: str, work_blocks: int = 0) -> None:
+        for table, amount in ((self._inflight, 1), (self._work, work_blocks)):
+            counts = table.get(pool)
+            if counts is not None and amount > 0 and endpoint in counts:
+                counts[endpoint] -= amount
+                if counts[endpoint] <= 0:
+                    del counts[endpoint]

@@ -25,6 +25,7 @@ from picker.errors import NoEndpoint, NotFound, PickerUnavailable
 from picker.local_state import LocalState
 from picker.metrics import PickerMetrics
 from picker.plugins.framework import Candidate, SchedulingRequest
+from picker.plugins.pickers import replica_share
 from picker.prefix import block_hashes, capacity_blocks, prompt_text
 from picker.request import parse_body
 from picker.scheduler import Scheduler
@@ -44,6 +45,7 @@ class Routed:
     body: bytes | None  # the rewritten body, when the target model differs
     prompt_blocks: int
     matched_blocks: int
+    work_blocks: int  # the prompt's blocks the chosen endpoint must compute: in flight until release
     recorded_shared: bool  # the in-flight count reached Redis and must be released there
     decision_seconds: float  # body received to decision recorded, Redis round trips included
     schedule_seconds: float  # the scheduling runner alone: filters, scorers, picker
@@ -65,7 +67,8 @@ class RequestRouter:
         self._local = LocalState()
         self._shared = settings.state.mode == "redis"
         # Decisions of this replica not yet recorded in Redis: concurrent requests count them too.
-        self._pending: dict[str, Counter[str]] = {}
+        self._pending: dict[str, Counter[str]] = {}  # pool -> endpoint -> requests
+        self._pending_work: dict[str, Counter[str]] = {}  # pool -> endpoint -> uncached prompt blocks
 
     def models(self, pool: str | None) -> list[Model]:
         config = self._snapshots.current.config
@@ -90,19 +93,23 @@ class RequestRouter:
         if target != parsed.model:
             body = json.dumps({**parsed.body, "model": target}, ensure_ascii=False).encode()
 
+        p = self._settings.prefix
+        text = prompt_text(parsed.body)
         hashes: list[str] = []
         if pool.strategy == Strategy.PREFIX_CACHE:
-            p = self._settings.prefix
-            hashes = block_hashes(prompt_text(parsed.body), target, snapshot.config.prefix_seed, p.block_chars,
-                                  p.max_blocks)
+            hashes = block_hashes(text, target, snapshot.config.prefix_seed, p.block_chars, p.max_blocks)
         view = await self._shared_view(pool, hashes)
         candidates = self._candidates(pool, snapshot.load.get(pool.name, {}), view)
-        request = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "")
+        request = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "",
+                                    -(-len(text) // p.block_chars),
+                                    replica_share([e.key for e in pool.endpoints], view.replicas,
+                                                  self._settings.server.replica_id))
         decision = self._scheduler.schedule(pool.strategy, request, candidates)
         chosen = decision.endpoints[0]
-        recorded = await self._record(pool, chosen, hashes)
+        work = max(0, request.work_blocks - chosen.matched_blocks)
+        recorded = await self._record(pool, chosen, hashes, work)
         return Routed(parsed.model, target, pool.name, pool.strategy, decision.endpoints, body, len(hashes),
-                      chosen.matched_blocks, recorded, time.perf_counter() - started, decision.seconds)
+                      chosen.matched_blocks, work, recorded, time.perf_counter() - started, decision.seconds)
 
     def _target(self, model: Model) -> str:
         if len(model.targets) == 1:
@@ -117,7 +124,8 @@ class RequestRouter:
             sample = samples.get(e.key)
             fresh = sample if sample is not None and sample.ok and now_ms - sample.scraped_at_ms <= max_age else None
             out.append(Candidate(e, fresh, sample.consecutive_failures if sample else 0,
-                                 view.inflight.get(e.key, 0), view.matched_blocks.get(e.key, 0)))
+                                 view.inflight.get(e.key, 0), view.matched_blocks.get(e.key, 0),
+                                 view.inflight_work.get(e.key, 0)))
         return out
 
     async def _shared_view(self, pool: Pool, hashes: list[str]) -> SharedView:
@@ -132,25 +140,29 @@ class RequestRouter:
             return self._local.view(pool.name, ())
         pending = self._pending.get(pool.name)
         if pending:  # this replica's own decisions still on their way to Redis
-            view = SharedView(dict(Counter(view.inflight) + pending), view.matched_blocks)
+            work = self._pending_work.get(pool.name, Counter())
+            view = SharedView(dict(Counter(view.inflight) + pending), view.matched_blocks,
+                              dict(Counter(view.inflight_work) + work), view.replicas)
         return view
 
-    async def _record(self, pool: Pool, chosen: Candidate, hashes: list[str]) -> bool:
+    async def _record(self, pool: Pool, chosen: Candidate, hashes: list[str], work: int) -> bool:
         p, s = self._settings.prefix, self._settings.state
         load = chosen.load
         capacity = capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
                                    p.chars_per_token, p.block_chars, p.default_capacity_blocks)
         # This replica's own counts always: the fallback while Redis is unreachable.
-        self._local.record(pool.name, chosen.endpoint.key, () if self._shared else hashes, capacity)
+        self._local.record(pool.name, chosen.endpoint.key, () if self._shared else hashes, capacity, work)
         if not self._shared:
             return False
         endpoint = chosen.endpoint.key
         pending = self._pending.setdefault(pool.name, Counter())
+        pending_work = self._pending_work.setdefault(pool.name, Counter())
         pending[endpoint] += 1  # counted by this replica's concurrent decisions until Redis has it
+        pending_work[endpoint] += work
         try:
             async with asyncio.timeout(s.redis_timeout_ms / 1000):
                 await self._store.record(pool.name, self._settings.server.replica_id, endpoint, hashes,
-                                         int(time.time() * 1000), p.ttl_ms, capacity, s.inflight_lease_ms)
+                                         int(time.time() * 1000), p.ttl_ms, capacity, s.inflight_lease_ms, work)
             return True
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("record").inc()
@@ -158,18 +170,22 @@ class RequestRouter:
             return False
         finally:
             pending[endpoint] -= 1
+            pending_work[endpoint] -= work
             if pending[endpoint] <= 0:
                 del pending[endpoint]
+            if pending_work[endpoint] <= 0:
+                del pending_work[endpoint]
 
     async def release(self, routed: Routed) -> None:
         """The request ended (Envoy closed the stream): it is no longer in flight."""
-        self._local.release(routed.pool, routed.chosen.endpoint.key)
+        self._local.release(routed.pool, routed.chosen.endpoint.key, routed.work_blocks)
         if not routed.recorded_shared:
             return
         try:
             # Off the request path, so a slower Redis may take longer before the lease expires the count.
             async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
-                await self._store.release(routed.pool, self._settings.server.replica_id, routed.chosen.endpoint.key)
+                await self._store.release(routed.pool, self._settings.server.replica_id, routed.chosen.endpoint.key,
+                                          routed.work_blocks)
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("release").inc()
             log.debug("shared release failed (the lease will expire it): %s", exc)

@@ -14,10 +14,17 @@ from dataclasses import dataclass
 
 from gateway_state.records import Criticality, Strategy
 from picker.errors import NoEndpoint, Shed
-from picker.plugins.filters import HealthyFilter, SheddableFilter
+from picker.plugins.filters import HealthyFilter, QueueGuardFilter, SheddableFilter
 from picker.plugins.framework import Candidate, Filter, Picker, SchedulingRequest, Scorer
 from picker.plugins.pickers import MaxScorePicker
-from picker.plugins.scorers import InflightScorer, KVCacheScorer, PrefixHomeScorer, PrefixScorer, QueueScorer
+from picker.plugins.scorers import (
+    InflightScorer,
+    KVCacheScorer,
+    PrefillWorkScorer,
+    PrefixHomeScorer,
+    PrefixScorer,
+    QueueScorer,
+)
 from picker.settings import SchedulingSettings
 
 log = logging.getLogger("picker.scheduler")
@@ -67,9 +74,11 @@ class Scheduler:
 
 
 def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[Strategy, Profile]:
-    filters = (HealthyFilter(s.max_scrape_failures), SheddableFilter(s.saturation_waiting, s.saturation_kv_cache))
+    filters = (HealthyFilter(s.max_scrape_failures), QueueGuardFilter(s.saturation_waiting),
+               SheddableFilter(s.saturation_waiting, s.saturation_kv_cache))
     load = (Weighted(QueueScorer(s.queue_scale), s.queue_weight), Weighted(KVCacheScorer(), s.kv_cache_weight),
-            Weighted(InflightScorer(s.inflight_scale), s.inflight_weight))
+            Weighted(InflightScorer(s.inflight_scale), s.inflight_weight),
+            Weighted(PrefillWorkScorer(s.prefill_work_scale), s.prefill_work_weight))
     picker = MaxScorePicker(s.fallbacks, rng, s.tie_margin)
     return {
         Strategy.DEFAULT: Profile(filters, load, picker),

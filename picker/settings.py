@@ -59,6 +59,8 @@ class SchedulingSettings:
     kv_cache_weight: float = 2.0
     inflight_weight: float = 2.0
     prefix_weight: float = 3.0
+    # Uncached prompt in flight weighs like the queue: it is the queue's earliest sign.
+    prefill_work_weight: float = 2.0
     # Pulls a prefix nobody holds yet to one home endpoint; worth less than a small backlog
     # (one waiting request scores 2 x 1/5 = 0.4 on the queue), so load still decides.
     prefix_home_weight: float = 0.3
@@ -67,7 +69,11 @@ class SchedulingSettings:
     # saturated at 5 waiting requests.
     queue_scale: float = 5.0
     inflight_scale: float = 16.0
-    # Saturation (upstream): sheddable requests are refused while every endpoint is here.
+    # In blocks of `block_chars` (about 16 tokens): 256 blocks are a 4,000-token cold
+    # prompt, about 100 ms of prefill on an H100 at 8B (docs/simulator.md).
+    prefill_work_scale: float = 256.0
+    # Saturation (upstream): sheddable requests are refused while every endpoint is here,
+    # and no request goes to an endpoint with this many waiting while another has fewer.
     saturation_waiting: float = 5.0
     saturation_kv_cache: float = 0.8
     # Endpoints whose scrapes failed this often in a row leave the candidates.
@@ -113,8 +119,8 @@ class PickerSettings:
             raise ValueError("state.inflight_lease_ms must cover at least two heartbeats")
         if pf.block_chars < 8 or pf.max_blocks < 1:
             raise ValueError("prefix.block_chars must be >= 8 and prefix.max_blocks >= 1")
-        weights = (sc.queue_weight, sc.kv_cache_weight, sc.inflight_weight, sc.prefix_weight)
+        weights = (sc.queue_weight, sc.kv_cache_weight, sc.inflight_weight, sc.prefix_weight, sc.prefill_work_weight)
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError("scheduling weights must be non-negative and not all zero")
-        if sc.queue_scale <= 0 or sc.inflight_scale <= 0 or sc.fallbacks < 0:
+        if sc.queue_scale <= 0 or sc.inflight_scale <= 0 or sc.prefill_work_scale <= 0 or sc.fallbacks < 0:
             raise ValueError("scheduling scales must be positive and fallbacks non-negative")

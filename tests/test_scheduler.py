@@ -10,6 +10,7 @@ import pytest
 from gateway_state.records import Criticality, Endpoint, LoadSample, Strategy
 from picker.errors import Shed
 from picker.plugins.framework import Candidate, SchedulingRequest
+from picker.plugins.pickers import replica_share
 from picker.plugins.scorers import PrefixHomeScorer
 from picker.prefix import block_hashes, prompt_text
 from picker.scheduler import Scheduler, build_profiles
@@ -17,9 +18,9 @@ from picker.settings import SchedulingSettings
 
 
 def candidate(i: int, waiting: float = 0, kv: float = 0.1, inflight: int = 0, matched: int = 0,
-              failures: int = 0, known: bool = True) -> Candidate:
+              failures: int = 0, known: bool = True, work: int = 0) -> Candidate:
     load = LoadSample(0, True, waiting=waiting, kv_cache_usage=kv) if known else None
-    return Candidate(Endpoint(f"pod-{i}", f"10.0.0.{i}", 8000), load, failures, inflight, matched)
+    return Candidate(Endpoint(f"pod-{i}", f"10.0.0.{i}", 8000), load, failures, inflight, matched, work)
 
 
 @pytest.fixture
@@ -27,8 +28,9 @@ def scheduler() -> Scheduler:
     return Scheduler(build_profiles(SchedulingSettings(), random.Random(7)))
 
 
-def req(blocks: int = 0, criticality: Criticality = Criticality.STANDARD) -> SchedulingRequest:
-    return SchedulingRequest("m", criticality, blocks)
+def req(blocks: int = 0, criticality: Criticality = Criticality.STANDARD,
+        preferred: frozenset[str] = frozenset()) -> SchedulingRequest:
+    return SchedulingRequest("m", criticality, blocks, work_blocks=blocks, preferred=preferred)
 
 
 def test_default_avoids_queues_and_full_caches(scheduler: Scheduler) -> None:
@@ -51,6 +53,48 @@ def test_prefix_affinity_holds_under_small_load_differences(scheduler: Scheduler
 def test_a_hot_prefix_spills_once_its_holder_is_overloaded(scheduler: Scheduler) -> None:
     pods = [candidate(0, matched=10, inflight=30, waiting=8, kv=0.7), candidate(1, inflight=2), candidate(2)]
     assert scheduler.schedule(Strategy.PREFIX_CACHE, req(10), pods).endpoints[0].endpoint.name != "pod-0"
+
+
+def test_a_long_cold_prompt_avoids_endpoints_already_prefilling_one(scheduler: Scheduler) -> None:
+    """Same request counts everywhere, but two endpoints have a cold 4k-token prompt under way."""
+    pods = [candidate(0, inflight=2, work=256), candidate(1, inflight=2, work=12), candidate(2, inflight=2, work=240)]
+    for strategy in (Strategy.DEFAULT, Strategy.PREFIX_CACHE):
+        picks = {scheduler.schedule(strategy, req(200), pods).endpoints[0].endpoint.name for _ in range(30)}
+        assert picks == {"pod-1"}
+
+
+def test_a_cached_follow_up_stays_with_its_prefix_beside_one_cold_prefill(scheduler: Scheduler) -> None:
+    pods = [candidate(0, matched=190, inflight=2, work=256), candidate(1), candidate(2)]
+    assert scheduler.schedule(Strategy.PREFIX_CACHE, req(200), pods).endpoints[0].endpoint.name == "pod-0"
+
+
+def test_a_cold_prompt_goes_where_its_prefill_waits_least_even_with_more_requests_there(
+        scheduler: Scheduler) -> None:
+    pods = [candidate(0, inflight=1, work=250), candidate(1, inflight=3, work=15)]
+    assert scheduler.schedule(Strategy.DEFAULT, req(200), pods).endpoints[0].endpoint.name == "pod-1"
+
+
+def test_ties_go_to_this_replicas_share_of_the_pool_first(scheduler: Scheduler) -> None:
+    pods = [candidate(i) for i in range(4)]
+    mine = frozenset({"10.0.0.1:8000", "10.0.0.3:8000"})
+    picks = Counter(scheduler.schedule(Strategy.DEFAULT, req(preferred=mine), pods).endpoints[0].endpoint.name
+                    for _ in range(100))
+    assert set(picks) == {"pod-1", "pod-3"} and min(picks.values()) > 20
+    # A clearly better endpoint outside the share still wins: preference only breaks ties.
+    pods[0] = candidate(0, inflight=0, kv=0.0)
+    pods[1:] = [candidate(i, inflight=6) for i in range(1, 4)]
+    assert scheduler.schedule(Strategy.DEFAULT, req(preferred=mine), pods).endpoints[0].endpoint.name == "pod-0"
+
+
+def test_an_endpoint_with_a_backlog_gets_nothing_while_another_has_none(scheduler: Scheduler) -> None:
+    """Whatever else favours it: its whole prefix cached, and nothing in flight from the pickers."""
+    pods = [candidate(0, waiting=6, matched=10), candidate(1, inflight=12, work=200), candidate(2, inflight=14)]
+    for strategy in (Strategy.DEFAULT, Strategy.PREFIX_CACHE):
+        assert {scheduler.schedule(strategy, req(10), pods).endpoints[0].endpoint.name for _ in range(30)} <= {
+            "pod-1", "pod-2"}
+    # Every endpoint backlogged: the guard keeps them all, and scores decide.
+    pods = [candidate(0, waiting=6, matched=10), candidate(1, waiting=9)]
+    assert scheduler.schedule(Strategy.PREFIX_CACHE, req(10), pods).endpoints[0].endpoint.name == "pod-0"
 
 
 def test_fallbacks_follow_the_chosen_endpoint_in_score_order(scheduler: Scheduler) -> None:
@@ -110,3 +154,13 @@ def test_scheduling_overrides_take_each_fields_type_and_refuse_unknown_names() -
     for bad in ("inflight_scale", "no_such=1", "fallbacks=two"):
         with pytest.raises(ValueError, match="--scheduling"):
             SchedulingSettings.from_overrides([bad])
+
+
+def test_live_replicas_split_the_pool_into_disjoint_shares() -> None:
+    pool = [f"10.0.0.{i}:8000" for i in range(7)]
+    shares = [replica_share(pool, ["b", "a", "c"], me) for me in ("a", "b", "c")]
+    assert set().union(*shares) == set(pool) and sum(map(len, shares)) == 7
+    assert sorted(map(len, shares)) == [2, 2, 3]
+    assert replica_share(pool, [], "a") == frozenset()  # alone: no preference
+    # A replica not yet in the lookup's list counts itself in.
+    assert replica_share(pool, ["a"], "b") == {pool[1], pool[3], pool[5]}

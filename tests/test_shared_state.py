@@ -61,10 +61,12 @@ async def test_a_dead_replicas_counts_stop_counting_when_its_lease_ends(redis_cl
     store = StateStore(redis_client)
     await record(store, "a:1", [], replica="dead", lease_ms=300)
     await record(store, "a:1", [], replica="alive")
-    assert (await store.lookup("pool", [], now_ms())).inflight == {"a:1": 2}
+    view = await store.lookup("pool", [], now_ms())
+    assert view.inflight == {"a:1": 2} and view.replicas == ("alive", "dead")
     await asyncio.sleep(0.4)
     await store.heartbeat("pool", "alive", now_ms(), LEASE_MS)
-    assert (await store.lookup("pool", [], now_ms())).inflight == {"a:1": 1}
+    view = await store.lookup("pool", [], now_ms())
+    assert view.inflight == {"a:1": 1} and view.replicas == ("alive",)
     assert not await redis_client.exists(keys.inflight("pool", "dead"))
 
 

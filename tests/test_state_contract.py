@@ -19,9 +19,9 @@ from picker.local_state import LocalState
 
 @dataclass
 class StateUnderTest:
-    record: Callable[[str, Sequence[str], int], Awaitable[None]]
+    record: Callable[..., Awaitable[None]]  # (endpoint, hashes, capacity, work=0)
     view: Callable[[Sequence[str]], Awaitable[SharedView]]
-    release: Callable[[str], Awaitable[None]]
+    release: Callable[..., Awaitable[None]]  # (endpoint, work=0)
 
 
 @pytest.fixture(params=["redis", "local"])
@@ -29,14 +29,14 @@ async def state(request: pytest.FixtureRequest, redis_client: Redis) -> StateUnd
     if request.param == "local":
         local = LocalState()
 
-        async def record(endpoint: str, hashes: Sequence[str], capacity: int) -> None:
-            local.record("pool", endpoint, hashes, capacity)
+        async def record(endpoint: str, hashes: Sequence[str], capacity: int, work: int = 0) -> None:
+            local.record("pool", endpoint, hashes, capacity, work)
 
         async def view(hashes: Sequence[str]) -> SharedView:
             return local.view("pool", hashes)
 
-        async def release(endpoint: str) -> None:
-            local.release("pool", endpoint)
+        async def release(endpoint: str, work: int = 0) -> None:
+            local.release("pool", endpoint, work)
 
         return StateUnderTest(record, view, release)
     store = StateStore(redis_client)
@@ -45,14 +45,14 @@ async def state(request: pytest.FixtureRequest, redis_client: Redis) -> StateUnd
     def now() -> int:  # strictly increasing, so recency is unambiguous
         return int(time.time() * 1000) + next(clock)
 
-    async def record_r(endpoint: str, hashes: Sequence[str], capacity: int) -> None:
-        await store.record("pool", "r", endpoint, hashes, now(), 60_000, capacity, 5_000)
+    async def record_r(endpoint: str, hashes: Sequence[str], capacity: int, work: int = 0) -> None:
+        await store.record("pool", "r", endpoint, hashes, now(), 60_000, capacity, 5_000, work)
 
     async def view_r(hashes: Sequence[str]) -> SharedView:
         return await store.lookup("pool", hashes, now())
 
-    async def release_r(endpoint: str) -> None:
-        await store.release("pool", "r", endpoint)
+    async def release_r(endpoint: str, work: int = 0) -> None:
+        await store.release("pool", "r", endpoint, work)
 
     return StateUnderTest(record_r, view_r, release_r)
 
@@ -64,6 +64,21 @@ async def test_longest_prefix_inflight_and_release(state: StateUnderTest) -> Non
     assert view.matched_blocks == {"a": 3, "b": 1} and view.inflight == {"a": 1, "b": 1}
     await state.release("a")
     assert (await state.view([])).inflight == {"b": 1}
+
+
+async def test_uncached_prompt_work_adds_up_apart_from_the_counts_and_releases(state: StateUnderTest) -> None:
+    await state.record("a", [], 100, 250)
+    await state.record("a", [], 100, 10)
+    await state.record("b", [], 100)
+    view = await state.view([])
+    assert view.inflight == {"a": 2, "b": 1} and view.inflight_work == {"a": 260}
+    await state.release("a", 250)
+    view = await state.view([])
+    assert view.inflight == {"a": 1, "b": 1} and view.inflight_work == {"a": 10}
+    await state.release("a", 10)
+    await state.release("b")
+    view = await state.view([])
+    assert view.inflight == {} and view.inflight_work == {}
 
 
 async def test_capacity_evicts_leaves_of_the_oldest_prompt_first(state: StateUnderTest) -> None:

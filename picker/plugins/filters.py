@@ -26,6 +26,24 @@ class HealthyFilter:
 
 
 @dataclass(frozen=True)
+class QueueGuardFilter:
+    """Endpoints with a real backlog leave the candidates while any endpoint has none.
+
+    Scores are a weighted sum, so a backlog can only cost an endpoint its queue
+    weight, and other signals (a cached prefix, the picker's own in-flight figures,
+    blind to load from elsewhere) could still outvote it. A hot prefix therefore
+    spills here before its holder's queue grows past the guard.
+    """
+
+    max_waiting: float
+    name: str = "queue-guard"
+
+    def filter(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
+        below = [c for c in candidates if c.load is None or c.load.waiting < self.max_waiting]
+        return below or list(candidates)
+
+
+@dataclass(frozen=True)
 class SheddableFilter:
     """Sheddable requests only go to endpoints that are not saturated (none left: 429)."""
 

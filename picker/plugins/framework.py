@@ -16,6 +16,7 @@ class Candidate:
     scrape_failures: int  # consecutive failed scrapes of the endpoint
     inflight: int  # requests in flight there, over every picker replica
     matched_blocks: int  # leading prompt blocks the endpoint holds
+    inflight_work: int = 0  # uncached prompt blocks of the requests in flight there, over every replica
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class SchedulingRequest:
     criticality: Criticality
     prompt_blocks: int  # how many prefix blocks the prompt has
     first_block: str = ""  # hash of the prompt's first block; empty without prefix routing
+    work_blocks: int = 0  # the whole prompt in blocks, uncapped: its prefill work where nothing is cached
+    # Endpoints this replica takes first among tied candidates. Live replicas split
+    # the pool between them, so concurrent decisions on different replicas, which
+    # cannot see each other, do not pile onto the same idle endpoint.
+    preferred: frozenset[str] = frozenset()
 
 
 class Filter(Protocol):

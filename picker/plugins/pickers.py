@@ -9,12 +9,27 @@ from dataclasses import dataclass
 from picker.plugins.framework import Candidate, SchedulingRequest
 
 
+def replica_share(endpoints: Sequence[str], live_replicas: Sequence[str], me: str) -> frozenset[str]:
+    """The endpoints `me` takes first among ties: every n-th of the sorted pool, n the live replicas.
+
+    Every replica computes the same split from the same Redis lookup, without
+    coordinating. Alone, a replica prefers nothing (plain random ties).
+    """
+    live = sorted({*live_replicas, me})
+    if len(live) == 1:
+        return frozenset()
+    rank = live.index(me)
+    return frozenset(e for i, e in enumerate(sorted(endpoints)) if i % len(live) == rank)
+
+
 @dataclass(frozen=True)
 class MaxScorePicker:
     """Highest score first; candidates within `tie_margin` of the best count as tied.
 
-    Ties are broken at random, so near-equal endpoints share a burst instead of all
-    of it landing on the one a hair ahead (a trivially short shared prefix, say).
+    Ties go to an endpoint this replica prefers when one is tied, then at random,
+    so near-equal endpoints share a burst instead of all of it landing on the one a
+    hair ahead (a trivially short shared prefix, say), and replicas deciding at the
+    same instant take different endpoints.
     """
 
     fallbacks: int
@@ -25,6 +40,7 @@ class MaxScorePicker:
     def pick(self, request: SchedulingRequest, scored: Sequence[tuple[Candidate, float]]) -> list[Candidate]:
         best = max(score for _, score in scored)
         tied = [c for c, score in scored if score >= best - self.tie_margin]
+        tied = [c for c in tied if c.endpoint.key in request.preferred] or tied
         chosen = tied[self.rng.randrange(len(tied))]
         rest = sorted(((c, s) for c, s in scored if c is not chosen), key=lambda cs: (-cs[1], self.rng.random()))
         return [chosen, *(c for c, _ in rest[: self.fallbacks])]

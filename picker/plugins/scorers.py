@@ -60,6 +60,26 @@ class InflightScorer:
 
 
 @dataclass(frozen=True)
+class PrefillWorkScorer:
+    """Less prefill before this request's first token is better: the uncached prompt
+    already in flight at the endpoint plus this prompt's own uncached part there.
+
+    A request count says nothing of size: a cold 4,000-token prompt holds the batch
+    for hundreds of milliseconds while a cached follow-up costs a few. So a new long
+    prompt goes where no other long prefill is under way, while a follow-up whose
+    prefix is cached stays with it: computing the prefix elsewhere costs more than
+    sharing a step with someone else's prefill.
+    """
+
+    scale: float
+    name: str = "prefill-work"
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        return _relative([float(c.inflight_work + max(0, request.work_blocks - c.matched_blocks))
+                          for c in candidates], self.scale)
+
+
+@dataclass(frozen=True)
 class PrefixHomeScorer:
     """A prefix nobody holds yet goes to its home: the rendezvous winner for its first block.
 
