@@ -211,9 +211,71 @@ def write_outputs(rows: list[dict[str, Any]]) -> None:
                      f"{r['ttft_p90_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['output_tok_s']:.0f} | "
                      f"{r['kv_spread']:.3f} | "
                      f"{r['max_queue_over_pool_mean']:.2f} | {r['failed']} |")
+    lines += ["", *targets(summary)]
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(rows)
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, checked on this run's rows: one line per target and flavour."""
+    out = ["| flavour | target | figure | met |", "|---|---|---|---|"]
+
+    def check(flavour: str, name: str, figure: str, met: bool) -> None:
+        out.append(f"| {flavour} | {name} | {figure} | {'yes' if met else 'no'} |")
+
+    for flavour in sorted({r["flavour"] for r in rows}):
+        by: dict[tuple[str, float], dict[str, dict[str, Any]]] = defaultdict(dict)
+        for r in rows:
+            if r["flavour"] == flavour:
+                by[(r["workload"], r["qps"])][r["router"]] = r
+        # (a) at the highest rate round robin still completes: no failures, no arrival it could not absorb.
+        rates = sorted(q for (w, q), group in by.items() if w == "shared_prefix" and "round_robin" in group)
+        done = [q for q in rates if not by[("shared_prefix", q)]["round_robin"]["failed"]
+                and not by[("shared_prefix", q)]["round_robin"]["dropped_arrivals"]]
+        if rates:
+            q = done[-1] if done else rates[0]
+            g = by[("shared_prefix", q)]
+            ours, rr, sgl = g.get("ours_prefix_cache"), g["round_robin"], g.get("sglang_cache_aware")
+            if ours:
+                check(flavour, f"(a) {q:g} QPS: hit >= 0.9 x oracle",
+                      f"{ours['hit_rate']:.3f} / {ours['oracle_hit_rate']:.3f}",
+                      ours["hit_rate"] >= 0.9 * ours["oracle_hit_rate"])
+                check(flavour, f"(a) {q:g} QPS: TTFT p90 <= 0.5 x round robin",
+                      f"{ours['ttft_p90_s']:.3f} / {rr['ttft_p90_s']:.3f} s",
+                      ours["ttft_p90_s"] <= 0.5 * rr["ttft_p90_s"])
+                if sgl:
+                    check(flavour, f"(a) {q:g} QPS: hit >= sglang cache_aware",
+                          f"{ours['hit_rate']:.3f} / {sgl['hit_rate']:.3f}", ours["hit_rate"] >= sgl["hit_rate"])
+                    check(flavour, f"(a) {q:g} QPS: TTFT p90 <= sglang cache_aware",
+                          f"{ours['ttft_p90_s']:.3f} / {sgl['ttft_p90_s']:.3f} s",
+                          ours["ttft_p90_s"] <= sgl["ttft_p90_s"])
+        g = by.get(("stress", 0.0), {})
+        peers = [r for name, r in g.items() if not name.startswith("ours")]
+        for name in ("ours_default", "ours_prefix_cache"):
+            if name in g and peers:
+                ours = g[name]
+                best_ttft = min(peers, key=lambda r: r["ttft_p90_s"])
+                best_tok = max(peers, key=lambda r: r["output_tok_s"])
+                check(flavour, f"(b) {name}: TTFT p90 within 5% of the best peer ({best_ttft['router']})",
+                      f"{ours['ttft_p90_s']:.3f} / {best_ttft['ttft_p90_s']:.3f} s",
+                      ours["ttft_p90_s"] <= 1.05 * best_ttft["ttft_p90_s"])
+                check(flavour, f"(b) {name}: output within 5% of the best peer ({best_tok['router']})",
+                      f"{ours['output_tok_s']:.0f} / {best_tok['output_tok_s']:.0f} tok/s",
+                      ours["output_tok_s"] >= 0.95 * best_tok["output_tok_s"])
+                if "round_robin" in g:
+                    check(flavour, f"(b) {name}: KV spread below round robin's",
+                          f"{ours['kv_spread']:.4f} / {g['round_robin']['kv_spread']:.4f}",
+                          ours["kv_spread"] < g["round_robin"]["kv_spread"])
+        for (w, q), g in by.items():
+            if w == "hot_prefix" and "ours_prefix_cache" in g:
+                ours = g["ours_prefix_cache"]
+                check(flavour, f"(c) {q:g} QPS: no pod's mean queue above 2 x the pool's",
+                      f"{ours['max_queue_over_pool_mean']:.2f}", ours["max_queue_over_pool_mean"] <= 2.0)
+                check(flavour, f"(c) {q:g} QPS: hit >= 0.8 x oracle",
+                      f"{ours['hit_rate']:.3f} / {ours['oracle_hit_rate']:.3f}",
+                      ours["hit_rate"] >= 0.8 * ours["oracle_hit_rate"])
+    return out if len(out) > 2 else []
 
 
 def plot(rows: list[dict[str, Any]]) -> None:
@@ -266,6 +328,7 @@ def main() -> None:
     p.add_argument("--routers", nargs="*", help="names to run (default: all)")
     p.add_argument("--workloads", nargs="*", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--qps", nargs="*", type=float, help="shared-prefix arrival rates (default: the profile's)")
+    p.add_argument("--flavours", nargs="*", choices=("vllm", "sglang"), help="pod flavours (default: the profile's)")
     p.add_argument("--time-scale", type=float, help="simulated model speed (above 1: slower, same ratios)")
     p.add_argument("--scheduling", nargs="*", default=[], metavar="NAME=VALUE",
                    help="our pickers' scheduling overrides, for tuning (see picker --scheduling)")
@@ -275,6 +338,8 @@ def main() -> None:
         profile = replace(profile, qps=tuple(a.qps))
     if a.time_scale:
         profile = replace(profile, time_scale=a.time_scale)
+    if a.flavours:
+        profile = replace(profile, flavours=tuple(a.flavours))
     selected = [r for r in routers() if not a.routers or r.name in a.routers]
     runs_per_flavour = (len(profile.qps) * ("shared_prefix" in a.workloads) + ("stress" in a.workloads)
                         + ("hot_prefix" in a.workloads))
