@@ -53,18 +53,22 @@ class Profile:
     flavours: tuple[str, ...]
 
 
+# Time scale 10 makes every step ten times slower than the H100 fits, same ratios:
+# round robin then saturates near 12 QPS on workload (a), a rate the Python client,
+# Envoy and the pickers sustain on 2 cores beside the pods. At time scale 1 it would
+# take over 100 QPS, and the machine, not the routers, would be measured.
 PROFILES = {
-    # Minutes on 2 cores: one flavour, one load level per workload.
+    # About 25 minutes on 2 cores: one flavour, one load level per workload.
     "quick": Profile(pods=8, time_scale=10.0, num_blocks=3000,
                      shared_prefix=SharedPrefixWorkload(groups=32, users=4, turns=8, system_words=3000),
                      qps=(12.0,), duration_s=30.0, stress=StressWorkload(prompts=48, output_tokens=200),
                      stress_concurrency=24, hot=HotPrefixWorkload(requests=120), hot_qps=10.0,
-                    flavours=("vllm",)),
-    # About an hour: both flavours and a QPS sweep up to saturation.
-    "full": Profile(pods=8, time_scale=1.0, num_blocks=6000,
-                    shared_prefix=SharedPrefixWorkload(groups=32, users=5, turns=8, system_words=3000),
-                    qps=(6.0, 12.0, 18.0, 24.0), duration_s=60.0, stress=StressWorkload(prompts=200),
-                    stress_concurrency=64, hot=HotPrefixWorkload(requests=400), hot_qps=12.0,
+                     flavours=("vllm",)),
+    # About two hours: both flavours, a QPS sweep past round robin's saturation, longer runs.
+    "full": Profile(pods=8, time_scale=10.0, num_blocks=3000,
+                    shared_prefix=SharedPrefixWorkload(groups=32, users=8, turns=8, system_words=3000),
+                    qps=(4.0, 8.0, 12.0, 16.0), duration_s=60.0, stress=StressWorkload(prompts=96, output_tokens=400),
+                    stress_concurrency=32, hot=HotPrefixWorkload(requests=360), hot_qps=12.0,
                     flavours=("vllm", "sglang")),
 }
 

@@ -69,9 +69,11 @@ class SchedulingSettings:
     # saturated at 5 waiting requests.
     queue_scale: float = 5.0
     inflight_scale: float = 16.0
-    # In blocks of `block_chars` (about 16 tokens): 256 blocks are a 4,000-token cold
-    # prompt, about 100 ms of prefill on an H100 at 8B (docs/simulator.md).
-    prefill_work_scale: float = 256.0
+    # In blocks of `block_chars` (about 16 tokens): 1,024 blocks are four cold 4,000-token
+    # prompts, about 0.4 s of prefill on an H100 at 8B (docs/simulator.md). One cold prompt
+    # then weighs 0.5: enough to steer other cold prompts away, not enough to pull a cached
+    # follow-up off its prefix (benchmark: 256 cost 2 points of hit rate on workload (a)).
+    prefill_work_scale: float = 1024.0
     # Saturation (upstream): sheddable requests are refused while every endpoint is here,
     # and no request goes to an endpoint with this many waiting while another has fewer.
     saturation_waiting: float = 5.0
