@@ -4,10 +4,11 @@ All keys a script touches share the pool's hash tag; KEYS[1] names that slot
 for Redis Cluster, and the other keys are derived from the pool prefix (ARGV[1]).
 """
 
-# KEYS[1] = pickers zset. ARGV = pool prefix, now_ms, block hashes...
-# Returns {inflight_flat, matched_flat, live replicas}: in-flight figures summed over the live
-# picker replicas (fields "<endpoint>" count requests, "<endpoint>|work" their
-# uncached prompt blocks), and per endpoint the number of leading prompt blocks it holds.
+# KEYS[1] = pickers zset. ARGV = pool prefix, now_ms, replica to leave out ("" for
+# none), block hashes... Returns {inflight_flat, matched_flat, live replicas}:
+# in-flight figures summed over the other live picker replicas (fields "<endpoint>"
+# count requests, "<endpoint>|work" their uncached prompt blocks; a replica knows
+# its own exactly), and per endpoint the number of leading prompt blocks it holds.
 # Block hashes are chained, so holding block i means holding the whole prefix
 # up to i; the walk stops at the first block no endpoint holds.
 LOOKUP = """
@@ -16,16 +17,18 @@ local now = tonumber(ARGV[2])
 local inflight = {}
 local replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 for _, r in ipairs(replicas) do
-  local kv = redis.call('HGETALL', prefix .. 'inflight:' .. r)
-  for i = 1, #kv, 2 do
-    inflight[kv[i]] = (inflight[kv[i]] or 0) + tonumber(kv[i + 1])
+  if r ~= ARGV[3] then
+    local kv = redis.call('HGETALL', prefix .. 'inflight:' .. r)
+    for i = 1, #kv, 2 do
+      inflight[kv[i]] = (inflight[kv[i]] or 0) + tonumber(kv[i + 1])
+    end
   end
 end
 local matched = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local holders = redis.call('HKEYS', prefix .. 'pfx:' .. ARGV[i])
   if #holders == 0 then break end
-  for _, e in ipairs(holders) do matched[e] = i - 2 end
+  for _, e in ipairs(holders) do matched[e] = i - 3 end
 end
 local out_inflight, out_matched = {}, {}
 for e, n in pairs(inflight) do
@@ -43,27 +46,39 @@ return {out_inflight, out_matched, replicas}
 
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, now_ms,
 # prefix ttl_ms, endpoint capacity in blocks, lease_ms, uncached prompt blocks,
-# block hashes... Counts one request and its uncached prompt blocks in flight at
-# the endpoint, and records the endpoint as a holder of every block. The
+# others seen (-1: no check), block hashes... Counts one request and its uncached
+# prompt blocks in flight at the endpoint, and records the endpoint as a holder of
+# every block. With a check, it first compares the other replicas' requests at the
+# endpoint with what the caller's lookup saw: more means another replica chose it
+# meanwhile, and the script writes nothing and returns -1, so the caller decides
+# again on fresh figures instead of doubling up. The
 # endpoint's blocks form an LRU bounded by capacity; within one request deeper
 # blocks score lower, so eviction takes leaves first, as the model server's own
 # cache does.
 RECORD = """
 local prefix, replica, endpoint = ARGV[1], ARGV[2], ARGV[3]
 local now, ttl, cap, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local seen = tonumber(ARGV[9])
+if seen >= 0 then
+  local others = 0
+  for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+    if r ~= replica then others = others + tonumber(redis.call('HGET', prefix .. 'inflight:' .. r, endpoint) or 0) end
+  end
+  if others > seen then return -1 end
+end
 local ik = prefix .. 'inflight:' .. replica
 redis.call('HINCRBY', ik, endpoint, 1)
 if tonumber(ARGV[8]) > 0 then redis.call('HINCRBY', ik, endpoint .. '|work', ARGV[8]) end
 redis.call('PEXPIRE', ik, lease)
 redis.call('ZADD', KEYS[1], now + lease, replica)
-local n = #ARGV - 8
+local n = #ARGV - 9
 if n == 0 then return 0 end
 local lru = prefix .. 'lru:' .. endpoint
-for i = 9, #ARGV do
+for i = 10, #ARGV do
   local bk = prefix .. 'pfx:' .. ARGV[i]
   redis.call('HSET', bk, endpoint, now)
   redis.call('PEXPIRE', bk, ttl)
-  redis.call('ZADD', lru, now * 1024 + (1023 - math.min(i - 9, 1023)), ARGV[i])
+  redis.call('ZADD', lru, now * 1024 + (1023 - math.min(i - 10, 1023)), ARGV[i])
 end
 redis.call('PEXPIRE', lru, ttl)
 local size = redis.call('ZCARD', lru)

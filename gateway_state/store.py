@@ -26,6 +26,7 @@ class SharedView:
 
 
 WORK_SUFFIX = "|work"  # in-flight hash field of an endpoint's uncached prompt blocks
+CONFLICT = -1  # record(): another replica chose the endpoint since the caller's lookup
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
@@ -96,9 +97,10 @@ class StateStore:
 
     # -- the picker's request path ---------------------------------------------
 
-    async def lookup(self, pool: str, block_hashes: Sequence[str], now_ms: int) -> SharedView:
+    async def lookup(self, pool: str, block_hashes: Sequence[str], now_ms: int, leave_out: str = "") -> SharedView:
+        """In-flight figures over the live replicas but `leave_out`, prefix holders, live replicas."""
         inflight, matched, replicas = await self._lookup(
-            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), now_ms, *block_hashes]
+            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), now_ms, leave_out, *block_hashes]
         )
         counts, work = {}, {}
         for field_name, n in _pairs(inflight).items():
@@ -119,11 +121,13 @@ class StateStore:
         capacity_blocks: int,
         lease_ms: int,
         work_blocks: int = 0,
+        others_seen: int = -1,
     ) -> int:
         """Count a request (and its `work_blocks` of uncached prompt) in flight at `endpoint`,
         and note the endpoint now holds the blocks.
 
-        Returns how many blocks the endpoint's LRU evicted.
+        Returns how many blocks the endpoint's LRU evicted, or CONFLICT without writing
+        when `others_seen` (0 or more) is below the other replicas' requests there now.
         """
         return int(
             await self._record(
@@ -137,6 +141,7 @@ class StateStore:
                     capacity_blocks,
                     lease_ms,
                     work_blocks,
+                    others_seen,
                     *block_hashes,
                 ],
             )

@@ -28,6 +28,9 @@ class PickerMetrics:
         self.redis_fallbacks = Counter("picker_redis_fallbacks",
                                        "Request-path Redis calls that failed or missed their deadline.", ["op"],
                                        registry=r)
+        self.placement_conflicts = Counter("picker_placement_conflicts",
+                                           "Decisions taken again because another replica chose the same endpoint "
+                                           "between this one's lookup and record.", ["pool"], registry=r)
         self.redis_up = Gauge("picker_redis_up", "1 when the last snapshot refresh reached Redis.", registry=r)
 
     def render(self) -> bytes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from gateway_state.records import Model, Pool, Strategy
-from gateway_state.store import SharedView, StateStore
+from gateway_state.store import CONFLICT, SharedView, StateStore
 from picker.errors import NoEndpoint, NotFound, PickerUnavailable
 from picker.local_state import LocalState
 from picker.metrics import PickerMetrics
@@ -66,9 +66,6 @@ class RequestRouter:
         self._rng = rng
         self._local = LocalState()
         self._shared = settings.state.mode == "redis"
-        # Decisions of this replica not yet recorded in Redis: concurrent requests count them too.
-        self._pending: dict[str, Counter[str]] = {}  # pool -> endpoint -> requests
-        self._pending_work: dict[str, Counter[str]] = {}  # pool -> endpoint -> uncached prompt blocks
 
     def models(self, pool: str | None) -> list[Model]:
         config = self._snapshots.current.config
@@ -98,18 +95,24 @@ class RequestRouter:
         hashes: list[str] = []
         if pool.strategy == Strategy.PREFIX_CACHE:
             hashes = block_hashes(text, target, snapshot.config.prefix_seed, p.block_chars, p.max_blocks)
-        view = await self._shared_view(pool, hashes)
-        candidates = self._candidates(pool, snapshot.load.get(pool.name, {}), view)
-        request = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "",
-                                    -(-len(text) // p.block_chars),
-                                    replica_share([e.key for e in pool.endpoints], view.replicas,
-                                                  self._settings.server.replica_id))
-        decision = self._scheduler.schedule(pool.strategy, request, candidates)
-        chosen = decision.endpoints[0]
-        work = max(0, request.work_blocks - chosen.matched_blocks)
-        recorded = await self._record(pool, chosen, hashes, work)
+        # At most two rounds: the second when another replica took the chosen endpoint meanwhile.
+        for check in (True, False):
+            view, others = await self._shared_view(pool, hashes)
+            candidates = self._candidates(pool, snapshot.load.get(pool.name, {}), view)
+            request = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "",
+                                        -(-len(text) // p.block_chars),
+                                        replica_share([e.key for e in pool.endpoints], view.replicas,
+                                                      self._settings.server.replica_id))
+            decision = self._scheduler.schedule(pool.strategy, request, candidates)
+            chosen = decision.endpoints[0]
+            work = max(0, request.work_blocks - chosen.matched_blocks)
+            seen = others.inflight.get(chosen.endpoint.key, 0) if check and others is not None else -1
+            recorded = await self._record(pool, chosen, hashes, work, seen)
+            if recorded is not None:
+                break
+            self._metrics.placement_conflicts.labels(pool.name).inc()
         return Routed(parsed.model, target, pool.name, pool.strategy, decision.endpoints, body, len(hashes),
-                      chosen.matched_blocks, work, recorded, time.perf_counter() - started, decision.seconds)
+                      chosen.matched_blocks, work, bool(recorded), time.perf_counter() - started, decision.seconds)
 
     def _target(self, model: Model) -> str:
         if len(model.targets) == 1:
@@ -128,24 +131,32 @@ class RequestRouter:
                                  view.inflight_work.get(e.key, 0)))
         return out
 
-    async def _shared_view(self, pool: Pool, hashes: list[str]) -> SharedView:
+    async def _shared_view(self, pool: Pool, hashes: list[str]) -> tuple[SharedView, SharedView | None]:
+        """The view to score on, and what the other replicas alone contributed (None without Redis).
+
+        This replica's own requests come from its memory, exact and immediate, so its
+        concurrent decisions see each other before Redis does; the other replicas'
+        come from Redis.
+        """
         if not self._shared:
-            return self._local.view(pool.name, hashes)
+            return self._local.view(pool.name, hashes), None
         try:
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
-                view = await self._store.lookup(pool.name, hashes, int(time.time() * 1000))
+                others = await self._store.lookup(pool.name, hashes, int(time.time() * 1000),
+                                                  leave_out=self._settings.server.replica_id)
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("lookup").inc()
             log.debug("shared lookup failed, scoring locally: %s", exc)
-            return self._local.view(pool.name, ())
-        pending = self._pending.get(pool.name)
-        if pending:  # this replica's own decisions still on their way to Redis
-            work = self._pending_work.get(pool.name, Counter())
-            view = SharedView(dict(Counter(view.inflight) + pending), view.matched_blocks,
-                              dict(Counter(view.inflight_work) + work), view.replicas)
-        return view
+            return self._local.view(pool.name, ()), None
+        # Read after the await: decisions this replica made meanwhile must count.
+        own = self._local.view(pool.name, ())
+        return SharedView(dict(Counter(others.inflight) + Counter(own.inflight)), others.matched_blocks,
+                          dict(Counter(others.inflight_work) + Counter(own.inflight_work)), others.replicas), others
 
-    async def _record(self, pool: Pool, chosen: Candidate, hashes: list[str], work: int) -> bool:
+    async def _record(self, pool: Pool, chosen: Candidate, hashes: list[str], work: int,
+                      others_seen: int) -> bool | None:
+        """Count the request here and in Redis: True when Redis has it, False when only here,
+        None (nothing counted) when another replica took the endpoint since `others_seen`."""
         p, s = self._settings.prefix, self._settings.state
         load = chosen.load
         capacity = capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
@@ -155,26 +166,19 @@ class RequestRouter:
         if not self._shared:
             return False
         endpoint = chosen.endpoint.key
-        pending = self._pending.setdefault(pool.name, Counter())
-        pending_work = self._pending_work.setdefault(pool.name, Counter())
-        pending[endpoint] += 1  # counted by this replica's concurrent decisions until Redis has it
-        pending_work[endpoint] += work
         try:
             async with asyncio.timeout(s.redis_timeout_ms / 1000):
-                await self._store.record(pool.name, self._settings.server.replica_id, endpoint, hashes,
-                                         int(time.time() * 1000), p.ttl_ms, capacity, s.inflight_lease_ms, work)
-            return True
+                evicted = await self._store.record(pool.name, self._settings.server.replica_id, endpoint, hashes,
+                                                   int(time.time() * 1000), p.ttl_ms, capacity, s.inflight_lease_ms,
+                                                   work, others_seen)
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_fallbacks.labels("record").inc()
             log.debug("shared record failed: %s", exc)
             return False
-        finally:
-            pending[endpoint] -= 1
-            pending_work[endpoint] -= work
-            if pending[endpoint] <= 0:
-                del pending[endpoint]
-            if pending_work[endpoint] <= 0:
-                del pending_work[endpoint]
+        if evicted == CONFLICT:
+            self._local.release(pool.name, endpoint, work)
+            return None
+        return True
 
     async def release(self, routed: Routed) -> None:
         """The request ended (Envoy closed the stream): it is no longer in flight."""

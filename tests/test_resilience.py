@@ -222,9 +222,12 @@ async def test_with_every_picker_down_pools_fail_open_or_closed(http: aiohttp.Cl
     finally:
         for name in ("picker-0", "picker-1"):
             fleet.restart(name)
-        fleet.wait_pickers_routable()  # ready, and Envoy's health checks route to them again
-    routed = await post(http, CLOSED_PORT, chat("picked again", model="qwen-closed"))
-    assert routed.status == 200
+        fleet.wait_pickers_routable()  # ready, and Envoy's admin reports them healthy again
+
+    async def picked_again() -> bool:  # Envoy's workers learn the health a moment after its admin does
+        return (await post(http, CLOSED_PORT, chat("picked again", model="qwen-closed"))).status == 200
+
+    await wait_for(picked_again, 5.0)
 
 
 async def test_a_stalled_redis_does_not_stall_decisions(http: aiohttp.ClientSession, fleet: Fleet) -> None:

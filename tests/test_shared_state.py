@@ -19,7 +19,7 @@ from gateway_state.records import (
     decode_config,
     encode_config,
 )
-from gateway_state.store import StateStore
+from gateway_state.store import CONFLICT, StateStore
 from tests.conftest import publish
 
 LEASE_MS = 5000
@@ -100,3 +100,27 @@ async def test_config_and_load_round_trip(redis_client: Redis) -> None:
     raw, load = await store.read_snapshot(["p"])
     assert raw is not None and decode_config(raw) == config
     assert load == {"p": {"10.0.0.1:8000": sample}}
+
+
+async def test_a_lookup_can_leave_out_its_own_replica(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    await record(store, "a:1", [], replica="me")
+    await record(store, "a:1", [], replica="other")
+    await record(store, "b:1", [], replica="me")
+    view = await store.lookup("pool", [], now_ms(), leave_out="me")
+    assert view.inflight == {"a:1": 1} and view.replicas == ("me", "other")
+
+
+async def test_a_checked_record_refuses_an_endpoint_another_replica_took_meanwhile(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    seen = (await store.lookup("pool", [], now_ms(), leave_out="me")).inflight.get("a:1", 0)
+    await record(store, "a:1", [], replica="other")  # between this replica's lookup and its record
+    args = ("pool", "me", "a:1", ["h1"], now_ms(), 60_000, 100, LEASE_MS)
+    assert await store.record(*args, others_seen=seen) == CONFLICT
+    view = await store.lookup("pool", ["h1"], now_ms())
+    assert view.inflight == {"a:1": 1} and view.matched_blocks == {}  # nothing written
+    # Seen up to date (or no check): recorded.
+    assert await store.record(*args, others_seen=seen + 1) == 0
+    assert await store.record(*args) == 0
+    view = await store.lookup("pool", ["h1"], now_ms())
+    assert view.inflight == {"a:1": 3} and view.matched_blocks == {"a:1": 1}
