@@ -161,7 +161,7 @@ class RequestRouter:
         load = chosen.load
         capacity = capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
                                    p.chars_per_token, p.block_chars, p.default_capacity_blocks)
-        # This replica's own counts always: the fallback while Redis is unreachable.
+        # This replica's own figures live here, and its next decisions read them at once.
         self._local.record(pool.name, chosen.endpoint.key, () if self._shared else hashes, capacity, work)
         if not self._shared:
             return False
