@@ -1,8 +1,9 @@
 """This replica's own view: its in-flight counts and, in the in-memory mode, a prefix index.
 
 With Redis (the product) it holds this replica's own in-flight figures, which
-its decisions read here, exact and at once; the other replicas' come from Redis. In `--state local` it is the whole state, as upstream pickers keep
-it: each replica sees only its own requests and forgets everything on restart.
+its decisions read here, exact and at once; the other replicas' come from
+Redis. In `--state local` it is the whole state, as upstream pickers keep it:
+each replica sees only its own requests and forgets everything on restart.
 That mode exists to measure what the shared state is worth.
 """
 
