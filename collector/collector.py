@@ -89,12 +89,15 @@ class Collector:
         all_keys = [e.key for pool in config.pools.values() for e in pool.endpoints]
         mine = owned(all_keys, self.members, self._settings.collector_id)
         pools = [(pool.name, tuple(e for e in pool.endpoints if e.key in mine)) for pool in config.pools.values()]
-        restarted: set[str] = set()
-        results = await asyncio.gather(*(self._scrape_pool(session, eps, restarted) for _, eps in pools))
+        before = dict(self._last)
+        results = await asyncio.gather(*(self._scrape_pool(session, eps) for _, eps in pools))
         for (name, _), samples in zip(pools, results, strict=True):
+            # A counter that fell means a new process: the KV cache the index describes is gone.
+            restarted = [key for key, s in samples.items()
+                         if s.ok and key in before and s.prompt_tokens < before[key].prompt_tokens]
             try:
                 await self._store.write_load(name, samples)
-                for key in restarted & samples.keys():
+                for key in restarted:
                     await self._store.forget_endpoint(name, key)
                     log.info("endpoint %s restarted (its prompt-token counter fell): "
                              "forgot its prefix-index entries in pool %s", key, name)
@@ -125,13 +128,12 @@ class Collector:
         except RedisError as exc:
             log.warning("cannot prune load samples: %s", exc)
 
-    async def _scrape_pool(self, session: aiohttp.ClientSession, endpoints: tuple[Endpoint, ...],
-                           restarted: set[str]) -> dict[str, LoadSample]:
-        samples = await asyncio.gather(*(self._scrape(session, e, restarted) for e in endpoints))
+    async def _scrape_pool(self, session: aiohttp.ClientSession,
+                           endpoints: tuple[Endpoint, ...]) -> dict[str, LoadSample]:
+        samples = await asyncio.gather(*(self._scrape(session, e) for e in endpoints))
         return {e.key: s for e, s in zip(endpoints, samples, strict=True)}
 
-    async def _scrape(self, session: aiohttp.ClientSession, endpoint: Endpoint, restarted: set[str]) -> LoadSample:
-        """One endpoint's sample; adds the endpoint to `restarted` when its counter fell since the last one."""
+    async def _scrape(self, session: aiohttp.ClientSession, endpoint: Endpoint) -> LoadSample:
         now_ms = int(time.time() * 1000)
         try:
             async with session.get(f"http://{endpoint.key}/metrics") as response:
@@ -139,9 +141,6 @@ class Collector:
                     raise GarbledMetrics(f"HTTP {response.status}")
                 text = await response.text(errors="replace")
             sample = to_load_sample(text, now_ms)
-            previous = self._last.get(endpoint.key)
-            if previous is not None and sample.prompt_tokens < previous.prompt_tokens:
-                restarted.add(endpoint.key)  # a new process: the KV cache the index describes is gone
         except (aiohttp.ClientError, TimeoutError, GarbledMetrics, UnicodeDecodeError) as exc:
             previous = self._last.get(endpoint.key) or LoadSample(scraped_at_ms=0, ok=False)
             sample = replace(previous, ok=False, consecutive_failures=previous.consecutive_failures + 1,
