@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
@@ -95,14 +95,14 @@ class RequestRouter:
         hashes: list[str] = []
         if pool.strategy == Strategy.PREFIX_CACHE:
             hashes = block_hashes(text, target, snapshot.config.prefix_seed, p.block_chars, p.max_blocks)
+        prompt = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "",
+                                   -(-len(text) // p.block_chars))
         # At most two rounds: the second when another replica took the chosen endpoint meanwhile.
         for check in (True, False):
             view, others = await self._shared_view(pool, hashes)
             candidates = self._candidates(pool, snapshot.load.get(pool.name, {}), view)
-            request = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "",
-                                        -(-len(text) // p.block_chars),
-                                        replica_share([e.key for e in pool.endpoints], view.replicas,
-                                                      self._settings.server.replica_id))
+            request = replace(prompt, preferred=replica_share([e.key for e in pool.endpoints], view.replicas,
+                                                              self._settings.server.replica_id))
             decision = self._scheduler.schedule(pool.strategy, request, candidates)
             chosen = decision.endpoints[0]
             work = max(0, request.work_blocks - chosen.matched_blocks)
