@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,3 +49,16 @@ async def spread(session: aiohttp.ClientSession, port: int, bodies: list[dict[st
 
     replies = await asyncio.gather(*(one(b) for b in bodies))
     return Counter(r.pod for r in replies if r.status == 200 and r.pod), list(replies)
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool] | bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        met = condition()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.05)

@@ -13,8 +13,10 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
+from gateway_state.lifecycle import connect
+from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet
-from tests.client import QWEN, chat, post, spread
+from tests.client import QWEN, chat, post, spread, wait_for
 from tests.conftest import DEFAULT_PORT, FIXTURES, GHOST_PORT, PLAIN_PORT, PREFIX_PORT
 
 PREFIX_PODS = {f"prefix-{i}" for i in range(4)}
@@ -89,15 +91,23 @@ async def test_distinct_prefixes_spread_over_every_pod(http: aiohttp.ClientSessi
     assert min(served.values()) >= 3, served
 
 
-async def test_default_pool_sends_fewer_requests_to_a_loaded_pod(http: aiohttp.ClientSession) -> None:
+async def test_default_pool_sends_fewer_requests_to_a_loaded_pod(http: aiohttp.ClientSession, fleet: Fleet) -> None:
     loaded = "127.0.2.1:8000"  # default-0
     async with http.post(f"http://{loaded}/sim/load", json={"requests": 300, "prompt_tokens": 1000}) as r:
         assert r.status == 200
+    store = StateStore(connect(fleet.redis_url))
     try:
-        await asyncio.sleep(0.6)  # a few scrapes
+        async def backlog_published() -> bool:
+            _, load = await store.read_snapshot(["default-pool"])
+            sample = load.get("default-pool", {}).get(loaded)
+            return sample is not None and sample.waiting >= 5
+
+        await wait_for(backlog_published, 5.0)  # the collector has published it...
+        await asyncio.sleep(0.2)  # ...and the pickers' 50 ms snapshot refresh has read it
         bodies = [chat(f"question {i}", model="qwen-default", max_tokens=24) for i in range(200)]
         served, replies = await spread(http, DEFAULT_PORT, bodies, concurrency=200)
     finally:
+        await store.redis.aclose()
         async with http.delete(f"http://{loaded}/sim/load") as r:
             assert r.status == 200
     assert all(r.status == 200 for r in replies)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +14,7 @@ from redis.exceptions import RedisError
 from gateway_state import keys
 from gateway_state.lifecycle import connect
 from local_fleet.fleet import Fleet
-from tests.client import Reply, chat, post
+from tests.client import Reply, chat, post, wait_for
 from tests.conftest import CLOSED_PORT, DEFAULT_PORT, PREFIX_PORT
 
 
@@ -54,19 +53,6 @@ def standalone_only(fleet: Fleet) -> None:
 
 def controller_log(fleet: Fleet) -> str:
     return fleet.log_path("controller-0").read_text()
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool] | bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        met = condition()
-        if inspect.isawaitable(met):
-            met = await met
-        if met:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.05)
 
 
 async def test_flushall_breaks_no_request(http: aiohttp.ClientSession, fleet: Fleet) -> None:
