@@ -5,12 +5,18 @@ for Redis Cluster, and the other keys are derived from the pool prefix (ARGV[1])
 """
 
 # KEYS[1] = pickers zset. ARGV = pool prefix, now_ms, replica to leave out ("" for
-# none), block hashes... Returns {inflight_flat, matched_flat, live replicas}:
+# none), the block hashes joined by spaces (one argument packs and parses in half
+# the time of 256). Returns {inflight_flat, matched_flat, live replicas}:
 # in-flight figures summed over the other live picker replicas (fields "<endpoint>"
 # count requests, "<endpoint>|work" their uncached prompt blocks; a replica knows
 # its own exactly), and per endpoint the number of leading prompt blocks it holds.
-# Block hashes are chained, so holding block i means holding the whole prefix
-# up to i; the walk stops at the first block no endpoint holds.
+#
+# Block hashes are chained, and each endpoint's recorded blocks are prefix-closed:
+# INDEX writes every block of a prompt with the same expiry, and eviction takes
+# the deepest first. So along the prompt the set of holders only shrinks, and a
+# binary search finds the deepest block any endpoint not yet matched holds: one
+# search per distinct match length, a dozen reads for a 256-block prompt instead
+# of one per block. A prompt whose first block nobody holds matches nothing.
 LOOKUP = """
 local prefix = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -24,11 +30,28 @@ for _, r in ipairs(replicas) do
     end
   end
 end
+local blocks = {}
+for h in string.gmatch(ARGV[4], '%S+') do table.insert(blocks, h) end
 local matched = {}
-for i = 4, #ARGV do
-  local holders = redis.call('HKEYS', prefix .. 'pfx:' .. ARGV[i])
-  if #holders == 0 then break end
-  for _, e in ipairs(holders) do matched[e] = i - 3 end
+local function unmatched_holders(i)
+  local out = {}
+  for _, e in ipairs(redis.call('HKEYS', prefix .. 'pfx:' .. blocks[i])) do
+    if not matched[e] then table.insert(out, e) end
+  end
+  return out
+end
+local first, hi = 1, #blocks
+while hi >= first do
+  local found = unmatched_holders(first)
+  if #found == 0 then break end
+  local depth, lo, up = first, first + 1, hi
+  while lo <= up do
+    local mid = math.floor((lo + up) / 2)
+    local holders = unmatched_holders(mid)
+    if #holders > 0 then depth, found, lo = mid, holders, mid + 1 else up = mid - 1 end
+  end
+  for _, e in ipairs(found) do matched[e] = depth end
+  hi = depth - 1
 end
 local out_inflight, out_matched = {}, {}
 for e, n in pairs(inflight) do
@@ -44,47 +67,52 @@ end
 return {out_inflight, out_matched, replicas}
 """
 
-# KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, now_ms,
-# prefix ttl_ms, endpoint capacity in blocks, lease_ms, uncached prompt blocks,
-# others seen (-1: no check), block hashes... Counts one request and its uncached
-# prompt blocks in flight at the endpoint, and records the endpoint as a holder of
-# every block. With a check, it first compares the other replicas' requests at the
-# endpoint with what the caller's lookup saw: more means another replica chose it
-# meanwhile, and the script writes nothing and returns -1, so the caller decides
-# again on fresh figures instead of doubling up. The
-# endpoint's blocks form an LRU bounded by capacity; within one request deeper
-# blocks score lower, so eviction takes leaves first, as the model server's own
-# cache does.
-RECORD = """
+# KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, now_ms, lease_ms,
+# uncached prompt blocks, others seen (-1: no check). Counts one request and its
+# uncached prompt blocks in flight at the endpoint; returns 1. With a check, it
+# first compares the other replicas' requests at the endpoint with what the
+# caller's lookup saw: more means another replica chose it meanwhile, and the
+# script writes nothing and returns 0, so the caller decides again on fresh
+# figures instead of doubling up.
+ADMIT = """
 local prefix, replica, endpoint = ARGV[1], ARGV[2], ARGV[3]
-local now, ttl, cap, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local seen = tonumber(ARGV[9])
+local now, lease, seen = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[7])
 if seen >= 0 then
   local others = 0
   for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
     if r ~= replica then others = others + tonumber(redis.call('HGET', prefix .. 'inflight:' .. r, endpoint) or 0) end
   end
-  if others > seen then return -1 end
+  if others > seen then return 0 end
 end
 local ik = prefix .. 'inflight:' .. replica
 redis.call('HINCRBY', ik, endpoint, 1)
-if tonumber(ARGV[8]) > 0 then redis.call('HINCRBY', ik, endpoint .. '|work', ARGV[8]) end
+if tonumber(ARGV[6]) > 0 then redis.call('HINCRBY', ik, endpoint .. '|work', ARGV[6]) end
 redis.call('PEXPIRE', ik, lease)
 redis.call('ZADD', KEYS[1], now + lease, replica)
-local n = #ARGV - 9
-if n == 0 then return 0 end
-local lru = prefix .. 'lru:' .. endpoint
-for i = 10, #ARGV do
-  local bk = prefix .. 'pfx:' .. ARGV[i]
+return 1
+"""
+
+# KEYS[1] = the endpoint's LRU. ARGV = pool prefix, endpoint, now_ms, prefix ttl_ms,
+# endpoint capacity in blocks, the block hashes joined by spaces. Records the endpoint as a holder of
+# every block. The endpoint's blocks form an LRU bounded by capacity; within one
+# request deeper blocks score lower, so eviction takes leaves first, as the model
+# server's own cache does. Returns how many blocks were evicted.
+INDEX = """
+local prefix, endpoint = ARGV[1], ARGV[2]
+local now, ttl, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local i = 0
+for h in string.gmatch(ARGV[6], '%S+') do
+  local bk = prefix .. 'pfx:' .. h
   redis.call('HSET', bk, endpoint, now)
   redis.call('PEXPIRE', bk, ttl)
-  redis.call('ZADD', lru, now * 1024 + (1023 - math.min(i - 10, 1023)), ARGV[i])
+  redis.call('ZADD', KEYS[1], now * 1024 + (1023 - math.min(i, 1023)), h)
+  i = i + 1
 end
-redis.call('PEXPIRE', lru, ttl)
-local size = redis.call('ZCARD', lru)
+redis.call('PEXPIRE', KEYS[1], ttl)
+local size = redis.call('ZCARD', KEYS[1])
 local evicted = 0
 if size > cap then
-  local gone = redis.call('ZPOPMIN', lru, size - cap)
+  local gone = redis.call('ZPOPMIN', KEYS[1], size - cap)
   for j = 1, #gone, 2 do
     redis.call('HDEL', prefix .. 'pfx:' .. gone[j], endpoint)
     evicted = evicted + 1

@@ -26,7 +26,6 @@ class SharedView:
 
 
 WORK_SUFFIX = "|work"  # in-flight hash field of an endpoint's uncached prompt blocks
-CONFLICT = -1  # record(): another replica chose the endpoint since the caller's lookup
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
@@ -38,7 +37,8 @@ class StateStore:
         self.redis = redis
         # register_script does no I/O; scripts load on first use (EVALSHA, then EVAL).
         self._lookup = redis.register_script(scripts.LOOKUP)
-        self._record = redis.register_script(scripts.RECORD)
+        self._admit = redis.register_script(scripts.ADMIT)
+        self._index = redis.register_script(scripts.INDEX)
         self._release = redis.register_script(scripts.RELEASE)
         self._forget = redis.register_script(scripts.FORGET)
         self._heartbeat = redis.register_script(scripts.HEARTBEAT)
@@ -98,9 +98,12 @@ class StateStore:
     # -- the picker's request path ---------------------------------------------
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], now_ms: int, leave_out: str = "") -> SharedView:
-        """In-flight figures over the live replicas but `leave_out`, prefix holders, live replicas."""
+        """In-flight figures over the live replicas but `leave_out`, prefix holders, live replicas.
+
+        Block hashes are hex digests: the scripts take them as one space-separated argument.
+        """
         inflight, matched, replicas = await self._lookup(
-            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), now_ms, leave_out, *block_hashes]
+            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), now_ms, leave_out, " ".join(block_hashes)]
         )
         counts, work = {}, {}
         for field_name, n in _pairs(inflight).items():
@@ -110,42 +113,23 @@ class StateStore:
                 counts[field_name] = n
         return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)))
 
-    async def record(
-        self,
-        pool: str,
-        replica: str,
-        endpoint: str,
-        block_hashes: Sequence[str],
-        now_ms: int,
-        prefix_ttl_ms: int,
-        capacity_blocks: int,
-        lease_ms: int,
-        work_blocks: int = 0,
-        others_seen: int = -1,
-    ) -> int:
-        """Count a request (and its `work_blocks` of uncached prompt) in flight at `endpoint`,
-        and note the endpoint now holds the blocks.
+    async def admit(self, pool: str, replica: str, endpoint: str, now_ms: int, lease_ms: int, work_blocks: int = 0,
+                    others_seen: int = -1) -> bool:
+        """Count a request (and its `work_blocks` of uncached prompt) in flight at `endpoint`.
 
-        Returns how many blocks the endpoint's LRU evicted, or CONFLICT without writing
-        when `others_seen` (0 or more) is below the other replicas' requests there now.
+        False, with nothing written, when `others_seen` (0 or more) is below the other
+        replicas' requests there now: one of them chose the endpoint since the caller's lookup.
         """
-        return int(
-            await self._record(
-                keys=[keys.pickers(pool)],
-                args=[
-                    keys.pool_prefix(pool),
-                    replica,
-                    endpoint,
-                    now_ms,
-                    prefix_ttl_ms,
-                    capacity_blocks,
-                    lease_ms,
-                    work_blocks,
-                    others_seen,
-                    *block_hashes,
-                ],
-            )
-        )
+        return bool(await self._admit(keys=[keys.pickers(pool)], args=[
+            keys.pool_prefix(pool), replica, endpoint, now_ms, lease_ms, work_blocks, others_seen]))
+
+    async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], now_ms: int, prefix_ttl_ms: int,
+                    capacity_blocks: int) -> int:
+        """Note that `endpoint` now holds the prompt's blocks; returns how many its LRU evicted."""
+        if not block_hashes:
+            return 0
+        return int(await self._index(keys=[keys.endpoint_lru(pool, endpoint)], args=[
+            keys.pool_prefix(pool), endpoint, now_ms, prefix_ttl_ms, capacity_blocks, " ".join(block_hashes)]))
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0) -> None:
         await self._release(keys=[keys.inflight(pool, replica)],

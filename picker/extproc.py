@@ -87,6 +87,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def drain(self) -> None:
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
+        await self._router.drain()
 
     def _release_later(self, routed: Routed) -> None:
         # The stream may be cancelled; release in a task of its own so it always runs.

@@ -2,8 +2,10 @@
 
 Per request: one Redis round trip before scoring (in-flight counts over every
 replica and the prefix blocks each endpoint holds), the pure scheduling step,
-then one round trip recording the choice. Each Redis call has a deadline; past
-it the decision falls back to this replica's own in-flight counts, so a slow or
+then one small round trip counting the request in flight at the chosen endpoint.
+The prompt's blocks are indexed under that endpoint after the answer has gone
+back to Envoy, off the request's path. Each Redis call has a deadline; past it
+the decision falls back to this replica's own in-flight counts, so a slow or
 dead Redis slows nothing and fails nothing.
 """
 
@@ -15,12 +17,13 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
 from gateway_state.records import Model, Pool, Strategy
-from gateway_state.store import CONFLICT, SharedView, StateStore
+from gateway_state.store import SharedView, StateStore
 from picker.errors import NoEndpoint, NotFound, PickerUnavailable
 from picker.local_state import LocalState
 from picker.metrics import PickerMetrics
@@ -66,6 +69,7 @@ class RequestRouter:
         self._rng = rng
         self._local = LocalState()
         self._shared = settings.state.mode == "redis"
+        self._background: set[asyncio.Task[None]] = set()
 
     def models(self, pool: str | None) -> list[Model]:
         config = self._snapshots.current.config
@@ -111,6 +115,8 @@ class RequestRouter:
             if recorded is not None:
                 break
             self._metrics.placement_conflicts.labels(pool.name).inc()
+        if recorded and hashes:
+            self._later(self._index(pool, chosen, hashes))
         return Routed(parsed.model, target, pool.name, pool.strategy, decision.endpoints, body, len(hashes),
                       chosen.matched_blocks, work, bool(recorded), time.perf_counter() - started, decision.seconds)
 
@@ -157,28 +163,49 @@ class RequestRouter:
                       others_seen: int) -> bool | None:
         """Count the request here and in Redis: True when Redis has it, False when only here,
         None (nothing counted) when another replica took the endpoint since `others_seen`."""
-        p, s = self._settings.prefix, self._settings.state
-        load = chosen.load
-        capacity = capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
-                                   p.chars_per_token, p.block_chars, p.default_capacity_blocks)
+        endpoint = chosen.endpoint.key
         # This replica's own figures live here, and its next decisions read them at once.
-        self._local.record(pool.name, chosen.endpoint.key, () if self._shared else hashes, capacity, work)
+        self._local.record(pool.name, endpoint, () if self._shared else hashes, self._capacity(chosen), work)
         if not self._shared:
             return False
-        endpoint = chosen.endpoint.key
+        s = self._settings.state
         try:
             async with asyncio.timeout(s.redis_timeout_ms / 1000):
-                evicted = await self._store.record(pool.name, self._settings.server.replica_id, endpoint, hashes,
-                                                   int(time.time() * 1000), p.ttl_ms, capacity, s.inflight_lease_ms,
-                                                   work, others_seen)
+                admitted = await self._store.admit(pool.name, self._settings.server.replica_id, endpoint,
+                                                   int(time.time() * 1000), s.inflight_lease_ms, work, others_seen)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._metrics.redis_fallbacks.labels("record").inc()
-            log.debug("shared record failed: %s", exc)
+            self._metrics.redis_fallbacks.labels("admit").inc()
+            log.debug("shared admission failed: %s", exc)
             return False
-        if evicted == CONFLICT:
+        if not admitted:
             self._local.release(pool.name, endpoint, work)
             return None
         return True
+
+    def _capacity(self, chosen: Candidate) -> int:
+        p, load = self._settings.prefix, chosen.load
+        return capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
+                               p.chars_per_token, p.block_chars, p.default_capacity_blocks)
+
+    async def _index(self, pool: Pool, chosen: Candidate, hashes: list[str]) -> None:
+        """The chosen endpoint now holds the prompt's blocks, for every replica's next lookups."""
+        try:
+            async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
+                await self._store.index(pool.name, chosen.endpoint.key, hashes, int(time.time() * 1000),
+                                        self._settings.prefix.ttl_ms, self._capacity(chosen))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._metrics.redis_fallbacks.labels("index").inc()
+            log.debug("shared prefix index write failed: %s", exc)
+
+    def _later(self, work: Coroutine[None, None, None]) -> None:
+        # Off the request's path; kept referenced so it runs to the end, and drained on shutdown.
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def release(self, routed: Routed) -> None:
         """The request ended (Envoy closed the stream): it is no longer in flight."""

@@ -157,7 +157,7 @@ async def test_a_restarted_pod_leaves_the_prefix_index(redis_client: Redis, runt
     blocks = [f"b{i}" for i in range(2500)]  # more than one FORGET batch
     now = int(time.time() * 1000)
     for e in (endpoint, other):
-        await store.record("p", "picker-0", e.key, blocks, now, 600_000, 10_000, 5000)
+        await store.index("p", e.key, blocks, now, 600_000, 10_000)
     collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300))
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop))

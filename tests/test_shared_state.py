@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 from redis.asyncio import Redis
@@ -19,7 +20,7 @@ from gateway_state.records import (
     decode_config,
     encode_config,
 )
-from gateway_state.store import CONFLICT, StateStore
+from gateway_state.store import StateStore
 from tests.conftest import publish
 
 LEASE_MS = 5000
@@ -31,7 +32,9 @@ def now_ms() -> int:
 
 async def record(store: StateStore, endpoint: str, blocks: list[str], replica: str = "r1", capacity: int = 1000,
                  lease_ms: int = LEASE_MS) -> int:
-    return await store.record("pool", replica, endpoint, blocks, now_ms(), 60_000, capacity, lease_ms)
+    """What a picker writes for one routed request: its in-flight count, then its blocks in the index."""
+    assert await store.admit("pool", replica, endpoint, now_ms(), lease_ms)
+    return await store.index("pool", endpoint, blocks, now_ms(), 60_000, capacity)
 
 
 async def test_lookup_finds_the_longest_cached_prefix_per_endpoint(redis_client: Redis) -> None:
@@ -43,6 +46,26 @@ async def test_lookup_finds_the_longest_cached_prefix_per_endpoint(redis_client:
     # The walk stops at the first block nobody holds.
     view = await store.lookup("pool", ["x0", "h1", "h2"], now_ms())
     assert view.matched_blocks == {}
+
+
+async def test_lookup_finds_each_endpoints_own_match_length_in_a_long_prompt(redis_client: Redis) -> None:
+    # The lookup searches the prompt rather than walking it block by block; every
+    # endpoint must still get exactly the length of the query prefix it holds,
+    # whichever mix of lengths and diverging continuations the pool has.
+    store = StateStore(redis_client)
+    rng = random.Random(5)
+    for trial in range(6):
+        query = [f"t{trial}q{i}" for i in range(256)]
+        expected = {}
+        for n in range(8):
+            endpoint = f"t{trial}e{n}:1"
+            for _ in range(rng.randint(1, 3)):  # each endpoint served a few prompts sharing part of the query
+                shared = rng.choice([0, 1, 2, 37, 128, 200, 255, 256, rng.randint(0, 256)])
+                own = [f"{endpoint}-{shared}-{i}" for i in range(rng.randint(0, 20))]
+                await record(store, endpoint, query[:shared] + own)
+                if shared:
+                    expected[endpoint] = max(expected.get(endpoint, 0), shared)
+        assert (await store.lookup("pool", query, now_ms())).matched_blocks == expected, trial
 
 
 async def test_inflight_counts_add_up_over_replicas_and_release(redis_client: Redis) -> None:
@@ -111,16 +134,16 @@ async def test_a_lookup_can_leave_out_its_own_replica(redis_client: Redis) -> No
     assert view.inflight == {"a:1": 1} and view.replicas == ("me", "other")
 
 
-async def test_a_checked_record_refuses_an_endpoint_another_replica_took_meanwhile(redis_client: Redis) -> None:
+async def test_a_checked_admission_refuses_an_endpoint_another_replica_took_meanwhile(redis_client: Redis) -> None:
     store = StateStore(redis_client)
     seen = (await store.lookup("pool", [], now_ms(), leave_out="me")).inflight.get("a:1", 0)
-    await record(store, "a:1", [], replica="other")  # between this replica's lookup and its record
-    args = ("pool", "me", "a:1", ["h1"], now_ms(), 60_000, 100, LEASE_MS)
-    assert await store.record(*args, others_seen=seen) == CONFLICT
-    view = await store.lookup("pool", ["h1"], now_ms())
-    assert view.inflight == {"a:1": 1} and view.matched_blocks == {}  # nothing written
-    # Seen up to date (or no check): recorded.
-    assert await store.record(*args, others_seen=seen + 1) == 0
-    assert await store.record(*args) == 0
-    view = await store.lookup("pool", ["h1"], now_ms())
-    assert view.inflight == {"a:1": 3} and view.matched_blocks == {"a:1": 1}
+    await record(store, "a:1", [], replica="other")  # between this replica's lookup and its admission
+    args = ("pool", "me", "a:1", now_ms(), LEASE_MS, 7)
+    assert not await store.admit(*args, others_seen=seen)
+    view = await store.lookup("pool", [], now_ms())
+    assert view.inflight == {"a:1": 1} and view.inflight_work == {}  # nothing written
+    # Seen up to date (or no check): admitted.
+    assert await store.admit(*args, others_seen=seen + 1)
+    assert await store.admit(*args)
+    view = await store.lookup("pool", [], now_ms())
+    assert view.inflight == {"a:1": 3} and view.inflight_work == {"a:1": 14}

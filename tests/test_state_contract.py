@@ -46,7 +46,8 @@ async def state(request: pytest.FixtureRequest, redis_client: Redis) -> StateUnd
         return int(time.time() * 1000) + next(clock)
 
     async def record_r(endpoint: str, hashes: Sequence[str], capacity: int, work: int = 0) -> None:
-        await store.record("pool", "r", endpoint, hashes, now(), 60_000, capacity, 5_000, work)
+        await store.admit("pool", "r", endpoint, now(), 5_000, work)
+        await store.index("pool", endpoint, hashes, now(), 60_000, capacity)
 
     async def view_r(hashes: Sequence[str]) -> SharedView:
         return await store.lookup("pool", hashes, now())
