@@ -28,8 +28,8 @@ from typing import Any
 import aiohttp
 
 from benchmarks import arrivals
-from benchmarks.driver import prefix_counters
-from benchmarks.routers import PeerProcess, Router, manifests, routers
+from benchmarks.driver import idle_ttft_s, prefix_counters
+from benchmarks.routers import MODEL, PeerProcess, Router, manifests, routers
 from benchmarks.workloads import HotPrefixWorkload, SharedPrefixWorkload, StressWorkload
 from gateway_state.lifecycle import every
 from local_fleet.fleet import Fleet, FleetSettings
@@ -168,6 +168,8 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
     endpoints = [p.split("@")[1] for p in pods]
     fleet.start()
     try:
+        fleet.wait_pods()
+        direct_s = asyncio.run(idle_ttft_s(f"http://{endpoints[0]}", MODEL))
         plan = [("shared_prefix", q) for q in profile.qps] + [("stress", 0.0), ("hot_prefix", profile.hot_qps)]
         plan = [(w, q) for w, q in plan if w in workloads]
         for workload, qps in plan:
@@ -185,6 +187,8 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                         fleet.restart(name, ("--state", "local"))
                     fleet.wait_pickers_routable()
                 try:
+                    added_ms = (asyncio.run(idle_ttft_s(f"http://127.0.0.1:{router.port}", router.model))
+                                - direct_s) * 1000
                     result = asyncio.run(measure(f"http://127.0.0.1:{router.port}", router.model, endpoints,
                                                  workload, profile, qps, seed=17))
                 finally:
@@ -194,9 +198,10 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                         for name in ("picker-0", "picker-1"):
                             fleet.restart(name)
                         fleet.wait_pickers_routable()
-                row = {"flavour": flavour, "workload": workload, "qps": qps, "router": router.name, **result}
+                row = {"flavour": flavour, "workload": workload, "qps": qps, "router": router.name,
+                       "idle_added_ms": added_ms, **result}
                 rows.append(row)
-                print(f"    hit {row['hit_rate']:.3f} (oracle {row['oracle_hit_rate']:.3f}) "
+                print(f"    hit {row['hit_rate']:.3f} (oracle {row['oracle_hit_rate']:.3f}) idle +{added_ms:.1f} ms "
                       f"ttft p90 {row['ttft_p90_s']:.3f} s  {row['output_tok_s']:.0f} tok/s  "
                       f"failed {row['failed']} {row['errors'] or ''}", flush=True)
     finally:
@@ -208,13 +213,13 @@ def write_outputs(rows: list[dict[str, Any]]) -> None:
     summary = [{k: v for k, v in r.items() if k not in ("ttfts", "kv_series")} for r in rows]
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
     lines = ["| flavour | workload | qps | router | hit rate | oracle | TTFT p50 s | p90 s | p99 s | out tok/s | "
-             "KV spread | max queue / mean | failed |", "|" + "---|" * 13]
+             "KV spread | max queue / mean | failed | idle added ms |", "|" + "---|" * 14]
     for r in summary:
         lines.append(f"| {r['flavour']} | {r['workload']} | {r['qps'] or '-'} | {r['router']} | "
                      f"{r['hit_rate']:.3f} | {r['oracle_hit_rate']:.3f} | {r['ttft_p50_s']:.3f} | "
                      f"{r['ttft_p90_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['output_tok_s']:.0f} | "
                      f"{r['kv_spread']:.3f} | "
-                     f"{r['max_queue_over_pool_mean']:.2f} | {r['failed']} |")
+                     f"{r['max_queue_over_pool_mean']:.2f} | {r['failed']} | {r['idle_added_ms']:.1f} |")
     lines += ["", *targets(summary)]
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
