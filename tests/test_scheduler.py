@@ -63,22 +63,6 @@ def test_a_long_cold_prompt_avoids_endpoints_already_prefilling_one(scheduler: S
         assert picks == {"pod-1"}
 
 
-def test_a_new_prefix_never_queues_behind_another_cold_prefill_for_a_little_free_cache(
-        scheduler: Scheduler) -> None:
-    """Seen in the benchmark: a new group's prompt went to the one pod already prefilling
-    another new group's, because that pod had more free KV cache and was the prefix's home.
-    Its first token then waited for both prefills (1.6 s instead of 0.85 s)."""
-    pods = [candidate(i, inflight=2, kv=0.35, work=3) for i in range(4)]
-    busy = candidate(4, inflight=2, kv=0.05, work=280)
-    # A prompt whose rendezvous home is the busy pod.
-    request = next(r for r in (SchedulingRequest("m", Criticality.STANDARD, 256, f"{i:016x}", work_blocks=280)
-                               for i in range(200))
-                   if PrefixHomeScorer().score(r, [*pods, busy])[-1] == 1.0)
-    picks = {scheduler.schedule(Strategy.PREFIX_CACHE, request, [*pods, busy]).endpoints[0].endpoint.name
-             for _ in range(30)}
-    assert "pod-4" not in picks
-
-
 def test_a_cached_follow_up_stays_with_its_prefix_beside_one_cold_prefill(scheduler: Scheduler) -> None:
     pods = [candidate(0, matched=190, inflight=2, work=256), candidate(1), candidate(2)]
     assert scheduler.schedule(Strategy.PREFIX_CACHE, req(200), pods).endpoints[0].endpoint.name == "pod-0"

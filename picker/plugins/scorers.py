@@ -69,23 +69,14 @@ class PrefillWorkScorer:
     prompt goes where no other long prefill is under way, while a follow-up whose
     prefix is cached stays with it: computing the prefix elsewhere costs more than
     sharing a step with someone else's prefill.
-
-    A prompt nobody holds any of (prefix routing on, no match anywhere) has no cache
-    to stay with, and queueing behind another prefill as long as its own doubles
-    its time to first token. Its excess is then measured against its own prefill
-    (at least a sixteenth of `scale`, so short prompts do not chase a few blocks):
-    a little free cache or a rendezvous home never outweighs that wait.
     """
 
     scale: float
     name: str = "prefill-work"
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
-        scale = self.scale
-        if request.prompt_blocks and not any(c.matched_blocks for c in candidates):
-            scale = min(scale, max(float(request.work_blocks), scale / 16))
         return _relative([float(c.inflight_work + max(0, request.work_blocks - c.matched_blocks))
-                          for c in candidates], scale)
+                          for c in candidates], self.scale)
 
 
 @dataclass(frozen=True)
