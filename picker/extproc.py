@@ -8,7 +8,6 @@ in-flight count is released then.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -57,7 +56,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, router: RequestRouter, metrics: PickerMetrics) -> None:
         self._router = router
         self._metrics = metrics
-        self._releases: set[asyncio.Task[None]] = set()
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # noqa: N802 (gRPC name)
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
@@ -84,17 +82,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             if stream.routed is not None:
                 self._release_later(stream.routed)
 
-    async def drain(self) -> None:
-        if self._releases:
-            await asyncio.gather(*self._releases, return_exceptions=True)
-        await self._router.drain()
-
     def _release_later(self, routed: Routed) -> None:
-        # The stream may be cancelled; release in a task of its own so it always runs.
         self._metrics.inflight.labels(routed.pool).dec()
-        task = asyncio.get_running_loop().create_task(self._router.release(routed))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        self._router.release_later(routed)
 
     def _on_headers(self, stream: _Stream, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
         for h in headers.headers.headers:

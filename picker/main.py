@@ -120,7 +120,7 @@ async def serve(settings: PickerSettings) -> None:
         await health.enter_graceful_shutdown()
         await asyncio.sleep(settings.server.drain_ms / 1000)
         await server.stop(grace=5)
-        await processor.drain()
+        await router.drain()
         for t in tasks:
             t.cancel()
         await runner.cleanup()

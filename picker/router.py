@@ -198,17 +198,23 @@ class RequestRouter:
             log.debug("shared prefix index write failed: %s", exc)
 
     def _later(self, work: Coroutine[None, None, None]) -> None:
-        # Off the request's path; kept referenced so it runs to the end, and drained on shutdown.
+        # Off the request's path (a prefix index write, a release); kept referenced so it
+        # runs to the end, and drained on shutdown.
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
+        """Wait for the writes still under way after their requests (shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def release(self, routed: Routed) -> None:
-        """The request ended (Envoy closed the stream): it is no longer in flight."""
+    def release_later(self, routed: Routed) -> None:
+        """The request ended (Envoy closed the stream). Its stream may be cancelled, so
+        the release runs in a task of its own and always completes."""
+        self._later(self._release(routed))
+
+    async def _release(self, routed: Routed) -> None:
         self._local.release(routed.pool, routed.chosen.endpoint.key, routed.work_blocks)
         if not routed.recorded_shared:
             return
