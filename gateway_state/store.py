@@ -126,8 +126,6 @@ class StateStore:
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], now_ms: int, prefix_ttl_ms: int,
                     capacity_blocks: int) -> int:
         """Note that `endpoint` now holds the prompt's blocks; returns how many its LRU evicted."""
-        if not block_hashes:
-            return 0
         return int(await self._index(keys=[keys.endpoint_lru(pool, endpoint)], args=[
             keys.pool_prefix(pool), endpoint, now_ms, prefix_ttl_ms, capacity_blocks, " ".join(block_hashes)]))
 

@@ -33,13 +33,14 @@ class LocalState:
                 matched[e] = depth
         return SharedView(dict(self._inflight.get(pool, {})), matched, dict(self._work.get(pool, {})))
 
-    def record(self, pool: str, endpoint: str, block_hashes: Sequence[str], capacity_blocks: int,
-               work_blocks: int = 0) -> None:
+    def admit(self, pool: str, endpoint: str, work_blocks: int = 0) -> None:
+        """A request (and its uncached prompt blocks) in flight at `endpoint`."""
         self._inflight.setdefault(pool, Counter())[endpoint] += 1
         if work_blocks > 0:
             self._work.setdefault(pool, Counter())[endpoint] += work_blocks
-        if not block_hashes:
-            return
+
+    def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], capacity_blocks: int) -> None:
+        """`endpoint` now holds the blocks, in an LRU bounded by its capacity."""
         holders = self._holders.setdefault(pool, {})
         lru = self._lru.setdefault((pool, endpoint), OrderedDict())
         # Deepest first, so the shallow blocks are the most recent and leaves are evicted first.

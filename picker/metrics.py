@@ -30,7 +30,7 @@ class PickerMetrics:
                                        registry=r)
         self.placement_conflicts = Counter("picker_placement_conflicts",
                                            "Decisions taken again because another replica chose the same endpoint "
-                                           "between this one's lookup and record.", ["pool"], registry=r)
+                                           "between this one's lookup and admission.", ["pool"], registry=r)
         self.redis_up = Gauge("picker_redis_up", "1 when the last snapshot refresh reached Redis.", registry=r)
 
     def render(self) -> bytes:

@@ -165,8 +165,9 @@ class RequestRouter:
         None (nothing counted) when another replica took the endpoint since `others_seen`."""
         endpoint = chosen.endpoint.key
         # This replica's own figures live here, and its next decisions read them at once.
-        self._local.record(pool.name, endpoint, () if self._shared else hashes, self._capacity(chosen), work)
+        self._local.admit(pool.name, endpoint, work)
         if not self._shared:
+            self._local.index(pool.name, endpoint, hashes, self._capacity(chosen))
             return False
         s = self._settings.state
         try:

@@ -30,7 +30,8 @@ async def state(request: pytest.FixtureRequest, redis_client: Redis) -> StateUnd
         local = LocalState()
 
         async def record(endpoint: str, hashes: Sequence[str], capacity: int, work: int = 0) -> None:
-            local.record("pool", endpoint, hashes, capacity, work)
+            local.admit("pool", endpoint, work)
+            local.index("pool", endpoint, hashes, capacity)
 
         async def view(hashes: Sequence[str]) -> SharedView:
             return local.view("pool", hashes)
