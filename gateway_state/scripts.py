@@ -2,9 +2,18 @@
 
 All keys a script touches share the pool's hash tag; KEYS[1] names that slot
 for Redis Cluster, and the other keys are derived from the pool prefix (ARGV[1]).
+Every lease and timestamp comes from Redis's own clock (TIME), never a caller's:
+one process with a skewed clock can neither expire the others nor outlive its
+lease. (Redis 5 and later replicate a script's effects, so TIME is allowed
+before writes.)
 """
 
-# KEYS[1] = pickers zset. ARGV = pool prefix, now_ms, replica to leave out ("" for
+_NOW_MS = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# KEYS[1] = pickers zset. ARGV = pool prefix, replica to leave out ("" for
 # none), the block hashes joined by spaces (one argument packs and parses in half
 # the time of 256). Returns {inflight_flat, matched_flat, live replicas}:
 # in-flight figures summed over the other live picker replicas (fields "<endpoint>"
@@ -17,13 +26,12 @@ for Redis Cluster, and the other keys are derived from the pool prefix (ARGV[1])
 # binary search finds the deepest block any endpoint not yet matched holds: one
 # search per distinct match length, a dozen reads for a 256-block prompt instead
 # of one per block. A prompt whose first block nobody holds matches nothing.
-LOOKUP = """
+LOOKUP = _NOW_MS + """
 local prefix = ARGV[1]
-local now = tonumber(ARGV[2])
 local inflight = {}
 local replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 for _, r in ipairs(replicas) do
-  if r ~= ARGV[3] then
+  if r ~= ARGV[2] then
     local kv = redis.call('HGETALL', prefix .. 'inflight:' .. r)
     for i = 1, #kv, 2 do
       inflight[kv[i]] = (inflight[kv[i]] or 0) + tonumber(kv[i + 1])
@@ -31,7 +39,7 @@ for _, r in ipairs(replicas) do
   end
 end
 local blocks = {}
-for h in string.gmatch(ARGV[4], '%S+') do table.insert(blocks, h) end
+for h in string.gmatch(ARGV[3], '%S+') do table.insert(blocks, h) end
 local matched = {}
 local function unmatched_holders(i)
   local out = {}
@@ -67,16 +75,16 @@ end
 return {out_inflight, out_matched, replicas}
 """
 
-# KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, now_ms, lease_ms,
+# KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, lease_ms,
 # uncached prompt blocks, others seen (-1: no check). Counts one request and its
 # uncached prompt blocks in flight at the endpoint; returns 1. With a check, it
 # first compares the other replicas' requests at the endpoint with what the
 # caller's lookup saw: more means another replica chose it meanwhile, and the
 # script writes nothing and returns 0, so the caller decides again on fresh
 # figures instead of doubling up.
-ADMIT = """
+ADMIT = _NOW_MS + """
 local prefix, replica, endpoint = ARGV[1], ARGV[2], ARGV[3]
-local now, lease, seen = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[7])
+local lease, seen = tonumber(ARGV[4]), tonumber(ARGV[6])
 if seen >= 0 then
   local others = 0
   for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
@@ -86,22 +94,22 @@ if seen >= 0 then
 end
 local ik = prefix .. 'inflight:' .. replica
 redis.call('HINCRBY', ik, endpoint, 1)
-if tonumber(ARGV[6]) > 0 then redis.call('HINCRBY', ik, endpoint .. '|work', ARGV[6]) end
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', ik, endpoint .. '|work', ARGV[5]) end
 redis.call('PEXPIRE', ik, lease)
 redis.call('ZADD', KEYS[1], now + lease, replica)
 return 1
 """
 
-# KEYS[1] = the endpoint's LRU. ARGV = pool prefix, endpoint, now_ms, prefix ttl_ms,
+# KEYS[1] = the endpoint's LRU. ARGV = pool prefix, endpoint, prefix ttl_ms,
 # endpoint capacity in blocks, the block hashes joined by spaces. Records the endpoint as a holder of
 # every block. The endpoint's blocks form an LRU bounded by capacity; within one
 # request deeper blocks score lower, so eviction takes leaves first, as the model
 # server's own cache does. Returns how many blocks were evicted.
-INDEX = """
+INDEX = _NOW_MS + """
 local prefix, endpoint = ARGV[1], ARGV[2]
-local now, ttl, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local ttl, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
 local i = 0
-for h in string.gmatch(ARGV[6], '%S+') do
+for h in string.gmatch(ARGV[5], '%S+') do
   local bk = prefix .. 'pfx:' .. h
   redis.call('HSET', bk, endpoint, now)
   redis.call('PEXPIRE', bk, ttl)
@@ -172,23 +180,27 @@ redis.call('SET', KEYS[2], ARGV[2])
 return 1
 """
 
-# KEYS[1] = members zset. ARGV = member id, now_ms, lease_ms.
-# Renews one member's lease, drops expired members, returns the live ones.
-MEMBERSHIP = """
-local now, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
+# KEYS[1] = members zset. ARGV = member id, lease_ms.
+# Renews one member's lease, drops expired members, returns {now_ms, live members}:
+# the caller keeps Redis's clock for its timestamps.
+MEMBERSHIP = _NOW_MS + """
+local lease = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+return {now, redis.call('ZRANGE', KEYS[1], 0, -1)}
 """
 
-# KEYS[1] = pickers zset. ARGV = pool prefix, replica, now_ms, lease_ms.
-# Renews a live picker replica's lease on its in-flight counts; a replica that
-# dies stops renewing and its counts stop counting when the lease runs out.
-HEARTBEAT = """
-local ik = ARGV[1] .. 'inflight:' .. ARGV[2]
-local now, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+# KEYS[1] = pickers zset, KEYS[2] = the replica's in-flight hash. ARGV = replica,
+# lease_ms, then the replica's in-flight record as field, value pairs. The replica's
+# own figures are the truth: this replaces its record whole (an admission or release
+# cut off by a deadline or a cancelled request leaves nothing behind past the next
+# heartbeat), renews its lease, and drops replicas whose lease ended.
+PUBLISH = _NOW_MS + """
+local lease = tonumber(ARGV[2])
+redis.call('DEL', KEYS[2])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+if #ARGV > 2 then redis.call('PEXPIRE', KEYS[2], lease) end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('PEXPIRE', ik, lease)
 return 1
 """

@@ -16,6 +16,14 @@ class Deposed(Exception):
 
 
 @dataclass(frozen=True)
+class SnapshotReply:
+    """What a picker refreshes from Redis in one round trip."""
+
+    config: bytes | None  # encoded; None when Redis holds none
+    load: dict[str, dict[str, LoadSample]]  # pool -> endpoint -> sample
+
+
+@dataclass(frozen=True)
 class SharedView:
     """What the picker reads from Redis for one decision."""
 
@@ -28,8 +36,26 @@ class SharedView:
 WORK_SUFFIX = "|work"  # in-flight hash field of an endpoint's uncached prompt blocks
 
 
+def split_figures(figures: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """An in-flight record's fields into (requests, uncached prompt blocks) per endpoint."""
+    requests, work = {}, {}
+    for name, n in figures.items():
+        if n <= 0:
+            continue
+        if name.endswith(WORK_SUFFIX):
+            work[name.removesuffix(WORK_SUFFIX)] = n
+        else:
+            requests[name] = n
+    return requests, work
+
+
 def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
     return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def redis_time_ms(reply: tuple[int, int]) -> int:
+    """TIME's (seconds, microseconds) as milliseconds."""
+    return int(reply[0]) * 1000 + int(reply[1]) // 1000
 
 
 class StateStore:
@@ -41,7 +67,7 @@ class StateStore:
         self._index = redis.register_script(scripts.INDEX)
         self._release = redis.register_script(scripts.RELEASE)
         self._forget = redis.register_script(scripts.FORGET)
-        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
+        self._publish = redis.register_script(scripts.PUBLISH)
         self._membership = redis.register_script(scripts.MEMBERSHIP)
         self._lease = redis.register_script(scripts.LEASE)
         self._fenced_set = redis.register_script(scripts.FENCED_SET)
@@ -69,17 +95,17 @@ class StateStore:
         if samples:
             await self.redis.hset(keys.load(pool), mapping={e: encode_load(s) for e, s in samples.items()})
 
-    async def read_snapshot(self, pools: Sequence[str]) -> tuple[bytes | None, dict[str, dict[str, LoadSample]]]:
+    async def read_snapshot(self, pools: Sequence[str]) -> SnapshotReply:
         """The encoded config and the load samples of `pools`, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(keys.CONFIG)
             for pool in pools:
                 pipe.hgetall(keys.load(pool))
             raw, *replies = await pipe.execute()
-        return raw, {
+        return SnapshotReply(raw, {
             pool: {e.decode(): decode_load(v) for e, v in reply.items()}
             for pool, reply in zip(pools, replies, strict=True)
-        }
+        })
 
     async def prune_load(self, pool: str, keep: set[str]) -> None:
         """Drop samples of endpoints that left the pool."""
@@ -87,33 +113,35 @@ class StateStore:
         if stale:
             await self.redis.hdel(keys.load(pool), *stale)
 
-    async def collector_heartbeat(self, collector: str, now_ms: int, lease_ms: int) -> list[str]:
-        """Renew this collector's membership; returns every live collector, itself included."""
-        members = await self._membership(keys=[keys.COLLECTORS], args=[collector, now_ms, lease_ms])
-        return sorted(m.decode() for m in members)
+    async def now_ms(self) -> int:
+        """Redis's clock (a Redis Cluster answers from one of its nodes)."""
+        reply = await self.redis.time()
+        if isinstance(reply, dict):
+            reply = next(iter(reply.values()))
+        return redis_time_ms(reply)
+
+    async def collector_heartbeat(self, collector: str, lease_ms: int) -> tuple[int, list[str]]:
+        """Renew this collector's membership; returns Redis's time (ms) and every live collector,
+        itself included."""
+        now, members = await self._membership(keys=[keys.COLLECTORS], args=[collector, lease_ms])
+        return int(now), sorted(m.decode() for m in members)
 
     async def leave_collectors(self, collector: str) -> None:
         await self.redis.zrem(keys.COLLECTORS, collector)
 
     # -- the picker's request path ---------------------------------------------
 
-    async def lookup(self, pool: str, block_hashes: Sequence[str], now_ms: int, leave_out: str = "") -> SharedView:
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
         """In-flight figures over the live replicas but `leave_out`, prefix holders, live replicas.
 
         Block hashes are hex digests: the scripts take them as one space-separated argument.
         """
         inflight, matched, replicas = await self._lookup(
-            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), now_ms, leave_out, " ".join(block_hashes)]
-        )
-        counts, work = {}, {}
-        for field_name, n in _pairs(inflight).items():
-            if field_name.endswith(WORK_SUFFIX):
-                work[field_name.removesuffix(WORK_SUFFIX)] = n
-            else:
-                counts[field_name] = n
+            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), leave_out, " ".join(block_hashes)])
+        counts, work = split_figures(_pairs(inflight))
         return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)))
 
-    async def admit(self, pool: str, replica: str, endpoint: str, now_ms: int, lease_ms: int, work_blocks: int = 0,
+    async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
                     others_seen: int = -1) -> bool:
         """Count a request (and its `work_blocks` of uncached prompt) in flight at `endpoint`.
 
@@ -121,23 +149,25 @@ class StateStore:
         replicas' requests there now: one of them chose the endpoint since the caller's lookup.
         """
         return bool(await self._admit(keys=[keys.pickers(pool)], args=[
-            keys.pool_prefix(pool), replica, endpoint, now_ms, lease_ms, work_blocks, others_seen]))
+            keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen]))
 
-    async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], now_ms: int, prefix_ttl_ms: int,
+    async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
                     capacity_blocks: int) -> int:
         """Note that `endpoint` now holds the prompt's blocks; returns how many its LRU evicted."""
         return int(await self._index(keys=[keys.endpoint_lru(pool, endpoint)], args=[
-            keys.pool_prefix(pool), endpoint, now_ms, prefix_ttl_ms, capacity_blocks, " ".join(block_hashes)]))
+            keys.pool_prefix(pool), endpoint, prefix_ttl_ms, capacity_blocks, " ".join(block_hashes)]))
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0) -> None:
         await self._release(keys=[keys.inflight(pool, replica)],
                             args=[keys.pool_prefix(pool), replica, endpoint, work_blocks])
+
+    async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
+        """Replace the replica's in-flight record with its own figures and renew its lease (its heartbeat)."""
+        pairs = [x for name, n in figures.items() if n > 0 for x in (name, n)]
+        await self._publish(keys=[keys.pickers(pool), keys.inflight(pool, replica)], args=[replica, lease_ms, *pairs])
 
     async def forget_endpoint(self, pool: str, endpoint: str, batch: int = 1000) -> None:
         """Drop the endpoint from the prefix index: its KV cache is gone."""
         lru, prefix = keys.endpoint_lru(pool, endpoint), keys.pool_prefix(pool)
         while int(await self._forget(keys=[lru], args=[prefix, endpoint, batch])):
             pass
-
-    async def heartbeat(self, pool: str, replica: str, now_ms: int, lease_ms: int) -> None:
-        await self._heartbeat(keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), replica, now_ms, lease_ms])

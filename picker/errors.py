@@ -41,6 +41,12 @@ class Shed(GatewayError):
     status, error_type = 429, "RateLimitError"
 
 
+class InternalError(GatewayError):
+    """A fault of ours, caught at the edge: the client gets an OpenAI-shaped 500, the log a traceback."""
+
+    status, error_type = 500, "InternalServerError"
+
+
 class PickerUnavailable(Exception):
     """This replica cannot decide at all (no config yet): Envoy applies the pool's failure mode."""
 

@@ -1,9 +1,11 @@
 """Envoy's ext_proc protocol: request headers, then the buffered body, then the stream's end.
 
 This is the edge: GatewayErrors become OpenAI-shaped immediate responses here
-and nowhere else. With response body mode NONE, Envoy keeps the stream open
-until the HTTP exchange ends, so the stream's end is the request's end and the
-in-flight count is released then.
+and nowhere else, and it is the one guard around the request path: any other
+exception is logged with its traceback and answered with an OpenAI-shaped 500,
+so no input can break the stream and send the request past the picker. With
+response body mode NONE, Envoy keeps the stream open until the HTTP exchange
+ends, so the stream's end is the request's end and the placement is released then.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from gateway_state.protocol import DESTINATION_HEADER, POOL_METADATA_KEY
-from picker.errors import BadRequest, GatewayError, MethodNotAllowed, PickerUnavailable
+from picker.errors import BadRequest, GatewayError, InternalError, MethodNotAllowed, PickerUnavailable
+from picker.intake import Intake, models
 from picker.metrics import PickerMetrics
-from picker.router import RequestRouter, Routed
+from picker.placement import Placed, Placement
+from picker.snapshot import SnapshotSource
 
 log = logging.getLogger("picker")
 
@@ -37,7 +41,7 @@ class _Stream:
     method: str = ""
     path: str = ""
     body: bytearray = field(default_factory=bytearray)
-    routed: Routed | None = None
+    placed: Placed | None = None
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -53,8 +57,11 @@ def _immediate(status: int, body: dict[str, object], details: str) -> pb.Process
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, router: RequestRouter, metrics: PickerMetrics) -> None:
-        self._router = router
+    def __init__(self, snapshots: SnapshotSource, intake: Intake, placement: Placement,
+                 metrics: PickerMetrics) -> None:
+        self._snapshots = snapshots
+        self._intake = intake
+        self._placement = placement
         self._metrics = metrics
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # noqa: N802 (gRPC name)
@@ -65,7 +72,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             async for message in request_iterator:
                 kind = message.WhichOneof("request")
                 if kind == "request_headers":
-                    yield self._on_headers(stream, message.request_headers)
+                    try:
+                        response = self._on_headers(stream, message.request_headers)
+                    except Exception as exc:  # noqa: BLE001 (the one guard: see the module's docstring)
+                        response = self._internal_error(stream, exc)
+                    yield response
                 elif kind == "request_body":
                     stream.body += message.request_body.body
                     if message.request_body.end_of_stream:
@@ -73,18 +84,23 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                             response = await self._on_body(stream)
                         except PickerUnavailable as exc:
                             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                        except Exception as exc:  # noqa: BLE001 (the one guard: see the module's docstring)
+                            response = self._internal_error(stream, exc)
                         yield response
                     else:
                         yield pb.ProcessingResponse(request_body=pb.BodyResponse())
                 elif kind == "response_headers":
                     yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         finally:
-            if stream.routed is not None:
-                self._release_later(stream.routed)
+            if stream.placed is not None:
+                self._placement.release(stream.placed)
+                self._metrics.inflight.labels(stream.placed.pool).set(self._placement.own.total(stream.placed.pool))
 
-    def _release_later(self, routed: Routed) -> None:
-        self._metrics.inflight.labels(routed.pool).dec()
-        self._router.release_later(routed)
+    def _internal_error(self, stream: _Stream, exc: Exception) -> pb.ProcessingResponse:
+        log.error("Request Failed request_id=%s pool=%s path=%s: internal error", stream.request_id or "-",
+                  stream.pool or "-", stream.path, exc_info=exc)
+        self._metrics.internal_errors.inc()
+        return self._reject(stream, InternalError("The gateway failed to route the request; it has been logged."))
 
     def _on_headers(self, stream: _Stream, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
         for h in headers.headers.headers:
@@ -108,34 +124,37 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def _models(self, stream: _Stream) -> pb.ProcessingResponse:
         created = int(time.time())
         data = [{"id": m.name, "object": "model", "created": created, "owned_by": m.pool}
-                for m in self._router.models(stream.pool)]
+                for m in models(self._snapshots.current.config, stream.pool)]
         return _immediate(200, {"object": "list", "data": data}, "models_listed_by_picker")
 
     async def _on_body(self, stream: _Stream) -> pb.ProcessingResponse:
+        snapshot = self._snapshots.current
         try:
-            routed = await self._router.route(stream.pool, bytes(stream.body))
+            request = self._intake.read(snapshot.config, stream.pool, stream.path, bytes(stream.body))
+            stream.placed = placed = await self._placement.place(request, snapshot.load.get(request.pool.name, {}))
         except GatewayError as err:
             return self._reject(stream, err)
-        stream.routed = routed
-        chosen = routed.chosen.endpoint
-        self._metrics.inflight.labels(routed.pool).inc()
-        self._metrics.requests.labels(routed.model, routed.pool, chosen.name, "routed").inc()
-        self._metrics.decision_seconds.labels(routed.pool, routed.strategy.value).observe(routed.decision_seconds)
-        if routed.prompt_blocks:
-            self._metrics.prefix_blocks_queried.labels(routed.pool).inc(routed.prompt_blocks)
-            self._metrics.prefix_blocks_matched.labels(routed.pool).inc(routed.matched_blocks)
+        chosen = placed.chosen.endpoint
+        self._metrics.inflight.labels(placed.pool).set(self._placement.own.total(placed.pool))
+        self._metrics.requests.labels(request.model, placed.pool, chosen.name, "routed").inc()
+        self._metrics.decision_seconds.labels(placed.pool, request.pool.strategy.value).observe(
+            placed.decision_seconds)
+        prompt_blocks, matched = len(request.block_hashes), placed.chosen.matched_blocks
+        if prompt_blocks:
+            self._metrics.prefix_blocks_queried.labels(placed.pool).inc(prompt_blocks)
+            self._metrics.prefix_blocks_matched.labels(placed.pool).inc(matched)
         log.info("Request Handled request_id=%s model=%s target_model=%s pool=%s pod=%s endpoint=%s strategy=%s "
                  "prefix_blocks=%d/%d fallbacks=%s decision_ms=%.3f schedule_ms=%.3f",
-                 stream.request_id or "-", routed.model, routed.target_model, routed.pool, chosen.name, chosen.key,
-                 routed.strategy.value, routed.matched_blocks, routed.prompt_blocks,
-                 ",".join(c.endpoint.key for c in routed.endpoints[1:]) or "-", routed.decision_seconds * 1000,
-                 routed.schedule_seconds * 1000)
-        all_endpoints = ",".join(c.endpoint.key for c in routed.endpoints)
+                 stream.request_id or "-", request.model, request.target_model, placed.pool, chosen.name,
+                 chosen.key, request.pool.strategy.value, matched, prompt_blocks,
+                 ",".join(c.endpoint.key for c in placed.endpoints[1:]) or "-", placed.decision_seconds * 1000,
+                 placed.schedule_seconds * 1000)
+        all_endpoints = ",".join(c.endpoint.key for c in placed.endpoints)
         set_headers = [_header(DESTINATION_HEADER, chosen.key)]
         body_mutation = None
-        if routed.body is not None:
-            set_headers.append(_header("content-length", str(len(routed.body))))
-            body_mutation = pb.BodyMutation(body=routed.body)
+        if request.body is not None:
+            set_headers.append(_header("content-length", str(len(request.body))))
+            body_mutation = pb.BodyMutation(body=request.body)
         metadata = struct_pb2.Struct()
         # The upstream endpoint-picker protocol: the ordered list, chosen endpoint first.
         metadata.update({"envoy.lb": {DESTINATION_HEADER: all_endpoints}})

@@ -16,14 +16,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import configure_logging, connect, every, stop_on_signals
 from gateway_state.store import StateStore
 from picker.extproc import ExternalProcessor
+from picker.intake import Intake
 from picker.metrics import PickerMetrics
-from picker.router import RequestRouter
+from picker.placement import Placement
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, SchedulingSettings, ServerSettings, StateSettings
 from picker.snapshot import SnapshotSource
+from picker.state import MemoryState, PlacementState
 
 log = logging.getLogger("picker")
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -69,11 +72,21 @@ async def serve(settings: PickerSettings) -> None:
     redis = connect(settings.state.redis_url, timeout_s=1.0, max_connections=256)
     store = StateStore(redis)
     metrics = PickerMetrics()
-    snapshots = SnapshotSource(store, settings.state)
+    clock = FleetClock()
+    snapshots = SnapshotSource(store, settings.state, clock)
     rng = random.Random()
-    router = RequestRouter(store, snapshots, Scheduler(build_profiles(settings.scheduling, rng)), settings,
-                           metrics, rng)
-    processor = ExternalProcessor(router, metrics)
+    # Redis mode: the shared state, and this replica's own index for while Redis cannot answer.
+    # Local mode (the upstream baseline): this replica's memory is the whole state.
+    state: PlacementState = store if settings.state.mode == "redis" else MemoryState()
+    fallback = MemoryState() if settings.state.mode == "redis" else None
+    placement = Placement(state, fallback, Scheduler(build_profiles(settings.scheduling, rng)), settings, metrics,
+                          clock)
+    intake = Intake(settings.prefix, settings.server.max_request_body_bytes, rng)
+    processor = ExternalProcessor(snapshots, intake, placement, metrics)
+
+    async def heartbeat() -> None:
+        config = snapshots.current.config
+        await placement.publish(list(config.pools) if config else [])
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2 * settings.server.max_request_body_bytes),
                                       ("grpc.so_reuseport", 0)])
@@ -104,7 +117,7 @@ async def serve(settings: PickerSettings) -> None:
     await web.TCPSite(runner, host, port).start()
     tasks = [
         asyncio.create_task(snapshots.run(stop)),
-        asyncio.create_task(every(settings.state.heartbeat_interval_ms / 1000, stop, router.renew_leases)),
+        asyncio.create_task(every(settings.state.heartbeat_interval_ms / 1000, stop, heartbeat)),
     ]
     # Serving once a config is known: a replica that cannot route yet gets no traffic.
     while snapshots.current.config is None and not stop.is_set():
@@ -120,7 +133,7 @@ async def serve(settings: PickerSettings) -> None:
         await health.enter_graceful_shutdown()
         await asyncio.sleep(settings.server.drain_ms / 1000)
         await server.stop(grace=5)
-        await router.drain()
+        await placement.drain()
         for t in tasks:
             t.cancel()
         await runner.cleanup()

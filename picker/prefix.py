@@ -1,46 +1,48 @@
-"""Prompt prefix blocks: chained 64-bit mmh3 hashes of fixed-size character blocks.
+"""Prompt prefix blocks: chained 64-bit mmh3 hashes of fixed-size blocks of text or token ids.
 
 Each block's hash covers its parent's, so one hash names a whole prefix. The
-chain starts from the model name under the deployment's seed: the same text
+chain starts from the model name under the deployment's seed: the same prompt
 for two models, or in two deployments, never shares an entry, and Redis holds
-hashes only, never prompt text.
+hashes only, never prompt text. Token-id prompts hash their ids as 32-bit words
+in blocks of about as many tokens as a text block holds, so two requests sharing
+a token prefix share blocks; a marker byte keeps the two kinds from colliding.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import struct
 
 import mmh3
 
+from picker.request import Prompt
 
-def prompt_text(body: dict[str, Any]) -> str:
-    """The text whose prefixes are hashed: messages rendered so earlier turns never change."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        parts = []
-        for m in messages:
-            if not isinstance(m, dict):
-                continue
-            content = m.get("content")
-            if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            parts.append(f"<{m.get('role', '')}>{content if isinstance(content, str) else ''}")
-        return "".join(parts)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        return "".join(p if isinstance(p, str) else " ".join(map(str, p)) for p in prompt)
-    return prompt if isinstance(prompt, str) else ""
+_TOKENS = b"\x01"  # marks a block of token ids
 
 
-def block_hashes(text: str, model: str, seed: int, block_chars: int, max_blocks: int) -> list[str]:
-    """Hashes of the leading full blocks of `text`, as 16 hex digits each."""
-    parent = mmh3.hash64(model.encode(), seed=seed, signed=False)[0]
+def block_hashes(prompt: Prompt, model: str, seed: int, block_chars: int, block_tokens: int,
+                 max_blocks: int) -> list[str]:
+    """Hashes of the prompt's leading full blocks, as 16 hex digits each."""
+    parent = mmh3.hash64(model.encode("utf-8", "surrogatepass"), seed=seed, signed=False)[0]
     out: list[str] = []
+    if prompt.tokens:
+        ids = prompt.tokens
+        for i in range(min(len(ids) // block_tokens, max_blocks)):
+            chunk = ids[i * block_tokens: (i + 1) * block_tokens]
+            block = _TOKENS + struct.pack(f"<{block_tokens}I", *chunk)
+            parent = mmh3.hash64(parent.to_bytes(8, "little") + block, seed=seed, signed=False)[0]
+            out.append(f"{parent:016x}")
+        return out
+    text = prompt.text
     for i in range(min(len(text) // block_chars, max_blocks)):
-        block = text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
+        block = text[i * block_chars: (i + 1) * block_chars].encode("utf-8", "surrogatepass")
         parent = mmh3.hash64(parent.to_bytes(8, "little") + block, seed=seed, signed=False)[0]
         out.append(f"{parent:016x}")
     return out
+
+
+def work_blocks(prompt: Prompt, block_chars: int, block_tokens: int) -> int:
+    """The whole prompt (every prompt of a batch) in blocks, uncapped: its prefill where nothing is cached."""
+    return -(-prompt.work_chars // block_chars) + -(-prompt.work_tokens // block_tokens)
 
 
 def capacity_blocks(block_size: int, num_blocks: int, chars_per_token: float, block_chars: int,
@@ -49,4 +51,3 @@ def capacity_blocks(block_size: int, num_blocks: int, chars_per_token: float, bl
     if block_size <= 0 or num_blocks <= 0:
         return default
     return max(1, int(block_size * num_blocks * chars_per_token / block_chars))
-

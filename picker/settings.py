@@ -51,6 +51,11 @@ class PrefixSettings:
     # Converting the pod's KV tokens to characters of prompt text.
     chars_per_token: float = 4.0
 
+    @property
+    def block_tokens(self) -> int:
+        """Token ids per block of a token-id prompt: as many tokens as a text block holds (16)."""
+        return max(1, int(self.block_chars / self.chars_per_token))
+
 
 @dataclass(frozen=True)
 class SchedulingSettings:

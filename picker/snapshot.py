@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import every
 from gateway_state.records import Config, LoadSample, decode_config
 from gateway_state.store import StateStore
 from picker.settings import StateSettings
 
 log = logging.getLogger("picker.snapshot")
+CLOCK_REFRESH_S = 1.0  # clocks drift by microseconds per second: a reading a second is plenty
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,10 @@ class Snapshot:
 
 
 class SnapshotSource:
-    def __init__(self, store: StateStore, settings: StateSettings) -> None:
+    def __init__(self, store: StateStore, settings: StateSettings, clock: FleetClock) -> None:
         self._store = store
+        self._clock = clock
+        self._clock_read_at = -CLOCK_REFRESH_S
         self._settings = settings
         self._raw: bytes | None = None
         self.current = Snapshot()
@@ -37,9 +42,12 @@ class SnapshotSource:
 
     async def refresh_once(self) -> None:
         pools = list(self.current.config.pools) if self.current.config else []
+        timeout = max(self._settings.redis_timeout_ms * 10, 200) / 1000
         try:
-            raw, load = await asyncio.wait_for(self._store.read_snapshot(pools),
-                                               timeout=max(self._settings.redis_timeout_ms * 10, 200) / 1000)
+            if time.monotonic() - self._clock_read_at >= CLOCK_REFRESH_S:
+                self._clock.observe(await asyncio.wait_for(self._store.now_ms(), timeout))
+                self._clock_read_at = time.monotonic()
+            reply = await asyncio.wait_for(self._store.read_snapshot(pools), timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             if self._reported is not False:
                 log.warning("Redis unreachable, routing from the last snapshot: %s", exc or type(exc).__name__)
@@ -48,6 +56,7 @@ class SnapshotSource:
         if self._reported is not True:
             log.info("Redis reachable")
         self.redis_ok = self._reported = True
+        raw, load = reply.config, reply.load
         config = self.current.config
         if raw is not None and raw != self._raw:
             try:

@@ -19,7 +19,7 @@ from gateway_state.records import Config, Endpoint, Pool
 from gateway_state.store import StateStore
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
-from tests.conftest import free_port, publish
+from tests.conftest import FIXTURES, free_port, publish
 
 OLD_VLLM = """# TYPE vllm:num_requests_waiting gauge
 vllm:num_requests_waiting{engine="0",model_name="m"} 3.0
@@ -109,7 +109,7 @@ async def test_collector_publishes_samples_and_marks_failures_stale(redis_client
     await asyncio.sleep(0.6)
     stop.set()
     await task
-    _, load = await store.read_snapshot(["p"])
+    load = (await store.read_snapshot(["p"])).load
     samples = load["p"]
     v = samples[endpoints[0].key]
     assert v.ok and v.running == 256 and v.waiting == 44 and v.kv_cache_usage > 0
@@ -155,9 +155,8 @@ async def test_a_restarted_pod_leaves_the_prefix_index(redis_client: Redis, runt
     store = StateStore(redis_client)
     await publish(store, Config(1, {"p": Pool("p", 8000, endpoints=(endpoint, other))}, {}))
     blocks = [f"b{i}" for i in range(2500)]  # more than one FORGET batch
-    now = int(time.time() * 1000)
     for e in (endpoint, other):
-        await store.index("p", e.key, blocks, now, 600_000, 10_000)
+        await store.index("p", e.key, blocks, 600_000, 10_000)
     collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300))
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop))
@@ -167,18 +166,37 @@ async def test_a_restarted_pod_leaves_the_prefix_index(redis_client: Redis, runt
                                 json={"model": "m", "prompt": "hello " * 50, "max_tokens": 2})
             assert r.status == 200
             await asyncio.sleep(0.3)  # scraped with its counter above zero
-            assert (await store.lookup("p", blocks[:3], now)).matched_blocks == {endpoint.key: 3, other.key: 3}
+            assert (await store.lookup("p", blocks[:3])).matched_blocks == {endpoint.key: 3, other.key: 3}
             await runner.cleanup()
             engine.cancel()
             runner, engine = await _serve(SimulatedPod(spec, Physics(num_blocks=2000)))
             deadline = time.monotonic() + 3
-            while (await store.lookup("p", blocks[:3], now)).matched_blocks.get(endpoint.key):
+            while (await store.lookup("p", blocks[:3])).matched_blocks.get(endpoint.key):
                 assert time.monotonic() < deadline, "the restarted pod is still in the prefix index"
                 await asyncio.sleep(0.05)
-        assert (await store.lookup("p", blocks[:3], now)).matched_blocks == {other.key: 3}
+        assert (await store.lookup("p", blocks[:3])).matched_blocks == {other.key: 3}
         assert await redis_client.zcard(keys.endpoint_lru("p", endpoint.key)) == 0
     finally:
         stop.set()
         await task
         await runner.cleanup()
         engine.cancel()
+
+
+@pytest.mark.parametrize(("fixture", "page_size", "pages"), [
+    ("sglang-cache-config-info.txt", 1, 155526),  # older servers: one info metric
+    ("sglang-capacity-gauges.txt", 16, 9720),  # newer servers: gauges of their own
+])
+def test_both_generations_of_sglang_metrics_give_the_kv_capacity(fixture: str, page_size: int, pages: int) -> None:
+    text = (FIXTURES / "metrics" / fixture).read_text()
+    sample = to_load_sample(text, 0)
+    assert (sample.block_size, sample.num_blocks) == (page_size, pages)
+    assert (sample.waiting, sample.running, sample.kv_cache_usage) == (2.0, 7.0, 0.31)
+
+
+def test_sglang_token_capacity_alone_gives_pages_of_one_token() -> None:
+    text = (FIXTURES / "metrics" / "sglang-capacity-gauges.txt").read_text()
+    tokens_only = "\n".join(line for line in text.splitlines()
+                            if not line.startswith(("sglang:page_size", "sglang:num_pages"))) + "\n"
+    sample = to_load_sample(tokens_only, 0)
+    assert (sample.block_size, sample.num_blocks) == (1, 155520)

@@ -98,7 +98,7 @@ async def test_default_pool_sends_fewer_requests_to_a_loaded_pod(http: aiohttp.C
     store = StateStore(connect(fleet.redis_url))
     try:
         async def backlog_published() -> bool:
-            _, load = await store.read_snapshot(["default-pool"])
+            load = (await store.read_snapshot(["default-pool"])).load
             sample = load.get("default-pool", {}).get(loaded)
             return sample is not None and sample.waiting >= 5
 

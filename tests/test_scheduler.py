@@ -12,7 +12,6 @@ from picker.errors import Shed
 from picker.plugins.framework import Candidate, SchedulingRequest
 from picker.plugins.pickers import replica_share
 from picker.plugins.scorers import PrefixHomeScorer
-from picker.prefix import block_hashes, prompt_text
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import SchedulingSettings
 
@@ -118,18 +117,6 @@ def test_failing_endpoints_leave_unless_all_fail(scheduler: Scheduler) -> None:
     assert [c.endpoint.name for c in scheduler.schedule(Strategy.DEFAULT, req(), pods).endpoints] == ["pod-1"]
     all_failing = [candidate(0, failures=5, known=False), candidate(1, failures=3, known=False)]
     assert len(scheduler.schedule(Strategy.DEFAULT, req(), all_failing).endpoints) == 2
-
-
-def test_prefix_hashes_chain_and_are_seeded_per_model_and_deployment() -> None:
-    turn1 = {"messages": [{"role": "user", "content": "x" * 200}]}
-    turn2 = {"messages": [*turn1["messages"], {"role": "assistant", "content": "y" * 100}]}
-    h1 = block_hashes(prompt_text(turn1), "m", 1, 64, 256)
-    h2 = block_hashes(prompt_text(turn2), "m", 1, 64, 256)
-    assert len(h1) == 3 and h2[:3] == h1 and len(h2) == 4
-    assert block_hashes(prompt_text(turn1), "other", 1, 64, 256)[0] != h1[0]
-    assert block_hashes(prompt_text(turn1), "m", 2, 64, 256)[0] != h1[0]
-    assert len(block_hashes("z" * 64 * 300, "m", 1, 64, 256)) == 256
-    assert prompt_text({"prompt": "abc"}) == "abc" and prompt_text({}) == ""
 
 
 def test_a_new_prefix_has_one_home_whatever_the_candidate_order() -> None:

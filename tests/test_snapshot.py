@@ -6,6 +6,7 @@ import time
 
 from redis.asyncio import Redis
 
+from gateway_state.clock import FleetClock
 from gateway_state.records import Config, Endpoint, LoadSample, Pool
 from gateway_state.store import StateStore
 from picker.settings import StateSettings
@@ -22,7 +23,7 @@ async def test_departed_endpoints_leave_and_a_flush_keeps_the_last_config(redis_
     sample = LoadSample(int(time.time() * 1000), True, waiting=1)
     await publish(store, Config(1, {"p": pool("10.0.0.1", "10.0.0.2")}, {}))
     await store.write_load("p", {"10.0.0.1:8000": sample, "10.0.0.2:8000": sample})
-    snapshots = SnapshotSource(store, StateSettings())
+    snapshots = SnapshotSource(store, StateSettings(), FleetClock())
     await snapshots.refresh_once()
     await snapshots.refresh_once()  # the first refresh learns the pools, the second reads their load
     assert set(snapshots.current.load["p"]) == {"10.0.0.1:8000", "10.0.0.2:8000"}

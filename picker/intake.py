@@ -1,0 +1,78 @@
+"""From a request body to what the scheduler places: parse, resolve the model, rewrite, hash.
+
+Pure but for the weighted choice of a target model: nothing here reads or
+writes shared state, so every failure is a GatewayError decided before any
+count is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+from gateway_state.records import Config, Model, Pool, Strategy
+from picker.errors import BadRequest, NoEndpoint, NotFound, PickerUnavailable
+from picker.plugins.framework import SchedulingRequest
+from picker.prefix import block_hashes, work_blocks
+from picker.request import parse_request
+from picker.settings import PrefixSettings
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    model: str  # as the client named it
+    pool: Pool
+    body: bytes | None  # the rewritten body, when the target model differs
+    block_hashes: list[str]  # the prompt's prefix blocks; empty unless the pool routes by prefix
+    scheduling: SchedulingRequest
+
+    @property
+    def target_model(self) -> str:
+        return self.scheduling.model
+
+
+class Intake:
+    def __init__(self, prefix: PrefixSettings, max_body_bytes: int, rng: random.Random) -> None:
+        self._prefix = prefix
+        self._max_body_bytes = max_body_bytes
+        self._rng = rng
+
+    def read(self, config: Config | None, route_pool: str | None, path: str, raw: bytes) -> PlacementRequest:
+        parsed = parse_request(path, raw, self._max_body_bytes)
+        if config is None:
+            raise PickerUnavailable("no configuration loaded from Redis yet")
+        model = config.models.get(parsed.model)
+        if model is None or (route_pool is not None and model.pool != route_pool):
+            raise NotFound(f"The model `{parsed.model}` does not exist.", param="model")
+        pool = config.pools.get(model.pool)
+        if pool is None or not pool.endpoints:
+            raise NoEndpoint(f"Pool {model.pool} has no ready endpoint.")
+        target = self._target(model)
+        body = None
+        if target != parsed.model:
+            try:
+                body = json.dumps({**parsed.body, "model": target}, ensure_ascii=False).encode("utf-8",
+                                                                                             "surrogatepass")
+            except RecursionError:
+                raise BadRequest("Request body is nested too deeply.") from None
+        p = self._prefix
+        hashes: list[str] = []
+        if pool.strategy == Strategy.PREFIX_CACHE:
+            hashes = block_hashes(parsed.prompt, target, config.prefix_seed, p.block_chars, p.block_tokens,
+                                  p.max_blocks)
+        scheduling = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "",
+                                       work_blocks(parsed.prompt, p.block_chars, p.block_tokens))
+        return PlacementRequest(parsed.model, pool, body, hashes, scheduling)
+
+    def _target(self, model: Model) -> str:
+        if len(model.targets) == 1:
+            return model.targets[0].name
+        return self._rng.choices([t.name for t in model.targets], weights=[t.weight for t in model.targets])[0]
+
+
+def models(config: Config | None, pool: str | None) -> list[Model]:
+    """The models a route serves (all of them without a route pool), for `GET /v1/models`."""
+    if config is None:
+        return []
+    return [m for m in config.models.values() if pool is None or m.pool == pool]

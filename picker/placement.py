@@ -1,0 +1,212 @@
+"""Placing a request: view the state, schedule, admit; later index its prompt and release it.
+
+`plan` reads the state and schedules, with no side effect; `commit` admits the
+plan; `place` does both, once more if another replica took the endpoint in
+between. This replica's own in-flight figures (`OwnRequests`) are the truth:
+they change at once and synchronously, so a cancelled request never leaves a
+count behind, and every heartbeat publishes them whole to the state. A state
+call that fails or misses its deadline falls back to those figures and to the
+replica's own prefix index; nothing fails because Redis is slow or gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass, replace
+
+from redis.exceptions import RedisError
+
+from gateway_state.clock import FleetClock
+from gateway_state.records import LoadSample, Pool
+from gateway_state.store import SharedView, split_figures
+from picker.intake import PlacementRequest
+from picker.metrics import PickerMetrics
+from picker.plugins.framework import Candidate
+from picker.plugins.pickers import replica_share
+from picker.prefix import capacity_blocks
+from picker.scheduler import Decision, Scheduler
+from picker.settings import PickerSettings
+from picker.state import MemoryState, OwnRequests, PlacementState
+
+log = logging.getLogger("picker")
+_STATE_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: PlacementRequest
+    decision: Decision
+    work_blocks: int  # the prompt's blocks the chosen endpoint must compute
+    others_seen: int  # the other replicas' requests at the chosen endpoint in the view; -1 unknown
+
+    @property
+    def chosen(self) -> Candidate:
+        return self.decision.endpoints[0]
+
+
+@dataclass(frozen=True)
+class Placed:
+    request: PlacementRequest
+    endpoints: list[Candidate]  # chosen first, then fallbacks
+    work_blocks: int
+    admitted_shared: bool  # the state counted it, so the state releases it
+    decision_seconds: float  # body parsed to admission, state round trips included
+    schedule_seconds: float  # the scheduling runner alone
+
+    @property
+    def chosen(self) -> Candidate:
+        return self.endpoints[0]
+
+    @property
+    def pool(self) -> str:
+        return self.request.pool.name
+
+
+class Placement:
+    def __init__(self, state: PlacementState, fallback_index: MemoryState | None, scheduler: Scheduler,
+                 settings: PickerSettings, metrics: PickerMetrics, clock: FleetClock) -> None:
+        self._state = state
+        self._fallback = fallback_index  # None when the state is this replica's memory already
+        self._scheduler = scheduler
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._me = settings.server.replica_id
+        self.own = OwnRequests()
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def place(self, request: PlacementRequest, samples: dict[str, LoadSample]) -> Placed:
+        started = time.perf_counter()
+        # At most two rounds: the second when another replica took the chosen endpoint meanwhile.
+        for check in (True, False):
+            plan = await self.plan(request, samples, check)
+            placed = await self.commit(plan, started)
+            if placed is not None:
+                break
+            self._metrics.placement_conflicts.labels(request.pool.name).inc()
+        assert placed is not None  # an unchecked commit always admits
+        if request.block_hashes:
+            self._later(self._index(request.pool, plan.chosen, request.block_hashes))
+        return placed
+
+    async def plan(self, request: PlacementRequest, samples: dict[str, LoadSample], check: bool = True) -> Plan:
+        """The decision the state supports now; reads only."""
+        pool = request.pool
+        own_requests, own_work = split_figures(self.own.figures(pool.name))
+        try:
+            async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
+                others: SharedView | None = await self._state.lookup(pool.name, request.block_hashes, self._me)
+        except _STATE_ERRORS as exc:
+            self._metrics.redis_fallbacks.labels("lookup").inc()
+            log.debug("state lookup failed, placing from this replica's own figures: %s", exc)
+            others = None
+        else:
+            # Read after the await: decisions this replica made meanwhile must count.
+            own_requests, own_work = split_figures(self.own.figures(pool.name))
+        if others is None:
+            matched = self._fallback.matched(pool.name, request.block_hashes) if self._fallback else {}
+            view = SharedView(own_requests, matched, own_work)
+        else:
+            view = SharedView(dict(Counter(others.inflight) + Counter(own_requests)), others.matched_blocks,
+                              dict(Counter(others.inflight_work) + Counter(own_work)), others.replicas)
+        scheduling = replace(request.scheduling, preferred=replica_share(
+            [e.key for e in pool.endpoints], view.replicas, self._me))
+        decision = self._scheduler.schedule(pool.strategy, scheduling, self._candidates(pool, samples, view))
+        chosen = decision.endpoints[0]
+        seen = others.inflight.get(chosen.endpoint.key, 0) if check and others is not None else -1
+        return Plan(request, decision, max(0, scheduling.work_blocks - chosen.matched_blocks), seen)
+
+    async def commit(self, plan: Plan, started: float) -> Placed | None:
+        """Admit the plan: counted here at once, and in the state; None if another replica took the
+        endpoint since the plan's view (nothing is counted then)."""
+        pool, endpoint = plan.request.pool.name, plan.chosen.endpoint.key
+        self.own.add(pool, endpoint, plan.work_blocks)
+        admitted = False
+        try:
+            async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
+                admitted = await self._state.admit(pool, self._me, endpoint, self._settings.state.inflight_lease_ms,
+                                                   plan.work_blocks, plan.others_seen)
+        except _STATE_ERRORS as exc:
+            # The state may have counted it or not; the next heartbeat replaces the record either way.
+            self._metrics.redis_fallbacks.labels("admit").inc()
+            log.debug("state admission failed: %s", exc)
+        except BaseException:
+            self.own.remove(pool, endpoint, plan.work_blocks)  # cancelled: the request is gone
+            raise
+        else:
+            if not admitted:
+                self.own.remove(pool, endpoint, plan.work_blocks)
+                return None
+        return Placed(plan.request, plan.decision.endpoints, plan.work_blocks, admitted,
+                      time.perf_counter() - started, plan.decision.seconds)
+
+    def release(self, placed: Placed) -> None:
+        """The request ended: its own count goes at once, the state's in a task that always completes."""
+        self.own.remove(placed.pool, placed.chosen.endpoint.key, placed.work_blocks)
+        if placed.admitted_shared:
+            self._later(self._release(placed))
+
+    def _candidates(self, pool: Pool, samples: dict[str, LoadSample], view: SharedView) -> list[Candidate]:
+        now_ms = self._clock.now_ms()
+        max_age = self._settings.state.max_sample_age_ms
+        out = []
+        for e in pool.endpoints:
+            sample = samples.get(e.key)
+            fresh = sample if sample is not None and sample.ok and now_ms - sample.scraped_at_ms <= max_age else None
+            out.append(Candidate(e, fresh, sample.consecutive_failures if sample else 0,
+                                 view.inflight.get(e.key, 0), view.matched_blocks.get(e.key, 0),
+                                 view.inflight_work.get(e.key, 0)))
+        return out
+
+    def _capacity(self, chosen: Candidate) -> int:
+        p, load = self._settings.prefix, chosen.load
+        return capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
+                               p.chars_per_token, p.block_chars, p.default_capacity_blocks)
+
+    async def _index(self, pool: Pool, chosen: Candidate, hashes: list[str]) -> None:
+        """The chosen endpoint now holds the prompt's blocks, for every replica's next lookups."""
+        capacity, ttl_ms = self._capacity(chosen), self._settings.prefix.ttl_ms
+        if self._fallback is not None:
+            await self._fallback.index(pool.name, chosen.endpoint.key, hashes, ttl_ms, capacity)
+        try:
+            async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
+                await self._state.index(pool.name, chosen.endpoint.key, hashes, ttl_ms, capacity)
+        except _STATE_ERRORS as exc:
+            self._metrics.redis_fallbacks.labels("index").inc()
+            log.debug("prefix index write failed: %s", exc)
+
+    async def _release(self, placed: Placed) -> None:
+        try:
+            # Off the request path, so a slower state may take longer; the heartbeat heals a miss.
+            async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
+                await self._state.release(placed.pool, self._me, placed.chosen.endpoint.key, placed.work_blocks)
+        except _STATE_ERRORS as exc:
+            self._metrics.redis_fallbacks.labels("release").inc()
+            log.debug("state release failed (the next heartbeat replaces the record): %s", exc)
+
+    async def publish(self, pools: list[str]) -> None:
+        """The heartbeat: this replica's own figures replace its record in every pool, and renew its lease."""
+        lease = self._settings.state.inflight_lease_ms
+        for pool in sorted({*pools, *self.own.pools()}):
+            self._metrics.inflight.labels(pool).set(self.own.total(pool))
+            try:
+                async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
+                    await self._state.publish(pool, self._me, lease, self.own.figures(pool))
+            except _STATE_ERRORS as exc:
+                log.debug("heartbeat failed: %s", exc)
+                return
+
+    def _later(self, work: Coroutine[None, None, None]) -> None:
+        # Off the request's path; kept referenced so it runs to the end, and drained on shutdown.
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for the writes still under way after their requests (shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,161 @@
+"""The placement state: one protocol, kept in Redis (`gateway_state.StateStore`) or in memory here.
+
+A replica's own in-flight figures are the truth (`OwnRequests`): exact, seen at
+once by its concurrent decisions, and published whole to the state on every
+heartbeat, which overwrites whatever an interrupted admission or release left
+there. The state adds what other replicas contribute: their in-flight figures
+and the prefix index. `MemoryState` is the same state for one replica alone, as
+upstream pickers keep it (forgotten on restart); in Redis mode a second one is
+the fallback index used while Redis cannot answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from gateway_state.store import WORK_SUFFIX, SharedView, split_figures
+
+
+class PlacementState(Protocol):
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+        """In-flight figures of the live replicas but `leave_out`, each endpoint's matched blocks, live replicas."""
+        ...
+
+    async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
+                    others_seen: int = -1) -> bool:
+        """Count a request in flight; False (nothing written) if the others' count there passed `others_seen`."""
+        ...
+
+    async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
+                    capacity_blocks: int) -> int:
+        """`endpoint` holds the blocks now, in an LRU of `capacity_blocks`; returns how many were evicted."""
+        ...
+
+    async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0) -> None: ...
+
+    async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
+        """Replace the replica's in-flight figures with `figures` and renew its lease."""
+        ...
+
+
+class OwnRequests:
+    """This replica's requests in flight, per pool and endpoint, and their uncached prompt blocks."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, Counter[str]] = {}  # pool -> endpoint (and endpoint|work) -> amount
+
+    def add(self, pool: str, endpoint: str, work_blocks: int) -> None:
+        counts = self._counts.setdefault(pool, Counter())
+        counts[endpoint] += 1
+        if work_blocks > 0:
+            counts[endpoint + WORK_SUFFIX] += work_blocks
+
+    def remove(self, pool: str, endpoint: str, work_blocks: int) -> None:
+        counts = self._counts.get(pool)
+        if counts is None:
+            return
+        for name, amount in ((endpoint, 1), (endpoint + WORK_SUFFIX, work_blocks)):
+            if amount > 0 and name in counts:
+                counts[name] -= amount
+                if counts[name] <= 0:
+                    del counts[name]
+
+    def figures(self, pool: str) -> dict[str, int]:
+        """The fields of this replica's in-flight record, as the state stores them."""
+        return dict(self._counts.get(pool, {}))
+
+    def pools(self) -> list[str]:
+        return list(self._counts)
+
+    def total(self, pool: str) -> int:
+        return sum(n for name, n in self._counts.get(pool, {}).items() if not name.endswith(WORK_SUFFIX))
+
+
+class MemoryState:
+    """The placement state in this process's memory; leases run on its monotonic clock."""
+
+    def __init__(self) -> None:
+        self._figures: dict[str, dict[str, Counter[str]]] = {}  # pool -> replica -> in-flight record
+        self._expiry: dict[str, dict[str, float]] = {}  # pool -> replica -> lease end (monotonic s)
+        self._holders: dict[str, dict[str, set[str]]] = {}  # pool -> block hash -> endpoints holding it
+        self._lru: dict[tuple[str, str], OrderedDict[str, None]] = {}  # (pool, endpoint) -> blocks, oldest first
+
+    def _live(self, pool: str) -> list[str]:
+        now = time.monotonic()
+        expiry = self._expiry.get(pool, {})
+        for replica in [r for r, end in expiry.items() if end <= now]:
+            del expiry[replica]
+            self._figures.get(pool, {}).pop(replica, None)
+        return sorted(expiry)
+
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+        replicas = self._live(pool)
+        total: Counter[str] = Counter()
+        for replica in replicas:
+            if replica != leave_out:
+                total.update(self._figures.get(pool, {}).get(replica, {}))
+        requests, work = split_figures(total)
+        return SharedView(requests, self.matched(pool, block_hashes), work, tuple(replicas))
+
+    def matched(self, pool: str, block_hashes: Sequence[str]) -> dict[str, int]:
+        matched: dict[str, int] = {}
+        holders = self._holders.get(pool, {})
+        for depth, h in enumerate(block_hashes, start=1):
+            endpoints = holders.get(h)
+            if not endpoints:
+                break
+            for e in endpoints:
+                matched[e] = depth
+        return matched
+
+    async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
+                    others_seen: int = -1) -> bool:
+        if others_seen >= 0:
+            others = sum(self._figures.get(pool, {}).get(r, {}).get(endpoint, 0)
+                         for r in self._live(pool) if r != replica)
+            if others > others_seen:
+                return False
+        record = self._figures.setdefault(pool, {}).setdefault(replica, Counter())
+        record[endpoint] += 1
+        if work_blocks > 0:
+            record[endpoint + WORK_SUFFIX] += work_blocks
+        self._expiry.setdefault(pool, {})[replica] = time.monotonic() + lease_ms / 1000
+        return True
+
+    async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
+                    capacity_blocks: int) -> int:
+        holders = self._holders.setdefault(pool, {})
+        lru = self._lru.setdefault((pool, endpoint), OrderedDict())
+        # Deepest first, so the shallow blocks are the most recent and leaves are evicted first.
+        for h in reversed(block_hashes):
+            holders.setdefault(h, set()).add(endpoint)
+            lru[h] = None
+            lru.move_to_end(h)
+        evicted = 0
+        while len(lru) > capacity_blocks:
+            h, _ = lru.popitem(last=False)
+            evicted += 1
+            endpoints = holders.get(h)
+            if endpoints is not None:
+                endpoints.discard(endpoint)
+                if not endpoints:
+                    del holders[h]
+        return evicted
+
+    async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0) -> None:
+        record = self._figures.get(pool, {}).get(replica)
+        if record is None:
+            return
+        for name, amount in ((endpoint, 1), (endpoint + WORK_SUFFIX, work_blocks)):
+            if amount > 0 and name in record:
+                record[name] -= amount
+                if record[name] <= 0:
+                    del record[name]
+
+    async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
+        self._figures.setdefault(pool, {})[replica] = Counter({k: v for k, v in figures.items() if v > 0})
+        self._expiry.setdefault(pool, {})[replica] = time.monotonic() + lease_ms / 1000
+        self._live(pool)

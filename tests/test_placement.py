@@ -1,0 +1,144 @@
+"""The placement part of the picker against the in-memory state: conflicts, a failing state,
+release accounting, and requests cancelled or cut off in the middle of their admission."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gateway_state.clock import FleetClock
+from gateway_state.records import Config, Endpoint, Model, Pool, Strategy, TargetModel
+from gateway_state.store import SharedView
+from picker.intake import Intake, PlacementRequest
+from picker.metrics import PickerMetrics
+from picker.placement import Placement
+from picker.scheduler import Scheduler, build_profiles
+from picker.settings import PickerSettings, ServerSettings, StateSettings
+from picker.state import MemoryState, PlacementState
+
+ENDPOINTS = tuple(Endpoint(f"pod-{i}", f"10.0.0.{i}", 8000) for i in range(4))
+CONFIG = Config(1, {"p": Pool("p", 8000, Strategy.PREFIX_CACHE, endpoints=ENDPOINTS)},
+                {"m": Model("m", "p", targets=(TargetModel("m", 1),))}, prefix_seed=3)
+SETTINGS = PickerSettings(server=ServerSettings(replica_id="me"), state=StateSettings(redis_timeout_ms=50))
+
+
+def request(text: str = "shared system prompt " * 40) -> PlacementRequest:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
+    return Intake(SETTINGS.prefix, 1 << 20, random.Random(1)).read(CONFIG, "p", "/v1/chat/completions", body)
+
+
+def placement(state: PlacementState, fallback: MemoryState | None = None) -> tuple[Placement, PickerMetrics]:
+    metrics = PickerMetrics()
+    rng = random.Random(2)
+    return Placement(state, fallback, Scheduler(build_profiles(SETTINGS.scheduling, rng)), SETTINGS, metrics,
+                     FleetClock()), metrics
+
+
+class Interleaved(MemoryState):
+    """Another replica takes every endpoint between this replica's lookup and its admission, once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds = 0
+
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+        view = await super().lookup(pool, block_hashes, leave_out)
+        self.rounds += 1
+        if self.rounds == 1:
+            for e in ENDPOINTS:
+                await self.admit(pool, "other", e.key, 5_000)
+        return view
+
+
+class Down(MemoryState):
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+        raise RedisConnectionError("Redis is down")
+
+    async def admit(self, *args: object, **kwargs: object) -> bool:
+        raise RedisConnectionError("Redis is down")
+
+    async def index(self, *args: object, **kwargs: object) -> int:
+        raise RedisConnectionError("Redis is down")
+
+
+class Stalled(MemoryState):
+    """Admits, then answers too late: the caller's deadline fires after the state counted it."""
+
+    async def admit(self, *args: object, **kwargs: object) -> bool:
+        admitted = await super().admit(*args, **kwargs)  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        return admitted
+
+
+async def test_a_conflict_is_decided_again_on_fresh_figures() -> None:
+    state = Interleaved()
+    p, metrics = placement(state)
+    placed = await p.place(request(), {})
+    assert state.rounds == 2 and metrics.placement_conflicts.labels("p")._value.get() == 1
+    view = await state.lookup("p", [])
+    assert view.inflight[placed.chosen.endpoint.key] == 2  # the other replica's and ours, once each
+    assert p.own.figures("p") == {placed.chosen.endpoint.key: 1, placed.chosen.endpoint.key + "|work": 14}
+
+
+async def test_release_takes_back_exactly_what_was_admitted() -> None:
+    state = MemoryState()
+    p, _ = placement(state)
+    placed = [await p.place(request(f"prompt {i} " * 30), {}) for i in range(8)]
+    assert sum((await state.lookup("p", [])).inflight.values()) == 8 and p.own.total("p") == 8
+    for one in placed:
+        p.release(one)
+    await p.drain()
+    view = await state.lookup("p", [])
+    assert view.inflight == {} and view.inflight_work == {} and p.own.figures("p") == {}
+
+
+async def test_without_the_state_it_places_from_its_own_figures_and_index() -> None:
+    fallback = MemoryState()
+    p, metrics = placement(Down(), fallback)
+    first = await p.place(request(), {})
+    await p.drain()  # the index write, into the fallback index as well
+    second = await p.place(request(), {})
+    assert not first.admitted_shared and second.chosen.endpoint == first.chosen.endpoint
+    assert second.chosen.matched_blocks == len(request().block_hashes)
+    assert metrics.redis_fallbacks.labels("lookup")._value.get() == 2
+    assert p.own.total("p") == 2
+    p.release(first)
+    p.release(second)
+    assert p.own.figures("p") == {}
+
+
+async def test_a_request_cancelled_during_admission_leaves_no_count() -> None:
+    gate = asyncio.Event()
+
+    class Blocking(MemoryState):
+        async def admit(self, *args: object, **kwargs: object) -> bool:
+            await gate.wait()
+            return True
+
+    p, _ = placement(Blocking())
+    task = asyncio.create_task(p.place(request(), {}))
+    await asyncio.sleep(0.01)
+    assert p.own.total("p") == 1  # counted here before the state answers
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert p.own.figures("p") == {}
+
+
+async def test_an_admission_answered_past_its_deadline_is_healed_by_the_next_heartbeat() -> None:
+    state = Stalled()
+    p, metrics = placement(state)
+    placed = await p.place(request(), {})
+    assert not placed.admitted_shared and metrics.redis_fallbacks.labels("admit")._value.get() == 1
+    await asyncio.sleep(0.3)  # the state counted it after all
+    assert (await state.lookup("p", [])).inflight == {placed.chosen.endpoint.key: 1}
+    p.release(placed)
+    await p.drain()
+    assert (await state.lookup("p", [])).inflight == {placed.chosen.endpoint.key: 1}  # left behind...
+    await p.publish(["p"])
+    assert (await state.lookup("p", [])).inflight == {}  # ...until this replica's own figures replace it
