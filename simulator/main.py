@@ -17,7 +17,6 @@ from dataclasses import fields
 
 from aiohttp import web
 
-from gateway_state.lifecycle import configure_logging
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
 
@@ -71,7 +70,7 @@ async def serve(pods: list[SimulatedPod]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging()
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     physics = Physics(**{f.name: getattr(args, f.name) for f in fields(Physics)})
     pods = [SimulatedPod(PodSpec(name, host, port, args.runtime, args.model, tuple(args.adapter)), physics)
             for name, host, port in args.pod]

@@ -12,11 +12,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway_state import protocol
 from simulator.engine import Engine, Sequence
 from simulator.metrics import SGLangMetrics, VLLMMetrics
 from simulator.physics import Physics
-from simulator.tokenizer import render_chat, tokenize
+from simulator.requests import BadShape, chat_prompts, prompt_prompts, response_prompts
+from simulator.tokenizer import tokenize
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,15 @@ class PodSpec:
 
 
 def openai_error(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
-    return web.json_response(protocol.openai_error(status, message, err_type, param), status=status)
+    """The error body vLLM and SGLang answer with."""
+    return web.json_response({"error": {"message": message, "type": err_type, "param": param, "code": status}},
+                             status=status)
+
+
+def _vector(tokens: list[int], dimensions: int = 16) -> list[float]:
+    """A deterministic unit-range embedding of a prompt."""
+    seed = str(tokens[:512])
+    return [(zlib.crc32(f"{seed}:{d}".encode()) % 2001 - 1000) / 1000 for d in range(dimensions)]
 
 
 class _BadRequest(Exception):
@@ -60,6 +68,8 @@ class SimulatedPod:
         r = app.router
         r.add_post("/v1/chat/completions", self._chat)
         r.add_post("/v1/completions", self._completions)
+        r.add_post("/v1/responses", self._responses)
+        r.add_post("/v1/embeddings", self._embeddings)
         r.add_get("/v1/models", self._models)
         r.add_get("/health", self._health)
         r.add_get("/metrics", self._metrics)
@@ -87,63 +97,73 @@ class SimulatedPod:
     # -- generation ------------------------------------------------------------
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
+        return await self._generate(request, "chat")
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
+        return await self._generate(request, "completion")
 
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "response")
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "embedding")
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         try:
-            body = await self._parse(request, chat)
+            body = await self._parse(request)
+            prompts = (chat_prompts(body) if kind == "chat" else response_prompts(body) if kind == "response"
+                       else prompt_prompts(body.get("input" if kind == "embedding" else "prompt"),
+                                           "input" if kind == "embedding" else "prompt"))
         except _BadRequest as exc:
             return exc.response
-        prompt = render_chat(body["messages"]) if chat else self._prompt_text(body["prompt"])
-        tokens = tokenize(prompt)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if len(tokens) + (max_tokens or 1) > self.physics.max_model_len:
+        except BadShape as exc:
+            return openai_error(400, str(exc), "BadRequestError", exc.field)
+        max_tokens = 1 if kind == "embedding" else (body.get("max_completion_tokens") or body.get("max_tokens")
+                                                    or body.get("max_output_tokens"))
+        if not isinstance(max_tokens, int | None) or isinstance(max_tokens, bool) or (max_tokens or 1) < 1:
+            return openai_error(400, "`max_tokens` must be a positive integer.", "BadRequestError", "max_tokens")
+        longest = max(len(t) for t in prompts)
+        if longest + (max_tokens or 1) > self.physics.max_model_len:
             return openai_error(400, f"This model's maximum context length is {self.physics.max_model_len} tokens. "
-                                f"However, you requested {len(tokens) + (max_tokens or 1)} tokens.", "BadRequestError")
-        # Without max_tokens the model "stops" after a length fixed by the prompt.
-        length = int(max_tokens) if max_tokens else 16 + zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % 240
-        seq = Sequence(
-            request_id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-            tokens=tokens, num_prompt=len(tokens), max_tokens=length,
-            finish_reason="length" if max_tokens else "stop",
-            adapter=body["model"] if body["model"] in self.spec.adapters else None,
-            events=asyncio.Queue(),
-        )
-        self.engine.submit(seq)
+                                f"However, you requested {longest + (max_tokens or 1)} tokens.", "BadRequestError")
+        prefix = {"chat": "chatcmpl-", "completion": "cmpl-", "response": "resp_", "embedding": "embd-"}[kind]
+        seqs = []
+        for tokens in prompts:
+            # Without max_tokens the model "stops" after a length fixed by the prompt.
+            length = int(max_tokens) if max_tokens else 16 + zlib.crc32(str(tokens[:64]).encode()) % 240
+            seqs.append(Sequence(
+                request_id=prefix + uuid.uuid4().hex, tokens=list(tokens), num_prompt=len(tokens), max_tokens=length,
+                finish_reason="length" if max_tokens else "stop",
+                adapter=body["model"] if body["model"] in self.spec.adapters else None, events=asyncio.Queue()))
+        for seq in seqs:
+            self.engine.submit(seq)
         try:
+            if kind == "embedding":
+                return await self._embed(seqs, body["model"])
+            if body.get("stream") and kind == "response":
+                return await self._stream_response(request, seqs[0], body["model"])
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return await self._stream(request, seq, body["model"], chat, include_usage)
-            return await self._complete(seq, body["model"], chat)
+                return await self._stream(request, seqs, body["model"], kind == "chat", include_usage)
+            if kind == "response":
+                return await self._complete_response(seqs[0], body["model"])
+            return await self._complete(seqs, body["model"], kind == "chat")
         finally:
-            if seq.state != "done":
-                self.engine.abort(seq)
+            for seq in seqs:
+                if seq.state != "done":
+                    self.engine.abort(seq)
 
-    async def _parse(self, request: web.Request, chat: bool) -> dict[str, Any]:
+    async def _parse(self, request: web.Request) -> dict[str, Any]:
         try:
             body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise _BadRequest(400, "Request body is not valid JSON.", "BadRequestError") from None
         if not isinstance(body, dict):
             raise _BadRequest(400, "Request body must be a JSON object.", "BadRequestError")
         model = body.get("model")
-        if model not in self.served_models:
+        if not isinstance(model, str) or model not in self.served_models:
             raise _BadRequest(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
-        field = "messages" if chat else "prompt"
-        if not body.get(field):
-            raise _BadRequest(400, f"`{field}` is required.", "BadRequestError", field)
-        if chat and not isinstance(body["messages"], list):
-            raise _BadRequest(400, "`messages` must be a list.", "BadRequestError", "messages")
         return body
-
-    @staticmethod
-    def _prompt_text(prompt: Any) -> str:
-        if isinstance(prompt, list):
-            return "".join(p if isinstance(p, str) else " ".join(map(str, p)) for p in prompt)
-        return str(prompt)
 
     def _usage(self, seq: Sequence) -> dict[str, Any]:
         return {
@@ -153,53 +173,107 @@ class SimulatedPod:
             "prompt_tokens_details": {"cached_tokens": seq.cached_tokens},
         }
 
-    async def _complete(self, seq: Sequence, model: str, chat: bool) -> web.Response:
-        pieces = []
+    @staticmethod
+    async def _text(seq: Sequence) -> str:
         assert seq.events is not None
+        pieces = []
         while (piece := await seq.events.get()) is not None:
             pieces.append(piece)
-        text = "".join(pieces)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "reasoning_content": None, "content": text,
-                                              "tool_calls": []},
-                      "logprobs": None, "finish_reason": seq.finish_reason, "stop_reason": None}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": seq.finish_reason,
-                      "stop_reason": None}
+        return "".join(pieces)
+
+    def _usage_of(self, seqs: list[Sequence]) -> dict[str, Any]:
+        usages = [self._usage(s) for s in seqs]
+        out = {k: sum(u[k] for u in usages) for k in ("prompt_tokens", "total_tokens", "completion_tokens")}
+        return {**out, "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in seqs)}}
+
+    async def _complete(self, seqs: list[Sequence], model: str, chat: bool) -> web.Response:
+        texts = await asyncio.gather(*(self._text(s) for s in seqs))
+        choices = []
+        for i, (seq, text) in enumerate(zip(seqs, texts, strict=True)):
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "reasoning_content": None,
+                                                        "content": text, "tool_calls": []},
+                                "logprobs": None, "finish_reason": seq.finish_reason, "stop_reason": None})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": seq.finish_reason,
+                                "stop_reason": None})
         return web.json_response({
-            "id": seq.request_id, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice], "usage": self._usage(seq),
+            "id": seqs[0].request_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices, "usage": self._usage_of(seqs),
         })
 
-    async def _stream(self, request: web.Request, seq: Sequence, model: str, chat: bool,
+    async def _embed(self, seqs: list[Sequence], model: str) -> web.Response:
+        await asyncio.gather(*(self._text(s) for s in seqs))  # the prefill is the work
+        data = [{"object": "embedding", "index": i, "embedding": _vector(seq.tokens[:seq.num_prompt])}
+                for i, seq in enumerate(seqs)]
+        usage = {"prompt_tokens": sum(s.num_prompt for s in seqs), "total_tokens": sum(s.num_prompt for s in seqs)}
+        return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
+
+    def _response_object(self, seq: Sequence, model: str, text: str, status: str) -> dict[str, Any]:
+        return {"id": seq.request_id, "object": "response", "created_at": int(time.time()), "model": model,
+                "status": status, "output": [] if status != "completed" else [{
+                    "type": "message", "id": "msg_" + seq.request_id[5:], "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": seq.num_prompt, "output_tokens": seq.generated,
+                          "total_tokens": seq.num_prompt + seq.generated,
+                          "input_tokens_details": {"cached_tokens": seq.cached_tokens}}}
+
+    async def _complete_response(self, seq: Sequence, model: str) -> web.Response:
+        text = await self._text(seq)
+        return web.json_response(self._response_object(seq, model, text, "completed"))
+
+    async def _stream_response(self, request: web.Request, seq: Sequence, model: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "x-inference-pod": self.spec.name})
+        await response.prepare(request)
+
+        async def event(kind: str, **fields: Any) -> None:
+            await response.write(f"event: {kind}\n".encode() + b"data: "
+                                 + json.dumps({"type": kind, **fields}).encode() + b"\n\n")
+
+        await event("response.created", response=self._response_object(seq, model, "", "in_progress"))
+        assert seq.events is not None
+        pieces = []
+        while (piece := await seq.events.get()) is not None:
+            pieces.append(piece)
+            await event("response.output_text.delta", item_id="msg_" + seq.request_id[5:], output_index=0,
+                        content_index=0, delta=piece)
+        await event("response.completed", response=self._response_object(seq, model, "".join(pieces), "completed"))
+        await response.write_eof()
+        return response
+
+    async def _stream(self, request: web.Request, seqs: list[Sequence], model: str, chat: bool,
                       include_usage: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         response.headers["x-inference-pod"] = self.spec.name
         await response.prepare(request)
         created = int(time.time())
-        base = {"id": seq.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+        base = {"id": seqs[0].request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": model}
         extra = {"usage": None} if include_usage else {}
 
         async def send(choices: list[dict[str, Any]], **fields: Any) -> None:
             await response.write(b"data: " + json.dumps({**base, "choices": choices, **fields}).encode() + b"\n\n")
 
-        if chat:
-            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}], **extra)
-        assert seq.events is not None
-        sent = 0
-        while (piece := await seq.events.get()) is not None:
-            sent += 1
-            # The length is known up front, so the last piece carries finish_reason without waiting.
-            finish = seq.finish_reason if sent >= seq.max_tokens else None
+        # A batch streams its prompts one after another, each under its own choice index.
+        for index, seq in enumerate(seqs):
             if chat:
-                choice = {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish, "stop_reason": None}
-            await send([choice], **extra)
+                await send([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}], **extra)
+            assert seq.events is not None
+            sent = 0
+            while (piece := await seq.events.get()) is not None:
+                sent += 1
+                # The length is known up front, so the last piece carries finish_reason without waiting.
+                finish = seq.finish_reason if sent >= seq.max_tokens else None
+                if chat:
+                    choice = {"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": finish}
+                else:
+                    choice = {"index": index, "text": piece, "logprobs": None, "finish_reason": finish,
+                              "stop_reason": None}
+                await send([choice], **extra)
         if include_usage:
-            await send([], usage=self._usage(seq))
+            await send([], usage=self._usage_of(seqs))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

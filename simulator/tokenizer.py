@@ -36,8 +36,9 @@ def render_chat(messages: Sequence[dict[str, Any]]) -> str:
     parts = []
     for m in messages:
         content = m.get("content") or ""
-        if isinstance(content, list):  # OpenAI content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, list):  # OpenAI content parts; other parts (images) count as their text form
+            content = "".join(p["text"] if isinstance(p.get("text"), str) else str(p) for p in content
+                              if isinstance(p, dict))
         parts.append(f"<|im_start|>{m.get('role', 'user')}\n{content}<|im_end|>\n")
     parts.append("<|im_start|>assistant\n")
     return "".join(parts)

@@ -1,0 +1,108 @@
+"""Every request shape real clients send, through Envoy, the pickers and the simulated pods:
+a 200 from a pod or a 400 from the picker, never a 5xx, never a traceback in a picker log."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from local_fleet.fleet import Fleet
+from tests.client import QWEN, post
+from tests.conftest import PREFIX_PORT
+
+IDS = list(range(1000, 1160))  # ten blocks of sixteen token ids
+
+GOOD: list[tuple[str, str, dict[str, Any]]] = [
+    ("completion-token-ids", "/v1/completions", {"model": QWEN, "prompt": IDS, "max_tokens": 3}),
+    ("completion-batch-of-token-ids", "/v1/completions", {"model": QWEN, "prompt": [IDS, IDS[:20]], "max_tokens": 2}),
+    ("completion-batch-of-strings", "/v1/completions", {"model": QWEN, "prompt": ["one", "two"], "max_tokens": 2}),
+    ("completion-stream-batch", "/v1/completions",
+     {"model": QWEN, "prompt": ["one", "two"], "max_tokens": 2, "stream": True}),
+    ("chat-content-parts", "/v1/chat/completions", {"model": QWEN, "max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "describe"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+    ("chat-tool-turn", "/v1/chat/completions", {"model": QWEN, "max_tokens": 2, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}),
+    ("responses-string", "/v1/responses", {"model": QWEN, "input": "hello", "instructions": "be brief",
+                                           "max_output_tokens": 3}),
+    ("responses-items", "/v1/responses", {"model": QWEN, "max_output_tokens": 3, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        {"type": "function_call_output", "call_id": "c1", "output": "42"}]}),
+    ("responses-stream", "/v1/responses", {"model": QWEN, "input": "hello", "stream": True, "max_output_tokens": 2}),
+    ("embeddings-text", "/v1/embeddings", {"model": QWEN, "input": ["embed", "me"]}),
+    ("embeddings-token-ids", "/v1/embeddings", {"model": QWEN, "input": IDS}),
+]
+
+BAD: list[tuple[str, str, Any, str]] = [
+    ("completion-mixed-list", "/v1/completions", {"model": QWEN, "prompt": [1, "a", None]}, "prompt[1]"),
+    ("chat-messages-of-ints", "/v1/chat/completions", {"model": QWEN, "messages": [1, 2, 3]}, "messages[0]"),
+    ("responses-number", "/v1/responses", {"model": QWEN, "input": 5}, "input"),
+    ("embeddings-negative-id", "/v1/embeddings", {"model": QWEN, "input": [1, -1]}, "input[1]"),
+    ("nested-json", "/v1/chat/completions", None, ""),
+    ("digits-past-the-limit", "/v1/chat/completions", None, ""),
+]
+
+
+@pytest.fixture
+async def http(fleet: Fleet) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+def tracebacks(fleet: Fleet) -> list[str]:
+    return [line for name in ("picker-0", "picker-1") for line in fleet.log_path(name).read_text().splitlines()
+            if "Traceback" in line or "Request Failed" in line]
+
+
+@pytest.mark.parametrize(("case", "path", "body"), GOOD, ids=[g[0] for g in GOOD])
+async def test_every_shape_is_served_by_a_pod(http: aiohttp.ClientSession, fleet: Fleet, case: str, path: str,
+                                              body: dict[str, Any]) -> None:
+    reply = await post(http, PREFIX_PORT, body, path=path)
+    assert reply.status == 200, reply.text[:300]
+    assert reply.pod, "served by a pod"
+    if body.get("stream"):
+        assert "data: " in reply.text
+    elif path == "/v1/embeddings":
+        assert len(reply.json()["data"]) == (2 if isinstance(body["input"][0], str) else 1)
+    elif path == "/v1/responses":
+        assert reply.json()["output"][0]["content"][0]["text"]
+    else:
+        prompt = body.get("prompt")
+        batch = isinstance(prompt, list) and isinstance(prompt[0], str | list)
+        assert len(reply.json()["choices"]) == (len(prompt) if batch else 1)
+    assert tracebacks(fleet) == []
+
+
+@pytest.mark.parametrize(("case", "path", "body", "param"), BAD, ids=[b[0] for b in BAD])
+async def test_bad_shapes_get_a_400_naming_the_field(http: aiohttp.ClientSession, fleet: Fleet, case: str, path: str,
+                                                     body: Any, param: str) -> None:
+    if case == "nested-json":
+        raw = b'{"model": "' + QWEN.encode() + b'", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    elif case == "digits-past-the-limit":
+        raw = b'{"model": "' + QWEN.encode() + b'", "max_tokens": ' + b"9" * 5000 + b"}"
+    else:
+        raw = json.dumps(body).encode()
+    reply = await post(http, PREFIX_PORT, None, raw=raw, path=path)
+    assert reply.status == 400, reply.text[:300]
+    error = reply.json()["error"]
+    assert error["type"] == "BadRequestError" and error["param"] == (param or None) and not reply.pod
+    assert tracebacks(fleet) == []
+
+
+async def test_shared_token_id_prefixes_stay_on_one_pod(http: aiohttp.ClientSession) -> None:
+    pods = set()
+    for suffix in range(6):
+        body = {"model": QWEN, "prompt": [*IDS, *range(5000 + 100 * suffix, 5020 + 100 * suffix)], "max_tokens": 2}
+        reply = await post(http, PREFIX_PORT, body, path="/v1/completions")
+        assert reply.status == 200
+        pods.add(reply.pod)
+        cached = reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert suffix == 0 or cached >= 144, cached  # the pod's own cache held the shared ids
+    assert len(pods) == 1
