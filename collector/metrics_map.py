@@ -73,15 +73,29 @@ def to_load_sample(text: str, now_ms: int) -> LoadSample:
         )
     if "sglang:num_queue_reqs" in series:
         # SGLang: tensor-parallel ranks report the same scheduler, so take one figure.
-        cache = _labels(series, "sglang:cache_config_info")
+        block_size, num_blocks = _sglang_capacity(series)
         return LoadSample(
             scraped_at_ms=now_ms,
             ok=True,
             waiting=_highest(series, "sglang:num_queue_reqs") or 0.0,
             running=_highest(series, "sglang:num_running_reqs") or 0.0,
             kv_cache_usage=_highest(series, "sglang:token_usage") or 0.0,
-            block_size=_int(cache.get("page_size")),
-            num_blocks=_int(cache.get("num_pages")),
+            block_size=block_size,
+            num_blocks=num_blocks,
             prompt_tokens=_highest(series, "sglang:prompt_tokens_total") or 0.0,
         )
     raise GarbledMetrics("neither vLLM nor SGLang queue metrics found")
+
+
+def _sglang_capacity(series: Series) -> tuple[int, int]:
+    """(page size in tokens, pages) of the KV cache, from either generation of SGLang's metrics:
+    `sglang:cache_config_info` labels on older servers, separate gauges on newer ones."""
+    cache = _labels(series, "sglang:cache_config_info")
+    if cache:
+        return _int(cache.get("page_size")), _int(cache.get("num_pages"))
+    page_size = int(_highest(series, "sglang:page_size") or 0)
+    pages = int(_highest(series, "sglang:num_pages") or 0)
+    if page_size > 0 and pages > 0:
+        return page_size, pages
+    tokens = int(_highest(series, "sglang:max_total_num_tokens") or 0)
+    return (page_size or 1, tokens // (page_size or 1)) if tokens > 0 else (0, 0)
