@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 ## Run the local fleet (Redis, Envoy, controller, collector, 2 pickers, 4 simulated pods) until Ctrl-C.
+## FLEET_ARGS passes more flags, e.g. FLEET_ARGS="--port-base 40000 --manifests other/".
 up: $(STAMP)
-	$(BIN)/local-fleet --manifests examples/fleet
+	$(BIN)/local-fleet --manifests examples/fleet $(FLEET_ARGS)
 
 ## Run the test suite against real Redis, Envoy and simulated pods.
 test: $(STAMP)

@@ -14,8 +14,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -120,8 +122,14 @@ class Fleet:
         if s.redis_url is None and s.redis_cluster_ports:
             self._start_redis_cluster(timeout_s)
         elif s.redis_url is None:
+            # Append-only, so a Redis the supervisor restarts comes back with the prefix index;
+            # a new fleet starts empty.
+            data = s.work_dir / "redis"
+            shutil.rmtree(data, ignore_errors=True)
+            data.mkdir()
             self._spawn("redis", [_bin("redis-server"), "--bind", "127.0.0.1", "--port", str(s.redis_port),
-                                  "--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                                  "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data),
+                                  "--protected-mode", "no"])
             self._wait("redis", lambda: _port_open("127.0.0.1", s.redis_port), timeout_s)
         by_runtime: dict[str, list[str]] = {}
         for key, (name, runtime) in self.pods().items():
@@ -205,6 +213,33 @@ class Fleet:
                 return bool(hosts) and all(h.get("health_status", {}).get("eds_health_status") == "HEALTHY"
                                            and len(h["health_status"]) == 1 for h in hosts)
         return False
+
+    def supervise(self, stop: threading.Event, log: Callable[[str], None]) -> None:
+        """Until `stop` is set: restart any process that exits, as a process manager would,
+        after a backoff that doubles on each quick exit (0.25 s up to 8 s) and resets once
+        the process has run for a minute. The others keep serving meanwhile."""
+        started = {name: time.monotonic() for name in self.processes}
+        failures = dict.fromkeys(self.processes, 0)
+        due: dict[str, float] = {}  # process -> when to restart it
+        while not stop.wait(0.1):
+            now = time.monotonic()
+            for name, proc in list(self.processes.items()):
+                if name in due:
+                    if now >= due[name]:
+                        del due[name]
+                        self.restart(name)
+                        started[name] = time.monotonic()
+                        log(f"{name} restarted (pid {self.processes[name].pid})")
+                    continue
+                code = proc.poll()
+                if code is None:
+                    if now - started[name] > 60:
+                        failures[name] = 0
+                    continue
+                failures[name] = failures.get(name, 0) + 1
+                delay = min(0.25 * 2 ** (failures[name] - 1), 8.0)
+                due[name] = now + delay
+                log(f"{name} exited with code {code}; restarting in {delay:.2f} s (see {self.log_path(name)})")
 
     def stop(self) -> None:
         """Stop every process, newest first, each with SIGTERM and then, if it lingers, SIGKILL."""

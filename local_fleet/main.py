@@ -22,22 +22,25 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifests", type=Path, default=Path("examples/fleet"))
     p.add_argument("--work-dir", type=Path, default=Path(".fleet"), help="logs and Envoy's config go here")
+    p.add_argument("--port-base", type=int, default=0,
+                   help="move the fleet's own ports (Redis, pickers, their metrics, Envoy admin) to this port and "
+                        "the five after it, so two fleets can share a machine; the listeners come from the manifests")
     a = p.parse_args(argv)
+    ports = {}
+    if a.port_base:
+        b = a.port_base
+        ports = {"redis_port": b, "picker_ports": (b + 1, b + 2), "picker_metrics_ports": (b + 3, b + 4),
+                 "envoy_admin_port": b + 5}
     settings = FleetSettings(manifests_dir=a.manifests.resolve(), work_dir=a.work_dir.resolve(),
-                             redis_url=os.environ.get("REDIS_URL") or None)
+                             redis_url=os.environ.get("REDIS_URL") or None, **ports)
     fleet = Fleet(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         fleet.start()
         _print_hints(fleet)
-        while not stop.wait(1.0):
-            dead = [n for n, proc in fleet.processes.items() if proc.poll() is not None]
-            if dead:
-                print(f"{', '.join(dead)} exited; see {fleet.log_path(dead[0])}", file=sys.stderr)
-                break
-    except KeyboardInterrupt:
-        pass
+        fleet.supervise(stop, lambda line: print(line, file=sys.stderr, flush=True))
     finally:
         print("stopping the fleet ...", file=sys.stderr)
         fleet.stop()
@@ -49,6 +52,7 @@ def _print_hints(fleet: Fleet) -> None:
                           "messages": [{"role": "user", "content": "Hello, this is a test"}]})
     print(f"""
 The fleet is up: Redis at {fleet.redis_url}, {len(pods)} simulated pods, 2 pickers, Envoy.
+A process that exits is restarted; only Ctrl-C or SIGTERM stops the fleet.
 
   Through the picker (:8080):
     curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -56,7 +60,7 @@ The fleet is up: Redis at {fleet.redis_url}, {len(pods)} simulated pods, 2 picke
   Plain round robin over the same pods (:8081): the same command on port 8081.
   Which pod served: the x-inference-pod response header (curl -i), and
     grep "Request Handled" {fleet.log_path('picker-0')} {fleet.log_path('picker-1')}
-  Picker metrics: http://127.0.0.1:9102/metrics   Envoy admin: http://127.0.0.1:{fleet.settings.envoy_admin_port}
+  Picker metrics: http://127.0.0.1:{fleet.settings.picker_metrics_ports[0]}/metrics   Envoy admin: http://127.0.0.1:{fleet.settings.envoy_admin_port}
   Load a pod artificially: curl -X POST http://{next(iter(pods))}/sim/load -d '{{"requests": 64}}'
 
 Logs: {fleet.settings.work_dir / 'logs'}. Ctrl-C stops everything.
