@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test bench venv clean
+.PHONY: up test bench venv clean debian-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,18 @@ venv: $(STAMP)
 up: $(STAMP)
 	$(BIN)/local-fleet --manifests examples/fleet $(FLEET_ARGS)
 
-## Run the test suite against real Redis, Envoy and simulated pods.
-test: $(STAMP)
+## Run the test suite against real Redis, Envoy and simulated pods, after the linters:
+## ruff, the import layers (import-linter) and strict types on gateway_state and picker (mypy).
+test: $(STAMP) debian-tools
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## Debian tools the tests run: faketime (a picker with a skewed clock) and make itself.
+debian-tools:
+	@command -v faketime >/dev/null || { apt-get update -qq && apt-get install -y -qq faketime >/dev/null; } \
+		|| { echo "install Debian's faketime (as root: apt-get install faketime)"; exit 1; }
 
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)

@@ -46,9 +46,11 @@ def connect(redis_url: str, timeout_s: float = 2.0, max_connections: int | None 
         if not service:
             raise ValueError(f"{redis_url}: name the monitored master, as redis-sentinel://host:port/master-name")
         sentinels = [(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in hosts.split(",")]
-        sentinel = Sentinel(sentinels, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        return sentinel.master_for(service, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                   max_connections=max_connections)
+        sentinel = Sentinel(sentinels, socket_timeout=timeout_s,  # type: ignore[no-untyped-call]  # untyped upstream
+                            socket_connect_timeout=timeout_s)
+        client: Redis = sentinel.master_for(service, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                            max_connections=max_connections)
+        return client
     if redis_url.startswith(CLUSTER_SCHEME):
         return RedisCluster.from_url("redis://" + redis_url[len(CLUSTER_SCHEME):], socket_timeout=timeout_s,
                                      socket_connect_timeout=timeout_s, max_connections=max_connections or 100)

@@ -82,11 +82,12 @@ class StateStore:
 
     async def lead(self, candidate: str, lease_ms: int) -> str:
         """Acquire or renew the controller lease; returns the holder as "id|epoch"."""
-        return (await self._lease(keys=[keys.LEADER, keys.LEADER_EPOCH], args=[candidate, lease_ms])).decode()
+        holder: bytes = await self._lease(keys=[keys.LEADER, keys.LEADER_EPOCH], args=[candidate, lease_ms])
+        return holder.decode()
 
     async def read_config(self) -> Config | None:
         """The config, or None when Redis holds none (lost, or not yet written)."""
-        raw = await self.redis.get(keys.CONFIG)
+        raw: bytes | None = await self.redis.get(keys.CONFIG)  # type: ignore[assignment]  # never decoded to str
         return decode_config(raw) if raw is not None else None
 
     # -- load samples (collectors write, pickers read) ------------------------
@@ -109,7 +110,8 @@ class StateStore:
 
     async def prune_load(self, pool: str, keep: set[str]) -> None:
         """Drop samples of endpoints that left the pool."""
-        stale = [e for e in await self.redis.hkeys(keys.load(pool)) if e.decode() not in keep]
+        fields: list[bytes] = await self.redis.hkeys(keys.load(pool))  # type: ignore[assignment]  # bytes, as above
+        stale = [e for e in fields if e.decode() not in keep]
         if stale:
             await self.redis.hdel(keys.load(pool), *stale)
 

@@ -56,7 +56,7 @@ def _immediate(status: int, body: dict[str, object], details: str) -> pb.Process
         body=json.dumps(body).encode(), details=details))
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated code, untyped
     def __init__(self, snapshots: SnapshotSource, intake: Intake, placement: Placement,
                  metrics: PickerMetrics) -> None:
         self._snapshots = snapshots

@@ -104,7 +104,7 @@ class SchedulingSettings:
                 values[name] = int(raw) if types[name] == "int" else float(raw)
             except ValueError:
                 raise ValueError(f"--scheduling {pair!r}: {raw!r} is not a number") from None
-        return cls(**values)
+        return cls(**values)  # type: ignore[arg-type]  # each value converted to its field's type above
 
 
 @dataclass(frozen=True)

@@ -114,8 +114,8 @@ class MemoryState:
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
                     others_seen: int = -1) -> bool:
         if others_seen >= 0:
-            others = sum(self._figures.get(pool, {}).get(r, {}).get(endpoint, 0)
-                         for r in self._live(pool) if r != replica)
+            records = self._figures.get(pool, {})
+            others = sum(records[r][endpoint] for r in self._live(pool) if r != replica and r in records)
             if others > others_seen:
                 return False
         record = self._figures.setdefault(pool, {}).setdefault(replica, Counter())

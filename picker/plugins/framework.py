@@ -33,7 +33,8 @@ class SchedulingRequest:
 
 
 class Filter(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def filter(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
         """The candidates that may serve the request."""
@@ -41,7 +42,8 @@ class Filter(Protocol):
 
 
 class Scorer(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
         """One score per candidate, in order; higher is better, 0..1 (the runner clamps)."""
@@ -49,7 +51,8 @@ class Scorer(Protocol):
 
 
 class Picker(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def pick(self, request: SchedulingRequest, scored: Sequence[tuple[Candidate, float]]) -> list[Candidate]:
         """The chosen candidate first, then fallbacks in order."""
