@@ -73,7 +73,7 @@ async def serve(settings: PickerSettings) -> None:
     store = StateStore(redis)
     metrics = PickerMetrics()
     clock = FleetClock()
-    snapshots = SnapshotSource(store, settings.state, clock)
+    snapshots = SnapshotSource(store, settings.state, clock, metrics)
     rng = random.Random()
     # Redis mode: the shared state, and this replica's own index for while Redis cannot answer.
     # Local mode (the upstream baseline): this replica's memory is the whole state.

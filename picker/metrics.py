@@ -31,6 +31,9 @@ class PickerMetrics:
         self.placement_conflicts = Counter("picker_placement_conflicts",
                                            "Decisions taken again because another replica chose the same endpoint "
                                            "between this one's lookup and admission.", ["pool"], registry=r)
+        self.snapshot_refreshes = Counter("picker_snapshot_refreshes",
+                                          "Snapshots of config and load read from Redis (every 50 ms).",
+                                          registry=r)
         self.internal_errors = Counter("picker_internal_errors",
                                        "Requests answered 500 because the picker itself failed (see its log).",
                                        registry=r)

@@ -17,6 +17,7 @@ from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import every
 from gateway_state.records import Config, LoadSample, decode_config
 from gateway_state.store import StateStore
+from picker.metrics import PickerMetrics
 from picker.settings import StateSettings
 
 log = logging.getLogger("picker.snapshot")
@@ -30,9 +31,11 @@ class Snapshot:
 
 
 class SnapshotSource:
-    def __init__(self, store: StateStore, settings: StateSettings, clock: FleetClock) -> None:
+    def __init__(self, store: StateStore, settings: StateSettings, clock: FleetClock,
+                 metrics: PickerMetrics | None = None) -> None:
         self._store = store
         self._clock = clock
+        self._metrics = metrics
         self._clock_read_at = -CLOCK_REFRESH_S
         self._settings = settings
         self._raw: bytes | None = None
@@ -56,6 +59,8 @@ class SnapshotSource:
         if self._reported is not True:
             log.info("Redis reachable")
         self.redis_ok = self._reported = True
+        if self._metrics is not None:
+            self._metrics.snapshot_refreshes.inc()
         raw, load = reply.config, reply.load
         config = self.current.config
         if raw is not None and raw != self._raw:

@@ -48,20 +48,10 @@ class OwnRequests:
         self._counts: dict[str, Counter[str]] = {}  # pool -> endpoint (and endpoint|work) -> amount
 
     def add(self, pool: str, endpoint: str, work_blocks: int) -> None:
-        counts = self._counts.setdefault(pool, Counter())
-        counts[endpoint] += 1
-        if work_blocks > 0:
-            counts[endpoint + WORK_SUFFIX] += work_blocks
+        _count(self._counts.setdefault(pool, Counter()), endpoint, work_blocks)
 
     def remove(self, pool: str, endpoint: str, work_blocks: int) -> None:
-        counts = self._counts.get(pool)
-        if counts is None:
-            return
-        for name, amount in ((endpoint, 1), (endpoint + WORK_SUFFIX, work_blocks)):
-            if amount > 0 and name in counts:
-                counts[name] -= amount
-                if counts[name] <= 0:
-                    del counts[name]
+        _uncount(self._counts.get(pool), endpoint, work_blocks)
 
     def figures(self, pool: str) -> dict[str, int]:
         """The fields of this replica's in-flight record, as the state stores them."""
@@ -118,10 +108,7 @@ class MemoryState:
             others = sum(records[r][endpoint] for r in self._live(pool) if r != replica and r in records)
             if others > others_seen:
                 return False
-        record = self._figures.setdefault(pool, {}).setdefault(replica, Counter())
-        record[endpoint] += 1
-        if work_blocks > 0:
-            record[endpoint + WORK_SUFFIX] += work_blocks
+        _count(self._figures.setdefault(pool, {}).setdefault(replica, Counter()), endpoint, work_blocks)
         self._expiry.setdefault(pool, {})[replica] = time.monotonic() + lease_ms / 1000
         return True
 
@@ -146,16 +133,27 @@ class MemoryState:
         return evicted
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0) -> None:
-        record = self._figures.get(pool, {}).get(replica)
-        if record is None:
-            return
-        for name, amount in ((endpoint, 1), (endpoint + WORK_SUFFIX, work_blocks)):
-            if amount > 0 and name in record:
-                record[name] -= amount
-                if record[name] <= 0:
-                    del record[name]
+        _uncount(self._figures.get(pool, {}).get(replica), endpoint, work_blocks)
 
     async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
         self._figures.setdefault(pool, {})[replica] = Counter({k: v for k, v in figures.items() if v > 0})
         self._expiry.setdefault(pool, {})[replica] = time.monotonic() + lease_ms / 1000
         self._live(pool)
+
+
+def _count(record: Counter[str], endpoint: str, work_blocks: int) -> None:
+    """One request, and its uncached prompt blocks, in flight at `endpoint` in an in-flight record."""
+    record[endpoint] += 1
+    if work_blocks > 0:
+        record[endpoint + WORK_SUFFIX] += work_blocks
+
+
+def _uncount(record: Counter[str] | None, endpoint: str, work_blocks: int) -> None:
+    """The request ended; figures never go below zero (a record replaced meanwhile has none)."""
+    if record is None:
+        return
+    for name, amount in ((endpoint, 1), (endpoint + WORK_SUFFIX, work_blocks)):
+        if amount > 0 and name in record:
+            record[name] -= amount
+            if record[name] <= 0:
+                del record[name]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-import shutil
+import re
 import socket
 import subprocess
 import sys
@@ -22,19 +22,36 @@ from local_fleet.fleet import Fleet, FleetSettings
 FIXTURES = Path(__file__).parent / "fixtures"
 BIN = Path(sys.executable).parent
 
-# Ports of the test fleet; the listeners are in tests/fixtures/fleet/gateway.yaml.
-PREFIX_PORT, PLAIN_PORT, DEFAULT_PORT, CLOSED_PORT, GHOST_PORT = 18080, 18081, 18082, 18084, 18085
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The test fleet's listeners (tests/fixtures/fleet/gateway.yaml writes 18080-18085) and its pods'
+# loopback network (127.0.x.y there) move to ports and addresses of this run's own, so two
+# suites can share a machine.
+PREFIX_PORT, PLAIN_PORT, DEFAULT_PORT, EXTRA_PORT, CLOSED_PORT, GHOST_PORT = (free_port() for _ in range(6))
+_LISTENERS = dict(zip(range(18080, 18086), (PREFIX_PORT, PLAIN_PORT, DEFAULT_PORT, EXTRA_PORT, CLOSED_PORT,
+                                            GHOST_PORT), strict=True))
+POD_NET = f"127.{random.randrange(30, 140)}."
+
+
+def pod_address(fixture_address: str) -> str:
+    """Where a pod the fixtures place at 127.0.x.y runs in this suite."""
+    return fixture_address.replace("127.0.", POD_NET, 1)
+
+
+def relocated(text: str, listeners: dict[int, int] | None = None, net: str = POD_NET) -> str:
+    """A fixture manifest with its listener ports and pod network moved (see above)."""
+    for old, new in (listeners or _LISTENERS).items():
+        text = text.replace(f"port: {old}", f"port: {new}")
+    return re.sub(r"\b127\.0\.(\d+\.\d+)", lambda m: net + m.group(1), text)
 
 
 async def publish(store: StateStore, config: Config) -> None:
     """Write a config as a test controller holding the leader lease."""
     await store.write_config(config, await store.lead("test-controller", 60_000))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bindable(port: int) -> bool:
@@ -44,6 +61,15 @@ def _bindable(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive free ports, below the kernel's ephemeral range."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000 - count)
+        if all(_bindable(p) for p in range(base, base + count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def free_cluster_ports(count: int) -> tuple[int, ...]:
@@ -89,13 +115,15 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     and two pickers, as real processes."""
     manifests = tmp_path_factory.mktemp("manifests")
     for path in (FIXTURES / "fleet").glob("*.yaml"):
-        shutil.copy(path, manifests / path.name)
+        (manifests / path.name).write_text(relocated(path.read_text()))
     settings = FleetSettings(
         manifests_dir=manifests, work_dir=tmp_path_factory.mktemp("fleet"), redis_port=free_port(),
         picker_ports=(free_port(), free_port()), picker_metrics_ports=(free_port(), free_port()),
         envoy_admin_port=free_port(), resync_interval_ms=300,
         redis_cluster_ports=free_cluster_ports(3) if request.param == "redis-cluster" else (),
-        simulator_args=("--adapter", "adapter-a", "--adapter", "adapter-b"), absent_pods=("ghost-0",),
+        # Steps at half the H100 fit: the same ratios, answers twice as fast.
+        simulator_args=("--adapter", "adapter-a", "--adapter", "adapter-b", "--time-scale", "0.5"),
+        absent_pods=("ghost-0",),
     )
     f = Fleet(settings)
     try:

@@ -8,6 +8,7 @@ hit rate before, during and after it.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,20 +23,19 @@ from gateway_state.lifecycle import connect
 from gateway_state.records import decode_load
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import QWEN
-from tests.conftest import FIXTURES, free_port
+from tests.conftest import FIXTURES, free_port, relocated
 
-PORT = 28080  # the test fleet's prefix listener, moved so both fleets could coexist
-DEAD_POD = "127.0.21.2:8000"
+PORT = free_port()  # the test fleet's prefix listener, moved so both fleets can coexist
+LISTENERS = {18080: PORT, **{p: free_port() for p in range(18081, 18086)}}
+NET = f"127.{random.randrange(140, 250)}."  # apart from the suite fleet's network
+DEAD_POD = "127.0.1.2:8000".replace("127.0.", NET)
 
 
 @pytest.fixture(scope="module")
 def chaos_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     manifests = tmp_path_factory.mktemp("chaos-manifests")
     for path in (FIXTURES / "fleet").glob("*.yaml"):
-        text = path.read_text().replace("port: 1808", "port: 2808")
-        for a, b in (("127.0.1.", "127.0.21."), ("127.0.2.", "127.0.22."), ("127.0.3.", "127.0.23.")):
-            text = text.replace(a, b)
-        (manifests / path.name).write_text(text)
+        (manifests / path.name).write_text(relocated(path.read_text(), LISTENERS, NET))
     fleet = Fleet(FleetSettings(
         manifests_dir=manifests, work_dir=tmp_path_factory.mktemp("chaos"), redis_port=free_port(),
         picker_ports=(free_port(), free_port()), picker_metrics_ports=(free_port(), free_port()),

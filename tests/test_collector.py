@@ -19,6 +19,7 @@ from gateway_state.records import Config, Endpoint, Pool
 from gateway_state.store import StateStore
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
+from tests.client import wait_for
 from tests.conftest import FIXTURES, free_port, publish
 
 OLD_VLLM = """# TYPE vllm:num_requests_waiting gauge
@@ -106,11 +107,16 @@ async def test_collector_publishes_samples_and_marks_failures_stale(redis_client
     collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300))
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop))
-    await asyncio.sleep(0.6)
+
+    async def every_endpoint_scraped() -> bool:
+        samples = (await store.read_snapshot(["p"])).load.get("p", {})
+        return len(samples) == len(endpoints) and samples[endpoints[0].key].running == 256 and \
+            all(s.consecutive_failures >= 1 for e, s in samples.items() if e in (endpoints[2].key, endpoints[3].key))
+
+    await wait_for(every_endpoint_scraped, 5.0)
     stop.set()
     await task
-    load = (await store.read_snapshot(["p"])).load
-    samples = load["p"]
+    samples = (await store.read_snapshot(["p"])).load["p"]
     v = samples[endpoints[0].key]
     assert v.ok and v.running == 256 and v.waiting == 44 and v.kv_cache_usage > 0
     assert (v.block_size, v.num_blocks) == (16, 2000)
@@ -165,15 +171,21 @@ async def test_a_restarted_pod_leaves_the_prefix_index(redis_client: Redis, runt
             r = await http.post(f"http://{spec.host}:{spec.port}/v1/completions",
                                 json={"model": "m", "prompt": "hello " * 50, "max_tokens": 2})
             assert r.status == 200
-            await asyncio.sleep(0.3)  # scraped with its counter above zero
+
+            async def counted() -> bool:  # scraped with its counter above zero
+                sample = (await store.read_snapshot(["p"])).load.get("p", {}).get(endpoint.key)
+                return sample is not None and sample.prompt_tokens > 0
+
+            await wait_for(counted, 5.0)
             assert (await store.lookup("p", blocks[:3])).matched_blocks == {endpoint.key: 3, other.key: 3}
             await runner.cleanup()
             engine.cancel()
             runner, engine = await _serve(SimulatedPod(spec, Physics(num_blocks=2000)))
-            deadline = time.monotonic() + 3
-            while (await store.lookup("p", blocks[:3])).matched_blocks.get(endpoint.key):
-                assert time.monotonic() < deadline, "the restarted pod is still in the prefix index"
-                await asyncio.sleep(0.05)
+
+            async def forgotten() -> bool:
+                return endpoint.key not in (await store.lookup("p", blocks[:3])).matched_blocks
+
+            await wait_for(forgotten, 3.0)
         assert (await store.lookup("p", blocks[:3])).matched_blocks == {other.key: 3}
         assert await redis_client.zcard(keys.endpoint_lru("p", endpoint.key)) == 0
     finally:

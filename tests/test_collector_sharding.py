@@ -14,10 +14,12 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from collector.sharding import owned, owner
+from gateway_state import keys
 from gateway_state.records import Config, Endpoint, Pool
 from gateway_state.store import StateStore
 from simulator.metrics import VLLMMetrics
 from simulator.physics import Physics
+from tests.client import wait_for
 from tests.conftest import BIN, free_port, publish
 
 ENDPOINTS = 12
@@ -69,12 +71,18 @@ async def test_one_scraper_per_endpoint_and_takeover_after_a_kill(redis_client: 
                                         "--scrape-interval-ms", "50"], stderr=subprocess.DEVNULL)
              for i in range(3)}
     try:
-        await asyncio.sleep(3.0)  # start-up, then steady state
+        owners = {e.key: {owner(e.key, list(procs))} for e in endpoints}
+
+        async def converged() -> bool:  # all three members, and each endpoint scraped by its owner alone
+            members = sorted(m.decode() for m in await redis_client.zrange(keys.COLLECTORS, 0, -1))
+            return members == sorted(procs) and scrapers_since(hits, time.monotonic() - 0.5) == owners
+
+        await wait_for(converged, 10.0)
         window = time.monotonic()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # a window of steady state: ten scrape intervals
         steady = scrapers_since(hits, window)
         # Exactly one scraper per endpoint: its rendezvous owner among the three.
-        assert {e.key: {owner(e.key, list(procs))} for e in endpoints} == steady, steady
+        assert owners == steady, steady
         share = {c: [e for e, cs in steady.items() if c in cs] for c in procs}
         victim = max(share, key=lambda c: len(share[c]))
 

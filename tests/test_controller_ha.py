@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from gateway_state import keys
 from gateway_state.records import Config
 from gateway_state.store import Deposed, StateStore
+from tests.client import wait_for
 from tests.conftest import BIN, FIXTURES
 
 
@@ -69,8 +70,7 @@ async def test_a_standby_takes_over_within_five_seconds_and_a_paused_leader_stay
             await asyncio.sleep(0.05)
         takeover_s = time.monotonic() - stopped_at
         assert holder.startswith(f"c{standby}|")
-        await asyncio.sleep(0.5)
-        assert (tmp_path / f"envoy{standby}" / "lds.json").exists()
+        await wait_for(lambda: (tmp_path / f"envoy{standby}" / "lds.json").exists(), 5.0)
 
         # Make the new leader's next write observable, then wake the old one.
         await redis_client.delete(keys.CONFIG)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import uuid
@@ -17,7 +16,7 @@ from gateway_state.lifecycle import connect
 from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet
 from tests.client import QWEN, chat, post, spread, wait_for
-from tests.conftest import DEFAULT_PORT, FIXTURES, GHOST_PORT, PLAIN_PORT, PREFIX_PORT
+from tests.conftest import DEFAULT_PORT, FIXTURES, GHOST_PORT, PLAIN_PORT, PREFIX_PORT, pod_address
 
 PREFIX_PODS = {f"prefix-{i}" for i in range(4)}
 DEFAULT_PODS = {f"default-{i}" for i in range(4)}
@@ -32,6 +31,12 @@ async def http(fleet: Fleet) -> AsyncIterator[aiohttp.ClientSession]:
 def handled_lines(fleet: Fleet, request_id: str) -> list[str]:
     return [line for name in ("picker-0", "picker-1") for line in fleet.log_path(name).read_text().splitlines()
             if "Request Handled" in line and f"request_id={request_id}" in line]
+
+
+async def snapshot_refreshes(http: aiohttp.ClientSession, metrics_port: int) -> float:
+    async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+        text = await r.text()
+    return float(re.search(r"^picker_snapshot_refreshes_total (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
 
 
 def sse_events(text: str) -> list[str]:
@@ -76,7 +81,7 @@ async def test_seed_round1_then_round2_reach_the_same_pod(http: aiohttp.ClientSe
     assert pods[0] == pods[1]
     # The pod's own KV cache served round2's shared prefix.
     assert json.loads(events[-2])["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-    await asyncio.sleep(0.2)  # log lines are written as the requests are routed
+    await wait_for(lambda: all(handled_lines(fleet, rid) for rid in ids), 5.0)  # logged as they are routed
     logged = [re.search(r" pod=(\S+)", handled_lines(fleet, rid)[0]).group(1) for rid in ids]  # type: ignore[union-attr]
     assert logged == pods
     assert "prefix_blocks=0/" not in handled_lines(fleet, ids[1])[0]
@@ -92,7 +97,7 @@ async def test_distinct_prefixes_spread_over_every_pod(http: aiohttp.ClientSessi
 
 
 async def test_default_pool_sends_fewer_requests_to_a_loaded_pod(http: aiohttp.ClientSession, fleet: Fleet) -> None:
-    loaded = "127.0.2.1:8000"  # default-0
+    loaded = pod_address("127.0.2.1:8000")  # default-0
     async with http.post(f"http://{loaded}/sim/load", json={"requests": 300, "prompt_tokens": 1000}) as r:
         assert r.status == 200
     store = StateStore(connect(fleet.redis_url))
@@ -103,7 +108,13 @@ async def test_default_pool_sends_fewer_requests_to_a_loaded_pod(http: aiohttp.C
             return sample is not None and sample.waiting >= 5
 
         await wait_for(backlog_published, 5.0)  # the collector has published it...
-        await asyncio.sleep(0.2)  # ...and the pickers' 50 ms snapshot refresh has read it
+        seen = [await snapshot_refreshes(http, port) for port in fleet.settings.picker_metrics_ports]
+
+        async def read_by_every_picker() -> bool:  # ...and every picker has refreshed its snapshot since
+            now = [await snapshot_refreshes(http, port) for port in fleet.settings.picker_metrics_ports]
+            return all(n > s for n, s in zip(now, seen, strict=True))
+
+        await wait_for(read_by_every_picker, 5.0)
         bodies = [chat(f"question {i}", model="qwen-default", max_tokens=24) for i in range(200)]
         served, replies = await spread(http, DEFAULT_PORT, bodies, concurrency=200)
     finally:
@@ -175,18 +186,17 @@ async def test_weighted_target_models_rewrite_the_body(http: aiohttp.ClientSessi
 
 async def test_request_mirror_copies_traffic_to_the_mirror_service(http: aiohttp.ClientSession) -> None:
     async def mirrored_prompt_tokens() -> float:
-        async with http.get("http://127.0.3.1:8000/metrics") as r:
+        async with http.get(f"http://{pod_address('127.0.3.1:8000')}/metrics") as r:
             text = await r.text()
         return float(re.search(r"^vllm:prompt_tokens_total\{.*\} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
 
     before = await mirrored_prompt_tokens()
     reply = await post(http, DEFAULT_PORT, chat("mirror me", model="qwen-default"))
     assert reply.status == 200 and reply.pod in DEFAULT_PODS  # the client sees the pool's answer
-    for _ in range(50):
-        if await mirrored_prompt_tokens() > before:
-            break
-        await asyncio.sleep(0.1)
-    assert await mirrored_prompt_tokens() > before
+    async def mirrored() -> bool:
+        return await mirrored_prompt_tokens() > before
+
+    await wait_for(mirrored, 5.0)
 
 
 async def test_plain_route_round_robins_over_the_same_pods(http: aiohttp.ClientSession) -> None:

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from tests.client import QWEN, wait_for
+from tests.conftest import free_port_block
 
 ROOT = Path(__file__).parent.parent
 GROUPS = 4
@@ -48,7 +49,7 @@ def descendants(pid: int) -> dict[int, str]:
 
 class MakeUp:
     def __init__(self, work: Path) -> None:
-        self.base = random.randrange(30000, 39000, 10)
+        self.base = free_port_block(8)
         self.port = self.base + 6
         manifests = work / "manifests"
         manifests.mkdir()

@@ -15,7 +15,7 @@ from gateway_state import keys
 from gateway_state.lifecycle import connect
 from local_fleet.fleet import Fleet
 from tests.client import Reply, chat, post, wait_for
-from tests.conftest import CLOSED_PORT, DEFAULT_PORT, PREFIX_PORT
+from tests.conftest import CLOSED_PORT, DEFAULT_PORT, EXTRA_PORT, PREFIX_PORT
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ async def test_a_crashed_picker_gets_no_streams_a_second_later(http: aiohttp.Cli
 async def test_a_new_listener_goes_live_without_restarting_envoy(http: aiohttp.ClientSession, fleet: Fleet) -> None:
     envoy_pid = fleet.processes["envoy"].pid
     extra: Path = fleet.settings.manifests_dir / "extra-listener.yaml"
-    extra.write_text("""
+    extra.write_text(f"""
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata:
@@ -121,7 +121,7 @@ spec:
   listeners:
   - name: extra
     protocol: HTTP
-    port: 18083
+    port: {EXTRA_PORT}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -139,7 +139,7 @@ spec:
         reply: Reply | None = None
         for _ in range(100):
             try:
-                reply = await post(http, 18083, chat("through the new listener"))
+                reply = await post(http, EXTRA_PORT, chat("through the new listener"))
                 break
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(0.1)
@@ -196,9 +196,8 @@ async def test_redis_dying_under_load_breaks_no_request(http: aiohttp.ClientSess
 
 async def test_with_every_picker_down_pools_fail_open_or_closed(http: aiohttp.ClientSession, fleet: Fleet) -> None:
     for name in ("picker-0", "picker-1"):
-        fleet.kill(name)
+        fleet.kill(name)  # waits until the process is gone
     try:
-        await asyncio.sleep(0.2)
         # Failing open, the body goes unchanged: a model name the pods serve, not an alias.
         opened = await post(http, DEFAULT_PORT, chat("fail open"))
         assert opened.status == 200 and opened.pod and opened.pod.startswith("default-")

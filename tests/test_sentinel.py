@@ -64,7 +64,7 @@ async def test_the_store_follows_a_sentinel_failover(sentinel_redis) -> None:  #
     store = StateStore(connect(url, timeout_s=0.5))
     leadership = await store.lead("controller-a", 60_000)
     await store.write_config(Config(1, {}, {}, prefix_seed=5), leadership)
-    await asyncio.sleep(0.3)  # replicated
+    assert await store.redis.execute_command("WAIT", 1, 5000) == 1  # the replica acknowledged the write
 
     procs["master"].send_signal(signal.SIGKILL)
     killed = time.monotonic()

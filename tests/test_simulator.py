@@ -11,6 +11,7 @@ from simulator.engine import Engine, Sequence
 from simulator.kv_cache import KVCache
 from simulator.physics import Physics
 from simulator.tokenizer import output_piece, tokenize
+from tests.client import wait_for
 
 
 class Recorder:
@@ -79,10 +80,13 @@ async def test_batch_size_is_bounded_by_max_num_seqs(engine_factory) -> None:  #
     seqs = [request(f"prompt number {i}", max_tokens=30) for i in range(5)]
     for s in seqs:
         engine.submit(s)
-    await asyncio.sleep(0.02)
-    assert len(engine.running) == 2 and len(engine.waiting) == 3
-    while len(recorder.finished) < 5:
-        await asyncio.sleep(0.01)
+    peak = 0
+    async with asyncio.timeout(30):
+        while len(recorder.finished) < 5:  # every step, until all are done
+            peak = max(peak, len(engine.running))
+            assert len(engine.running) <= 2 and len(engine.running) + len(engine.waiting) + len(recorder.finished) == 5
+            await asyncio.sleep(0.002)
+    assert peak == 2
     assert all(s.generated == 30 for s in seqs)
 
 
@@ -110,7 +114,6 @@ async def test_an_aborted_request_frees_its_blocks(engine_factory) -> None:  # t
     engine, _ = engine_factory()
     seq = request("abandon me " * 50, max_tokens=10_000)
     engine.submit(seq)
-    await asyncio.sleep(0.05)
-    assert engine.cache.used_blocks > 0
+    await wait_for(lambda: engine.cache.used_blocks > 0, 2.0)
     engine.abort(seq)
     assert engine.cache.used_blocks == 0 and not engine.running
