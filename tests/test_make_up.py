@@ -99,7 +99,9 @@ async def test_make_up_restarts_what_dies_and_keeps_serving(make_up: MakeUp) -> 
     stop = asyncio.Event()
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        async def ready() -> bool:
+        async def ready() -> bool:  # supervising (the hints are printed), and serving through the pickers
+            if "The fleet is up" not in make_up.log_path.read_text():
+                return False
             try:
                 async with http.post(url, json={"model": QWEN, "max_tokens": 1,
                                                 "messages": [{"role": "user", "content": "up?"}]}) as r:
