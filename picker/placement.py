@@ -76,6 +76,7 @@ class Placement:
         self._metrics = metrics
         self._clock = clock
         self._me = settings.server.replica_id
+        self._state_down_until = 0.0  # monotonic; before it, the state is not asked (see StateSettings)
         self.own = OwnRequests()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -98,11 +99,11 @@ class Placement:
         pool = request.pool
         own_requests, own_work = split_figures(self.own.figures(pool.name))
         try:
+            self._check_state()
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
                 others: SharedView | None = await self._state.lookup(pool.name, request.block_hashes, self._me)
         except _STATE_ERRORS as exc:
-            self._metrics.redis_fallbacks.labels("lookup").inc()
-            log.debug("state lookup failed, placing from this replica's own figures: %s", exc)
+            self._state_failed("lookup", exc)
             others = None
         else:
             # Read after the await: decisions this replica made meanwhile must count.
@@ -127,13 +128,13 @@ class Placement:
         self.own.add(pool, endpoint, plan.work_blocks)
         admitted = False
         try:
+            self._check_state()
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
                 admitted = await self._state.admit(pool, self._me, endpoint, self._settings.state.inflight_lease_ms,
                                                    plan.work_blocks, plan.others_seen)
         except _STATE_ERRORS as exc:
             # The state may have counted it or not; the next heartbeat replaces the record either way.
-            self._metrics.redis_fallbacks.labels("admit").inc()
-            log.debug("state admission failed: %s", exc)
+            self._state_failed("admit", exc)
         except BaseException:
             self.own.remove(pool, endpoint, plan.work_blocks)  # cancelled: the request is gone
             raise
@@ -173,20 +174,34 @@ class Placement:
         if self._fallback is not None:
             await self._fallback.index(pool.name, chosen.endpoint.key, hashes, ttl_ms, capacity)
         try:
+            self._check_state()
             async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
                 await self._state.index(pool.name, chosen.endpoint.key, hashes, ttl_ms, capacity)
         except _STATE_ERRORS as exc:
-            self._metrics.redis_fallbacks.labels("index").inc()
-            log.debug("prefix index write failed: %s", exc)
+            self._state_failed("index", exc)
 
     async def _release(self, placed: Placed) -> None:
         try:
+            self._check_state()
             # Off the request path, so a slower state may take longer; the heartbeat heals a miss.
             async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
                 await self._state.release(placed.pool, self._me, placed.chosen.endpoint.key, placed.work_blocks)
         except _STATE_ERRORS as exc:
-            self._metrics.redis_fallbacks.labels("release").inc()
-            log.debug("state release failed (the next heartbeat replaces the record): %s", exc)
+            self._state_failed("release", exc)
+
+    def _check_state(self) -> None:
+        if time.monotonic() < self._state_down_until:
+            raise TimeoutError("the state failed a moment ago; leaving it alone")
+
+    def _state_failed(self, op: str, exc: BaseException) -> None:
+        """A state call failed or missed its deadline: this replica's own figures stand in (and the
+        next heartbeat replaces its record), and the request path leaves the state alone a moment."""
+        self._metrics.redis_fallbacks.labels(op).inc()
+        now = time.monotonic()
+        if now >= self._state_down_until:
+            self._state_down_until = now + self._settings.state.redis_backoff_ms / 1000
+            log.debug("state %s failed, placing from this replica's own figures for %d ms: %s", op,
+                      self._settings.state.redis_backoff_ms, exc)
 
     async def publish(self, pools: list[str]) -> None:
         """The heartbeat: this replica's own figures replace its record in every pool, and renew its lease."""

@@ -31,6 +31,10 @@ class StateSettings:
     # A request-path Redis call slower than this is abandoned for local scoring:
     # a loopback round trip is ~0.1 ms, so 20 ms means Redis is in trouble.
     redis_timeout_ms: int = 20
+    # After a request-path Redis call fails, the request path leaves Redis alone this long
+    # (the heartbeat keeps probing): a stalled Redis then collects no backlog of calls that
+    # all complete at once when it recovers and stall the replica's event loop.
+    redis_backoff_ms: int = 250
     # A load sample older than this is unknown, not trusted (ten missed scrapes).
     max_sample_age_ms: int = 1000
     # A replica's in-flight counts stop counting this long after it stops renewing them.
@@ -120,7 +124,7 @@ class PickerSettings:
             raise ValueError("server.replica_id must be set")
         if st.mode not in ("redis", "local"):
             raise ValueError("state.mode must be redis or local")
-        if st.redis_timeout_ms <= 0 or st.snapshot_refresh_ms <= 0 or st.heartbeat_interval_ms <= 0:
+        if min(st.redis_timeout_ms, st.snapshot_refresh_ms, st.heartbeat_interval_ms) <= 0 or st.redis_backoff_ms < 0:
             raise ValueError("state durations must be positive")
         if st.inflight_lease_ms < 2 * st.heartbeat_interval_ms:
             raise ValueError("state.inflight_lease_ms must cover at least two heartbeats")

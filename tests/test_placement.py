@@ -56,7 +56,10 @@ class Interleaved(MemoryState):
 
 
 class Down(MemoryState):
+    calls = 0
+
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+        self.calls += 1
         raise RedisConnectionError("Redis is down")
 
     async def admit(self, *args: object, **kwargs: object) -> bool:
@@ -98,14 +101,15 @@ async def test_release_takes_back_exactly_what_was_admitted() -> None:
 
 
 async def test_without_the_state_it_places_from_its_own_figures_and_index() -> None:
-    fallback = MemoryState()
-    p, metrics = placement(Down(), fallback)
+    fallback, down = MemoryState(), Down()
+    p, metrics = placement(down, fallback)
     first = await p.place(request(), {})
     await p.drain()  # the index write, into the fallback index as well
     second = await p.place(request(), {})
     assert not first.admitted_shared and second.chosen.endpoint == first.chosen.endpoint
     assert second.chosen.matched_blocks == len(request().block_hashes)
     assert metrics.redis_fallbacks.labels("lookup")._value.get() == 2
+    assert down.calls == 1  # after a failure the request path leaves the state alone for a moment
     assert p.own.total("p") == 2
     p.release(first)
     p.release(second)
