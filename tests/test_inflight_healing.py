@@ -5,8 +5,10 @@ neither evicts the other replicas nor is evicted."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -98,7 +100,8 @@ async def test_a_skewed_clock_neither_evicts_nor_is_evicted(fleet: Fleet, skew: 
     log = fleet.log_path(replica).open("wb")
     proc = subprocess.Popen([faketime, "-f", skew, str(BIN / "picker"), "--grpc-address", f"127.0.0.1:{free_port()}",
                              "--metrics-address", f"127.0.0.1:{free_port()}", "--replica-id", replica,
-                             "--redis-url", fleet.redis_url], stdout=log, stderr=subprocess.STDOUT)
+                             "--redis-url", fleet.redis_url], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # faketime forks the picker: stop the whole group
     try:
         async def members() -> dict[str, float]:
             rows = await redis.zrangebyscore(keys.pickers("prefix-pool"), "-inf", "+inf", withscores=True)
@@ -117,7 +120,7 @@ async def test_a_skewed_clock_neither_evicts_nor_is_evicted(fleet: Fleet, skew: 
             # Leases run on Redis's clock, not on the skewed one.
             assert abs(live[replica] - (now_ms + LEASE_MS)) < 2 * HEARTBEAT_S * 1000 + 1000, (live, now_ms)
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
         log.close()
         await redis.aclose()
