@@ -97,7 +97,6 @@ class Placement:
     async def plan(self, request: PlacementRequest, samples: dict[str, LoadSample], check: bool = True) -> Plan:
         """The decision the state supports now; reads only."""
         pool = request.pool
-        own_requests, own_work = split_figures(self.own.figures(pool.name))
         try:
             self._check_state()
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
@@ -105,9 +104,8 @@ class Placement:
         except _STATE_ERRORS as exc:
             self._state_failed("lookup", exc)
             others = None
-        else:
-            # Read after the await: decisions this replica made meanwhile must count.
-            own_requests, own_work = split_figures(self.own.figures(pool.name))
+        # Read after the await: decisions this replica made meanwhile must count.
+        own_requests, own_work = split_figures(self.own.figures(pool.name))
         if others is None:
             matched = self._fallback.matched(pool.name, request.block_hashes) if self._fallback else {}
             view = SharedView(own_requests, matched, own_work)
