@@ -94,7 +94,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         finally:
             if stream.placed is not None:
                 self._placement.release(stream.placed)
-                self._metrics.inflight.labels(stream.placed.pool).set(self._placement.own.total(stream.placed.pool))
 
     def _internal_error(self, stream: _Stream, exc: Exception) -> pb.ProcessingResponse:
         log.error("Request Failed request_id=%s pool=%s path=%s: internal error", stream.request_id or "-",
@@ -135,7 +134,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         except GatewayError as err:
             return self._reject(stream, err)
         chosen = placed.chosen.endpoint
-        self._metrics.inflight.labels(placed.pool).set(self._placement.own.total(placed.pool))
         self._metrics.requests.labels(request.model, placed.pool, chosen.name, "routed").inc()
         self._metrics.decision_seconds.labels(placed.pool, request.pool.strategy.value).observe(
             placed.decision_seconds)

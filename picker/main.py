@@ -99,6 +99,8 @@ async def serve(settings: PickerSettings) -> None:
 
     async def metrics_handler(request: web.Request) -> web.Response:
         metrics.redis_up.set(1 if snapshots.redis_ok else 0)
+        for pool in placement.own.pools():  # this replica's own figures, the truth, read when scraped
+            metrics.inflight.labels(pool).set(placement.own.total(pool))
         return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def ready_handler(request: web.Request) -> web.Response:

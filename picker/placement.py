@@ -205,7 +205,6 @@ class Placement:
         """The heartbeat: this replica's own figures replace its record in every pool, and renew its lease."""
         lease = self._settings.state.inflight_lease_ms
         for pool in sorted({*pools, *self.own.pools()}):
-            self._metrics.inflight.labels(pool).set(self.own.total(pool))
             try:
                 async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
                     await self._state.publish(pool, self._me, lease, self.own.figures(pool))

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,15 @@ def openai_error(status: int, message: str, err_type: str, param: str | None = N
     """The error body vLLM and SGLang answer with."""
     return web.json_response({"error": {"message": message, "type": err_type, "param": param, "code": status}},
                              status=status)
+
+
+# Each endpoint's request body to the token prompts its engine runs.
+_PROMPT_READERS: dict[str, Callable[[dict[str, Any]], list[list[int]]]] = {
+    "chat": chat_prompts,
+    "response": response_prompts,
+    "completion": lambda body: prompt_prompts(body.get("prompt"), "prompt"),
+    "embedding": lambda body: prompt_prompts(body.get("input"), "input"),
+}
 
 
 def _vector(tokens: list[int], dimensions: int = 16) -> list[float]:
@@ -111,9 +121,7 @@ class SimulatedPod:
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         try:
             body = await self._parse(request)
-            prompts = (chat_prompts(body) if kind == "chat" else response_prompts(body) if kind == "response"
-                       else prompt_prompts(body.get("input" if kind == "embedding" else "prompt"),
-                                           "input" if kind == "embedding" else "prompt"))
+            prompts = _PROMPT_READERS[kind](body)
         except _BadRequest as exc:
             return exc.response
         except BadShape as exc:

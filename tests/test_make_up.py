@@ -158,4 +158,4 @@ async def test_make_up_restarts_what_dies_and_keeps_serving(make_up: MakeUp) -> 
     assert sum(failed.values()) == 0, (failed, sent)
     assert kept >= 0.95, (home, pods)
     log = make_up.log_path.read_text()
-    assert all(f"{n}" in log for n in ("picker-0 exited", "redis exited", "collector-0 exited", "controller-0 exited"))
+    assert all(n in log for n in ("picker-0 exited", "redis exited", "collector-0 exited", "controller-0 exited"))
