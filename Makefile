@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test bench venv clean debian-tools
+.PHONY: up test bench venv clean debian-tools testbed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,16 @@ up: $(STAMP)
 
 ## Run the test suite against real Redis, Envoy and simulated pods, after the linters:
 ## ruff, the import layers (import-linter) and strict types on gateway_state and picker (mypy).
-test: $(STAMP) debian-tools
+test: $(STAMP) debian-tools testbed
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## Build the Go programs the tests run (kube-apiserver, etcd) once per version, into a cache
+## outside the checkout (TESTBED_CACHE, default ~/.cache/inference-picker-fleet/go-tools).
+testbed: $(STAMP)
+	$(BIN)/python -m testbed.build
 
 ## Debian tools the tests run: faketime (a picker with a skewed clock) and make itself.
 debian-tools:

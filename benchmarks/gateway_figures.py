@@ -34,7 +34,7 @@ from benchmarks.driver import hit_rate, prefix_counters
 from local_fleet.fleet import Fleet, FleetSettings
 
 MODEL = "/models/Qwen3-32B"
-POOL = "qwen-inference-pool"
+POOL = "default/qwen-inference-pool"
 PICKED, PLAIN = 8080, 8081
 
 

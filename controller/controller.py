@@ -1,9 +1,10 @@
 """The reconcile loop: manifests -> desired state -> Redis records and Envoy's files.
 
-An invalid manifest never reaches Redis or Envoy: the error names the file, the
-document and the field, and the last good configuration stays live. The config
-is rewritten whenever Redis lacks it, so a flushed or replaced Redis is refilled
-within one resync interval.
+Manifests come from a source (a directory, or a Kubernetes API server). An
+invalid manifest never reaches Redis or Envoy: the error names the object and
+the field, and the last good configuration stays live. The config is
+rewritten whenever Redis lacks it, so a flushed or replaced Redis is refilled
+within one resync interval. A change the source reports is reconciled at once.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from redis.exceptions import RedisError
 
 from controller import envoy_config
 from controller.desired import DesiredState, build
-from controller.manifests import ManifestError
-from controller.resources import load_directory
-from gateway_state.lifecycle import every
+from controller.kube_lease import LeaseElector
+from controller.kube_status import StatusWriter
+from controller.manifests import ManifestError, Manifests
+from controller.sources import KubeSource, ManifestSource
 from gateway_state.records import Config
 from gateway_state.store import Deposed, StateStore
 
@@ -32,8 +34,9 @@ log = logging.getLogger("controller")
 
 @dataclass(frozen=True)
 class ControllerSettings:
-    manifests_dir: Path
-    envoy_config_dir: Path
+    # Where Envoy's bootstrap, listeners and clusters go; None when a Gateway
+    # implementation runs Envoy and only asks the pickers (the drop-in picker).
+    envoy_config_dir: Path | None
     redis_url: str = "redis://127.0.0.1:6379/0"
     # How often manifests are re-read, Redis is checked and the leader lease renewed;
     # bounds how long a flushed Redis stays empty and how fast a change takes effect.
@@ -46,6 +49,9 @@ class ControllerSettings:
     envoy_admin_address: str = "127.0.0.1"
     envoy_admin_port: int = 9901
     envoy: envoy_config.EnvoySettings = field(default_factory=envoy_config.EnvoySettings)
+    # False: only render Envoy's files, as a gateway pod's own renderer does beside its Envoy;
+    # no leadership, no Redis, no status (the publishing controllers do those).
+    publish: bool = True
 
     def __post_init__(self) -> None:
         if not 50 <= self.resync_interval_ms <= 600_000:
@@ -64,10 +70,15 @@ def write_atomically(path: Path, data: Any) -> None:
 
 
 class Controller:
-    def __init__(self, store: StateStore, settings: ControllerSettings) -> None:
+    def __init__(self, store: StateStore, settings: ControllerSettings, source: ManifestSource,
+                 status: StatusWriter | None = None, lease: LeaseElector | None = None) -> None:
         self._store = store
         self._settings = settings
+        self._source = source
+        self._status = status  # Kubernetes only: conditions and Events on the objects
+        self._lease = lease  # Kubernetes only: the visible leader election in front of Redis's
         self._good: DesiredState | None = None
+        self._manifests: Manifests | None = None
         self._resources: tuple[Any, Any] | None = None
         self._envoy_written: tuple[Any, Any] | None = None
         self.leadership: str | None = None  # "id|epoch" while this controller leads
@@ -76,8 +87,10 @@ class Controller:
         self._prefix_seed: int | None = None
         self.generation = 0
 
-    def write_bootstrap(self) -> Path:
+    def write_bootstrap(self) -> Path | None:
         s = self._settings
+        if s.envoy_config_dir is None:
+            return None
         s.envoy_config_dir.mkdir(parents=True, exist_ok=True)
         path = s.envoy_config_dir / "bootstrap.json"
         write_atomically(path, envoy_config.bootstrap(str(s.envoy_config_dir.resolve()), s.envoy_admin_address,
@@ -85,17 +98,39 @@ class Controller:
         return path
 
     async def run(self, stop: asyncio.Event) -> None:
-        await every(self._settings.resync_interval_ms / 1000, stop, self.reconcile_once)
+        """Reconcile every resync interval, and at once when the source reports a change."""
+        changed = self._source.changed
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                changed.clear()
+                await self.reconcile_once()
+                waiting = asyncio.ensure_future(changed.wait())
+                await asyncio.wait((stopping, waiting), timeout=self._settings.resync_interval_ms / 1000,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+        finally:
+            stopping.cancel()
 
     async def reconcile_once(self) -> None:
-        self._load()  # standbys load too, so they are ready the moment they lead
+        loaded = self._load()  # standbys load too, so they are ready the moment they lead
+        if self._good is not None and not self._settings.publish:
+            self._write_envoy()
+            return
         if self._good is None or not await self._lead():
             return
         self._write_envoy()
         await self._publish(self._good)
+        if self._status is not None and isinstance(self._source, KubeSource):
+            await self._status.report(self._source.objects(), self._manifests, loaded)
 
     async def _lead(self) -> bool:
         s = self._settings
+        if self._lease is not None and not await self._lease.campaign():
+            if self.leadership:
+                log.info("standing by; another controller holds the leader Lease")
+                self.leadership = None
+            return False
         try:
             holder = await self._store.lead(s.controller_id, s.leader_lease_ms)
         except RedisError as exc:
@@ -112,7 +147,8 @@ class Controller:
         return mine is not None
 
     def _write_envoy(self) -> None:
-        if self._resources is None or self._resources == self._envoy_written:
+        if self._settings.envoy_config_dir is None or self._resources is None \
+                or self._resources == self._envoy_written:
             return
         listeners, clusters = self._resources
         # Clusters first: new listeners may route to new clusters.
@@ -121,29 +157,33 @@ class Controller:
         self._envoy_written = self._resources
         log.info("envoy config written: %d listeners, %d clusters", len(listeners), len(clusters))
 
-    def _load(self) -> None:
+    def _load(self) -> dict[str, ManifestError]:
+        """Load the source; returns the objects it could not use (already logged)."""
         s = self._settings
-        try:
-            manifests = load_directory(s.manifests_dir)
-            state = build(manifests)
-        except (ManifestError, OSError) as exc:
-            problem = str(exc)
-            if problem != self._last_problem:
+        loaded = self._source.load()
+        problem = "; ".join(str(p) for p in loaded.problems.values())
+        if problem != self._last_problem:
+            if problem:
                 log.error("invalid manifests, keeping the last good configuration: %s", problem)
-                self._last_problem = problem
-            return
-        if self._last_problem:
-            log.info("manifests are valid again")
-            self._last_problem = ""
+            else:
+                log.info("manifests are valid again")
+            self._last_problem = problem
+        if loaded.manifests is None:
+            return loaded.problems
+        manifests = loaded.manifests
+        state = build(manifests)
         if state.warnings != self._last_warnings:
             for warning in state.warnings:
                 log.warning("%s", warning)
             self._last_warnings = state.warnings
         self._resources = envoy_config.render(manifests, state, s.envoy)
-        if self._good is None or (state.pools, state.models) != (self._good.pools, self._good.models):
+        self._manifests = manifests
+        if self._good is None or (state.pools, state.models, state.objectives) != (
+                self._good.pools, self._good.models, self._good.objectives):
             log.info("desired state: %s", ", ".join(f"pool {p.name} ({p.strategy.value}, {len(p.endpoints)} endpoints)"
                                                     for p in state.pools.values()) or "no pools")
         self._good = state
+        return loaded.problems
 
     async def _publish(self, state: DesiredState) -> None:
         assert self.leadership is not None
@@ -152,13 +192,14 @@ class Controller:
             if self._prefix_seed is None:
                 # Keep the deployment's seed across controller restarts, or the prefix index would go cold.
                 self._prefix_seed = current.prefix_seed if current is not None else secrets.randbits(32)
-            desired = (state.pools, state.models, self._prefix_seed)
-            if current is not None and (current.pools, current.models, current.prefix_seed) == desired:
+            desired = (state.pools, state.models, self._prefix_seed, state.objectives)
+            if current is not None and (current.pools, current.models, current.prefix_seed,
+                                        current.objectives) == desired:
                 self.generation = current.generation
                 return
             self.generation = max(self.generation, current.generation if current else 0) + 1
-            await self._store.write_config(Config(self.generation, state.pools, state.models, self._prefix_seed),
-                                           self.leadership)
+            await self._store.write_config(Config(self.generation, state.pools, state.models, self._prefix_seed,
+                                                  state.objectives), self.leadership)
             log.info("config generation %d written to Redis%s", self.generation,
                      "" if current is not None else " (Redis held none)")
         except Deposed as exc:

@@ -10,6 +10,7 @@ Clients cannot choose the endpoint themselves: the first filter strips the heade
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ T_EXT_PROC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v
 T_HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 T_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 T_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+T_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class EnvoySettings:
     request_timeout_s: int = 3600
     # A killed picker replica leaves rotation after two missed checks.
     picker_health_interval_ms: int = 500
+    # Pickers serving TLS (their default, a self-signed certificate): Envoy connects with TLS
+    # and does not verify it, as gateways do with endpoint pickers.
+    picker_tls: bool = False
 
 
 def _duration(ms: int) -> str:
@@ -56,10 +61,20 @@ def _error_json(status: int, message: str, err_type: str) -> str:
     return json.dumps(openai_error(status, message, err_type))
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def _static_cluster(name: str, hosts: tuple[tuple[str, int], ...], http2: bool = False,
                     lb_policy: str = "ROUND_ROBIN") -> dict[str, Any]:
+    # A host name (a Kubernetes Service's) is resolved, and re-resolved, by DNS.
+    kind = "STATIC" if all(_is_ip(h) for h, _ in hosts) else "STRICT_DNS"
     cluster: dict[str, Any] = {
-        "@type": T_CLUSTER, "name": name, "type": "STATIC", "connect_timeout": "2s", "lb_policy": lb_policy,
+        "@type": T_CLUSTER, "name": name, "type": kind, "connect_timeout": "2s", "lb_policy": lb_policy,
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}}} for ip, port in hosts
         ]}]},
@@ -68,9 +83,13 @@ def _static_cluster(name: str, hosts: tuple[tuple[str, int], ...], http2: bool =
                                              "max_requests": 100_000}]},
     }
     if http2:
-        cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": T_HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}}
+        cluster["typed_extension_protocol_options"] = _http2_options()
     return cluster
+
+
+def _http2_options() -> dict[str, Any]:
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": T_HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}}
 
 
 def pool_cluster(pool: str) -> str:
@@ -79,6 +98,9 @@ def pool_cluster(pool: str) -> str:
 
 def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
     picker = _static_cluster(PICKER_CLUSTER, s.picker_endpoints, http2=True)
+    if s.picker_tls:
+        picker["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": T_UPSTREAM_TLS, "common_tls_context": {"alpn_protocols": ["h2"]}}}
     picker["health_checks"] = [{
         "timeout": _duration(min(1000, s.picker_health_interval_ms)),
         "interval": _duration(s.picker_health_interval_ms),
@@ -100,14 +122,18 @@ def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
     }
     clusters = [picker]
     for pool in sorted(state.pools.values(), key=lambda p: p.name):
-        clusters.append({
+        h2c = pool.app_protocol == "kubernetes.io/h2c"
+        picked: dict[str, Any] = {
             "@type": T_CLUSTER, "name": pool_cluster(pool.name), "type": "ORIGINAL_DST",
             "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s", "cleanup_interval": "60s",
             "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
             "circuit_breakers": picker["circuit_breakers"],
-        })
+        }
+        if h2c:
+            picked["typed_extension_protocol_options"] = _http2_options()
+        clusters.append(picked)
         clusters.append(_static_cluster(pool_cluster(pool.name) + "/failopen",
-                                        tuple((e.address, e.port) for e in pool.endpoints)))
+                                        tuple((e.address, e.port) for e in pool.endpoints), http2=h2c))
     for (name, port), hosts in sorted(state.services.items()):
         clusters.append(_static_cluster(f"service/{name}/{port}", tuple((e.address, e.port) for e in hosts),
                                         lb_policy=state.service_lb.get(name, "ROUND_ROBIN")))
@@ -128,14 +154,14 @@ def _precedence(entry: tuple[str, str, Any]) -> tuple[int, int]:
 
 
 def _routes_for_rule(rule: RouteRule, state: DesiredState, s: EnvoySettings) -> list[tuple[str, str, Any]]:
-    mirrors = [{"cluster": f"service/{m.name}/{m.port}", "runtime_fraction": {"default_value": {"numerator": 100}}}
+    mirrors = [{"cluster": f"service/{m.id}/{m.port}", "runtime_fraction": {"default_value": {"numerator": 100}}}
                for m in rule.mirrors]
     out: list[tuple[str, str, Any]] = []
     pool_ref = next((b for b in rule.backends if b.kind == "InferencePool"), None)
     for kind, value in rule.matches:
         match = _match(kind, value)
         if pool_ref is not None:
-            out.extend((kind, value, r) for r in _pool_routes(match, state.pools.get(pool_ref.name), pool_ref.name,
+            out.extend((kind, value, r) for r in _pool_routes(match, state.pools.get(pool_ref.id), pool_ref.id,
                                                              mirrors, s))
             continue
         services = [b for b in rule.backends if b.weight > 0]
@@ -146,10 +172,10 @@ def _routes_for_rule(rule: RouteRule, state: DesiredState, s: EnvoySettings) -> 
         else:
             action: dict[str, Any] = {"timeout": f"{s.request_timeout_s}s"}
             if len(services) == 1:
-                action["cluster"] = f"service/{services[0].name}/{services[0].port}"
+                action["cluster"] = f"service/{services[0].id}/{services[0].port}"
             else:
                 action["weighted_clusters"] = {"clusters": [
-                    {"name": f"service/{b.name}/{b.port}", "weight": b.weight} for b in services]}
+                    {"name": f"service/{b.id}/{b.port}", "weight": b.weight} for b in services]}
             if mirrors:
                 action["request_mirror_policies"] = mirrors
             route["route"] = action
@@ -248,11 +274,11 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
 def render(m: Manifests, state: DesiredState, s: EnvoySettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(listeners, clusters) as Envoy v3 resources."""
     listeners = []
-    for gateway in sorted(m.gateways, key=lambda g: g.meta.name):
+    for gateway in sorted(m.gateways, key=lambda g: g.meta.id):
         for listener in gateway.listeners:
             attached = [r for r in m.routes
-                        if any(g == gateway.meta.name and section in (None, listener.name) for g, section in r.parents)]
-            listeners.append(_listener(gateway.meta.name, listener.name, listener.port, attached, state, s))
+                        if any(g == gateway.meta.id and section in (None, listener.name) for g, section in r.parents)]
+            listeners.append(_listener(gateway.meta.id, listener.name, listener.port, attached, state, s))
     return listeners, _clusters(state, s)
 
 

@@ -25,7 +25,12 @@ ANNOTATION_LB_POLICY = "inference-gateway.io/lb-policy"
 class ManifestError(ValueError):
     def __init__(self, where: str, path: str, message: str) -> None:
         super().__init__(f"{where}: {path}: {message}" if path else f"{where}: {message}")
-        self.where, self.path = where, path
+        self.where, self.path, self.message = where, path, message
+
+    @property
+    def field_message(self) -> str:
+        """The problem without where it is: `spec.targetPorts[0].number: must be ...`."""
+        return f"{self.path}: {self.message}" if self.path else self.message
 
 
 @dataclass(frozen=True)
@@ -35,17 +40,25 @@ class Meta:
     namespace: str
     labels: dict[str, str]
     annotations: dict[str, str]
-    where: str  # "file.yaml document 2 (Kind name)", for error messages
+    where: str  # "file.yaml document 2 (Kind name)" or "Kind namespace/name", for error messages
+    created: str = ""  # metadata.creationTimestamp (RFC 3339, so it sorts); "" in files
+    deleting: bool = False  # metadata.deletionTimestamp is set
+
+    @property
+    def id(self) -> str:
+        """`namespace/name`: the identity across the fleet (see gateway_state.records.pool_id)."""
+        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)
 class InferencePoolSpec:
     meta: Meta
     selector: LabelSelector
-    target_port: int
+    target_ports: tuple[int, ...]
     strategy: str
     runtime: str
     failure_mode: str
+    app_protocol: str = "http"
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,28 @@ class InferenceModelSpec:
     meta: Meta
     model_name: str
     criticality: str
-    pool: str
+    pool: str  # pool id (namespace/name)
     targets: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    meta: Meta
+    pool: str
+    priority: int
+
+
+@dataclass(frozen=True)
+class RewriteRule:
+    models: tuple[str, ...]  # exact model names; empty: every model
+    targets: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class ModelRewriteSpec:
+    meta: Meta
+    pool: str
+    rules: tuple[RewriteRule, ...]
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,11 @@ class BackendRef:
     name: str
     port: int | None
     weight: int
+    namespace: str = "default"
+
+    @property
+    def id(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -98,7 +136,7 @@ class RouteRule:
 @dataclass(frozen=True)
 class HTTPRouteSpec:
     meta: Meta
-    parents: tuple[tuple[str, str | None], ...]  # (gateway name, listener section or None)
+    parents: tuple[tuple[str, str | None], ...]  # (gateway id namespace/name, listener section or None)
     hostnames: tuple[str, ...]
     rules: tuple[RouteRule, ...]
 
@@ -122,6 +160,8 @@ class PodSpec:
 class Manifests:
     pools: list[InferencePoolSpec] = field(default_factory=list)
     models: list[InferenceModelSpec] = field(default_factory=list)
+    objectives: list[ObjectiveSpec] = field(default_factory=list)
+    rewrites: list[ModelRewriteSpec] = field(default_factory=list)
     policies: list[TrafficPolicySpec] = field(default_factory=list)
     gateways: list[GatewaySpec] = field(default_factory=list)
     routes: list[HTTPRouteSpec] = field(default_factory=list)

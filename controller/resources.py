@@ -19,13 +19,17 @@ from controller.manifests import (
     ManifestError,
     Manifests,
     Meta,
+    ModelRewriteSpec,
+    ObjectiveSpec,
     PodSpec,
+    RewriteRule,
     RouteRule,
     ServiceSpec,
     TrafficPolicySpec,
     iter_documents,
 )
 from controller.selectors import LabelSelector, requirement
+from gateway_state.records import pool_id
 
 STRATEGIES = ("DEFAULT", "PREFIX_CACHE")
 RUNTIMES = ("vllm", "sglang")
@@ -33,6 +37,7 @@ FAILURE_MODES = ("FailOpen", "FailClose")
 CRITICALITIES = ("Critical", "Standard", "Sheddable")
 PATH_TYPES = ("PathPrefix", "Exact")
 LB_POLICIES = ("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST")
+APP_PROTOCOLS = ("http", "kubernetes.io/h2c")
 
 
 def _pool(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
@@ -41,9 +46,11 @@ def _pool(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
         if not selector_map:
             raise ManifestError(doc.where, "spec.selector", "is required and must not be empty")
         selector = LabelSelector(tuple(sorted(selector_map.items())))
-        port = doc.port("spec.targetPortNumber", doc.get("spec.targetPortNumber", int, required=True))
+        ports: tuple[int, ...] = (doc.port("spec.targetPortNumber",
+                                           doc.get("spec.targetPortNumber", int, required=True)),)
         failure = doc.get("spec.extensionRef.failureMode", str, "FailOpen")
         failure_path = "spec.extensionRef.failureMode"
+        protocol = "http"
     else:  # inference.networking.k8s.io/v1
         match = doc.string_map("spec.selector.matchLabels")
         exprs = []
@@ -58,40 +65,88 @@ def _pool(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
         selector = LabelSelector(tuple(sorted(match.items())), tuple(exprs))
         if selector.empty:
             raise ManifestError(doc.where, "spec.selector.matchLabels", "is required and must not be empty")
-        ports = doc.get("spec.targetPorts", list, required=True)
-        if len(ports) != 1 or not isinstance(ports[0], dict):
-            raise ManifestError(doc.where, "spec.targetPorts", "must hold exactly one {number: PORT}")
-        port = doc.port("spec.targetPorts[0].number", ports[0].get("number"))
-        failure = doc.get("spec.endpointPickerRef.failureMode", str, "FailOpen")
+        listed = doc.get("spec.targetPorts", list, required=True)
+        if not 1 <= len(listed) <= 8:
+            raise ManifestError(doc.where, "spec.targetPorts", "must hold 1 to 8 ports")
+        ports = tuple(doc.port(f"spec.targetPorts[{i}].number", Document(p, doc.where).get("number", int))
+                      for i, p in enumerate(listed))
+        if len(set(ports)) != len(ports):
+            raise ManifestError(doc.where, "spec.targetPorts", "must not repeat a port")
+        # The v1 API's default: a gateway whose picker fails drops the request.
+        failure = doc.get("spec.endpointPickerRef.failureMode", str, "FailClose")
         failure_path = "spec.endpointPickerRef.failureMode"
+        protocol = doc.enum("spec.appProtocol", doc.get("spec.appProtocol", str, "http"), APP_PROTOCOLS)
     strategy = meta.annotations.get(ANNOTATION_STRATEGY, "DEFAULT")
     runtime = meta.annotations.get(ANNOTATION_RUNTIME, "vllm")
     out.pools.append(InferencePoolSpec(
-        meta, selector, port,
+        meta, selector, ports,
         doc.enum(f"metadata.annotations[{ANNOTATION_STRATEGY}]", strategy, STRATEGIES),
         doc.enum(f"metadata.annotations[{ANNOTATION_RUNTIME}]", runtime, RUNTIMES),
         doc.enum(failure_path, failure, FAILURE_MODES),
+        protocol,
     ))
 
 
 def _model(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
     name = doc.get("spec.modelName", str, required=True)
     criticality = doc.enum("spec.criticality", doc.get("spec.criticality", str, "Standard"), CRITICALITIES)
-    pool = doc.get("spec.poolRef.name", str, required=True)
+    pool = _pool_ref(doc, meta)
+    targets = _targets(doc, "spec.targetModels", "name")
+    out.models.append(InferenceModelSpec(meta, name, criticality, pool, targets or ((name, 1),)))
+
+
+def _pool_ref(doc: Document, meta: Meta) -> str:
+    """A poolRef names a pool in the referrer's own namespace."""
+    kind = doc.get("spec.poolRef.kind", str, "InferencePool")
+    if kind != "InferencePool":
+        raise ManifestError(doc.where, "spec.poolRef.kind", f"must be InferencePool, got {kind!r}")
+    return pool_id(meta.namespace, doc.get("spec.poolRef.name", str, required=True))
+
+
+def _targets(doc: Document, path: str, name_field: str) -> tuple[tuple[str, int], ...]:
     targets = []
-    for i, t in enumerate(doc.get("spec.targetModels", list, [])):
+    for i, t in enumerate(doc.get(path, list, [])):
         sub = Document(t, doc.where)
         weight = sub.get("weight", int, 1)
         if not 0 <= weight <= 1_000_000:
-            raise ManifestError(doc.where, f"spec.targetModels[{i}].weight", "must be between 0 and 1000000")
-        targets.append((sub.get("name", str, required=True), weight))
+            raise ManifestError(doc.where, f"{path}[{i}].weight", "must be between 0 and 1000000")
+        name = sub.get(name_field, str, required=True)
+        if not name:
+            raise ManifestError(doc.where, f"{path}[{i}].{name_field}", "must not be empty")
+        targets.append((name, weight))
     if targets and sum(w for _, w in targets) == 0:
-        raise ManifestError(doc.where, "spec.targetModels", "weights must not all be 0")
-    out.models.append(InferenceModelSpec(meta, name, criticality, pool, tuple(targets) or ((name, 1),)))
+        raise ManifestError(doc.where, path, "weights must not all be 0")
+    return tuple(targets)
+
+
+def _objective(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
+    priority = doc.get("spec.priority", int, 0)
+    if not -1_000_000 <= priority <= 1_000_000:
+        raise ManifestError(doc.where, "spec.priority", "must be between -1000000 and 1000000")
+    out.objectives.append(ObjectiveSpec(meta, _pool_ref(doc, meta), priority))
+
+
+def _rewrite(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
+    rules = []
+    for i, rule in enumerate(doc.get("spec.rules", list, required=True)):
+        sub, path = Document(rule, doc.where), f"spec.rules[{i}]"
+        models = []
+        for j, match in enumerate(sub.get("matches", list, [])):
+            mdoc = Document(match, doc.where)
+            doc.enum(f"{path}.matches[{j}].model.type", mdoc.get("model.type", str, "Exact"), ("Exact",))
+            value = mdoc.get("model.value", str, required=True)
+            if not value:
+                raise ManifestError(doc.where, f"{path}.matches[{j}].model.value", "must not be empty")
+            models.append(value)
+        targets = _targets(sub, "targets", "modelRewrite")
+        if not targets:
+            raise ManifestError(doc.where, f"{path}.targets", "needs at least one target")
+        rules.append(RewriteRule(tuple(models), targets))
+    out.rewrites.append(ModelRewriteSpec(meta, _pool_ref(doc, meta), tuple(rules)))
 
 
 def _policy(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
-    pool = doc.get("spec.poolRef.name", str, required=True)
+    pool = _pool_ref(doc, meta)
     runtime = doc.get("spec.modelServerRuntime", str)
     if runtime is not None:
         doc.enum("spec.modelServerRuntime", runtime, RUNTIMES)
@@ -119,7 +174,7 @@ def _gateway(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
     out.gateways.append(GatewaySpec(meta, tuple(listeners)))
 
 
-def _backend(doc: Document, item: object, path: str) -> BackendRef:
+def _backend(doc: Document, meta: Meta, item: object, path: str) -> BackendRef:
     sub = Document(item, doc.where)
     kind = sub.get("kind", str, "Service")
     if kind not in ("Service", "InferencePool"):
@@ -128,12 +183,16 @@ def _backend(doc: Document, item: object, path: str) -> BackendRef:
     if kind == "Service" and port is None:
         raise ManifestError(doc.where, f"{path}.port", "is required for a Service backend")
     return BackendRef(kind, sub.get("name", str, required=True),
-                      doc.port(f"{path}.port", port) if port is not None else None, sub.get("weight", int, 1))
+                      doc.port(f"{path}.port", port) if port is not None else None, sub.get("weight", int, 1),
+                      sub.get("namespace", str, meta.namespace))
 
 
 def _route(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
-    parents = tuple((Document(p, doc.where).get("name", str, required=True),
-                     Document(p, doc.where).get("sectionName", str)) for p in doc.get("spec.parentRefs", list, []))
+    parents = []
+    for p in doc.get("spec.parentRefs", list, []):
+        ref = Document(p, doc.where)
+        parents.append((f"{ref.get('namespace', str, meta.namespace)}/{ref.get('name', str, required=True)}",
+                        ref.get("sectionName", str)))
     rules = []
     for i, rule in enumerate(doc.get("spec.rules", list, [])):
         sub, path = Document(rule, doc.where), f"spec.rules[{i}]"
@@ -142,7 +201,7 @@ def _route(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
             mdoc = Document(m, doc.where)
             kind = doc.enum(f"{path}.matches[{j}].path.type", mdoc.get("path.type", str, "PathPrefix"), PATH_TYPES)
             matches.append((kind, mdoc.get("path.value", str, "/")))
-        backends = tuple(_backend(doc, b, f"{path}.backendRefs[{k}]")
+        backends = tuple(_backend(doc, meta, b, f"{path}.backendRefs[{k}]")
                          for k, b in enumerate(sub.get("backendRefs", list, [])))
         if sum(b.kind == "InferencePool" for b in backends) and len(backends) > 1:
             raise ManifestError(doc.where, f"{path}.backendRefs",
@@ -153,13 +212,14 @@ def _route(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
             ftype = fdoc.get("type", str, required=True)
             if ftype != "RequestMirror":
                 raise ManifestError(doc.where, f"{path}.filters[{k}].type", f"filter {ftype!r} is not supported")
-            ref = _backend(doc, fdoc.get("requestMirror.backendRef", dict, required=True),
+            ref = _backend(doc, meta, fdoc.get("requestMirror.backendRef", dict, required=True),
                            f"{path}.filters[{k}].requestMirror.backendRef")
             if ref.kind != "Service":
                 raise ManifestError(doc.where, f"{path}.filters[{k}]", "mirrors go to a Service")
             mirrors.append(ref)
         rules.append(RouteRule(tuple(matches) or (("PathPrefix", "/"),), backends, tuple(mirrors)))
-    out.routes.append(HTTPRouteSpec(meta, parents, tuple(doc.get("spec.hostnames", list, [])), tuple(rules)))
+    out.routes.append(HTTPRouteSpec(meta, tuple(parents), tuple(doc.get("spec.hostnames", list, [])),
+                                    tuple(rules)))
 
 
 def _service(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
@@ -186,6 +246,8 @@ PARSERS: dict[tuple[str, str], Parser] = {
     ("inference.networking.x-k8s.io", "InferencePool"): _pool,
     ("inference.networking.k8s.io", "InferencePool"): _pool,
     ("inference.networking.x-k8s.io", "InferenceModel"): _model,
+    ("inference.networking.x-k8s.io", "InferenceObjective"): _objective,
+    ("inference.networking.x-k8s.io", "InferenceModelRewrite"): _rewrite,
     ("inferenceextension.alibabacloud.com", "InferenceTrafficPolicy"): _policy,
     ("gateway.networking.k8s.io", "Gateway"): _gateway,
     ("gateway.networking.k8s.io", "HTTPRoute"): _route,
@@ -194,38 +256,49 @@ PARSERS: dict[tuple[str, str], Parser] = {
 }
 
 
+def parse_object(data: object, where: str, out: Manifests, name_in_where: bool = True) -> None:
+    """Parse one object (a YAML document or an API object) into `out`; ManifestError names the field."""
+    if not isinstance(data, dict):
+        raise ManifestError(where, "", "must be a mapping with apiVersion and kind")
+    doc = Document(data, where)
+    kind = doc.get("kind", str, required=True)
+    api = doc.get("apiVersion", str, required=True)
+    name = doc.get("metadata.name", str, required=True)
+    if name_in_where:
+        doc.where = f"{where} ({kind} {name})"
+    meta = Meta(kind, name, doc.get("metadata.namespace", str, "default"), doc.string_map("metadata.labels"),
+                doc.string_map("metadata.annotations"), doc.where, doc.get("metadata.creationTimestamp", str, ""),
+                doc.get("metadata.deletionTimestamp", str) is not None)
+    parser = PARSERS.get((api.split("/")[0], kind))
+    if parser is None:
+        out.ignored.append(doc.where)
+        return
+    parser(doc, meta, api, out)
+
+
 def load_directory(directory: Path) -> Manifests:
     out = Manifests()
     for file_name, index, data in iter_documents(directory):
-        where = f"{file_name} document {index}"
-        if not isinstance(data, dict):
-            raise ManifestError(where, "", "must be a mapping with apiVersion and kind")
-        doc = Document(data, where)
-        kind = doc.get("kind", str, required=True)
-        api = doc.get("apiVersion", str, required=True)
-        name = doc.get("metadata.name", str, required=True)
-        doc.where = f"{where} ({kind} {name})"
-        meta = Meta(kind, name, doc.get("metadata.namespace", str, "default"), doc.string_map("metadata.labels"),
-                    doc.string_map("metadata.annotations"), doc.where)
-        parser = PARSERS.get((api.split("/")[0], kind))
-        if parser is None:
-            out.ignored.append(doc.where)
-            continue
-        parser(doc, meta, api, out)
-    _check_unique(out)
+        parse_object(data, f"{file_name} document {index}", out)
+    conflicts = find_conflicts(out)
+    if conflicts:
+        raise conflicts[0]
     return out
 
 
-def _check_unique(out: Manifests) -> None:
-    seen: dict[tuple[str, str], str] = {}
-    for item in (*out.pools, *out.models, *out.gateways, *out.routes, *out.services, *out.pods):
-        key = (item.meta.kind, item.meta.name)
+def find_conflicts(out: Manifests) -> list[ManifestError]:
+    """Objects that clash with an earlier (older) one: same kind and identity, or a model served twice."""
+    conflicts, seen = [], {}
+    for item in (*out.pools, *out.models, *out.objectives, *out.rewrites, *out.gateways, *out.routes,
+                 *out.services, *out.pods):
+        key = (item.meta.kind, item.meta.id)
         if key in seen:
-            raise ManifestError(item.meta.where, "metadata.name", f"duplicates {seen[key]}")
+            conflicts.append(ManifestError(item.meta.where, "metadata.name", f"duplicates {seen[key]}"))
         seen[key] = item.meta.where
-    models: dict[str, str] = {}
-    for m in out.models:
-        if m.model_name in models:
-            raise ManifestError(m.meta.where, "spec.modelName",
-                                f"{m.model_name!r} is already served by {models[m.model_name]}")
-        models[m.model_name] = m.meta.where
+    models: dict[tuple[str, str], str] = {}
+    for m in sorted(out.models, key=lambda m: m.meta.created):
+        if (m.pool, m.model_name) in models:
+            conflicts.append(ManifestError(m.meta.where, "spec.modelName",
+                                           f"{m.model_name!r} is already served by {models[(m.pool, m.model_name)]}"))
+        models.setdefault((m.pool, m.model_name), m.meta.where)
+    return conflicts

@@ -4,6 +4,10 @@ One name per concept across all layers: an *endpoint* is one model-server pod
 (address and port), a *pool* is an InferencePool's set of endpoints with its
 routing settings, a *model* is an InferenceModel, a *load sample* is what a
 collector scraped from one endpoint.
+
+A pool is named `namespace/name` everywhere (Redis keys, Envoy clusters, the
+picker's pool metadata, metrics): two namespaces may each hold a pool of the
+same name. Its models are looked up within the pool.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ class FailureMode(StrEnum):
     FAIL_CLOSE = "FailClose"
 
 
+def pool_id(namespace: str, name: str) -> str:
+    """The pool's identity across the fleet; Kubernetes names cannot contain '/'."""
+    return f"{namespace}/{name}"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     name: str  # the pod's name, as shown in logs and metrics
@@ -60,13 +69,17 @@ class PDProfile:
 
 @dataclass(frozen=True)
 class Pool:
-    name: str
-    target_port: int
+    name: str  # pool_id(namespace, name)
+    target_ports: tuple[int, ...]  # each ready pod is one endpoint per port
     strategy: Strategy = Strategy.DEFAULT
     runtime: Runtime = Runtime.VLLM
     failure_mode: FailureMode = FailureMode.FAIL_OPEN
     endpoints: tuple[Endpoint, ...] = ()
     pd: PDProfile | None = None
+    # True once an InferenceModel names the pool: then only its models (and rewrites)
+    # are served and others get 404. Otherwise any model is served as it is named.
+    lists_models: bool = False
+    app_protocol: str = "http"  # or "kubernetes.io/h2c"
 
 
 @dataclass(frozen=True)
@@ -75,12 +88,25 @@ class TargetModel:
     weight: int
 
 
+# The model entry of an InferenceModelRewrite rule that matches every model.
+ANY_MODEL = ""
+
+
 @dataclass(frozen=True)
 class Model:
-    name: str  # the `model` clients send
+    name: str  # the `model` clients send (ANY_MODEL: a rewrite for every other name)
     pool: str
     criticality: Criticality = Criticality.STANDARD
     targets: tuple[TargetModel, ...] = ()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An InferenceObjective: the priority of requests that name it (higher is served first)."""
+
+    name: str
+    pool: str
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,9 +115,18 @@ class Config:
 
     generation: int
     pools: dict[str, Pool]
-    models: dict[str, Model]
+    models: dict[str, dict[str, Model]]  # pool -> model name -> model
     # Keys every prefix hash of the deployment (DESIGN.md rule 10); chosen once by the controller.
     prefix_seed: int = 0
+    objectives: dict[str, dict[str, Objective]] = field(default_factory=dict)  # pool -> name -> objective
+
+    def model(self, pool: Pool, name: str) -> Model | None:
+        """What a request for `name` on `pool` runs as; None: the pool does not serve it."""
+        listed = self.models.get(pool.name, {})
+        found = listed.get(name) or listed.get(ANY_MODEL)
+        if found is not None:
+            return found
+        return None if pool.lists_models else Model(name, pool.name, targets=(TargetModel(name, 1),))
 
 
 @dataclass(frozen=True)
@@ -121,12 +156,14 @@ def _pool(d: dict[str, Any]) -> Pool:
     pd = d.get("pd")
     return Pool(
         name=d["name"],
-        target_port=int(d["target_port"]),
+        target_ports=tuple(int(p) for p in d["target_ports"]),
         strategy=Strategy(d["strategy"]),
         runtime=Runtime(d["runtime"]),
         failure_mode=FailureMode(d["failure_mode"]),
         endpoints=tuple(_endpoint(e) for e in d["endpoints"]),
         pd=PDProfile(**pd) if pd else None,
+        lists_models=bool(d.get("lists_models", False)),
+        app_protocol=d.get("app_protocol", "http"),
     )
 
 
@@ -148,8 +185,10 @@ def decode_config(raw: bytes) -> Config:
     return Config(
         generation=int(d["generation"]),
         pools={k: _pool(v) for k, v in d["pools"].items()},
-        models={k: _model(v) for k, v in d["models"].items()},
+        models={pool: {k: _model(v) for k, v in models.items()} for pool, models in d["models"].items()},
         prefix_seed=int(d.get("prefix_seed", 0)),
+        objectives={pool: {k: Objective(v["name"], v["pool"], int(v["priority"])) for k, v in objectives.items()}
+                    for pool, objectives in d.get("objectives", {}).items()},
     )
 
 

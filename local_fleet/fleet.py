@@ -47,6 +47,9 @@ class FleetSettings:
     pod_per_process: bool = False  # each simulated pod in its own process, so one can be killed
     # Pods the manifests declare ready but that are not started: a stale manifest, for tests.
     absent_pods: tuple[str, ...] = ()
+    # Set: the controllers read a Kubernetes API server instead of manifests_dir, which
+    # then only says which pods to simulate.
+    kubeconfig: Path | None = None
 
     def __post_init__(self) -> None:
         if len(self.picker_ports) != len(self.picker_metrics_ports):
@@ -146,9 +149,11 @@ class Fleet:
                                                 *[a for spec in specs for a in ("--pod", spec)], *s.simulator_args])
         self.wait_pods(timeout_s)
         pickers = [a for p in s.picker_ports for a in ("--picker-endpoint", f"127.0.0.1:{p}")]
+        source = ["--kubernetes", "--kubeconfig", str(s.kubeconfig)] if s.kubeconfig else [
+            "--manifests", str(s.manifests_dir)]
         for i in range(s.controllers):
             self._spawn(f"controller-{i}", [
-                _bin("controller"), "--controller-id", f"controller-{i}", "--manifests", str(s.manifests_dir),
+                _bin("controller"), "--controller-id", f"controller-{i}", *source,
                 "--envoy-config-dir", str(self.envoy_dir), "--listen-address", s.listen_address,
                 "--envoy-admin-port", str(s.envoy_admin_port), "--resync-interval-ms", str(s.resync_interval_ms),
                 *pickers], env)
@@ -157,7 +162,8 @@ class Fleet:
             self._spawn(f"collector-{i}", [_bin("collector"), "--collector-id", f"collector-{i}",
                                            "--scrape-interval-ms", str(s.scrape_interval_ms)], env)
         for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports, strict=True)):
-            self._spawn(f"picker-{i}", [_bin("picker"), "--grpc-address", f"127.0.0.1:{port}",
+            # Plaintext on loopback: the embedded Envoy talks to its pickers on this machine only.
+            self._spawn(f"picker-{i}", [_bin("picker"), "--no-secure-serving", "--grpc-address", f"127.0.0.1:{port}",
                                         "--metrics-address", f"127.0.0.1:{metrics_port}",
                                         "--replica-id", f"picker-{i}", *s.picker_args], env)
         self._spawn("envoy", [_bin("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from gateway_state.records import Config, Model, Pool, Strategy
+from gateway_state.records import ANY_MODEL, Config, Model, Pool, Strategy
 from picker.errors import BadRequest, NoEndpoint, NotFound, PickerUnavailable
 from picker.plugins.framework import SchedulingRequest
 from picker.prefix import block_hashes, work_blocks
@@ -38,16 +38,25 @@ class Intake:
         self._max_body_bytes = max_body_bytes
         self._rng = rng
 
-    def read(self, config: Config | None, route_pool: str | None, path: str, raw: bytes) -> PlacementRequest:
+    def read(self, config: Config | None, route_pool: str | None, path: str, raw: bytes,
+             subset: frozenset[str] | None = None) -> PlacementRequest:
+        """`subset`: the gateway's hint, the only endpoints (`ip:port`) it may route this request to."""
         parsed = parse_request(path, raw, self._max_body_bytes)
         if config is None:
             raise PickerUnavailable("no configuration loaded from Redis yet")
-        model = config.models.get(parsed.model)
-        if model is None or (route_pool is not None and model.pool != route_pool):
+        if route_pool is not None and route_pool not in config.pools:
+            raise NoEndpoint(f"Pool {route_pool} is not configured.")
+        pool = _pool(config, route_pool, parsed.model)
+        model = config.model(pool, parsed.model) if pool is not None else None
+        if pool is None or model is None:
             raise NotFound(f"The model `{parsed.model}` does not exist.", param="model")
-        pool = config.pools.get(model.pool)
-        if pool is None or not pool.endpoints:
-            raise NoEndpoint(f"Pool {model.pool} has no ready endpoint.")
+        if not pool.endpoints:
+            raise NoEndpoint(f"Pool {pool.name} has no ready endpoint.")
+        if subset is not None:
+            pool = replace(pool, endpoints=tuple(e for e in pool.endpoints if e.key in subset))
+            if not pool.endpoints:
+                raise NoEndpoint(f"No endpoint of the gateway's subset ({', '.join(sorted(subset)) or 'empty'}) "
+                                 f"is ready in pool {pool.name}.")
         target = self._target(model)
         body = None
         if target != parsed.model:
@@ -71,8 +80,19 @@ class Intake:
         return self._rng.choices([t.name for t in model.targets], weights=[t.weight for t in model.targets])[0]
 
 
+def _pool(config: Config, route_pool: str | None, model: str) -> Pool | None:
+    """The route's pool; without one (a gateway that names none), the one pool listing the model, or the only pool."""
+    if route_pool is not None:
+        return config.pools.get(route_pool)
+    listing = [name for name, listed in sorted(config.models.items()) if model in listed]
+    if listing:
+        return config.pools.get(listing[0])
+    return next(iter(config.pools.values())) if len(config.pools) == 1 else None
+
+
 def models(config: Config | None, pool: str | None) -> list[Model]:
-    """The models a route serves (all of them without a route pool), for `GET /v1/models`."""
+    """The models a route lists (all of them without a route pool), for `GET /v1/models`."""
     if config is None:
         return []
-    return [m for m in config.models.values() if pool is None or m.pool == pool]
+    return [m for name, listed in sorted(config.models.items()) if pool is None or name == pool
+            for m in listed.values() if m.name != ANY_MODEL]

@@ -18,6 +18,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import configure_logging, connect, every, stop_on_signals
+from gateway_state.records import pool_id
 from gateway_state.store import StateStore
 from picker.extproc import ExternalProcessor
 from picker.intake import Intake
@@ -27,15 +28,25 @@ from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, SchedulingSettings, ServerSettings, StateSettings
 from picker.snapshot import SnapshotSource
 from picker.state import MemoryState, PlacementState
+from picker.tls import self_signed_certificate
 
 log = logging.getLogger("picker")
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# gRPC health service names: the upstream picker's probes ask for these.
+LIVENESS, READINESS = "liveness", "readiness"
 
 
 def parse_settings(argv: list[str] | None) -> PickerSettings:
     server, state = ServerSettings(), StateSettings()
     p = argparse.ArgumentParser(prog="picker", description="Envoy ext_proc endpoint picker backed by Redis.")
     p.add_argument("--grpc-address", default=server.grpc_address)
+    p.add_argument("--grpc-health-address", default=server.health_address,
+                   help="a plaintext gRPC health server for probes (liveness, readiness, the ext_proc service)")
+    p.add_argument("--secure-serving", default=server.secure_serving, action=argparse.BooleanOptionalAction,
+                   help="TLS with a self-signed certificate on the ext_proc port (--no-secure-serving: plaintext)")
+    p.add_argument("--pool-name", help="the InferencePool served when the gateway names none")
+    p.add_argument("--pool-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                   help="namespace of --pool-name")
     p.add_argument("--metrics-address", default=server.metrics_address)
     p.add_argument("--replica-id", default=os.environ.get("PICKER_REPLICA_ID", ""),
                    help="unique per replica (default: host name and a random suffix)")
@@ -56,7 +67,9 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     configure_logging(a.log_level)
     replica = a.replica_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     return PickerSettings(
-        server=ServerSettings(a.grpc_address, a.metrics_address, replica),
+        server=ServerSettings(a.grpc_address, a.metrics_address, replica, secure_serving=a.secure_serving,
+                              health_address=a.grpc_health_address,
+                              default_pool=pool_id(a.pool_namespace, a.pool_name) if a.pool_name else None),
         state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms),
         scheduling=scheduling,
     )
@@ -82,19 +95,30 @@ async def serve(settings: PickerSettings) -> None:
     placement = Placement(state, fallback, Scheduler(build_profiles(settings.scheduling, rng)), settings, metrics,
                           clock)
     intake = Intake(settings.prefix, settings.server.max_request_body_bytes, rng)
-    processor = ExternalProcessor(snapshots, intake, placement, metrics)
+    processor = ExternalProcessor(snapshots, intake, placement, metrics, settings.server.default_pool)
 
     async def heartbeat() -> None:
         config = snapshots.current.config
         await placement.publish(list(config.pools) if config else [])
 
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2 * settings.server.max_request_body_bytes),
-                                      ("grpc.so_reuseport", 0)])
+    options = [("grpc.max_receive_message_length", 2 * settings.server.max_request_body_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    server.add_insecure_port(settings.server.grpc_address)
-    for service in ("", EXT_PROC_SERVICE):
+    if settings.server.secure_serving:
+        server.add_secure_port(settings.server.grpc_address,
+                               grpc.ssl_server_credentials([self_signed_certificate()]))
+    else:
+        server.add_insecure_port(settings.server.grpc_address)
+    health_server = None
+    if settings.server.health_address:
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        health_server.add_insecure_port(settings.server.health_address)
+    await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    for service in ("", READINESS, EXT_PROC_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def metrics_handler(request: web.Request) -> web.Response:
@@ -114,6 +138,8 @@ async def serve(settings: PickerSettings) -> None:
 
     await snapshots.refresh_once()
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     await runner.setup()
     host, port = _split(settings.server.metrics_address)
     await web.TCPSite(runner, host, port).start()
@@ -124,10 +150,12 @@ async def serve(settings: PickerSettings) -> None:
     # Serving once a config is known: a replica that cannot route yet gets no traffic.
     while snapshots.current.config is None and not stop.is_set():
         await asyncio.sleep(0.05)
-    for service in ("", EXT_PROC_SERVICE):
+    for service in ("", READINESS, EXT_PROC_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("picker %s serving ext_proc on %s, metrics on %s", settings.server.replica_id,
-             settings.server.grpc_address, settings.server.metrics_address)
+    log.info("picker %s serving ext_proc on %s (%s), metrics on %s%s", settings.server.replica_id,
+             settings.server.grpc_address, "TLS" if settings.server.secure_serving else "plaintext",
+             settings.server.metrics_address,
+             f", pool {settings.server.default_pool} by default" if settings.server.default_pool else "")
     try:
         await stop.wait()
     finally:
@@ -135,6 +163,8 @@ async def serve(settings: PickerSettings) -> None:
         await health.enter_graceful_shutdown()
         await asyncio.sleep(settings.server.drain_ms / 1000)
         await server.stop(grace=5)
+        if health_server is not None:
+            await health_server.stop(grace=1)
         await placement.drain()
         for t in tasks:
             t.cancel()

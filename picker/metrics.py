@@ -37,6 +37,10 @@ class PickerMetrics:
         self.internal_errors = Counter("picker_internal_errors",
                                        "Requests answered 500 because the picker itself failed (see its log).",
                                        registry=r)
+        self.served_endpoints = Counter("picker_served_endpoints",
+                                        "Requests whose gateway reported the endpoint that served them: the "
+                                        "picked one, a fallback of the picker's list, or another.",
+                                        ["pool", "outcome"], registry=r)
         self.redis_up = Gauge("picker_redis_up", "1 when the last snapshot refresh reached Redis.", registry=r)
 
     def render(self) -> bytes:

@@ -16,6 +16,15 @@ class ServerSettings:
     # On shutdown the replica reports NOT_SERVING this long before refusing streams:
     # two of Envoy's 500 ms health checks, so Envoy has moved its traffic away.
     drain_ms: int = 1000
+    # TLS on the ext_proc port with a self-signed certificate made at start, as upstream
+    # pickers serve (gateways connect without verifying it); False: plaintext.
+    secure_serving: bool = True
+    # A plaintext gRPC health server of its own (liveness, readiness, the ext_proc service),
+    # for Kubernetes probes, which cannot speak TLS; None: health only on the ext_proc port.
+    health_address: str | None = None
+    # The pool this replica serves when the gateway names none (`namespace/name`): a picker
+    # deployed for one InferencePool, as standard gateways run one.
+    default_pool: str | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from redis.asyncio import Redis
 from gateway_state.records import Config
 from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings
+from testbed.kube import KubeAPIServer
+from tests.kube_support import CHART_CRDS, GATEWAY_API_CRDS, Kube
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BIN = Path(sys.executable).parent
@@ -131,3 +133,24 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield f
     finally:
         f.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPIServer]:
+    """A real etcd and kube-apiserver (RBAC on), with the chart's CRDs and Gateway API's installed."""
+    server = KubeAPIServer(tmp_path_factory.mktemp("kube"))
+    server.start()
+    try:
+        admin = Kube(server)
+        admin.install_crds([*sorted(CHART_CRDS.glob("*.yaml")), GATEWAY_API_CRDS])
+        admin.close()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(kube_server: KubeAPIServer) -> Iterator[Kube]:
+    client = Kube(kube_server)
+    yield client
+    client.close()

@@ -127,7 +127,7 @@ async def test_chaos(chaos_fleet: Fleet, load: Load) -> None:
         """Seconds from the pod's death until its sample counts as failing (it leaves the candidates)."""
         killed = time.monotonic()
         while True:
-            raw = await redis.hget(keys.load("prefix-pool"), DEAD_POD)
+            raw = await redis.hget(keys.load("default/prefix-pool"), DEAD_POD)
             if raw and decode_load(raw).consecutive_failures >= 3:
                 return time.monotonic() - killed
             await asyncio.sleep(0.02)

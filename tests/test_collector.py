@@ -100,7 +100,7 @@ async def test_collector_publishes_samples_and_marks_failures_stale(redis_client
                  sglang.spec.port), Endpoint("garbage", "127.0.4.3", pods["garbage-port"]),  # type: ignore[arg-type]
                  Endpoint("dead", "127.0.4.4", free_port()))
     store = StateStore(redis_client)
-    await publish(store, Config(1, {"p": Pool("p", 8000, endpoints=endpoints)}, {}))
+    await publish(store, Config(1, {"p": Pool("p", (8000,), endpoints=endpoints)}, {}))
     async with aiohttp.ClientSession() as http, http.post(f"http://{vllm.spec.host}:{vllm.spec.port}/sim/load",
                          json={"requests": 300, "prompt_tokens": 64}) as r:
         assert r.status == 200
@@ -159,7 +159,7 @@ async def test_a_restarted_pod_leaves_the_prefix_index(redis_client: Redis, runt
     runner, engine = await _serve(pod)
     endpoint, other = Endpoint("pod-0", spec.host, spec.port), Endpoint("elsewhere", "127.0.4.6", free_port())
     store = StateStore(redis_client)
-    await publish(store, Config(1, {"p": Pool("p", 8000, endpoints=(endpoint, other))}, {}))
+    await publish(store, Config(1, {"p": Pool("p", (8000,), endpoints=(endpoint, other))}, {}))
     blocks = [f"b{i}" for i in range(2500)]  # more than one FORGET batch
     for e in (endpoint, other):
         await store.index("p", e.key, blocks, 600_000, 10_000)

@@ -66,7 +66,7 @@ def scrapers_since(hits: dict[str, list[tuple[str, float]]], since: float) -> di
 async def test_one_scraper_per_endpoint_and_takeover_after_a_kill(redis_client: Redis, redis_url: str,
                                                                   scrape_log) -> None:  # type: ignore[no-untyped-def]
     endpoints, hits = scrape_log
-    await publish(StateStore(redis_client), Config(1, {"p": Pool("p", 8000, endpoints=tuple(endpoints))}, {}))
+    await publish(StateStore(redis_client), Config(1, {"p": Pool("p", (8000,), endpoints=tuple(endpoints))}, {}))
     procs = {f"c{i}": subprocess.Popen([str(BIN / "collector"), "--redis-url", redis_url, "--collector-id", f"c{i}",
                                         "--scrape-interval-ms", "50"], stderr=subprocess.DEVNULL)
              for i in range(3)}

@@ -33,19 +33,19 @@ def test_every_seed_manifest_loads_unchanged(seed: Path, tmp_path: Path) -> None
     manifests = load_directory(tmp_path)
     state = build(manifests)
     for spec in manifests.pools:
-        assert spec.target_port == 8000
-        assert state.pools[spec.meta.name].strategy in (Strategy.DEFAULT, Strategy.PREFIX_CACHE)
+        assert spec.target_ports == (8000,)
+        assert state.pools[spec.meta.id].strategy in (Strategy.DEFAULT, Strategy.PREFIX_CACHE)
 
 
 def test_seed_annotations_and_traffic_policies_take_effect(tmp_path: Path) -> None:
     for name in ("seed000_07.yaml", "seed000_10.yaml"):  # SGLang PREFIX_CACHE pool; PD policy with prefixCache
         shutil.copy(FIXTURES / "seeds" / name, tmp_path / name)
         state = build(load_directory(tmp_path))
-        pool = state.pools["qwen-inference-pool"]
+        pool = state.pools["default/qwen-inference-pool"]
         assert (pool.strategy, pool.runtime) == (Strategy.PREFIX_CACHE, Runtime.SGLANG)
         (tmp_path / name).unlink()
     shutil.copy(FIXTURES / "seeds" / "seed000_10.yaml", tmp_path / "pd.yaml")
-    pd = build(load_directory(tmp_path)).pools["qwen-inference-pool"].pd
+    pd = build(load_directory(tmp_path)).pools["default/qwen-inference-pool"].pd
     assert pd is not None and pd.role_label == "rolebasedgroup.workloads.x-k8s.io/role" and pd.bootstrap_port == 34000
 
 
@@ -54,10 +54,11 @@ def test_seed_gateway_renders_two_listeners_and_warns_about_the_undeclared_servi
         shutil.copy(FIXTURES / "seeds" / name, tmp_path / name)
     manifests = load_directory(tmp_path)
     state = build(manifests)
-    assert any("Service 'qwen' port 8000 is not declared" in w for w in state.warnings)
+    assert any("Service 'default/qwen' port 8000 is not declared" in w for w in state.warnings)
     listeners, clusters = envoy_config.render(manifests, state, envoy_config.EnvoySettings())
     assert sorted(lst["address"]["socket_address"]["port_value"] for lst in listeners) == [8080, 8081]
-    assert {"picker", "pool/vllm-qwen-pool", "pool/vllm-qwen-pool/failopen"} <= {c["name"] for c in clusters}
+    names = {c["name"] for c in clusters}
+    assert {"picker", "pool/default/vllm-qwen-pool", "pool/default/vllm-qwen-pool/failopen"} <= names
     assert "BackendTrafficPolicy" in " ".join(manifests.ignored)
 
 
@@ -105,11 +106,11 @@ def test_pods_join_pools_by_selector_readiness_and_namespace(tmp_path: Path) -> 
     shutil.copy(FIXTURES / "fleet" / "pods.yaml", tmp_path / "pods.yaml")
     shutil.copy(FIXTURES / "fleet" / "pools.yaml", tmp_path / "pools.yaml")
     state = build(load_directory(tmp_path))
-    prefix = state.pools["prefix-pool"]
+    prefix = state.pools["default/prefix-pool"]
     assert [e.name for e in prefix.endpoints] == [f"prefix-{i}" for i in range(4)]  # not prefix-unready
-    assert state.pools["default-pool"].failure_mode == FailureMode.FAIL_OPEN
-    assert [t.name for t in state.models["qwen-canary"].targets] == ["adapter-a", "adapter-b"]
-    assert [e.key for e in state.services[("mirror-svc", 8000)]] == ["127.0.3.1:8000"]
+    assert state.pools["default/default-pool"].failure_mode == FailureMode.FAIL_OPEN
+    assert [t.name for t in state.models["default/default-pool"]["qwen-canary"].targets] == ["adapter-a", "adapter-b"]
+    assert [e.key for e in state.services[("default/mirror-svc", 8000)]] == ["127.0.3.1:8000"]
 
 
 def _static_bootstrap(listeners: list[dict], clusters: list[dict]) -> dict:
@@ -157,7 +158,8 @@ spec: {selector: {app: x}, ports: [{port: 8000}]}
     manifests = load_directory(tmp_path)
     _, clusters = envoy_config.render(manifests, build(manifests), envoy_config.EnvoySettings())
     policies = {c["name"]: c["lb_policy"] for c in clusters}
-    assert policies["service/least/8000"] == "LEAST_REQUEST" and policies["service/plain/8000"] == "ROUND_ROBIN"
+    assert policies["service/default/least/8000"] == "LEAST_REQUEST"
+    assert policies["service/default/plain/8000"] == "ROUND_ROBIN"
     one_file(tmp_path, "apiVersion: v1\nkind: Service\nmetadata:\n  name: bad\n"
                        "  annotations: {inference-gateway.io/lb-policy: FASTEST}\nspec: {ports: []}\n", "n.yaml")
     with pytest.raises(ManifestError, match="lb-policy"):

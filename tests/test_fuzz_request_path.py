@@ -36,11 +36,11 @@ PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/respo
          "/v1/completions?stream=1")
 ENDPOINTS = tuple(Endpoint(f"pod-{i}", f"10.0.0.{i}", 8000) for i in range(3))
 CONFIG = Config(1, {
-    "prefix": Pool("prefix", 8000, Strategy.PREFIX_CACHE, endpoints=ENDPOINTS),
-    "default": Pool("default", 8000, Strategy.DEFAULT, endpoints=ENDPOINTS),
+    "prefix": Pool("prefix", (8000,), Strategy.PREFIX_CACHE, endpoints=ENDPOINTS, lists_models=True),
+    "default": Pool("default", (8000,), Strategy.DEFAULT, endpoints=ENDPOINTS, lists_models=True),
 }, {
-    "m": Model("m", "prefix", targets=(TargetModel("m-a", 1), TargetModel("m-b", 1))),
-    "d": Model("d", "default", targets=(TargetModel("d", 1),)),
+    "prefix": {"m": Model("m", "prefix", targets=(TargetModel("m-a", 1), TargetModel("m-b", 1)))},
+    "default": {"d": Model("d", "default", targets=(TargetModel("d", 1),))},
 }, prefix_seed=9)
 
 

@@ -103,8 +103,8 @@ async def test_default_pool_sends_fewer_requests_to_a_loaded_pod(http: aiohttp.C
     store = StateStore(connect(fleet.redis_url))
     try:
         async def backlog_published() -> bool:
-            load = (await store.read_snapshot(["default-pool"])).load
-            sample = load.get("default-pool", {}).get(loaded)
+            load = (await store.read_snapshot(["default/default-pool"])).load
+            sample = load.get("default/default-pool", {}).get(loaded)
             return sample is not None and sample.waiting >= 5
 
         await wait_for(backlog_published, 5.0)  # the collector has published it...
@@ -211,11 +211,12 @@ async def test_picker_metrics_count_requests_and_decisions(http: aiohttp.ClientS
     for port in fleet.settings.picker_metrics_ports:
         async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
             text += await r.text()
-    assert re.search(r'picker_requests_total\{endpoint="prefix-\d",model="/models/Qwen3-32B",pool="prefix-pool",'
-                     r'result="routed"\} [1-9]', text)
-    assert 'picker_decision_seconds_count{pool="prefix-pool",strategy="PREFIX_CACHE"}' in text
-    assert 'picker_prefix_blocks_matched_total{pool="prefix-pool"}' in text
-    assert re.search(r'picker_requests_total\{endpoint="",model="",pool="prefix-pool",result="404"\} [1-9]', text)
+    assert re.search(r'picker_requests_total\{endpoint="prefix-\d",model="/models/Qwen3-32B",'
+                     r'pool="default/prefix-pool",result="routed"\} [1-9]', text)
+    assert 'picker_decision_seconds_count{pool="default/prefix-pool",strategy="PREFIX_CACHE"}' in text
+    assert 'picker_prefix_blocks_matched_total{pool="default/prefix-pool"}' in text
+    assert re.search(r'picker_requests_total\{endpoint="",model="",pool="default/prefix-pool",result="404"\} [1-9]',
+                     text)
 
 
 async def test_on_a_cluster_the_state_spreads_over_the_masters(http: aiohttp.ClientSession, fleet: Fleet) -> None:

@@ -23,7 +23,7 @@ from picker.settings import StateSettings
 from tests.client import chat, wait_for
 from tests.conftest import BIN, PREFIX_PORT, free_port
 
-POOLS = ("prefix-pool", "default-pool")
+POOLS = ("default/prefix-pool", "default/default-pool")
 HEARTBEAT_S = StateSettings().heartbeat_interval_ms / 1000
 LEASE_MS = StateSettings().inflight_lease_ms
 
@@ -98,13 +98,14 @@ async def test_a_skewed_clock_neither_evicts_nor_is_evicted(fleet: Fleet, skew: 
     redis = connect(fleet.redis_url)
     replica = "skewed-ahead" if skew.startswith("+") else "skewed-behind"
     log = fleet.log_path(replica).open("wb")
-    proc = subprocess.Popen([faketime, "-f", skew, str(BIN / "picker"), "--grpc-address", f"127.0.0.1:{free_port()}",
+    proc = subprocess.Popen([faketime, "-f", skew, str(BIN / "picker"), "--no-secure-serving",
+                             "--grpc-address", f"127.0.0.1:{free_port()}",
                              "--metrics-address", f"127.0.0.1:{free_port()}", "--replica-id", replica,
                              "--redis-url", fleet.redis_url], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # faketime forks the picker: stop the whole group
     try:
         async def members() -> dict[str, float]:
-            rows = await redis.zrangebyscore(keys.pickers("prefix-pool"), "-inf", "+inf", withscores=True)
+            rows = await redis.zrangebyscore(keys.pickers("default/prefix-pool"), "-inf", "+inf", withscores=True)
             return {m.decode(): score for m, score in rows}
 
         async def joined() -> bool:

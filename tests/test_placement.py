@@ -22,8 +22,8 @@ from picker.settings import PickerSettings, ServerSettings, StateSettings
 from picker.state import MemoryState, PlacementState
 
 ENDPOINTS = tuple(Endpoint(f"pod-{i}", f"10.0.0.{i}", 8000) for i in range(4))
-CONFIG = Config(1, {"p": Pool("p", 8000, Strategy.PREFIX_CACHE, endpoints=ENDPOINTS)},
-                {"m": Model("m", "p", targets=(TargetModel("m", 1),))}, prefix_seed=3)
+CONFIG = Config(1, {"p": Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=ENDPOINTS)},
+                {"p": {"m": Model("m", "p", targets=(TargetModel("m", 1),))}}, prefix_seed=3)
 SETTINGS = PickerSettings(server=ServerSettings(replica_id="me"), state=StateSettings(redis_timeout_ms=50))
 
 

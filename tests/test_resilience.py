@@ -66,7 +66,7 @@ async def test_flushall_breaks_no_request(http: aiohttp.ClientSession, fleet: Fl
         while not await redis.exists(keys.CONFIG):
             assert time.monotonic() - started < 2.0
             await asyncio.sleep(0.05)
-        assert await redis.exists(keys.load("prefix-pool"))  # collectors republish too
+        assert await redis.exists(keys.load("default/prefix-pool"))  # collectors republish too
     finally:
         await redis.aclose()
 
@@ -182,14 +182,14 @@ async def test_redis_dying_under_load_breaks_no_request(http: aiohttp.ClientSess
     try:
         async def refilled() -> bool:
             try:
-                return bool(await redis.exists(keys.CONFIG) and await redis.exists(keys.load("prefix-pool")))
+                return bool(await redis.exists(keys.CONFIG) and await redis.exists(keys.load("default/prefix-pool")))
             except RedisError:
                 return False
 
         await wait_for(refilled, 5.0)
         reply = await post(http, PREFIX_PORT, chat("after the outage"))
         assert reply.status == 200
-        await wait_for(lambda: redis.exists(keys.pickers("prefix-pool")), 5.0)
+        await wait_for(lambda: redis.exists(keys.pickers("default/prefix-pool")), 5.0)
     finally:
         await redis.aclose()
 
@@ -250,7 +250,7 @@ async def test_a_crashed_pickers_inflight_counts_expire_and_its_requests_finish(
         async def some_replica_routed() -> bool:  # Envoy decides which replicas get the streams
             nonlocal victim
             for i in (0, 1):
-                if await redis.hgetall(keys.inflight("prefix-pool", f"picker-{i}")):
+                if await redis.hgetall(keys.inflight("default/prefix-pool", f"picker-{i}")):
                     victim = i
                     return True
             return False
@@ -262,7 +262,7 @@ async def test_a_crashed_pickers_inflight_counts_expire_and_its_requests_finish(
         assert all(r.status == 200 and r.text.rstrip().endswith("data: [DONE]") for r in await asyncio.gather(*long))
 
         async def expired() -> bool:
-            return not await redis.exists(keys.inflight("prefix-pool", f"picker-{victim}"))
+            return not await redis.exists(keys.inflight("default/prefix-pool", f"picker-{victim}"))
 
         await wait_for(expired, 8.0)
         print(f"\npicker-{victim}'s in-flight counts expired {time.monotonic() - killed_at:.1f} s after kill -9")

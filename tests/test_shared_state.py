@@ -14,6 +14,7 @@ from gateway_state.records import (
     Endpoint,
     LoadSample,
     Model,
+    Objective,
     Pool,
     Strategy,
     TargetModel,
@@ -112,8 +113,9 @@ async def test_endpoint_capacity_evicts_least_recent_blocks_leaves_first(redis_c
 
 async def test_config_and_load_round_trip(redis_client: Redis) -> None:
     store = StateStore(redis_client)
-    pool = Pool("p", 8000, Strategy.PREFIX_CACHE, endpoints=(Endpoint("pod-0", "10.0.0.1", 8000, {"app": "x"}),))
-    config = Config(3, {"p": pool}, {"m": Model("m", "p", targets=(TargetModel("m", 1),))}, prefix_seed=42)
+    pool = Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=(Endpoint("pod-0", "10.0.0.1", 8000, {"app": "x"}),))
+    config = Config(3, {"p": pool}, {"p": {"m": Model("m", "p", targets=(TargetModel("m", 1),))}}, prefix_seed=42,
+                    objectives={"p": {"batch": Objective("batch", "p", -5)}})
     assert decode_config(encode_config(config)) == config
     await publish(store, config)
     sample = LoadSample(now_ms(), True, waiting=2, running=5, kv_cache_usage=0.4, running_adapters=("a",),

@@ -15,7 +15,7 @@ from tests.conftest import publish
 
 
 def pool(*hosts: str) -> Pool:
-    return Pool("p", 8000, endpoints=tuple(Endpoint(h, h, 8000) for h in hosts))
+    return Pool("p", (8000,), endpoints=tuple(Endpoint(h, h, 8000) for h in hosts))
 
 
 async def test_departed_endpoints_leave_and_a_flush_keeps_the_last_config(redis_client: Redis) -> None:

@@ -1,0 +1,202 @@
+"""Where the controller's manifests come from: a directory of YAML, or a Kubernetes API server.
+
+Both feed the same parsers (`controller.resources.parse_object`). They differ
+in what an invalid object costs:
+  - files: the whole directory is rejected and the last good configuration stays;
+  - Kubernetes: only that object is; its last good version keeps serving, and
+    the problem is reported on the object itself (see `kube_status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from controller.kube_api import WATCHED, Gone, KubeAPI, KubeError, Resource
+from controller.manifests import ManifestError, Manifests
+from controller.resources import find_conflicts, load_directory, parse_object
+
+log = logging.getLogger("controller")
+
+
+@dataclass
+class Loaded:
+    manifests: Manifests | None  # None: nothing usable yet, keep what was last good
+    # Each object that could not be used -> why, by where it came from (`Kind namespace/name` in Kubernetes).
+    problems: dict[str, ManifestError] = field(default_factory=dict)
+
+
+class ManifestSource(Protocol):
+    changed: asyncio.Event  # set on news; the controller clears it before loading
+
+    async def start(self) -> None: ...
+
+    def load(self) -> Loaded: ...
+
+    async def stop(self) -> None: ...
+
+
+class FileSource:
+    """A directory re-read on every resync; an editor's half-written file is just invalid for a moment."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self.changed = asyncio.Event()
+
+    async def start(self) -> None:
+        return None
+
+    def load(self) -> Loaded:
+        try:
+            return Loaded(load_directory(self._directory))
+        except ManifestError as exc:
+            return Loaded(None, {exc.where: exc})
+        except OSError as exc:
+            return Loaded(None, {str(self._directory): ManifestError(str(self._directory), "", str(exc))})
+
+    async def stop(self) -> None:
+        return None
+
+
+def object_key(obj: dict[str, Any]) -> str:
+    """`Kind namespace/name`, with the API group when there is one: two groups serve InferencePool."""
+    meta = obj.get("metadata") or {}
+    ns = f"{meta['namespace']}/" if meta.get("namespace") else ""
+    api = str(obj.get("apiVersion", ""))
+    return f"{obj.get('kind')} {ns}{meta.get('name', '')}" + (f" ({api})" if "/" in api else "")
+
+
+@dataclass(frozen=True)
+class KubeSettings:
+    # Each watch is re-opened after this, as informers do, so a silently dead connection is noticed.
+    watch_timeout_s: int = 240
+    # Backoff after a failed list or watch: from the first value, doubling to the last.
+    backoff_s: tuple[float, float] = (0.5, 30.0)
+    # A kind whose CRD is not installed is asked about again after this.
+    missing_kind_retry_s: float = 30.0
+    namespace: str | None = None  # None: every namespace (a ClusterRole); else only this one (a Role)
+
+
+class KubeSource:
+    """List and watch every kind the controller reads; `load()` parses the cached objects."""
+
+    def __init__(self, api: KubeAPI, settings: KubeSettings, resources: tuple[Resource, ...] = WATCHED) -> None:
+        self._api = api
+        self._settings = settings
+        self._resources = resources
+        self._objects: dict[Resource, dict[str, dict[str, Any]]] = {r: {} for r in resources}
+        self._synced: set[Resource] = set()
+        self._good: dict[str, dict[str, Any]] = {}  # object key -> its last version that parsed
+        self._tasks: list[asyncio.Task[None]] = []
+        self.changed = asyncio.Event()
+        self.relists = 0  # lists after the first, as after a 410 Gone
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._follow(r), name=f"watch {r.plural}") for r in self._resources]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def objects(self) -> dict[str, dict[str, Any]]:
+        """Every watched object as last seen, by object key."""
+        return {key: obj for objects in self._objects.values() for key, obj in objects.items()}
+
+    @property
+    def synced(self) -> bool:
+        return len(self._synced) == len(self._resources)
+
+    def load(self) -> Loaded:
+        if not self.synced:
+            # A partial view would publish a configuration missing pools or pods.
+            return Loaded(None)
+        problems: dict[str, ManifestError] = {}
+        chosen: list[tuple[str, dict[str, Any]]] = []
+        for objects in self._objects.values():
+            for key, obj in objects.items():
+                try:
+                    parse_object(obj, key, Manifests(), name_in_where=False)
+                    self._good[key] = obj
+                except ManifestError as exc:
+                    problems[key] = exc
+                if key in self._good:
+                    chosen.append((key, self._good[key]))
+        for key in [k for k in self._good if not any(k in objects for objects in self._objects.values())]:
+            del self._good[key]  # deleted objects leave with their last good version
+        out = Manifests()
+        for key, obj in chosen:
+            parse_object(obj, key, out, name_in_where=False)
+        conflicts = find_conflicts(out)
+        for conflict in conflicts:
+            problems[conflict.where] = conflict
+        if conflicts:
+            out = _without(out, {c.where for c in conflicts})
+        return Loaded(out, problems)
+
+    async def _follow(self, resource: Resource) -> None:
+        ns = self._settings.namespace
+        backoff = self._settings.backoff_s[0]
+        version = ""
+        while True:
+            try:
+                if not version:
+                    items, version = await self._api.list(resource, ns)
+                    self._replace(resource, items)
+                async for kind, obj in self._api.watch(resource, version, self._settings.watch_timeout_s, ns):
+                    version = obj.get("metadata", {}).get("resourceVersion", version)
+                    if kind != "BOOKMARK":
+                        self._apply(resource, kind, obj)
+                backoff = self._settings.backoff_s[0]
+            except asyncio.CancelledError:
+                raise
+            except Gone:
+                log.info("watch of %s expired (410 Gone); listing again", resource.plural)
+                version = ""
+                self.relists += 1
+            except KubeError as exc:
+                if exc.status == 404 and not version:
+                    # The kind's CRD is not installed: it has no objects until it is.
+                    if resource not in self._synced:
+                        log.info("%s is not served by the API server; treating it as empty", resource.api_version
+                                 + "/" + resource.plural)
+                    self._replace(resource, [])
+                    await asyncio.sleep(self._settings.missing_kind_retry_s)
+                    continue
+                log.warning("%s: %s; retrying in %.1f s", resource.plural, exc, backoff)
+                version = "" if exc.status in (403, 404) else version
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._settings.backoff_s[1])
+            except (OSError, ValueError, TimeoutError) as exc:
+                # A dropped connection: resume the watch from the last version seen.
+                log.warning("watching %s failed: %r; retrying in %.1f s", resource.plural, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._settings.backoff_s[1])
+
+    def _replace(self, resource: Resource, items: list[dict[str, Any]]) -> None:
+        fresh = {object_key(obj): obj for obj in items}
+        if resource not in self._synced or fresh != self._objects[resource]:
+            self._objects[resource] = fresh
+            self.changed.set()
+        self._synced.add(resource)
+
+    def _apply(self, resource: Resource, kind: str, obj: dict[str, Any]) -> None:
+        obj = {"apiVersion": resource.api_version, "kind": resource.kind, **obj}
+        key = object_key(obj)
+        if kind == "DELETED":
+            self._objects[resource].pop(key, None)
+        else:
+            self._objects[resource][key] = obj
+        self.changed.set()
+
+
+def _without(m: Manifests, keys: set[str]) -> Manifests:
+    """The manifests minus the objects whose `where` is among `keys` (conflicting duplicates)."""
+    def keep(items: list[Any]) -> list[Any]:
+        return [i for i in items if i.meta.where not in keys]
+
+    return Manifests(keep(m.pools), keep(m.models), keep(m.objectives), keep(m.rewrites), keep(m.policies),
+                     keep(m.gateways), keep(m.routes), keep(m.services), keep(m.pods), m.ignored)

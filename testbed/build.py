@@ -1,0 +1,94 @@
+"""Builds the Go programs in `testbed/go/` once per version, into a cache outside the checkout.
+
+Each program is a small Go module (go.mod, go.sum, sometimes a main.go) whose
+`tool` directive or own main package names what to build. The cache key is a
+hash of those files, so a version bump rebuilds and an unchanged one is free;
+a fresh machine builds each once. `python -m testbed.build` builds them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GO_DIR = Path(__file__).parent / "go"
+
+
+@dataclass(frozen=True)
+class GoProgram:
+    name: str  # the binary's name and its module's folder under testbed/go/
+    package: str  # what `go build` compiles inside that module
+
+    @property
+    def module_dir(self) -> Path:
+        return GO_DIR / self.name
+
+    def key(self) -> str:
+        digest = hashlib.sha256()
+        for path in sorted(self.module_dir.iterdir()):
+            if path.is_file():
+                digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        return digest.hexdigest()[:16]
+
+
+PROGRAMS = {
+    "kube-apiserver": GoProgram("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+    "etcd": GoProgram("etcd", "."),
+}
+
+
+def cache_dir() -> Path:
+    """Outside the checkout, so every clone on the machine (CI's too) shares the builds."""
+    root = os.environ.get("TESTBED_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inference-picker-fleet", "go-tools")
+    return Path(root)
+
+
+def binary(name: str) -> Path:
+    """The built binary of one program, building it first if this version is not cached."""
+    program = PROGRAMS[name]
+    target = cache_dir() / f"{program.name}-{program.key()}" / program.name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:  # parallel test workers build once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            _build(program, target)
+    return target
+
+
+def _build(program: GoProgram, target: Path) -> None:
+    if shutil.which("go") is None:
+        raise RuntimeError(f"building {program.name} needs the Go toolchain (go 1.26 or later) on PATH")
+    env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="-mod=readonly -buildvcs=false")
+    partial = target.with_name(target.name + ".partial")
+    started = time.monotonic()
+    print(f"building {program.name} ({program.package}) into {target.parent} ...", file=sys.stderr, flush=True)
+    subprocess.run(["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(partial), program.package],
+                   cwd=program.module_dir, env=env, check=True)
+    partial.rename(target)
+    print(f"built {program.name} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="testbed.build", description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"programs to build, of {', '.join(PROGRAMS)} (default: all)")
+    names = parser.parse_args(argv).names or list(PROGRAMS)
+    unknown = [n for n in names if n not in PROGRAMS]
+    if unknown:
+        parser.error(f"unknown program {unknown[0]!r}; known: {', '.join(PROGRAMS)}")
+    for name in names:
+        print(binary(name))
+
+
+if __name__ == "__main__":
+    main()
