@@ -16,7 +16,7 @@ import datetime
 import logging
 from typing import Any
 
-from controller.kube_api import EVENTS, KubeAPI, KubeError, Resource
+from controller.kube_api import EVENTS, WATCHED, KubeAPI, KubeError, Resource
 from controller.manifests import ManifestError, Manifests
 from controller.sources import object_key
 
@@ -158,9 +158,7 @@ def _parent_id(ref: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def _resource_of(obj: dict[str, Any]) -> Resource:
-    group, _, version = str(obj["apiVersion"]).rpartition("/")
-    plural = obj["kind"].lower() + "s"
-    return Resource(group, version, plural, obj["kind"])
+    return next(r for r in WATCHED if r.api_version == obj["apiVersion"] and r.kind == obj["kind"])
 
 
 def _pool_parents(m: Manifests) -> dict[str, list[str]]:

@@ -121,19 +121,25 @@ def _static_bootstrap(listeners: list[dict], clusters: list[dict]) -> dict:
             "static_resources": {"listeners": [strip(r) for r in listeners], "clusters": [strip(r) for r in clusters]}}
 
 
-@pytest.mark.parametrize("directory", ["fleet", "seeds-combined"])
+@pytest.mark.parametrize("directory", ["fleet", "seeds-combined", "chart-standalone"])
 def test_envoy_accepts_the_rendered_config(directory: str, tmp_path: Path) -> None:
     manifests_dir = tmp_path / "m"
     manifests_dir.mkdir()
-    if directory == "fleet":
+    # The chart's standalone gateway: pickers by Service name, over TLS.
+    settings = envoy_config.EnvoySettings(picker_endpoints=(("picker.inference.svc", 9002),), picker_tls=True) \
+        if directory == "chart-standalone" else envoy_config.EnvoySettings(
+            picker_endpoints=(("127.0.0.1", 9002), ("127.0.0.1", 9003)))
+    if directory in ("fleet", "chart-standalone"):
         for path in (FIXTURES / "fleet").glob("*.yaml"):
             shutil.copy(path, manifests_dir / path.name)
     else:  # seed 003's mirroring gateway, with its pool, model and Service
         for name in ("seed003_02.yaml", "seed003_03.yaml"):
             shutil.copy(FIXTURES / "seeds" / name, manifests_dir / name)
     manifests = load_directory(manifests_dir)
-    listeners, clusters = envoy_config.render(manifests, build(manifests), envoy_config.EnvoySettings(
-        picker_endpoints=(("127.0.0.1", 9002), ("127.0.0.1", 9003))))
+    listeners, clusters = envoy_config.render(manifests, build(manifests), settings)
+    picker = next(c for c in clusters if c["name"] == "picker")
+    assert (picker["type"], "transport_socket" in picker) == (
+        ("STRICT_DNS", True) if directory == "chart-standalone" else ("STATIC", False))
     config = tmp_path / "envoy.json"
     config.write_text(json.dumps(_static_bootstrap(listeners, clusters)))
     result = subprocess.run([ENVOY, "--mode", "validate", "-c", str(config)], capture_output=True, text=True,
