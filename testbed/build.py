@@ -42,6 +42,7 @@ class GoProgram:
 PROGRAMS = {
     "kube-apiserver": GoProgram("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
     "etcd": GoProgram("etcd", "."),
+    "envoy-gateway": GoProgram("envoy-gateway", "github.com/envoyproxy/gateway/cmd/envoy-gateway"),
 }
 
 
@@ -66,14 +67,22 @@ def binary(name: str) -> Path:
     return target
 
 
+def _go() -> str:
+    """The Go toolchain: on PATH, or where its installer puts it (a non-login shell may lack it on PATH)."""
+    found = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go")
+                                        if os.access(p, os.X_OK)), None)
+    if found is None:
+        raise RuntimeError("building the test infrastructure needs the Go toolchain (go 1.26 or later) on PATH")
+    return found
+
+
 def _build(program: GoProgram, target: Path) -> None:
-    if shutil.which("go") is None:
-        raise RuntimeError(f"building {program.name} needs the Go toolchain (go 1.26 or later) on PATH")
+    go = _go()
     env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="-mod=readonly -buildvcs=false")
     partial = target.with_name(target.name + ".partial")
     started = time.monotonic()
     print(f"building {program.name} ({program.package}) into {target.parent} ...", file=sys.stderr, flush=True)
-    subprocess.run(["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(partial), program.package],
+    subprocess.run([go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(partial), program.package],
                    cwd=program.module_dir, env=env, check=True)
     partial.rename(target)
     print(f"built {program.name} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)

