@@ -48,6 +48,10 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     p.add_argument("--pool-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
                    help="namespace of --pool-name")
     p.add_argument("--metrics-address", default=server.metrics_address)
+    p.add_argument("--drain-ms", type=int, default=server.drain_ms,
+                   help="on SIGTERM, report NOT_SERVING this long before refusing new streams")
+    p.add_argument("--shutdown-grace-ms", type=int, default=server.shutdown_grace_ms,
+                   help="then let open streams finish for up to this long")
     p.add_argument("--replica-id", default=os.environ.get("PICKER_REPLICA_ID", ""),
                    help="unique per replica (default: host name and a random suffix)")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", state.redis_url))
@@ -67,7 +71,8 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     configure_logging(a.log_level)
     replica = a.replica_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     return PickerSettings(
-        server=ServerSettings(a.grpc_address, a.metrics_address, replica, secure_serving=a.secure_serving,
+        server=ServerSettings(a.grpc_address, a.metrics_address, replica, drain_ms=a.drain_ms,
+                              shutdown_grace_ms=a.shutdown_grace_ms, secure_serving=a.secure_serving,
                               health_address=a.grpc_health_address,
                               default_pool=pool_id(a.pool_namespace, a.pool_name) if a.pool_name else None),
         state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms),
@@ -162,7 +167,7 @@ async def serve(settings: PickerSettings) -> None:
         # Leave Envoy's rotation first, then let running decisions finish.
         await health.enter_graceful_shutdown()
         await asyncio.sleep(settings.server.drain_ms / 1000)
-        await server.stop(grace=5)
+        await server.stop(grace=settings.server.shutdown_grace_ms / 1000)
         if health_server is not None:
             await health_server.stop(grace=1)
         await placement.drain()

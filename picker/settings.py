@@ -16,6 +16,9 @@ class ServerSettings:
     # On shutdown the replica reports NOT_SERVING this long before refusing streams:
     # two of Envoy's 500 ms health checks, so Envoy has moved its traffic away.
     drain_ms: int = 1000
+    # Then streams still open (a response a gateway streams through the picker) have this
+    # long to finish before they are cut; a pod's grace period must cover drain plus this.
+    shutdown_grace_ms: int = 5000
     # TLS on the ext_proc port with a self-signed certificate made at start, as upstream
     # pickers serve (gateways connect without verifying it); False: plaintext.
     secure_serving: bool = True

@@ -127,6 +127,9 @@ def test_the_picker_deployment_is_highly_available() -> None:
                                                                            "topology.kubernetes.io/zone"}
     container = pod["containers"][0]
     assert container["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
+    # The pod's grace period covers the picker's drain and its streams' grace.
+    assert "--drain-ms=2000" in container["args"] and "--shutdown-grace-ms=30000" in container["args"]
+    assert pod["terminationGracePeriodSeconds"] == 2 + 30 + 5
     assert "--pool-name=qwen-inference-pool" in container["args"] and "--secure-serving" in container["args"]
     assert docs[("PodDisruptionBudget", f"{RELEASE}-picker")]["spec"]["minAvailable"] == 1
     controller = docs[("Deployment", f"{RELEASE}-controller")]["spec"]
