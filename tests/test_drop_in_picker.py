@@ -6,12 +6,11 @@ cluster reading `x-gateway-destination-endpoint`), and a picker deployed for one
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import grpc
@@ -20,13 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.client import chat, wait_for
 from tests.conftest import BIN, FIXTURES, POD_NET, free_port
+from tests.picker_for_a_gateway import PickerForAGateway, health, post
 
 NAMESPACE, POOL = "inference", "vllm-pool"
 PODS = {f"vllm-{i}": f"{POD_NET}220.{i + 1}" for i in range(4)}
 MODEL = "/models/Qwen3-32B"
 
 
-def _manifests(directory: Path) -> None:
+def _manifest() -> str:
     pods = "".join(textwrap.dedent(f"""\
         ---
         apiVersion: v1
@@ -36,7 +36,7 @@ def _manifests(directory: Path) -> None:
           podIP: {ip}
           conditions: [{{type: Ready, status: "True"}}]
         """) for name, ip in PODS.items())
-    (directory / "pool.yaml").write_text(textwrap.dedent(f"""\
+    return textwrap.dedent(f"""\
         apiVersion: inference.networking.k8s.io/v1
         kind: InferencePool
         metadata:
@@ -56,7 +56,7 @@ def _manifests(directory: Path) -> None:
           rules:
           - matches: [{{model: {{value: qwen-latest}}}}]
             targets: [{{modelRewrite: "{MODEL}", weight: 1}}]
-        """) + pods)
+        """) + pods
 
 
 def _envoy_bootstrap(listen_port: int, admin_port: int, picker_port: int) -> dict:
@@ -130,80 +130,34 @@ def _envoy_bootstrap(listen_port: int, admin_port: int, picker_port: int) -> dic
             "static_resources": {"listeners": [listener], "clusters": [picker_cluster, pool_cluster]}}
 
 
-class DropIn:
-    def __init__(self, work: Path, redis_url: str) -> None:
-        self.work, self.redis_url = work, redis_url
-        self.port, self.admin, self.picker, self.health, self.metrics = (free_port() for _ in range(5))
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, name: str, argv: list[str]) -> None:
-        log = (self.work / f"{name}.log").open("wb")
-        self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
-
-    def start(self) -> None:
-        manifests = self.work / "manifests"
-        manifests.mkdir()
-        _manifests(manifests)
-        self.spawn("pods", [str(BIN / "model-server-simulator"), "--time-scale", "0.5",
-                            *[a for name, ip in PODS.items() for a in ("--pod", f"{name}@{ip}:8000")]])
-        # No Envoy files: the gateway runs Envoy; the controller only publishes the pool to Redis.
-        self.spawn("controller", [str(BIN / "controller"), "--manifests", str(manifests), "--redis-url",
-                                  self.redis_url, "--controller-id", "drop-in"])
-        self.spawn("collector", [str(BIN / "collector"), "--redis-url", self.redis_url,
-                                 "--collector-id", "drop-in"])
-        self.spawn("picker", [str(BIN / "picker"), "--pool-name", POOL, "--pool-namespace", NAMESPACE,
-                              "--grpc-address", f"127.0.0.1:{self.picker}",
-                              "--grpc-health-address", f"127.0.0.1:{self.health}",
-                              "--metrics-address", f"127.0.0.1:{self.metrics}", "--redis-url", self.redis_url,
-                              "--replica-id", "drop-in"])
-        bootstrap = self.work / "envoy.json"
-        bootstrap.write_text(json.dumps(_envoy_bootstrap(self.port, self.admin, self.picker)))
-        self.spawn("envoy", [str(BIN / "envoy"), "-c", str(bootstrap), "--disable-hot-restart",
-                             "--log-level", "warn", "--concurrency", "2"])
-
-    def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.terminate()
-        for proc in self.processes:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def health(port: int, service: str) -> int:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            return int(health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=2).status)
-        except grpc.RpcError:
-            return -1
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
-def drop_in(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DropIn]:
-    d = DropIn(tmp_path_factory.mktemp("drop-in"), redis_url)
-    d.start()
+def drop_in(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PickerForAGateway]:
+    fleet = PickerForAGateway(tmp_path_factory.mktemp("drop-in"), redis_url, PODS, POOL, NAMESPACE)
+    admin = free_port()
     try:
-        deadline = time.monotonic() + 60
-        while health(d.health, "readiness") != health_pb2.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline, (d.work / "picker.log").read_text()[-3000:]
+        fleet.start(_manifest())
+        bootstrap = fleet.work / "envoy.json"
+        bootstrap.write_text(json.dumps(_envoy_bootstrap(fleet.port, admin, fleet.picker)))
+        fleet.spawn("envoy", [str(BIN / "envoy"), "-c", str(bootstrap), "--disable-hot-restart",
+                              "--log-level", "warn", "--concurrency", "2"])
+        deadline = time.monotonic() + 30
+        while not _ready(f"http://127.0.0.1:{admin}/ready"):
+            assert time.monotonic() < deadline, (fleet.work / "envoy.log").read_text()[-3000:]
             time.sleep(0.1)
-        yield d
+        yield fleet
     finally:
-        d.stop()
+        fleet.stop()
 
 
-async def post(port: int, body: object, headers: dict[str, str] | None = None,
-               raw: bytes | None = None, method: str = "POST") -> tuple[int, str, str]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http, http.request(
-            method, f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=raw if raw is not None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", **(headers or {})}) as r:
-        return r.status, r.headers.get("x-inference-pod", ""), await r.text()
-
-
-async def test_health_services_are_named_as_the_protocol_names_them(drop_in: DropIn) -> None:
+async def test_health_services_are_named_as_the_protocol_names_them(drop_in: PickerForAGateway) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     for service in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor", ""):
         assert health(drop_in.health, service) == serving, service
@@ -212,7 +166,7 @@ async def test_health_services_are_named_as_the_protocol_names_them(drop_in: Dro
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
 
 
-async def test_chat_through_full_duplex_streaming_and_tls(drop_in: DropIn) -> None:
+async def test_chat_through_full_duplex_streaming_and_tls(drop_in: PickerForAGateway) -> None:
     async def ready() -> bool:
         status, _, _ = await post(drop_in.port, chat("hello"))
         return status == 200
@@ -224,7 +178,7 @@ async def test_chat_through_full_duplex_streaming_and_tls(drop_in: DropIn) -> No
     assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] == 12
 
 
-async def test_a_large_body_and_a_rewritten_one_reach_the_pod_whole(drop_in: DropIn) -> None:
+async def test_a_large_body_and_a_rewritten_one_reach_the_pod_whole(drop_in: PickerForAGateway) -> None:
     long_prompt = "Summarise the following log. " + "line of a long log with many words in it\n" * 2500  # 105 kB
     status, _, text = await post(drop_in.port, chat(long_prompt, max_tokens=3))
     assert status == 200, text
@@ -235,7 +189,7 @@ async def test_a_large_body_and_a_rewritten_one_reach_the_pod_whole(drop_in: Dro
     assert json.loads(text)["model"] == MODEL
 
 
-async def test_streaming_with_usage_comes_back_whole(drop_in: DropIn) -> None:
+async def test_streaming_with_usage_comes_back_whole(drop_in: PickerForAGateway) -> None:
     status, pod, text = await post(drop_in.port, chat("Count to five.", max_tokens=5, stream=True,
                                                       stream_options={"include_usage": True}))
     assert status == 200 and pod in PODS
@@ -245,7 +199,7 @@ async def test_streaming_with_usage_comes_back_whole(drop_in: DropIn) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
 
 
-async def test_round1_then_round2_land_on_one_pod(drop_in: DropIn) -> None:
+async def test_round1_then_round2_land_on_one_pod(drop_in: PickerForAGateway) -> None:
     pods = []
     for name in ("round1.txt", "round2.txt"):
         status, pod, _ = await post(drop_in.port, None, raw=(FIXTURES / name).read_bytes())
@@ -263,7 +217,7 @@ async def test_round1_then_round2_land_on_one_pod(drop_in: DropIn) -> None:
     (b'{"model": "m", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "POST", 400, None),
     (b"", "GET", 405, None),
 ])
-async def test_bad_input_gets_an_openai_error(drop_in: DropIn, raw: bytes, method: str, status: int,
+async def test_bad_input_gets_an_openai_error(drop_in: PickerForAGateway, raw: bytes, method: str, status: int,
                                               param: str | None) -> None:
     got, _, text = await post(drop_in.port, None, raw=raw, method=method)
     assert got == status, text
@@ -273,7 +227,7 @@ async def test_bad_input_gets_an_openai_error(drop_in: DropIn, raw: bytes, metho
         assert error["param"] == param
 
 
-async def test_the_subset_hint_narrows_the_candidates(drop_in: DropIn) -> None:
+async def test_the_subset_hint_narrows_the_candidates(drop_in: PickerForAGateway) -> None:
     only = f"{PODS['vllm-2']}:8000"
     served = Counter()
     for i in range(8):
@@ -285,7 +239,7 @@ async def test_the_subset_hint_narrows_the_candidates(drop_in: DropIn) -> None:
     assert status == 503 and "subset" in json.loads(text)["error"]["message"]
 
 
-async def test_the_served_endpoint_report_is_counted(drop_in: DropIn) -> None:
+async def test_the_served_endpoint_report_is_counted(drop_in: PickerForAGateway) -> None:
     status, _, _ = await post(drop_in.port, chat("count me"))
     assert status == 200
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{drop_in.metrics}/metrics") as r:

@@ -10,9 +10,7 @@ import json
 import re
 import subprocess
 import textwrap
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -20,8 +18,9 @@ import yaml
 
 from testbed.build import binary
 from tests.client import chat, wait_for
-from tests.conftest import BIN, FIXTURES, POD_NET, free_port
-from tests.test_drop_in_picker import MODEL, health
+from tests.conftest import BIN, FIXTURES, POD_NET
+from tests.picker_for_a_gateway import PickerForAGateway, post
+from tests.test_drop_in_picker import MODEL
 
 PODS = {f"eg-vllm-{i}": f"{POD_NET}222.{i + 1}" for i in range(4)}
 NAMESPACE, POOL = "default", "eg-pool"
@@ -94,89 +93,42 @@ def _pool_manifest() -> str:
         """) + pods
 
 
-class EnvoyGatewayFleet:
-    def __init__(self, work: Path, redis_url: str) -> None:
-        self.work, self.redis_url = work, redis_url
-        self.port, self.picker, self.health, self.metrics = (free_port() for _ in range(4))
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, name: str, argv: list[str]) -> None:
-        log = (self.work / f"{name}.log").open("wb")
-        self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
-
-    def start(self) -> None:
-        eg = binary("envoy-gateway")
-        manifests, resources = self.work / "manifests", self.work / "resources"
-        manifests.mkdir()
+@pytest.fixture(scope="module")
+def envoy_gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PickerForAGateway]:
+    fleet = PickerForAGateway(tmp_path_factory.mktemp("envoy-gateway"), redis_url, PODS, POOL, NAMESPACE)
+    try:
+        fleet.start(_pool_manifest())
+        eg, work, version = binary("envoy-gateway"), fleet.work, _envoy_version()
+        resources, data = work / "resources", work / "eg-data"
         resources.mkdir()
-        (manifests / "pool.yaml").write_text(_pool_manifest())
-        version = _envoy_version()
-        data = self.work / "eg-data"
+        (resources / "gateway.yaml").write_text(_resources(fleet.port, fleet.picker, version))
         # Envoy Gateway runs Envoy through func-e, which uses an Envoy already under its data
         # directory instead of downloading one.
         placed = data / "envoy-versions" / version / "bin"
         placed.mkdir(parents=True)
         (placed / "envoy").symlink_to(BIN / "envoy")
-        (resources / "gateway.yaml").write_text(_resources(self.port, self.picker, version))
-        config = self.work / "envoy-gateway.yaml"
+        config = work / "envoy-gateway.yaml"
         config.write_text(json.dumps({
             "apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "EnvoyGateway",
             "gateway": {"controllerName": "gateway.envoyproxy.io/gatewayclass-controller"},
             "provider": {"type": "Custom", "custom": {
                 "resource": {"type": "File", "file": {"paths": [str(resources)]}},
                 "infrastructure": {"type": "Host", "host": {
-                    "configHome": str(self.work / "eg-config"), "dataHome": str(data),
-                    "stateHome": str(self.work / "eg-state"), "runtimeDir": str(self.work / "eg-run")}}}},
+                    "configHome": str(work / "eg-config"), "dataHome": str(data),
+                    "stateHome": str(work / "eg-state"), "runtimeDir": str(work / "eg-run")}}}},
             "logging": {"level": {"default": "info"}},
             "extensionApis": {"enableBackend": True},
         }))
-        self.spawn("pods", [str(BIN / "model-server-simulator"), "--time-scale", "0.5",
-                            *[a for name, ip in PODS.items() for a in ("--pod", f"{name}@{ip}:8000")]])
-        self.spawn("controller", [str(BIN / "controller"), "--manifests", str(manifests), "--redis-url",
-                                  self.redis_url, "--controller-id", "eg"])
-        self.spawn("collector", [str(BIN / "collector"), "--redis-url", self.redis_url, "--collector-id", "eg"])
-        self.spawn("picker", [str(BIN / "picker"), "--pool-name", POOL, "--grpc-address", f"127.0.0.1:{self.picker}",
-                              "--grpc-health-address", f"127.0.0.1:{self.health}",
-                              "--metrics-address", f"127.0.0.1:{self.metrics}", "--redis-url", self.redis_url,
-                              "--replica-id", "eg"])
         # Its runners talk TLS to each other: certificates first, as its standalone guide does.
-        subprocess.run([str(eg), "certgen", "--local", "--config-home", str(self.work / "eg-config")], check=True,
+        subprocess.run([str(eg), "certgen", "--local", "--config-home", str(work / "eg-config")], check=True,
                        capture_output=True, timeout=60)
-        self.spawn("envoy-gateway", [str(eg), "server", "--config-path", str(config)])
-
-    def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.terminate()
-        for proc in self.processes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-@pytest.fixture(scope="module")
-def envoy_gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyGatewayFleet]:
-    fleet = EnvoyGatewayFleet(tmp_path_factory.mktemp("envoy-gateway"), redis_url)
-    fleet.start()
-    try:
-        deadline = time.monotonic() + 60
-        while health(fleet.health, "readiness") != 1:
-            assert time.monotonic() < deadline, (fleet.work / "picker.log").read_text()[-3000:]
-            time.sleep(0.1)
+        fleet.spawn("envoy-gateway", [str(eg), "server", "--config-path", str(config)])
         yield fleet
     finally:
         fleet.stop()
 
 
-async def post(port: int, body: object, raw: bytes | None = None) -> tuple[int, str, str]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http, http.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=raw if raw is not None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"}) as r:
-        return r.status, r.headers.get("x-inference-pod", ""), await r.text()
-
-
-async def test_envoy_gateway_routes_through_the_picker(envoy_gateway: EnvoyGatewayFleet) -> None:
+async def test_envoy_gateway_routes_through_the_picker(envoy_gateway: PickerForAGateway) -> None:
     async def serving() -> bool:
         try:
             status, _, _ = await post(envoy_gateway.port, chat("hello"))
@@ -193,7 +145,7 @@ async def test_envoy_gateway_routes_through_the_picker(envoy_gateway: EnvoyGatew
     assert json.loads(text)["usage"]["completion_tokens"] == 7
 
 
-async def test_streaming_with_usage_through_envoy_gateway(envoy_gateway: EnvoyGatewayFleet) -> None:
+async def test_streaming_with_usage_through_envoy_gateway(envoy_gateway: PickerForAGateway) -> None:
     status, pod, text = await post(envoy_gateway.port, chat("Count.", max_tokens=4, stream=True,
                                                             stream_options={"include_usage": True}))
     assert status == 200 and pod in PODS
@@ -201,7 +153,7 @@ async def test_streaming_with_usage_through_envoy_gateway(envoy_gateway: EnvoyGa
     assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 4
 
 
-async def test_round1_round2_affinity_through_envoy_gateway(envoy_gateway: EnvoyGatewayFleet) -> None:
+async def test_round1_round2_affinity_through_envoy_gateway(envoy_gateway: PickerForAGateway) -> None:
     pods = []
     for name in ("round1.txt", "round2.txt"):
         status, pod, _ = await post(envoy_gateway.port, None, raw=(FIXTURES / name).read_bytes())
@@ -216,7 +168,7 @@ async def test_round1_round2_affinity_through_envoy_gateway(envoy_gateway: Envoy
 
 @pytest.mark.parametrize(("raw", "status"), [(b"{not json", 400), (json.dumps({"model": MODEL}).encode(), 400),
                                              (json.dumps({"model": MODEL, "messages": [1]}).encode(), 400)])
-async def test_bad_input_through_envoy_gateway(envoy_gateway: EnvoyGatewayFleet, raw: bytes, status: int) -> None:
+async def test_bad_input_through_envoy_gateway(envoy_gateway: PickerForAGateway, raw: bytes, status: int) -> None:
     got, pod, text = await post(envoy_gateway.port, None, raw=raw)
     assert got == status and not pod, text
     assert json.loads(text)["error"]["code"] == status

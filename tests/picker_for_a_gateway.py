@@ -1,0 +1,78 @@
+"""A picker deployed for one pool, as a gateway's endpoint picker, with what it needs: simulated pods, a
+controller publishing the pool from a manifest (no Envoy files: the gateway runs Envoy), a collector.
+The tests put a gateway of their own in front (an Envoy configured as Envoy AI Gateway does; Envoy Gateway)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import BIN, free_port
+
+
+def health(port: int, service: str) -> int:
+    """The gRPC health status of `service`, or -1 when the server does not answer."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            return int(health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2).status)
+        except grpc.RpcError:
+            return -1
+
+
+async def post(port: int, body: object, headers: dict[str, str] | None = None,
+               raw: bytes | None = None, method: str = "POST") -> tuple[int, str, str]:
+    """(status, the pod that answered, the body) of a chat completion through the gateway at `port`."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http, http.request(
+            method, f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=raw if raw is not None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **(headers or {})}) as r:
+        return r.status, r.headers.get("x-inference-pod", ""), await r.text()
+
+
+class PickerForAGateway:
+    def __init__(self, work: Path, redis_url: str, pods: dict[str, str], pool: str, namespace: str) -> None:
+        self.work, self.redis_url, self.pods, self.pool, self.namespace = work, redis_url, pods, pool, namespace
+        self.picker, self.health, self.metrics = free_port(), free_port(), free_port()
+        self.port = free_port()  # where the test's gateway listens
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, argv: list[str]) -> None:
+        with (self.work / f"{name}.log").open("wb") as log:
+            self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+
+    def start(self, manifest: str) -> None:
+        """Pods, controller, collector and the picker (TLS, the pool by flags); then until it is ready."""
+        manifests = self.work / "manifests"
+        manifests.mkdir()
+        (manifests / "pool.yaml").write_text(manifest)
+        self.spawn("pods", [str(BIN / "model-server-simulator"), "--time-scale", "0.5",
+                            *[a for name, ip in self.pods.items() for a in ("--pod", f"{name}@{ip}:8000")]])
+        self.spawn("controller", [str(BIN / "controller"), "--manifests", str(manifests), "--redis-url",
+                                  self.redis_url, "--controller-id", self.work.name])
+        self.spawn("collector", [str(BIN / "collector"), "--redis-url", self.redis_url,
+                                 "--collector-id", self.work.name])
+        self.spawn("picker", [str(BIN / "picker"), "--pool-name", self.pool, "--pool-namespace", self.namespace,
+                              "--grpc-address", f"127.0.0.1:{self.picker}",
+                              "--grpc-health-address", f"127.0.0.1:{self.health}",
+                              "--metrics-address", f"127.0.0.1:{self.metrics}", "--redis-url", self.redis_url,
+                              "--replica-id", self.work.name])
+        deadline = time.monotonic() + 60
+        while health(self.health, "readiness") != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, (self.work / "picker.log").read_text()[-3000:]
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
