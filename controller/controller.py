@@ -25,7 +25,7 @@ from controller.desired import DesiredState, build
 from controller.kube_lease import LeaseElector
 from controller.kube_status import StatusWriter
 from controller.manifests import ManifestError, Manifests
-from controller.sources import KubeSource, ManifestSource
+from controller.sources import ManifestSource
 from gateway_state.records import Config
 from gateway_state.store import Deposed, StateStore
 
@@ -113,7 +113,7 @@ class Controller:
             stopping.cancel()
 
     async def reconcile_once(self) -> None:
-        loaded = self._load()  # standbys load too, so they are ready the moment they lead
+        problems = self._load()  # standbys load too, so they are ready the moment they lead
         if self._good is not None and not self._settings.publish:
             self._write_envoy()
             return
@@ -121,8 +121,8 @@ class Controller:
             return
         self._write_envoy()
         await self._publish(self._good)
-        if self._status is not None and isinstance(self._source, KubeSource):
-            await self._status.report(self._source.objects(), self._manifests, loaded)
+        if self._status is not None:
+            await self._status.report(self._manifests, problems)
 
     async def _lead(self) -> bool:
         s = self._settings

@@ -18,7 +18,7 @@ from typing import Any
 
 from controller.kube_api import EVENTS, WATCHED, KubeAPI, KubeError, Resource
 from controller.manifests import ManifestError, Manifests
-from controller.sources import object_key
+from controller.sources import KubeSource, object_key
 
 log = logging.getLogger("controller")
 
@@ -66,17 +66,17 @@ def pool_conditions(problem: ManifestError | None, generation: int) -> list[dict
 
 
 class StatusWriter:
-    def __init__(self, api: KubeAPI, controller_name: str, component: str) -> None:
+    def __init__(self, api: KubeAPI, source: KubeSource, controller_name: str, component: str) -> None:
         self._api = api
+        self._source = source  # the objects as last watched, with their current status
         self._controller_name = controller_name
         self._component = component
         self._events_sent: set[tuple[str, str]] = set()  # (object uid, message)
 
-    async def report(self, objects: dict[str, dict[str, Any]], manifests: Manifests | None,
-                     problems: dict[str, ManifestError]) -> None:
-        """Bring every watched object's status in line; `objects` maps object keys to their current version."""
+    async def report(self, manifests: Manifests | None, problems: dict[str, ManifestError]) -> None:
+        """Bring every watched object's status in line with what the controller made of it."""
         parents = _pool_parents(manifests) if manifests is not None else {}
-        for key, obj in objects.items():
+        for key, obj in self._source.objects().items():
             kind, meta = obj.get("kind"), obj.get("metadata", {})
             problem = problems.get(key)
             try:

@@ -88,9 +88,9 @@ async def serve(a: argparse.Namespace, settings: ControllerSettings) -> None:
     source: ManifestSource
     status = lease = None
     if api is not None:
-        source = KubeSource(api, KubeSettings(namespace=a.watch_namespace))
+        source = kube = KubeSource(api, KubeSettings(namespace=a.watch_namespace))
         if settings.publish:
-            status = StatusWriter(api, CONTROLLER_NAME, "inference-picker-fleet-controller")
+            status = StatusWriter(api, kube, CONTROLLER_NAME, "inference-picker-fleet-controller")
             lease = LeaseElector(api, LeaseSettings(_lease_namespace(a)), settings.controller_id)
     else:
         source = FileSource(a.manifests)
