@@ -5,6 +5,8 @@ controller watched, status and Events on the objects, and two namespaces with sa
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings
 from testbed.kube import KubeAPIServer
 from tests.client import wait_for
-from tests.conftest import FIXTURES, free_port, pod_address
+from tests.conftest import BIN, FIXTURES, free_port, pod_address
 from tests.kube_support import Kube
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "fleet"
@@ -236,3 +238,26 @@ async def test_a_watch_past_compacted_history_relists_and_misses_nothing(kube_se
     finally:
         await source.stop()
         await api.close()
+
+
+async def test_a_gateway_pods_renderer_writes_envoys_files_without_leading(two_namespaces, kube: Kube,
+                                                                          tmp_path: Path) -> None:
+    """The chart's standalone gateway: beside each Envoy, a renderer that only writes Envoy's files."""
+    envoy_dir = tmp_path / "envoy"
+    log_path = tmp_path / "renderer.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([str(BIN / "controller"), "--kubernetes", "--kubeconfig", str(kube.server.kubeconfig),
+                                 "--render-envoy-only", "--envoy-config-dir", str(envoy_dir),
+                                 "--redis-url", "redis://127.0.0.1:1/0", "--controller-id", "renderer"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        await wait_for(lambda: (envoy_dir / "lds.json").exists(), 20.0)
+        listeners = {r["name"] for r in json.loads((envoy_dir / "lds.json").read_text())["resources"]}
+        assert {"team-a/inference-gateway/http-llm", "team-b/inference-gateway/http-llm"} <= listeners
+        clusters = {r["name"] for r in json.loads((envoy_dir / "cds.json").read_text())["resources"]}
+        assert {"pool/team-a/qwen-inference-pool", "pool/team-b/qwen-inference-pool"} <= clusters
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    text = log_path.read_text()
+    assert "Redis" not in text and "lead" not in text, text[-2000:]  # it never tried to publish
