@@ -165,40 +165,47 @@ def _apply_rbac(kube: Kube, values: dict[str, Any]) -> None:
             kube.apply(doc)
 
 
+# Namespace-scoped first: the cluster-wide roles of the second would grant the first too.
+@pytest.mark.parametrize("scope", ["one namespace", "cluster"])
 async def test_the_controller_runs_with_only_the_charts_rbac(chart_namespace: Kube, tmp_path: Path,
-                                                             redis_url: str) -> None:
+                                                             redis_url: str, scope: str) -> None:
     kube = chart_namespace
-    _apply_rbac(kube, {})
+    scoped = scope == "one namespace"
+    _apply_rbac(kube, {"controller": {"watchNamespace": NAMESPACE}} if scoped else {})
     token = kube.core.create_namespaced_service_account_token(
         f"{RELEASE}-controller", NAMESPACE, {"spec": {"expirationSeconds": 3600}}).status.token
     kubeconfig = kube.server.token_kubeconfig(tmp_path / "controller.kubeconfig", token)
+    pool_name = "rbac-namespaced" if scoped else "rbac-cluster"  # each run's own pool, status and config
     kube.apply({"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
-                "metadata": {"name": "rbac-pool"},
+                "metadata": {"name": pool_name},
                 "spec": {"selector": {"matchLabels": {"app": "rbac"}}, "targetPorts": [{"number": 8000}]}},
                NAMESPACE)
-    kube.create_pod(NAMESPACE, "rbac-pod", {"app": "rbac"}, "127.0.0.77")
+    if not kube.core.list_namespaced_pod(NAMESPACE, field_selector="metadata.name=rbac-pod").items:
+        kube.create_pod(NAMESPACE, "rbac-pod", {"app": "rbac"}, "127.0.0.77")
     log_path = tmp_path / "controller.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([str(BIN / "controller"), "--kubernetes", "--kubeconfig", str(kubeconfig),
                                  "--lease-namespace", NAMESPACE, "--redis-url", redis_url, "--controller-id", "rbac",
-                                 "--resync-interval-ms", "200"], stdout=log, stderr=subprocess.STDOUT)
+                                 "--resync-interval-ms", "200",
+                                 *(["--watch-namespace", NAMESPACE] if scoped else [])],
+                                stdout=log, stderr=subprocess.STDOUT)
     redis = Redis.from_url(redis_url)
     try:
         async def published() -> bool:
             config = await StateStore(redis).read_config()
-            pool = config.pools.get(f"{NAMESPACE}/rbac-pool") if config else None
+            pool = config.pools.get(f"{NAMESPACE}/{pool_name}") if config else None
             return pool is not None and [e.key for e in pool.endpoints] == ["127.0.0.77:8000"]
 
         await wait_for(published, 20.0)
 
         def status_written() -> bool:
-            pool = kube.get("inference.networking.k8s.io/v1", "InferencePool", NAMESPACE, "rbac-pool")
+            pool = kube.get("inference.networking.k8s.io/v1", "InferencePool", NAMESPACE, pool_name)
             return bool((pool.get("status") or {}).get("parents"))
 
         await wait_for(status_written, 10.0)
-        lease = kube.dynamic.resources.get(api_version="coordination.k8s.io/v1", kind="Lease").get(
-            name="inference-picker-fleet-controller", namespace=NAMESPACE)
-        assert lease.spec.holderIdentity == "rbac"
+        leases = kube.dynamic.resources.get(api_version="coordination.k8s.io/v1", kind="Lease")
+        await wait_for(lambda: leases.get(name="inference-picker-fleet-controller",
+                                          namespace=NAMESPACE).spec.holderIdentity == "rbac", 10.0)
         await asyncio.sleep(1.0)
         text = log_path.read_text()
         assert "403" not in text and "forbidden" not in text.lower(), text[-3000:]
