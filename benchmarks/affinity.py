@@ -35,7 +35,7 @@ def fleet_for(pickers: int, state: str, time_scale: float, num_blocks: int) -> F
     return Fleet(FleetSettings(
         manifests_dir=Path("examples/fleet").resolve(), work_dir=Path(tempfile.mkdtemp(prefix="affinity-")),
         picker_ports=tuple(9002 + i for i in range(pickers)),
-        picker_metrics_ports=tuple(9102 + i for i in range(pickers)),
+        picker_metrics_ports=tuple(9102 + i for i in range(pickers)), picker_admin_ports=(),
         picker_args=("--state", state),
         simulator_args=("--time-scale", str(time_scale), "--num-blocks", str(num_blocks)),
     ))

@@ -11,10 +11,10 @@ import aiohttp
 from redis.exceptions import RedisError
 
 from collector.metrics_map import GarbledMetrics, to_load_sample
-from collector.sharding import owned
 from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import every
 from gateway_state.records import Config, Endpoint, LoadSample
+from gateway_state.sharding import owned
 from gateway_state.store import StateStore
 
 log = logging.getLogger("collector")

@@ -48,3 +48,13 @@ def prefix_block(pool: str, block_hash: str) -> str:
 def endpoint_lru(pool: str, endpoint: str) -> str:
     """Sorted set of the prefix blocks recorded for one endpoint, by recency."""
     return pool_prefix(pool) + "lru:" + endpoint
+
+
+def drained(pool: str) -> str:
+    """Hash endpoint -> when an operator drained it (ms): pickers send it no new requests."""
+    return pool_prefix(pool) + "drained"
+
+
+def hit_counts(pool: str, minute: int) -> str:
+    """Hash `model|queried` / `model|matched` -> prefix blocks, summed over the pickers for one minute."""
+    return pool_prefix(pool) + f"hits:{minute}"

@@ -21,6 +21,14 @@ class SnapshotReply:
 
     config: bytes | None  # encoded; None when Redis holds none
     load: dict[str, dict[str, LoadSample]]  # pool -> endpoint -> sample
+    drained: dict[str, frozenset[str]]  # pool -> endpoints an operator drained
+
+
+@dataclass(frozen=True)
+class FleetView:
+    collectors: dict[str, int]  # collector -> lease expiry (ms, Redis's clock)
+    leader: str | None  # the controller leader's "id|epoch"
+    pickers: dict[str, dict[str, int]]  # pool -> picker replica -> lease expiry (ms)
 
 
 @dataclass(frozen=True)
@@ -102,11 +110,20 @@ class StateStore:
             pipe.get(keys.CONFIG)
             for pool in pools:
                 pipe.hgetall(keys.load(pool))
+                pipe.hkeys(keys.drained(pool))
             raw, *replies = await pipe.execute()
+        loads, drains = replies[0::2], replies[1::2]
         return SnapshotReply(raw, {
             pool: {e.decode(): decode_load(v) for e, v in reply.items()}
-            for pool, reply in zip(pools, replies, strict=True)
-        })
+            for pool, reply in zip(pools, loads, strict=True)
+        }, {pool: frozenset(e.decode() for e in reply) for pool, reply in zip(pools, drains, strict=True) if reply})
+
+    async def set_drained(self, pool: str, endpoint: str, draining: bool) -> None:
+        """Drain an endpoint (pickers send it no new requests), or undo it."""
+        if draining:
+            await self.redis.hset(keys.drained(pool), endpoint, await self.now_ms())
+        else:
+            await self.redis.hdel(keys.drained(pool), endpoint)
 
     async def prune_load(self, pool: str, keep: set[str]) -> None:
         """Drop samples of endpoints that left the pool."""
@@ -173,3 +190,57 @@ class StateStore:
         lru, prefix = keys.endpoint_lru(pool, endpoint), keys.pool_prefix(pool)
         while int(await self._forget(keys=[lru], args=[prefix, endpoint, batch])):
             pass
+
+    # -- what the admin API shows: reads only, except drains and the pickers' hit counts --------
+
+    async def read_fleet(self, pools: Sequence[str]) -> FleetView:
+        """Every member as Redis knows it: picker leases per pool, collector leases, the controller leader."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(keys.COLLECTORS, 0, -1, withscores=True)
+            pipe.get(keys.LEADER)
+            for pool in pools:
+                pipe.zrange(keys.pickers(pool), 0, -1, withscores=True)
+            collectors, leader, *pickers = await pipe.execute()
+        return FleetView(
+            {m.decode(): int(s) for m, s in collectors}, leader.decode() if leader else None,
+            {pool: {m.decode(): int(s) for m, s in rows} for pool, rows in zip(pools, pickers, strict=True)})
+
+    async def inflight_by_replica(self, pool: str, replicas: Sequence[str]) -> dict[str, dict[str, int]]:
+        """replica -> endpoint -> requests it has in flight there (its last published figures)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for replica in replicas:
+                pipe.hgetall(keys.inflight(pool, replica))
+            replies = await pipe.execute()
+        return {replica: split_figures({k.decode(): int(v) for k, v in reply.items()})[0]
+                for replica, reply in zip(replicas, replies, strict=True)}
+
+    async def prefix_blocks_held(self, pool: str, endpoints: Sequence[str]) -> dict[str, int]:
+        """endpoint -> prefix blocks its LRU holds."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for endpoint in endpoints:
+                pipe.zcard(keys.endpoint_lru(pool, endpoint))
+            return dict(zip(endpoints, (int(n) for n in await pipe.execute()), strict=True))
+
+    async def add_hit_counts(self, minute: int, counts: Mapping[tuple[str, str], tuple[int, int]],
+                             keep_s: int = 7200) -> None:
+        """Add (pool, model) -> (queried, matched) prefix blocks to one minute's totals."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (pool, model), (queried, matched) in counts.items():
+                key = keys.hit_counts(pool, minute)
+                pipe.hincrby(key, f"{model}|queried", queried)
+                pipe.hincrby(key, f"{model}|matched", matched)
+                pipe.expire(key, keep_s)
+            await pipe.execute()
+
+    async def hit_counts(self, pool: str, minutes: Sequence[int]) -> dict[int, dict[str, tuple[int, int]]]:
+        """minute -> model -> (queried, matched) prefix blocks, summed over the pickers."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for minute in minutes:
+                pipe.hgetall(keys.hit_counts(pool, minute))
+            replies = await pipe.execute()
+        out: dict[int, dict[str, tuple[int, int]]] = {}
+        for minute, reply in zip(minutes, replies, strict=True):
+            fields = {k.decode(): int(v) for k, v in reply.items()}
+            models = {f.rpartition("|")[0] for f in fields}
+            out[minute] = {m: (fields.get(f"{m}|queried", 0), fields.get(f"{m}|matched", 0)) for m in models}
+        return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+import yaml
 
 from controller.desired import build
 from controller.resources import load_directory
@@ -36,6 +39,8 @@ class FleetSettings:
     redis_cluster_ports: tuple[int, ...] = ()
     picker_ports: tuple[int, ...] = (9002, 9003)
     picker_metrics_ports: tuple[int, ...] = (9102, 9103)
+    # Each picker's admin API and status page (empty: none); the tokens go to work_dir/admin-tokens.yaml.
+    picker_admin_ports: tuple[int, ...] = (9202, 9203)
     envoy_admin_port: int = 9901
     listen_address: str = "127.0.0.1"
     scrape_interval_ms: int = 100
@@ -54,6 +59,8 @@ class FleetSettings:
     def __post_init__(self) -> None:
         if len(self.picker_ports) != len(self.picker_metrics_ports):
             raise ValueError("each picker needs a gRPC port and a metrics port")
+        if self.picker_admin_ports and len(self.picker_admin_ports) != len(self.picker_ports):
+            raise ValueError("each picker needs an admin port, or none has one")
 
 
 def _bin(name: str) -> str:
@@ -95,6 +102,19 @@ class Fleet:
             return f"redis-cluster://127.0.0.1:{s.redis_cluster_ports[0]}"
         return f"redis://127.0.0.1:{s.redis_port}/0"
 
+
+    @property
+    def admin_tokens(self) -> dict[str, str]:
+        """scope -> the admin API's bearer token of this fleet (made at its start)."""
+        path = self.settings.work_dir / "admin-tokens.yaml"
+        tokens = yaml.safe_load(path.read_text())["tokens"] if path.exists() else {}
+        return {scope: token for token, scope in tokens.items()}
+
+    def _write_admin_tokens(self) -> Path:
+        path = self.settings.work_dir / "admin-tokens.yaml"
+        path.write_text(yaml.safe_dump({"tokens": {secrets.token_hex(16): "read", secrets.token_hex(16): "admin"}}))
+        path.chmod(0o600)
+        return path
 
     @property
     def envoy_dir(self) -> Path:
@@ -161,11 +181,14 @@ class Fleet:
         for i in range(s.collectors):
             self._spawn(f"collector-{i}", [_bin("collector"), "--collector-id", f"collector-{i}",
                                            "--scrape-interval-ms", str(s.scrape_interval_ms)], env)
+        tokens = self._write_admin_tokens() if s.picker_admin_ports else None
         for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports, strict=True)):
+            admin = ["--admin-address", f"127.0.0.1:{s.picker_admin_ports[i]}",
+                     "--admin-tokens-file", str(tokens)] if tokens else []
             # Plaintext on loopback: the embedded Envoy talks to its pickers on this machine only.
             self._spawn(f"picker-{i}", [_bin("picker"), "--no-secure-serving", "--grpc-address", f"127.0.0.1:{port}",
                                         "--metrics-address", f"127.0.0.1:{metrics_port}",
-                                        "--replica-id", f"picker-{i}", *s.picker_args], env)
+                                        "--replica-id", f"picker-{i}", *admin, *s.picker_args], env)
         self._spawn("envoy", [_bin("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",
                               "--log-level", "warn", "--concurrency", "2"])
         self.wait_pickers_routable(timeout_s)

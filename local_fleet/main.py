@@ -23,14 +23,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--manifests", type=Path, default=Path("examples/fleet"))
     p.add_argument("--work-dir", type=Path, default=Path(".fleet"), help="logs and Envoy's config go here")
     p.add_argument("--port-base", type=int, default=0,
-                   help="move the fleet's own ports (Redis, pickers, their metrics, Envoy admin) to this port and "
-                        "the five after it, so two fleets can share a machine; the listeners come from the manifests")
+                   help="move the fleet's own ports (Redis, pickers, their metrics, Envoy admin, the pickers' admin "
+                        "APIs) to this port and the seven after it, so two fleets can share a machine; the listeners "
+                        "come from the manifests")
     a = p.parse_args(argv)
     ports = {}
     if a.port_base:
         b = a.port_base
         ports = {"redis_port": b, "picker_ports": (b + 1, b + 2), "picker_metrics_ports": (b + 3, b + 4),
-                 "envoy_admin_port": b + 5}
+                 "envoy_admin_port": b + 5, "picker_admin_ports": (b + 6, b + 7)}
     settings = FleetSettings(manifests_dir=a.manifests.resolve(), work_dir=a.work_dir.resolve(),
                              redis_url=os.environ.get("REDIS_URL") or None, **ports)
     fleet = Fleet(settings)
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _print_hints(fleet: Fleet) -> None:
     pods = fleet.pods()
+    tokens = fleet.admin_tokens
+    admin = f"http://127.0.0.1:{fleet.settings.picker_admin_ports[0]}" if fleet.settings.picker_admin_ports else "-"
     example = json.dumps({"model": "/models/Qwen3-32B", "max_tokens": 50,
                           "messages": [{"role": "user", "content": "Hello, this is a test"}]})
     print(f"""
@@ -62,6 +65,13 @@ A process that exits is restarted; only Ctrl-C or SIGTERM stops the fleet.
     grep "Request Handled" {fleet.log_path('picker-0')} {fleet.log_path('picker-1')}
   Picker metrics: http://127.0.0.1:{fleet.settings.picker_metrics_ports[0]}/metrics   Envoy admin: http://127.0.0.1:{fleet.settings.envoy_admin_port}
   Load a pod artificially: curl -X POST http://{next(iter(pods))}/sim/load -d '{{"requests": 64}}'
+
+  Admin API and status page (tokens in {fleet.settings.work_dir / 'admin-tokens.yaml'}):
+    status page:  {admin}/?token={tokens.get('read', '')}
+    why a pod:    curl -H 'Authorization: Bearer {tokens.get('read', '')}' -X POST {admin}/admin/explain -d '{example}'
+    drain a pod:  curl -H 'Authorization: Bearer {tokens.get('admin', '')}' -X POST \\
+                    {admin}/admin/pools/default/qwen-inference-pool/endpoints/{next(iter(pods))}/drain
+    API schema:   {admin}/docs   Runbook: docs/operations.md#runbook
 
 Logs: {fleet.settings.work_dir / 'logs'}. Ctrl-C stops everything.
 """, flush=True)

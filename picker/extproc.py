@@ -45,6 +45,7 @@ from gateway_state.protocol import (
     SUBSET_HINT_NAMESPACE,
 )
 from picker.errors import BadRequest, GatewayError, InternalError, MethodNotAllowed, PickerUnavailable
+from picker.hit_counts import HitCounts
 from picker.intake import Intake, models
 from picker.metrics import PickerMetrics
 from picker.placement import Placed, Placement
@@ -86,11 +87,12 @@ def _immediate(status: int, body: dict[str, object], details: str) -> pb.Process
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated code, untyped
     def __init__(self, snapshots: SnapshotSource, intake: Intake, placement: Placement,
-                 metrics: PickerMetrics, default_pool: str | None = None) -> None:
+                 metrics: PickerMetrics, hits: HitCounts, default_pool: str | None = None) -> None:
         self._snapshots = snapshots
         self._intake = intake
         self._placement = placement
         self._metrics = metrics
+        self._hits = hits
         # The pool of a picker deployed for one InferencePool, when the gateway names none.
         self._default_pool = default_pool
 
@@ -198,7 +200,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         snapshot = self._snapshots.current
         try:
             request = self._intake.read(snapshot.config, stream.pool, stream.path, bytes(stream.body), stream.subset)
-            stream.placed = placed = await self._placement.place(request, snapshot.load.get(request.pool.name, {}))
+            stream.placed = placed = await self._placement.place(request, snapshot.load.get(request.pool.name, {}),
+                                                                 snapshot.drained.get(request.pool.name, frozenset()))
         except GatewayError as err:
             return [self._reject(stream, err)]
         chosen = placed.chosen.endpoint
@@ -209,6 +212,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         if prompt_blocks:
             self._metrics.prefix_blocks_queried.labels(placed.pool).inc(prompt_blocks)
             self._metrics.prefix_blocks_matched.labels(placed.pool).inc(matched)
+            self._hits.add(placed.pool, request.target_model, prompt_blocks, matched)
         log.info("Request Handled request_id=%s model=%s target_model=%s pool=%s pod=%s endpoint=%s strategy=%s "
                  "prefix_blocks=%d/%d fallbacks=%s decision_ms=%.3f schedule_ms=%.3f",
                  stream.request_id or "-", request.model, request.target_model, placed.pool, chosen.name,

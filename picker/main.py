@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
+import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
+import uvicorn
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from redis.exceptions import RedisError
 
 from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import configure_logging, connect, every, stop_on_signals
 from gateway_state.records import pool_id
 from gateway_state.store import StateStore
+from picker.admin import AdminContext, Tokens, build_admin_app
 from picker.extproc import ExternalProcessor
+from picker.hit_counts import HitCounts
 from picker.intake import Intake
 from picker.metrics import PickerMetrics
 from picker.placement import Placement
@@ -48,6 +56,10 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     p.add_argument("--pool-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
                    help="namespace of --pool-name")
     p.add_argument("--metrics-address", default=server.metrics_address)
+    p.add_argument("--admin-address", default=server.admin_address,
+                   help="serve the admin API and status page here (HOST:PORT; default: no admin API)")
+    p.add_argument("--admin-tokens-file", default=os.environ.get("ADMIN_TOKENS_FILE"),
+                   help="YAML `tokens: {TOKEN: read|admin}`, re-read when it changes (a mounted Secret)")
     p.add_argument("--drain-ms", type=int, default=server.drain_ms,
                    help="on SIGTERM, report NOT_SERVING this long before refusing new streams")
     p.add_argument("--shutdown-grace-ms", type=int, default=server.shutdown_grace_ms,
@@ -73,11 +85,20 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     return PickerSettings(
         server=ServerSettings(a.grpc_address, a.metrics_address, replica, drain_ms=a.drain_ms,
                               shutdown_grace_ms=a.shutdown_grace_ms, secure_serving=a.secure_serving,
+                              admin_address=a.admin_address, admin_tokens_file=a.admin_tokens_file,
                               health_address=a.grpc_health_address,
                               default_pool=pool_id(a.pool_namespace, a.pool_name) if a.pool_name else None),
         state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms),
         scheduling=scheduling,
     )
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """Uvicorn in the picker's own loop: the picker's handlers keep SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -100,11 +121,19 @@ async def serve(settings: PickerSettings) -> None:
     placement = Placement(state, fallback, Scheduler(build_profiles(settings.scheduling, rng)), settings, metrics,
                           clock)
     intake = Intake(settings.prefix, settings.server.max_request_body_bytes, rng)
-    processor = ExternalProcessor(snapshots, intake, placement, metrics, settings.server.default_pool)
+    hits = HitCounts()
+    processor = ExternalProcessor(snapshots, intake, placement, metrics, hits, settings.server.default_pool)
 
     async def heartbeat() -> None:
         config = snapshots.current.config
         await placement.publish(list(config.pools) if config else [])
+        counts = hits.take()
+        if counts:
+            try:
+                await store.add_hit_counts(int(time.time() // 60), counts)
+            except (RedisError, OSError) as exc:
+                hits.give_back(counts)
+                log.debug("hit counts kept for the next heartbeat: %s", exc)
 
     options = [("grpc.max_receive_message_length", 2 * settings.server.max_request_body_bytes),
                ("grpc.so_reuseport", 0)]
@@ -141,6 +170,15 @@ async def serve(settings: PickerSettings) -> None:
     app.router.add_get("/healthz", ready_handler)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
+    admin = None
+    if settings.server.admin_address:
+        tokens = Tokens(Path(settings.server.admin_tokens_file) if settings.server.admin_tokens_file else None)
+        admin_app = build_admin_app(AdminContext(snapshots, placement, intake, store, tokens,
+                                                 settings.server.replica_id))
+        host, port = _split(settings.server.admin_address)
+        admin = _EmbeddedServer(uvicorn.Config(admin_app, host=host, port=port, log_level="warning",
+                                               access_log=False, lifespan="off"))
+
     await snapshots.refresh_once()
     await server.start()
     if health_server is not None:
@@ -152,6 +190,8 @@ async def serve(settings: PickerSettings) -> None:
         asyncio.create_task(snapshots.run(stop)),
         asyncio.create_task(every(settings.state.heartbeat_interval_ms / 1000, stop, heartbeat)),
     ]
+    if admin is not None:
+        tasks.append(asyncio.create_task(admin.serve()))
     # Serving once a config is known: a replica that cannot route yet gets no traffic.
     while snapshots.current.config is None and not stop.is_set():
         await asyncio.sleep(0.05)
@@ -171,6 +211,8 @@ async def serve(settings: PickerSettings) -> None:
         if health_server is not None:
             await health_server.stop(grace=1)
         await placement.drain()
+        if admin is not None:
+            admin.should_exit = True
         for t in tasks:
             t.cancel()
         await runner.cleanup()

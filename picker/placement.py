@@ -28,7 +28,7 @@ from picker.metrics import PickerMetrics
 from picker.plugins.framework import Candidate
 from picker.plugins.pickers import replica_share
 from picker.prefix import capacity_blocks
-from picker.scheduler import Decision, Scheduler
+from picker.scheduler import Decision, Scheduler, Trace
 from picker.settings import PickerSettings
 from picker.state import MemoryState, OwnRequests, PlacementState
 
@@ -80,11 +80,12 @@ class Placement:
         self.own = OwnRequests()
         self._background: set[asyncio.Task[None]] = set()
 
-    async def place(self, request: PlacementRequest, samples: dict[str, LoadSample]) -> Placed:
+    async def place(self, request: PlacementRequest, samples: dict[str, LoadSample],
+                    drained: frozenset[str] = frozenset()) -> Placed:
         started = time.perf_counter()
         # At most two rounds: the second when another replica took the chosen endpoint meanwhile.
         for check in (True, False):
-            plan = await self.plan(request, samples, check)
+            plan = await self.plan(request, samples, check, drained)
             placed = await self.commit(plan, started)
             if placed is not None:
                 break
@@ -94,8 +95,9 @@ class Placement:
             self._later(self._index(request.pool, plan.chosen, request.block_hashes))
         return placed
 
-    async def plan(self, request: PlacementRequest, samples: dict[str, LoadSample], check: bool = True) -> Plan:
-        """The decision the state supports now; reads only."""
+    async def plan(self, request: PlacementRequest, samples: dict[str, LoadSample], check: bool = True,
+                   drained: frozenset[str] = frozenset(), trace: Trace | None = None) -> Plan:
+        """The decision the state supports now; reads only (so it also explains decisions)."""
         pool = request.pool
         try:
             self._check_state()
@@ -114,7 +116,8 @@ class Placement:
                               dict(Counter(others.inflight_work) + Counter(own_work)), others.replicas)
         scheduling = replace(request.scheduling, preferred=replica_share(
             [e.key for e in pool.endpoints], view.replicas, self._me))
-        decision = self._scheduler.schedule(pool.strategy, scheduling, self._candidates(pool, samples, view))
+        decision = self._scheduler.schedule(pool.strategy, scheduling, self._candidates(pool, samples, view, drained),
+                                            trace)
         chosen = decision.endpoints[0]
         seen = others.inflight.get(chosen.endpoint.key, 0) if check and others is not None else -1
         return Plan(request, decision, max(0, scheduling.work_blocks - chosen.matched_blocks), seen)
@@ -149,7 +152,8 @@ class Placement:
         if placed.admitted_shared:
             self._later(self._release(placed))
 
-    def _candidates(self, pool: Pool, samples: dict[str, LoadSample], view: SharedView) -> list[Candidate]:
+    def _candidates(self, pool: Pool, samples: dict[str, LoadSample], view: SharedView,
+                    drained: frozenset[str]) -> list[Candidate]:
         now_ms = self._clock.now_ms()
         max_age = self._settings.state.max_sample_age_ms
         out = []
@@ -158,17 +162,22 @@ class Placement:
             fresh = sample if sample is not None and sample.ok and now_ms - sample.scraped_at_ms <= max_age else None
             out.append(Candidate(e, fresh, sample.consecutive_failures if sample else 0,
                                  view.inflight.get(e.key, 0), view.matched_blocks.get(e.key, 0),
-                                 view.inflight_work.get(e.key, 0)))
+                                 view.inflight_work.get(e.key, 0), e.key in drained))
         return out
 
-    def _capacity(self, chosen: Candidate) -> int:
-        p, load = self._settings.prefix, chosen.load
+    def capacity_blocks(self, load: LoadSample | None) -> int:
+        """How many prefix blocks an endpoint with this load sample can hold (its LRU's size)."""
+        p = self._settings.prefix
         return capacity_blocks(load.block_size if load else 0, load.num_blocks if load else 0,
                                p.chars_per_token, p.block_chars, p.default_capacity_blocks)
 
+    def now_ms(self) -> int:
+        """Now on the fleet's clock (Redis's), as load samples are stamped."""
+        return self._clock.now_ms()
+
     async def _index(self, pool: Pool, chosen: Candidate, hashes: list[str]) -> None:
         """The chosen endpoint now holds the prompt's blocks, for every replica's next lookups."""
-        capacity, ttl_ms = self._capacity(chosen), self._settings.prefix.ttl_ms
+        capacity, ttl_ms = self.capacity_blocks(chosen.load), self._settings.prefix.ttl_ms
         if self._fallback is not None:
             await self._fallback.index(pool.name, chosen.endpoint.key, hashes, ttl_ms, capacity)
         try:

@@ -10,11 +10,11 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway_state.records import Criticality, Strategy
 from picker.errors import NoEndpoint, Shed
-from picker.plugins.filters import HealthyFilter, QueueGuardFilter, SheddableFilter
+from picker.plugins.filters import DrainFilter, HealthyFilter, QueueGuardFilter, SheddableFilter
 from picker.plugins.framework import Candidate, Filter, Picker, SchedulingRequest, Scorer
 from picker.plugins.pickers import MaxScorePicker
 from picker.plugins.scorers import (
@@ -49,24 +49,47 @@ class Decision:
     seconds: float
 
 
+@dataclass
+class Trace:
+    """What one decision went through, for explaining it: filled by the runner when asked."""
+
+    candidates: list[str] = field(default_factory=list)  # endpoint keys, in pool order
+    removed: list[tuple[str, list[str]]] = field(default_factory=list)  # (filter, endpoints it removed)
+    scores: list[tuple[str, float, dict[str, float]]] = field(default_factory=list)  # (scorer, weight, raw)
+    totals: dict[str, float] = field(default_factory=dict)  # endpoint -> weighted sum
+    picker: str = ""
+
+
 class Scheduler:
     def __init__(self, profiles: Mapping[Strategy, Profile]) -> None:
         self._profiles = dict(profiles)
 
-    def schedule(self, strategy: Strategy, request: SchedulingRequest, candidates: Sequence[Candidate]) -> Decision:
+    def schedule(self, strategy: Strategy, request: SchedulingRequest, candidates: Sequence[Candidate],
+                 trace: Trace | None = None) -> Decision:
         started = time.perf_counter()
         profile = self._profiles[strategy]
         remaining = list(candidates)
+        if trace is not None:
+            trace.candidates = [c.endpoint.key for c in remaining]
+            trace.picker = profile.picker.name
         for f in profile.filters:
-            remaining = f.filter(request, remaining)
+            kept = f.filter(request, remaining)
+            if trace is not None:
+                trace.removed.append((f.name, [c.endpoint.key for c in remaining if c not in kept]))
+            remaining = kept
             if not remaining:
-                if request.criticality == Criticality.SHEDDABLE:
+                if request.criticality == Criticality.SHEDDABLE and f.name == "sheddable":
                     raise Shed("Every endpoint is saturated; sheddable requests are refused until load drops.")
                 raise NoEndpoint(f"No endpoint passed the {f.name} filter.")
         totals = [0.0] * len(remaining)
         for w in profile.scorers:
             scores = w.scorer.score(request, remaining)
+            if trace is not None:
+                trace.scores.append((w.scorer.name, w.weight,
+                                     {c.endpoint.key: s for c, s in zip(remaining, scores, strict=True)}))
             totals = [t + w.weight * min(1.0, max(0.0, s)) for t, s in zip(totals, scores, strict=True)]
+        if trace is not None:
+            trace.totals = {c.endpoint.key: t for c, t in zip(remaining, totals, strict=True)}
         chosen = profile.picker.pick(request, list(zip(remaining, totals, strict=True)))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("scores %s", {c.endpoint.name: round(t, 3) for c, t in zip(remaining, totals, strict=True)})
@@ -74,7 +97,7 @@ class Scheduler:
 
 
 def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[Strategy, Profile]:
-    filters = (HealthyFilter(s.max_scrape_failures), QueueGuardFilter(s.saturation_waiting),
+    filters = (DrainFilter(), HealthyFilter(s.max_scrape_failures), QueueGuardFilter(s.saturation_waiting),
                SheddableFilter(s.saturation_waiting, s.saturation_kv_cache))
     load = (Weighted(QueueScorer(s.queue_scale), s.queue_weight), Weighted(KVCacheScorer(), s.kv_cache_weight),
             Weighted(InflightScorer(s.inflight_scale), s.inflight_weight),

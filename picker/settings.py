@@ -25,6 +25,9 @@ class ServerSettings:
     # A plaintext gRPC health server of its own (liveness, readiness, the ext_proc service),
     # for Kubernetes probes, which cannot speak TLS; None: health only on the ext_proc port.
     health_address: str | None = None
+    # The admin API (FastAPI): host:port, or None for none; and its bearer tokens' file.
+    admin_address: str | None = None
+    admin_tokens_file: str | None = None
     # The pool this replica serves when the gateway names none (`namespace/name`): a picker
     # deployed for one InferencePool, as standard gateways run one.
     default_pool: str | None = None

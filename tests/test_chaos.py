@@ -39,6 +39,7 @@ def chaos_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     fleet = Fleet(FleetSettings(
         manifests_dir=manifests, work_dir=tmp_path_factory.mktemp("chaos"), redis_port=free_port(),
         picker_ports=(free_port(), free_port()), picker_metrics_ports=(free_port(), free_port()),
+        picker_admin_ports=(),
         envoy_admin_port=free_port(), resync_interval_ms=300, collectors=3, controllers=2, pod_per_process=True,
     ))
     try:

@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from collector.sharding import owned, owner
 from gateway_state import keys
 from gateway_state.records import Config, Endpoint, Pool
+from gateway_state.sharding import owned, owner
 from gateway_state.store import StateStore
 from simulator.metrics import VLLMMetrics
 from simulator.physics import Physics

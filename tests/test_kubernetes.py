@@ -60,6 +60,7 @@ def two_namespaces(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iter
     settings = FleetSettings(
         manifests_dir=simulate, work_dir=tmp_path_factory.mktemp("kube-fleet"), redis_port=free_port(),
         picker_ports=(free_port(), free_port()), picker_metrics_ports=(free_port(), free_port()),
+        picker_admin_ports=(),
         envoy_admin_port=free_port(), resync_interval_ms=300, kubeconfig=kube.server.kubeconfig,
         simulator_args=("--time-scale", "0.5"))
     fleet = Fleet(settings)

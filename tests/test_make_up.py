@@ -49,14 +49,14 @@ def descendants(pid: int) -> dict[int, str]:
 
 class MakeUp:
     def __init__(self, work: Path) -> None:
-        self.base = free_port_block(8)
-        self.port = self.base + 6
+        self.base = free_port_block(10)  # the fleet's own eight, then the two listeners
+        self.port = self.base + 8
         manifests = work / "manifests"
         manifests.mkdir()
         net = f"127.{random.randrange(100, 250)}.{random.randrange(1, 250)}."
         for path in (ROOT / "examples" / "fleet").glob("*.yaml"):
             text = path.read_text().replace("port: 8080", f"port: {self.port}")
-            text = text.replace("port: 8081", f"port: {self.base + 7}").replace("127.0.0.1", net + "1")
+            text = text.replace("port: 8081", f"port: {self.base + 9}").replace("127.0.0.1", net + "1")
             (manifests / path.name).write_text(text)
         args = f"--manifests {manifests} --work-dir {work / 'fleet'} --port-base {self.base}"
         self.log = (work / "make-up.log").open("wb")

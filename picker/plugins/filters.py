@@ -10,6 +10,16 @@ from picker.plugins.framework import Candidate, SchedulingRequest
 
 
 @dataclass(frozen=True)
+class DrainFilter:
+    """Endpoints an operator drained take no new requests; with all of them drained, none is left."""
+
+    name: str = "drain"
+
+    def filter(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
+        return [c for c in candidates if not c.draining]
+
+
+@dataclass(frozen=True)
 class HealthyFilter:
     """Endpoints whose scrapes keep failing leave the candidates until they recover.
 

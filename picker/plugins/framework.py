@@ -17,6 +17,7 @@ class Candidate:
     inflight: int  # requests in flight there, over every picker replica
     matched_blocks: int  # leading prompt blocks the endpoint holds
     inflight_work: int = 0  # uncached prompt blocks of the requests in flight there, over every replica
+    draining: bool = False  # an operator drained it: no new requests, running ones finish
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Which collector scrapes which endpoint: rendezvous (highest random weight) hashing.
+"""Which collector scrapes which endpoint: rendezvous (highest random weight) hashing, shared by the
+collectors (to split the work) and the admin API (to show who scrapes what).
 
 Every collector computes the same owner for an endpoint from the same member
 list, so in steady state each endpoint is scraped exactly once. When a member

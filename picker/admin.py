@@ -1,0 +1,246 @@
+"""The admin API: what the fleet knows, why a request would go where, and drains.
+
+Served by every picker replica on its own port (FastAPI on uvicorn), so
+`POST /admin/explain` runs this replica's own placement code on its own
+snapshot: the explanation cannot drift from the decisions. It reads the shared
+state and writes only drains. Every route but the status page's HTML needs a
+bearer token (read, or admin for drains), and no response holds prompt text:
+prompts appear as the counts of their blocks, as in Redis.
+
+No `from __future__ import annotations` here: FastAPI reads the route
+signatures' annotations, and they name dependencies local to the app factory.
+"""
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from gateway_state.records import Criticality, Pool
+from gateway_state.sharding import owner
+from gateway_state.store import StateStore
+from picker.errors import GatewayError
+from picker.intake import Intake, PlacementRequest
+from picker.placement import Placement
+from picker.plugins.framework import SchedulingRequest
+from picker.scheduler import Trace
+from picker.snapshot import SnapshotSource
+
+STATUS_PAGE = Path(__file__).with_name("status_page.html")
+HIT_WINDOWS_MIN = (1, 5, 60)
+READ, ADMIN = "read", "admin"
+
+
+class Tokens:
+    """Bearer tokens and their scopes, from a YAML file (`tokens: {TOKEN: read|admin}`), re-read when it
+    changes, as a mounted Kubernetes Secret does on rotation."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._mtime = -1.0
+        self._scopes: dict[str, str] = {}
+
+    def scope(self, token: str) -> str | None:
+        if self._path is None:
+            return None
+        mtime = self._path.stat().st_mtime
+        if mtime != self._mtime:
+            loaded = yaml.safe_load(self._path.read_text()) or {}
+            self._scopes = {str(t): str(s) for t, s in (loaded.get("tokens") or {}).items() if s in (READ, ADMIN)}
+            self._mtime = mtime
+        return self._scopes.get(token)
+
+
+@dataclass(frozen=True)
+class AdminContext:
+    snapshots: SnapshotSource
+    placement: Placement
+    intake: Intake
+    store: StateStore
+    tokens: Tokens
+    replica: str
+
+
+def _sample(load: Any, now_ms: int) -> dict[str, Any] | None:
+    if load is None:
+        return None
+    return {"waiting": load.waiting, "running": load.running, "kv_cache_usage": load.kv_cache_usage,
+            "running_adapters": list(load.running_adapters), "ok": load.ok,
+            "consecutive_failures": load.consecutive_failures,
+            "age_ms": max(0, now_ms - load.scraped_at_ms) if load.scraped_at_ms > 0 else None,
+            "num_blocks": load.num_blocks, "block_size": load.block_size}
+
+
+def _trace_json(trace: Trace) -> dict[str, Any]:
+    return {
+        "candidates": trace.candidates,
+        "filters": [{"name": name, "removed": removed} for name, removed in trace.removed],
+        "scorers": [{"name": name, "weight": weight, "raw": raw,
+                     "weighted": {e: weight * min(1.0, max(0.0, s)) for e, s in raw.items()}}
+                    for name, weight, raw in trace.scores],
+        "totals": trace.totals, "picker": trace.picker,
+    }
+
+
+def build_admin_app(ctx: AdminContext) -> FastAPI:
+    app = FastAPI(title="Inference picker fleet admin API", version="1",
+                  description="What the fleet knows, why a request would go where, and endpoint drains.")
+    bearer = HTTPBearer(auto_error=False)
+
+    def scope_of(credentials: HTTPAuthorizationCredentials | None) -> str:
+        scope = ctx.tokens.scope(credentials.credentials) if credentials is not None else None
+        if scope is None:
+            raise HTTPException(401, "A valid bearer token is required.", headers={"WWW-Authenticate": "Bearer"})
+        return scope
+
+    def reader(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        return scope_of(credentials)
+
+    def admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        if scope_of(credentials) != ADMIN:
+            raise HTTPException(403, "Drains need a token with the admin scope.")
+        return ADMIN
+
+    Reader = Annotated[str, Depends(reader)]  # noqa: N806 (a type alias)
+
+    def pool_of(namespace: str, name: str) -> Pool:
+        config = ctx.snapshots.current.config
+        pool = config.pools.get(f"{namespace}/{name}") if config else None
+        if pool is None:
+            raise HTTPException(404, f"No pool {namespace}/{name}.")
+        return pool
+
+    async def endpoints_view(pool: Pool) -> list[dict[str, Any]]:
+        snapshot = ctx.snapshots.current
+        samples = snapshot.load.get(pool.name, {})
+        drained = snapshot.drained.get(pool.name, frozenset())
+        # The scores every scorer gives now, for a request with no prompt to match.
+        neutral = PlacementRequest("", pool, None, [], SchedulingRequest("", Criticality.STANDARD, 0))
+        trace = Trace()
+        with contextlib.suppress(GatewayError):  # no candidate left (all drained, say): the trace has the rest
+            await ctx.placement.plan(neutral, samples, False, drained, trace)
+        scores = _trace_json(trace)["scorers"]
+        fleet = await ctx.store.read_fleet([pool.name])
+        by_replica = await ctx.store.inflight_by_replica(pool.name, sorted(fleet.pickers.get(pool.name, {})))
+        now_ms = ctx.placement.now_ms()
+        return [{
+            "name": e.name, "endpoint": e.key, "labels": e.labels, "drained": e.key in drained,
+            "load": _sample(samples.get(e.key), now_ms),
+            "inflight": {r: figures.get(e.key, 0) for r, figures in by_replica.items() if figures.get(e.key)},
+            "scores": {s["name"]: {"raw": s["raw"].get(e.key), "weighted": s["weighted"].get(e.key)}
+                       for s in scores},
+            "total": trace.totals.get(e.key),
+        } for e in pool.endpoints]
+
+    @app.get("/admin/pools", summary="Pools with their endpoints: load, drain, in-flight, scores now")
+    async def pools(_: Reader) -> list[dict[str, Any]]:
+        config = ctx.snapshots.current.config
+        if config is None:
+            return []
+        return [{"pool": p.name, "strategy": p.strategy.value, "runtime": p.runtime.value,
+                 "failure_mode": p.failure_mode.value, "target_ports": list(p.target_ports),
+                 "pd": None if p.pd is None else {"role_label": p.pd.role_label, "bootstrap_port": p.pd.bootstrap_port},
+                 "endpoints": await endpoints_view(p)} for p in config.pools.values()]
+
+    @app.get("/admin/pools/{namespace}/{name}/prefix", summary="The prefix index: blocks held, hit ratios")
+    async def prefix(namespace: str, name: str, _: Reader) -> dict[str, Any]:
+        pool = pool_of(namespace, name)
+        samples = ctx.snapshots.current.load.get(pool.name, {})
+        held = await ctx.store.prefix_blocks_held(pool.name, [e.key for e in pool.endpoints])
+        minute = int(time.time() // 60)
+        counts = await ctx.store.hit_counts(pool.name, range(minute - max(HIT_WINDOWS_MIN) + 1, minute + 1))
+        windows: dict[str, dict[str, dict[str, float | int | None]]] = {}
+        for window in HIT_WINDOWS_MIN:
+            totals: dict[str, list[int]] = {}
+            for m in range(minute - window + 1, minute + 1):
+                for model, (queried, matched) in counts.get(m, {}).items():
+                    t = totals.setdefault(model, [0, 0])
+                    t[0], t[1] = t[0] + queried, t[1] + matched
+            windows[f"{window}m"] = {model: {"queried_blocks": q, "matched_blocks": m,
+                                             "hit_ratio": m / q if q else None} for model, (q, m) in totals.items()}
+        return {"pool": pool.name, "endpoints": [
+            {"name": e.name, "endpoint": e.key, "blocks_held": held.get(e.key, 0),
+             "capacity_blocks": ctx.placement.capacity_blocks(samples.get(e.key))} for e in pool.endpoints],
+            "hit_ratios": windows}
+
+    @app.get("/admin/models", summary="Models, rewrites and objectives as loaded")
+    async def models(_: Reader) -> dict[str, Any]:
+        config = ctx.snapshots.current.config
+        if config is None:
+            return {"generation": None, "models": {}, "objectives": {}}
+        return {"generation": config.generation,
+                "models": {pool: [{"name": m.name or "*", "criticality": m.criticality.value,
+                                   "targets": [{"name": t.name, "weight": t.weight} for t in m.targets]}
+                                  for m in listed.values()] for pool, listed in config.models.items()},
+                "objectives": {pool: {o.name: o.priority for o in listed.values()}
+                               for pool, listed in config.objectives.items()}}
+
+    @app.get("/admin/fleet", summary="Picker replicas, collectors and what each scrapes, the controller leader")
+    async def fleet(_: Reader) -> dict[str, Any]:
+        config = ctx.snapshots.current.config
+        pools = sorted(config.pools) if config else []
+        view = await ctx.store.read_fleet(pools)
+        now_ms = ctx.placement.now_ms()
+        live = sorted(c for c, expiry in view.collectors.items() if expiry > now_ms)
+        endpoints = sorted({e.key for p in (config.pools.values() if config else ()) for e in p.endpoints})
+        owns: dict[str, list[str]] = {c: [] for c in live}
+        for e in endpoints:
+            if live:
+                owns[owner(e, live)].append(e)
+        return {"this_replica": ctx.replica, "config_generation": config.generation if config else None,
+                "controller_leader": view.leader,
+                "pickers": {pool: {r: {"lease_expires_in_ms": expiry - now_ms} for r, expiry in members.items()}
+                            for pool, members in view.pickers.items()},
+                "collectors": {c: {"lease_expires_in_ms": view.collectors[c] - now_ms, "endpoints": owns.get(c, [])}
+                               for c in sorted(view.collectors)}}
+
+    @app.post("/admin/explain", summary="The decision the pickers would make now for this body; changes nothing")
+    async def explain(request: Request, _: Reader,
+                      pool: Annotated[str | None, Query(description="namespace/name; default: by the model")] = None,
+                      path: Annotated[str, Query(description="the OpenAI endpoint")] = "/v1/chat/completions",
+                      ) -> dict[str, Any]:
+        snapshot = ctx.snapshots.current
+        raw = await request.body()
+        try:
+            placement_request = ctx.intake.read(snapshot.config, pool, path, raw)
+            trace = Trace()
+            plan = await ctx.placement.plan(placement_request, snapshot.load.get(placement_request.pool.name, {}),
+                                            False, snapshot.drained.get(placement_request.pool.name, frozenset()),
+                                            trace)
+        except GatewayError as err:
+            return JSONResponse(err.body(), status_code=err.status)  # type: ignore[return-value]
+        chosen = plan.decision.endpoints
+        return {"model": placement_request.model, "target_model": placement_request.target_model,
+                "pool": placement_request.pool.name, "strategy": placement_request.pool.strategy.value,
+                "prompt_blocks": len(placement_request.block_hashes),
+                "matched_blocks": {c.endpoint.key: c.matched_blocks for c in chosen},
+                "pick": chosen[0].endpoint.key, "pick_name": chosen[0].endpoint.name,
+                "fallbacks": [c.endpoint.key for c in chosen[1:]], **_trace_json(trace)}
+
+    @app.post("/admin/pools/{namespace}/{name}/endpoints/{endpoint}/drain", status_code=204,
+              summary="Drain an endpoint: no new requests within one snapshot refresh; running ones finish")
+    async def drain(namespace: str, name: str, endpoint: str, _: Annotated[str, Depends(admin)]) -> None:
+        await _set_drained(namespace, name, endpoint, True)
+
+    @app.delete("/admin/pools/{namespace}/{name}/endpoints/{endpoint}/drain", status_code=204,
+                summary="Undo a drain")
+    async def undrain(namespace: str, name: str, endpoint: str, _: Annotated[str, Depends(admin)]) -> None:
+        await _set_drained(namespace, name, endpoint, False)
+
+    async def _set_drained(namespace: str, name: str, endpoint: str, draining: bool) -> None:
+        pool = pool_of(namespace, name)
+        if endpoint not in {e.key for e in pool.endpoints}:
+            raise HTTPException(404, f"No endpoint {endpoint} in pool {pool.name}.")
+        await ctx.store.set_drained(pool.name, endpoint, draining)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def status_page() -> str:
+        return STATUS_PAGE.read_text()
+
+    return app
