@@ -32,10 +32,15 @@ test: $(STAMP) debian-tools testbed
 testbed: $(STAMP)
 	$(BIN)/python -m testbed.build
 
-## Debian tools the tests run: faketime (a picker with a skewed clock) and make itself.
+## Debian tools the tests run: faketime (a picker with a skewed clock), promtool (alerting rule tests,
+## package prometheus) and chromium (the status page in a real browser).
+DEBIAN_TOOLS := faketime:faketime promtool:prometheus chromium:chromium
 debian-tools:
-	@command -v faketime >/dev/null || { apt-get update -qq && apt-get install -y -qq faketime >/dev/null; } \
-		|| { echo "install Debian's faketime (as root: apt-get install faketime)"; exit 1; }
+	@missing=""; for pair in $(DEBIAN_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+		|| { echo "install Debian's$$missing (as root: apt-get install$$missing)"; exit 1; }; \
+	fi
 
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
