@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import aiohttp
 from redis.exceptions import RedisError
 
+from collector.metrics import CollectorMetrics
 from collector.metrics_map import GarbledMetrics, to_load_sample
 from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import every
@@ -48,9 +49,10 @@ class CollectorSettings:
 
 
 class Collector:
-    def __init__(self, store: StateStore, settings: CollectorSettings) -> None:
+    def __init__(self, store: StateStore, settings: CollectorSettings, metrics: CollectorMetrics) -> None:
         self._store = store
         self._settings = settings
+        self._metrics = metrics
         self._clock = FleetClock()
         self._config: Config | None = None
         self._config_read_at = 0.0
@@ -83,6 +85,7 @@ class Collector:
         if members != self.members:
             log.info("collectors: %s", ", ".join(members))
             self.members = members
+        self._metrics.members.set(len(members))
 
     async def scrape_once(self, session: aiohttp.ClientSession) -> None:
         config = await self._current_config()
@@ -91,9 +94,13 @@ class Collector:
         all_keys = [e.key for pool in config.pools.values() for e in pool.endpoints]
         mine = owned(all_keys, self.members, self._settings.collector_id)
         pools = [(pool.name, tuple(e for e in pool.endpoints if e.key in mine)) for pool in config.pools.values()]
+        self._metrics.endpoints_owned.set(len(mine))
         before = dict(self._last)
         results = await asyncio.gather(*(self._scrape_pool(session, eps) for _, eps in pools))
+        now_ms = self._clock.now_ms()
         for (name, _), samples in zip(pools, results, strict=True):
+            good = [s.scraped_at_ms for s in samples.values() if s.scraped_at_ms > 0]
+            self._metrics.sample_age.labels(name).set(max(0, now_ms - min(good)) / 1000 if good else 0)
             # A counter that fell means a new process: the KV cache the index describes is gone.
             restarted = [key for key, s in samples.items()
                          if s.ok and key in before and s.prompt_tokens < before[key].prompt_tokens]
@@ -137,17 +144,33 @@ class Collector:
 
     async def _scrape(self, session: aiohttp.ClientSession, endpoint: Endpoint) -> LoadSample:
         now_ms = self._clock.now_ms()  # Redis's clock: pickers judge the sample's age by it
+        started = time.perf_counter()
         try:
             async with session.get(f"http://{endpoint.key}/metrics") as response:
                 if response.status != 200:
                     raise GarbledMetrics(f"HTTP {response.status}")
                 text = await response.text(errors="replace")
             sample = to_load_sample(text, now_ms)
+            self._metrics.scrapes.labels("ok").inc()
         except (aiohttp.ClientError, TimeoutError, GarbledMetrics, UnicodeDecodeError) as exc:
+            self._metrics.scrapes.labels("failed").inc()
+            self._metrics.failures.labels(_reason(exc)).inc()
             previous = self._last.get(endpoint.key) or LoadSample(scraped_at_ms=0, ok=False)
             sample = replace(previous, ok=False, consecutive_failures=previous.consecutive_failures + 1,
                              error=str(exc) or type(exc).__name__)
             if previous.ok:
                 log.warning("scrape of %s (%s) failed: %s", endpoint.name, endpoint.key, sample.error)
+        finally:
+            self._metrics.scrape_seconds.observe(time.perf_counter() - started)
         self._last[endpoint.key] = sample
         return sample
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientError):
+        return "connect"
+    if isinstance(exc, GarbledMetrics) and str(exc).startswith("HTTP "):
+        return "http_status"
+    return "garbled"

@@ -9,11 +9,13 @@ import socket
 import uuid
 
 from collector.collector import Collector, CollectorSettings
+from collector.metrics import CollectorMetrics
 from gateway_state.lifecycle import configure_logging, connect, stop_on_signals
+from gateway_state.metrics_http import serve_metrics
 from gateway_state.store import StateStore
 
 
-def parse_settings(argv: list[str] | None) -> CollectorSettings:
+def parse_settings(argv: list[str] | None) -> tuple[str | None, CollectorSettings]:
     defaults = CollectorSettings()
     p = argparse.ArgumentParser(prog="collector", description="Scrape model-server pods into Redis load samples.")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", defaults.redis_url))
@@ -22,24 +24,29 @@ def parse_settings(argv: list[str] | None) -> CollectorSettings:
     p.add_argument("--scrape-interval-ms", type=int, default=defaults.scrape_interval_ms)
     p.add_argument("--scrape-timeout-ms", type=int, default=defaults.scrape_timeout_ms)
     p.add_argument("--config-refresh-ms", type=int, default=defaults.config_refresh_ms)
+    p.add_argument("--metrics-address", help="serve /metrics here (HOST:PORT; default: none)")
     a = p.parse_args(argv)
     collector_id = a.collector_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    return CollectorSettings(a.redis_url, collector_id, a.scrape_interval_ms, a.scrape_timeout_ms,
-                             a.config_refresh_ms)
+    return a.metrics_address, CollectorSettings(a.redis_url, collector_id, a.scrape_interval_ms,
+                                                a.scrape_timeout_ms, a.config_refresh_ms)
 
 
-async def serve(settings: CollectorSettings) -> None:
+async def serve(metrics_address: str | None, settings: CollectorSettings) -> None:
     stop = stop_on_signals()
     redis = connect(settings.redis_url)
+    metrics = CollectorMetrics()
+    runner = await serve_metrics(metrics.registry, metrics_address) if metrics_address else None
     try:
-        await Collector(StateStore(redis), settings).run(stop)
+        await Collector(StateStore(redis), settings, metrics).run(stop)
     finally:
+        if runner is not None:
+            await runner.cleanup()
         await redis.aclose()
 
 
 def main(argv: list[str] | None = None) -> None:
     configure_logging()
-    asyncio.run(serve(parse_settings(argv)))
+    asyncio.run(serve(*parse_settings(argv)))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from controller.desired import DesiredState, build
 from controller.kube_lease import LeaseElector
 from controller.kube_status import StatusWriter
 from controller.manifests import ManifestError, Manifests
+from controller.metrics import ControllerMetrics
 from controller.sources import ManifestSource
 from gateway_state.records import Config
 from gateway_state.store import Deposed, StateStore
@@ -71,8 +72,10 @@ def write_atomically(path: Path, data: Any) -> None:
 
 class Controller:
     def __init__(self, store: StateStore, settings: ControllerSettings, source: ManifestSource,
-                 status: StatusWriter | None = None, lease: LeaseElector | None = None) -> None:
+                 metrics: ControllerMetrics, status: StatusWriter | None = None,
+                 lease: LeaseElector | None = None) -> None:
         self._store = store
+        self._metrics = metrics
         self._settings = settings
         self._source = source
         self._status = status  # Kubernetes only: conditions and Events on the objects
@@ -114,10 +117,14 @@ class Controller:
 
     async def reconcile_once(self) -> None:
         problems = self._load()  # standbys load too, so they are ready the moment they lead
+        self._metrics.invalid_resources.set(len(problems))
+        self._metrics.reconciles.labels("no_source" if self._good is None else "invalid" if problems else "ok").inc()
         if self._good is not None and not self._settings.publish:
             self._write_envoy()
             return
-        if self._good is None or not await self._lead():
+        leading = self._good is not None and await self._lead()
+        self._metrics.leader.set(1 if leading else 0)
+        if not leading or self._good is None:
             return
         self._write_envoy()
         await self._publish(self._good)
@@ -196,14 +203,17 @@ class Controller:
             if current is not None and (current.pools, current.models, current.prefix_seed,
                                         current.objectives) == desired:
                 self.generation = current.generation
+                self._metrics.generation.set(self.generation)
                 return
             self.generation = max(self.generation, current.generation if current else 0) + 1
             await self._store.write_config(Config(self.generation, state.pools, state.models, self._prefix_seed,
                                                   state.objectives), self.leadership)
+            self._metrics.generation.set(self.generation)
             log.info("config generation %d written to Redis%s", self.generation,
                      "" if current is not None else " (Redis held none)")
         except Deposed as exc:
             log.warning("deposed, write refused: %s", exc)
             self.leadership = None
         except (RedisError, ValueError) as exc:
+            self._metrics.reconciles.labels("redis_error").inc()
             log.warning("cannot publish config to Redis: %s", exc)

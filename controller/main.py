@@ -14,8 +14,10 @@ from controller.envoy_config import EnvoySettings
 from controller.kube_api import KubeAPI
 from controller.kube_lease import LeaseElector, LeaseSettings
 from controller.kube_status import StatusWriter
+from controller.metrics import ControllerMetrics
 from controller.sources import FileSource, KubeSettings, KubeSource, ManifestSource
 from gateway_state.lifecycle import configure_logging, connect, stop_on_signals
+from gateway_state.metrics_http import serve_metrics
 from gateway_state.store import StateStore
 
 # The GatewayClass-style name written into InferencePool status entries this controller owns.
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-namespace", help="namespace of the leader Lease (default: the pod's own, or default)")
     p.add_argument("--envoy-config-dir", type=Path,
                    help="where bootstrap.json, lds.json, cds.json go; omit when a Gateway implementation runs Envoy")
+    p.add_argument("--metrics-address", help="serve /metrics here (HOST:PORT; default: none)")
     p.add_argument("--render-envoy-only", action="store_true",
                    help="only write Envoy's files (a gateway pod's renderer): no Redis, no leadership, no status")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", d.redis_url))
@@ -85,17 +88,21 @@ async def serve(a: argparse.Namespace, settings: ControllerSettings) -> None:
     stop = stop_on_signals()
     redis = connect(settings.redis_url)
     api = await KubeAPI.connect(a.kubeconfig) if a.kubernetes else None
+    metrics = ControllerMetrics()
+    runner = await serve_metrics(metrics.registry, a.metrics_address) if a.metrics_address else None
     source: ManifestSource
     status = lease = None
     if api is not None:
-        source = kube = KubeSource(api, KubeSettings(namespace=a.watch_namespace))
+        source = kube = KubeSource(api, KubeSettings(namespace=a.watch_namespace),
+                                   restarted=lambda resource, reason: metrics.watch_restarts.labels(resource,
+                                                                                                    reason).inc())
         if settings.publish:
             status = StatusWriter(api, kube, CONTROLLER_NAME, "inference-picker-fleet-controller")
             lease = LeaseElector(api, LeaseSettings(_lease_namespace(a)), settings.controller_id)
     else:
         source = FileSource(a.manifests)
     try:
-        controller = Controller(StateStore(redis), settings, source, status, lease)
+        controller = Controller(StateStore(redis), settings, source, metrics, status, lease)
         controller.write_bootstrap()
         await source.start()
         await controller.run(stop)
@@ -105,6 +112,8 @@ async def serve(a: argparse.Namespace, settings: ControllerSettings) -> None:
             await lease.release()
         if api is not None:
             await api.close()
+        if runner is not None:
+            await runner.cleanup()
         await redis.aclose()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,8 +84,10 @@ class KubeSettings:
 class KubeSource:
     """List and watch every kind the controller reads; `load()` parses the cached objects."""
 
-    def __init__(self, api: KubeAPI, settings: KubeSettings, resources: tuple[Resource, ...] = WATCHED) -> None:
+    def __init__(self, api: KubeAPI, settings: KubeSettings, resources: tuple[Resource, ...] = WATCHED,
+                 restarted: Callable[[str, str], None] = lambda resource, reason: None) -> None:
         self._api = api
+        self._restarted = restarted  # (resource, reason: gone|error|disconnected) for the metrics
         self._settings = settings
         self._resources = resources
         self._objects: dict[Resource, dict[str, dict[str, Any]]] = {r: {} for r in resources}
@@ -157,6 +160,7 @@ class KubeSource:
                 log.info("watch of %s expired (410 Gone); listing again", resource.plural)
                 version = ""
                 self.relists += 1
+                self._restarted(resource.plural, "gone")
             except KubeError as exc:
                 if exc.status == 404 and not version:
                     # The kind's CRD is not installed: it has no objects until it is.
@@ -167,12 +171,14 @@ class KubeSource:
                     await asyncio.sleep(self._settings.missing_kind_retry_s)
                     continue
                 log.warning("%s: %s; retrying in %.1f s", resource.plural, exc, backoff)
+                self._restarted(resource.plural, "error")
                 version = "" if exc.status in (403, 404) else version
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._settings.backoff_s[1])
             except (OSError, ValueError, TimeoutError) as exc:
                 # A dropped connection: resume the watch from the last version seen.
                 log.warning("watching %s failed: %r; retrying in %.1f s", resource.plural, exc, backoff)
+                self._restarted(resource.plural, "disconnected")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._settings.backoff_s[1])
 

@@ -41,6 +41,9 @@ class FleetSettings:
     picker_metrics_ports: tuple[int, ...] = (9102, 9103)
     # Each picker's admin API and status page (empty: none); the tokens go to work_dir/admin-tokens.yaml.
     picker_admin_ports: tuple[int, ...] = (9202, 9203)
+    # /metrics of each collector and controller (empty: not served).
+    collector_metrics_ports: tuple[int, ...] = ()
+    controller_metrics_ports: tuple[int, ...] = ()
     envoy_admin_port: int = 9901
     listen_address: str = "127.0.0.1"
     scrape_interval_ms: int = 100
@@ -172,15 +175,19 @@ class Fleet:
         source = ["--kubernetes", "--kubeconfig", str(s.kubeconfig)] if s.kubeconfig else [
             "--manifests", str(s.manifests_dir)]
         for i in range(s.controllers):
+            metrics = ["--metrics-address", f"127.0.0.1:{s.controller_metrics_ports[i]}"] \
+                if i < len(s.controller_metrics_ports) else []
             self._spawn(f"controller-{i}", [
-                _bin("controller"), "--controller-id", f"controller-{i}", *source,
+                _bin("controller"), "--controller-id", f"controller-{i}", *source, *metrics,
                 "--envoy-config-dir", str(self.envoy_dir), "--listen-address", s.listen_address,
                 "--envoy-admin-port", str(s.envoy_admin_port), "--resync-interval-ms", str(s.resync_interval_ms),
                 *pickers], env)
         self._wait("controller", lambda: (self.envoy_dir / "lds.json").exists(), timeout_s)
         for i in range(s.collectors):
+            metrics = ["--metrics-address", f"127.0.0.1:{s.collector_metrics_ports[i]}"] \
+                if i < len(s.collector_metrics_ports) else []
             self._spawn(f"collector-{i}", [_bin("collector"), "--collector-id", f"collector-{i}",
-                                           "--scrape-interval-ms", str(s.scrape_interval_ms)], env)
+                                           "--scrape-interval-ms", str(s.scrape_interval_ms), *metrics], env)
         tokens = self._write_admin_tokens() if s.picker_admin_ports else None
         for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports, strict=True)):
             admin = ["--admin-address", f"127.0.0.1:{s.picker_admin_ports[i]}",

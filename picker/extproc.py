@@ -52,6 +52,8 @@ from picker.placement import Placed, Placement
 from picker.snapshot import SnapshotSource
 
 log = logging.getLogger("picker")
+# The model label of requests for a model the pool does not list: clients choose those names.
+UNLISTED = "(unlisted)"
 
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 _DUPLEX = processing_mode_pb2.ProcessingMode.BodySendMode.FULL_DUPLEX_STREAMED
@@ -205,14 +207,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         except GatewayError as err:
             return [self._reject(stream, err)]
         chosen = placed.chosen.endpoint
-        self._metrics.requests.labels(request.model, placed.pool, chosen.name, "routed").inc()
+        model, target = (request.model, request.target_model) if request.listed else (UNLISTED, UNLISTED)
+        self._metrics.requests.labels(model, placed.pool, chosen.name, "routed").inc()
+        self._metrics.objective_requests.labels(model, target).inc()
         self._metrics.decision_seconds.labels(placed.pool, request.pool.strategy.value).observe(
             placed.decision_seconds)
         prompt_blocks, matched = len(request.block_hashes), placed.chosen.matched_blocks
         if prompt_blocks:
             self._metrics.prefix_blocks_queried.labels(placed.pool).inc(prompt_blocks)
             self._metrics.prefix_blocks_matched.labels(placed.pool).inc(matched)
-            self._hits.add(placed.pool, request.target_model, prompt_blocks, matched)
+            self._hits.add(placed.pool, model, prompt_blocks, matched)
         log.info("Request Handled request_id=%s model=%s target_model=%s pool=%s pod=%s endpoint=%s strategy=%s "
                  "prefix_blocks=%d/%d fallbacks=%s decision_ms=%.3f schedule_ms=%.3f",
                  stream.request_id or "-", request.model, request.target_model, placed.pool, chosen.name,

@@ -26,6 +26,9 @@ class PlacementRequest:
     body: bytes | None  # the rewritten body, when the target model differs
     block_hashes: list[str]  # the prompt's prefix blocks; empty unless the pool routes by prefix
     scheduling: SchedulingRequest
+    # The pool lists the model by name (an InferenceModel or rewrite): only then may the name be a
+    # metric label, since a pool that serves any model would otherwise let clients grow the label set.
+    listed: bool = False
 
     @property
     def target_model(self) -> str:
@@ -72,7 +75,8 @@ class Intake:
                                   p.max_blocks)
         scheduling = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "",
                                        work_blocks(parsed.prompt, p.block_chars, p.block_tokens))
-        return PlacementRequest(parsed.model, pool, body, hashes, scheduling)
+        return PlacementRequest(parsed.model, pool, body, hashes, scheduling,
+                                parsed.model in config.models.get(pool.name, {}))
 
     def _target(self, model: Model) -> str:
         if len(model.targets) == 1:

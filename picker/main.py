@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import configure_logging, connect, every, stop_on_signals
 from gateway_state.records import pool_id
-from gateway_state.store import StateStore
+from gateway_state.store import StateStore, split_figures
 from picker.admin import AdminContext, Tokens, build_admin_app
 from picker.extproc import ExternalProcessor
 from picker.hit_counts import HitCounts
@@ -157,8 +157,10 @@ async def serve(settings: PickerSettings) -> None:
 
     async def metrics_handler(request: web.Request) -> web.Response:
         metrics.redis_up.set(1 if snapshots.redis_ok else 0)
-        for pool in placement.own.pools():  # this replica's own figures, the truth, read when scraped
+        own = {pool: split_figures(placement.own.figures(pool))[0] for pool in placement.own.pools()}
+        for pool in own:  # this replica's own figures, the truth, read when scraped
             metrics.inflight.labels(pool).set(placement.own.total(pool))
+        metrics.observe_snapshot(snapshots.current, own)
         return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def ready_handler(request: web.Request) -> web.Response:

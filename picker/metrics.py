@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:  # the snapshot module imports these metrics
+    from picker.snapshot import Snapshot
 
 # Decisions take a millisecond or less; the buckets resolve that and show Redis trouble.
 _DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -42,6 +48,44 @@ class PickerMetrics:
                                         "picked one, a fallback of the picker's list, or another.",
                                         ["pool", "outcome"], registry=r)
         self.redis_up = Gauge("picker_redis_up", "1 when the last snapshot refresh reached Redis.", registry=r)
+        self.config_generation = Gauge("picker_config_generation", "The config generation this replica routes by.",
+                                       registry=r)
+        self.drained = Gauge("picker_drained_endpoints", "Endpoints an operator drained, per pool.", ["pool"],
+                             registry=r)
+        self.endpoint_kv = Gauge("picker_endpoint_kv_cache_usage", "KV-cache use (0..1) of each endpoint, from its "
+                                 "last good load sample.", ["pool", "endpoint"], registry=r)
+        self.endpoint_inflight = Gauge("picker_endpoint_inflight_requests", "Requests this replica has in flight at "
+                                       "each endpoint.", ["pool", "endpoint"], registry=r)
+        # The upstream endpoint picker's names and labels, so dashboards built for it work here.
+        self.pool_kv = Gauge("inference_pool_average_kv_cache_utilization", "Mean KV-cache use of the pool's "
+                             "endpoints with a good load sample.", ["name"], registry=r)
+        self.pool_queue = Gauge("inference_pool_average_queue_size", "Mean waiting requests per endpoint of the "
+                                "pool.", ["name"], registry=r)
+        self.pool_pod_queue = Gauge("inference_pool_per_pod_queue_size", "Waiting requests of each endpoint.",
+                                    ["name", "model_server_pod"], registry=r)
+        self.pool_ready = Gauge("inference_pool_ready_pods", "Endpoints the pool routes to.", ["name"], registry=r)
+        self.objective_requests = Counter("inference_objective_request", "Requests routed, by the model the client "
+                                          "named (when the pool lists it; otherwise `(unlisted)`) and the model "
+                                          "served.", ["model_name", "target_model_name"], registry=r)
+
+    def observe_snapshot(self, snapshot: Snapshot, own: Mapping[str, Mapping[str, int]]) -> None:
+        """Set the gauges that describe the fleet as this replica sees it; called when scraped."""
+        config = snapshot.config
+        if config is None:
+            return
+        self.config_generation.set(config.generation)
+        for pool in config.pools.values():
+            samples = snapshot.load.get(pool.name, {})
+            good = [s for s in (samples.get(e.key) for e in pool.endpoints) if s is not None and s.ok]
+            self.pool_ready.labels(pool.name).set(len(pool.endpoints))
+            self.pool_kv.labels(pool.name).set(sum(s.kv_cache_usage for s in good) / len(good) if good else 0)
+            self.pool_queue.labels(pool.name).set(sum(s.waiting for s in good) / len(good) if good else 0)
+            self.drained.labels(pool.name).set(len(snapshot.drained.get(pool.name, ())))
+            for e in pool.endpoints:
+                sample = samples.get(e.key)
+                self.pool_pod_queue.labels(pool.name, e.name).set(sample.waiting if sample else 0)
+                self.endpoint_kv.labels(pool.name, e.key).set(sample.kv_cache_usage if sample else 0)
+                self.endpoint_inflight.labels(pool.name, e.key).set(own.get(pool.name, {}).get(e.key, 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

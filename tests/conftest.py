@@ -121,7 +121,8 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     settings = FleetSettings(
         manifests_dir=manifests, work_dir=tmp_path_factory.mktemp("fleet"), redis_port=free_port(),
         picker_ports=(free_port(), free_port()), picker_metrics_ports=(free_port(), free_port()),
-        picker_admin_ports=(free_port(), free_port()),
+        picker_admin_ports=(free_port(), free_port()), collector_metrics_ports=(free_port(),),
+        controller_metrics_ports=(free_port(),),
         envoy_admin_port=free_port(), resync_interval_ms=300,
         redis_cluster_ports=free_cluster_ports(3) if request.param == "redis-cluster" else (),
         # Steps at half the H100 fit: the same ratios, answers twice as fast.

@@ -34,10 +34,12 @@ SWITCHES: dict[str, list[dict[str, Any]]] = {
               {"redis": {"mode": "external", "external": {"existingSecret": "redis-credentials"}}}],
     "standalone": [{}, {"standalone": {"enabled": True}}],
     "example": [{}, {"example": {"enabled": True}}],
-    "monitoring": [{}, {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}],
+    "monitoring": [{}, {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                                       "grafanaDashboard": {"enabled": True}}}],
     "autoscaling": [{}, {"picker": {"autoscaling": {"enabled": True}}}],
     "scope": [{}, {"controller": {"watchNamespace": NAMESPACE}}],
-    "serving": [{}, {"picker": {"secureServing": False}, "redis": {"bundled": {"persistence": {"enabled": True}}}}],
+    "serving": [{}, {"picker": {"secureServing": False, "admin": {"tokensSecret": "admin-tokens"}},
+                     "redis": {"bundled": {"persistence": {"enabled": True}}}}],
 }
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from collector.collector import Collector, CollectorSettings
+from collector.metrics import CollectorMetrics
 from collector.metrics_map import GarbledMetrics, to_load_sample
 from gateway_state import keys
 from gateway_state.records import Config, Endpoint, Pool
@@ -104,7 +105,7 @@ async def test_collector_publishes_samples_and_marks_failures_stale(redis_client
     async with aiohttp.ClientSession() as http, http.post(f"http://{vllm.spec.host}:{vllm.spec.port}/sim/load",
                          json={"requests": 300, "prompt_tokens": 64}) as r:
         assert r.status == 200
-    collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300))
+    collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300), CollectorMetrics())
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop))
 
@@ -163,7 +164,7 @@ async def test_a_restarted_pod_leaves_the_prefix_index(redis_client: Redis, runt
     blocks = [f"b{i}" for i in range(2500)]  # more than one FORGET batch
     for e in (endpoint, other):
         await store.index("p", e.key, blocks, 600_000, 10_000)
-    collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300))
+    collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300), CollectorMetrics())
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop))
     try:
