@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,7 +92,10 @@ class KubeSource:
         self._resources = resources
         self._objects: dict[Resource, dict[str, dict[str, Any]]] = {r: {} for r in resources}
         self._synced: set[Resource] = set()
-        self._good: dict[str, dict[str, Any]] = {}  # object key -> its last version that parsed
+        # object key -> (resourceVersion, what it parsed to), and its last version that parsed
+        self._parsed: dict[str, tuple[str, Manifests | ManifestError]] = {}
+        self._good: dict[str, Manifests] = {}
+        self._loaded: Loaded | None = None  # the last load, until a change
         self._tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()
         self.relists = 0  # lists after the first, as after a 410 Gone
@@ -117,27 +120,38 @@ class KubeSource:
         if not self.synced:
             # A partial view would publish a configuration missing pools or pods.
             return Loaded(None)
+        if self._loaded is None:  # nothing changed since the last load: the same answer
+            self._loaded = self._parse()
+        return self._loaded
+
+    def _parse(self) -> Loaded:
+        """Each object parsed once per version; an invalid one contributes its last good version."""
         problems: dict[str, ManifestError] = {}
-        chosen: list[tuple[str, dict[str, Any]]] = []
-        for objects in self._objects.values():
-            for key, obj in objects.items():
+        current = self.objects()
+        for key, obj in current.items():
+            version = obj.get("metadata", {}).get("resourceVersion", "")
+            known = self._parsed.get(key)
+            if known is None or known[0] != version:
+                part = Manifests()
                 try:
-                    parse_object(obj, key, Manifests(), name_in_where=False)
-                    self._good[key] = obj
+                    parse_object(obj, key, part, name_in_where=False)
+                    known = (version, part)
                 except ManifestError as exc:
-                    problems[key] = exc
-                if key in self._good:
-                    chosen.append((key, self._good[key]))
-        for key in [k for k in self._good if not any(k in objects for objects in self._objects.values())]:
-            del self._good[key]  # deleted objects leave with their last good version
-        out = Manifests()
-        for key, obj in chosen:
-            parse_object(obj, key, out, name_in_where=False)
+                    known = (version, exc)
+                self._parsed[key] = known
+            if isinstance(known[1], ManifestError):
+                problems[key] = known[1]
+            else:
+                self._good[key] = known[1]
+        # Deleted objects leave with their last good version.
+        self._parsed = {k: v for k, v in self._parsed.items() if k in current}
+        self._good = {k: v for k, v in self._good.items() if k in current}
+        out = _merged(self._good.values())
         conflicts = find_conflicts(out)
         for conflict in conflicts:
             problems[conflict.where] = conflict
         if conflicts:
-            out = _without(out, {c.where for c in conflicts})
+            out = _merged([out], {c.where for c in conflicts})
         return Loaded(out, problems)
 
     async def _follow(self, resource: Resource) -> None:
@@ -186,6 +200,7 @@ class KubeSource:
         fresh = {object_key(obj): obj for obj in items}
         if resource not in self._synced or fresh != self._objects[resource]:
             self._objects[resource] = fresh
+            self._loaded = None
             self.changed.set()
         self._synced.add(resource)
 
@@ -196,13 +211,16 @@ class KubeSource:
             self._objects[resource].pop(key, None)
         else:
             self._objects[resource][key] = obj
+        self._loaded = None
         self.changed.set()
 
 
-def _without(m: Manifests, keys: set[str]) -> Manifests:
-    """The manifests minus the objects whose `where` is among `keys` (conflicting duplicates)."""
-    def keep(items: list[Any]) -> list[Any]:
-        return [i for i in items if i.meta.where not in keys]
-
-    return Manifests(keep(m.pools), keep(m.models), keep(m.objectives), keep(m.rewrites), keep(m.policies),
-                     keep(m.gateways), keep(m.routes), keep(m.services), keep(m.pods), m.ignored)
+def _merged(parts: Iterable[Manifests], drop: frozenset[str] | set[str] = frozenset()) -> Manifests:
+    """One Manifests of many, less the objects whose `where` is in `drop` (conflicting duplicates)."""
+    out = Manifests()
+    for part in parts:
+        for f in fields(Manifests):
+            items = getattr(part, f.name)
+            getattr(out, f.name).extend(items if f.name == "ignored" else
+                                        (i for i in items if i.meta.where not in drop))
+    return out

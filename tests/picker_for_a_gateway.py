@@ -14,7 +14,7 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import BIN, free_port
+from tests.conftest import BIN, FIXTURES, free_port
 
 
 def health(port: int, service: str) -> int:
@@ -35,6 +35,16 @@ async def post(port: int, body: object, headers: dict[str, str] | None = None,
             data=raw if raw is not None else json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **(headers or {})}) as r:
         return r.status, r.headers.get("x-inference-pod", ""), await r.text()
+
+
+async def round1_round2(port: int) -> tuple[str, str]:
+    """The seeds' prefix test through the gateway at `port`: the pods that served round1, then round2."""
+    pods = []
+    for name in ("round1.txt", "round2.txt"):
+        status, pod, text = await post(port, None, raw=(FIXTURES / name).read_bytes())
+        assert status == 200, text
+        pods.append(pod)
+    return pods[0], pods[1]
 
 
 class PickerForAGateway:

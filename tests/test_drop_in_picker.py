@@ -18,8 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.client import chat, wait_for
-from tests.conftest import BIN, FIXTURES, POD_NET, free_port
-from tests.picker_for_a_gateway import PickerForAGateway, health, post
+from tests.conftest import BIN, POD_NET, free_port
+from tests.picker_for_a_gateway import PickerForAGateway, health, post, round1_round2
 
 NAMESPACE, POOL = "inference", "vllm-pool"
 PODS = {f"vllm-{i}": f"{POD_NET}220.{i + 1}" for i in range(4)}
@@ -180,12 +180,8 @@ async def test_streaming_with_usage_comes_back_whole(drop_in: PickerForAGateway)
 
 
 async def test_round1_then_round2_land_on_one_pod(drop_in: PickerForAGateway) -> None:
-    pods = []
-    for name in ("round1.txt", "round2.txt"):
-        status, pod, _ = await post(drop_in.port, None, raw=(FIXTURES / name).read_bytes())
-        assert status == 200
-        pods.append(pod)
-    assert pods[0] == pods[1]
+    first, second = await round1_round2(drop_in.port)
+    assert first == second
 
 
 @pytest.mark.parametrize(("raw", "method", "status", "param"), [

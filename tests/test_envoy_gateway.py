@@ -17,8 +17,8 @@ import yaml
 
 from testbed.build import binary
 from tests.client import chat, wait_for
-from tests.conftest import BIN, FIXTURES, POD_NET
-from tests.picker_for_a_gateway import PickerForAGateway, post
+from tests.conftest import BIN, POD_NET
+from tests.picker_for_a_gateway import PickerForAGateway, post, round1_round2
 from tests.test_drop_in_picker import MODEL
 
 PODS = {f"eg-vllm-{i}": f"{POD_NET}222.{i + 1}" for i in range(4)}
@@ -130,12 +130,8 @@ async def test_streaming_with_usage_through_envoy_gateway(envoy_gateway: PickerF
 
 
 async def test_round1_round2_affinity_through_envoy_gateway(envoy_gateway: PickerForAGateway) -> None:
-    pods = []
-    for name in ("round1.txt", "round2.txt"):
-        status, pod, _ = await post(envoy_gateway.port, None, raw=(FIXTURES / name).read_bytes())
-        assert status == 200
-        pods.append(pod)
-    assert pods[0] == pods[1]
+    first, second = await round1_round2(envoy_gateway.port)
+    assert first == second
     # And the picker's choice, not Envoy's round robin, placed them: 8 distinct prefixes, then each again.
     firsts = [(await post(envoy_gateway.port, chat(f"conversation {i} " * 40, max_tokens=2)))[1] for i in range(8)]
     again = [(await post(envoy_gateway.port, chat(f"conversation {i} " * 40, max_tokens=2)))[1] for i in range(8)]

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 import yaml
 from redis.asyncio import Redis
@@ -23,8 +22,9 @@ from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings
 from testbed.kube import KubeAPIServer
 from tests.client import wait_for
-from tests.conftest import BIN, FIXTURES, free_port, pod_address
+from tests.conftest import BIN, free_port, pod_address
 from tests.kube_support import Kube
+from tests.picker_for_a_gateway import round1_round2
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "fleet"
 POOL_V1ALPHA2 = ("inference.networking.x-k8s.io/v1alpha2", "InferencePool")
@@ -77,19 +77,6 @@ def _selector_pool(ns: str) -> str:
                            "metadata": {"name": f"simulate-{ns}"},
                            "spec": {"targetPortNumber": 8000,
                                     "selector": {"alibabacloud.com/inference-workload": "vllm-inference"}}})
-
-
-async def round1_round2(port: int) -> tuple[str, str]:
-    """The seeds' prefix test: the pods that served round1 and then round2."""
-    pods = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-        for name in ("round1.txt", "round2.txt"):
-            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=(FIXTURES / name).read_bytes(),
-                                 headers={"Content-Type": "application/json"}) as r:
-                assert r.status == 200, await r.text()
-                pods.append(r.headers["x-inference-pod"])
-                await r.read()
-    return pods[0], pods[1]
 
 
 async def config_of(fleet: Fleet):  # noqa: ANN201 (a Config)
