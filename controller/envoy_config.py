@@ -104,10 +104,9 @@ def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
         picker["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": T_UPSTREAM_TLS, "common_tls_context": {"alpn_protocols": ["h2"]}}}
     picker["health_checks"] = [{
-        # A killed replica's check can hang until this timeout instead of failing at once
-        # (measured: streams refused for the whole of a 1 s timeout), so it stays short; a
-        # replica slower than half a second to answer a health check is taken out too.
-        "timeout": "0.500s",
+        # A refused connection fails a check at once; only a replica too slow to answer for a
+        # second counts as down, so a busy one does not flap.
+        "timeout": "1s",
         "interval": _duration(s.picker_health_interval_ms),
         "unhealthy_threshold": 1, "healthy_threshold": 1, "grpc_health_check": {},
         # Envoy does not count ext_proc's gRPC streams as traffic to this cluster, so
