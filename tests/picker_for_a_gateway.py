@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -56,6 +57,30 @@ class PickerForAGateway:
     def spawn(self, name: str, argv: list[str]) -> None:
         with (self.work / f"{name}.log").open("wb") as log:
             self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+
+    def pool_manifest(self) -> str:
+        """The pool (InferencePool v1, prefix-aware, the picker as its endpoint picker) and its Ready pods."""
+        pods = "".join(textwrap.dedent(f"""\
+            ---
+            apiVersion: v1
+            kind: Pod
+            metadata: {{name: {name}, namespace: {self.namespace}, labels: {{app: {self.pool}}}}}
+            status:
+              podIP: {ip}
+              conditions: [{{type: Ready, status: "True"}}]
+            """) for name, ip in self.pods.items())
+        return textwrap.dedent(f"""\
+            apiVersion: inference.networking.k8s.io/v1
+            kind: InferencePool
+            metadata:
+              name: {self.pool}
+              namespace: {self.namespace}
+              annotations: {{inference.networking.x-k8s.io/routing-strategy: PREFIX_CACHE}}
+            spec:
+              selector: {{matchLabels: {{app: {self.pool}}}}}
+              targetPorts: [{{number: 8000}}]
+              endpointPickerRef: {{name: {self.pool}-epp, port: {{number: 9002}}, failureMode: FailClose}}
+            """) + pods
 
     def start(self, manifest: str) -> None:
         """Pods, controller, collector and the picker (TLS, the pool by flags); then until it is ready."""

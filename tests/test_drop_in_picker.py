@@ -26,37 +26,17 @@ PODS = {f"vllm-{i}": f"{POD_NET}220.{i + 1}" for i in range(4)}
 MODEL = "/models/Qwen3-32B"
 
 
-def _manifest() -> str:
-    pods = "".join(textwrap.dedent(f"""\
-        ---
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: {name}, namespace: {NAMESPACE}, labels: {{app: vllm}}}}
-        status:
-          podIP: {ip}
-          conditions: [{{type: Ready, status: "True"}}]
-        """) for name, ip in PODS.items())
-    return textwrap.dedent(f"""\
-        apiVersion: inference.networking.k8s.io/v1
-        kind: InferencePool
-        metadata:
-          name: {POOL}
-          namespace: {NAMESPACE}
-          annotations: {{inference.networking.x-k8s.io/routing-strategy: PREFIX_CACHE}}
-        spec:
-          selector: {{matchLabels: {{app: vllm}}}}
-          targetPorts: [{{number: 8000}}]
-          endpointPickerRef: {{name: vllm-pool-epp, port: {{number: 9002}}, failureMode: FailClose}}
-        ---
-        apiVersion: inference.networking.x-k8s.io/v1alpha2
-        kind: InferenceModelRewrite
-        metadata: {{name: latest, namespace: {NAMESPACE}}}
-        spec:
-          poolRef: {{name: {POOL}}}
-          rules:
-          - matches: [{{model: {{value: qwen-latest}}}}]
-            targets: [{{modelRewrite: "{MODEL}", weight: 1}}]
-        """) + pods
+REWRITE = textwrap.dedent(f"""\
+    ---
+    apiVersion: inference.networking.x-k8s.io/v1alpha2
+    kind: InferenceModelRewrite
+    metadata: {{name: latest, namespace: {NAMESPACE}}}
+    spec:
+      poolRef: {{name: {POOL}}}
+      rules:
+      - matches: [{{model: {{value: qwen-latest}}}}]
+        targets: [{{modelRewrite: "{MODEL}", weight: 1}}]
+    """)
 
 
 def _envoy_bootstrap(listen_port: int, admin_port: int, picker_port: int) -> dict:
@@ -143,7 +123,7 @@ def drop_in(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     fleet = PickerForAGateway(tmp_path_factory.mktemp("drop-in"), redis_url, PODS, POOL, NAMESPACE)
     admin = free_port()
     try:
-        fleet.start(_manifest())
+        fleet.start(fleet.pool_manifest() + REWRITE)
         bootstrap = fleet.work / "envoy.json"
         bootstrap.write_text(json.dumps(_envoy_bootstrap(fleet.port, admin, fleet.picker)))
         fleet.spawn("envoy", [str(BIN / "envoy"), "-c", str(bootstrap), "--disable-hot-restart",

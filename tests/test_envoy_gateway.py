@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import textwrap
 from collections.abc import Iterator
 
 import aiohttp
@@ -70,34 +69,11 @@ def _resources(listen_port: int, picker_port: int, envoy_version: str) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
-def _pool_manifest() -> str:
-    pods = "".join(textwrap.dedent(f"""\
-        ---
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: {name}, labels: {{app: eg-vllm}}}}
-        status:
-          podIP: {ip}
-          conditions: [{{type: Ready, status: "True"}}]
-        """) for name, ip in PODS.items())
-    return textwrap.dedent(f"""\
-        apiVersion: inference.networking.k8s.io/v1
-        kind: InferencePool
-        metadata:
-          name: {POOL}
-          annotations: {{inference.networking.x-k8s.io/routing-strategy: PREFIX_CACHE}}
-        spec:
-          selector: {{matchLabels: {{app: eg-vllm}}}}
-          targetPorts: [{{number: 8000}}]
-          endpointPickerRef: {{name: picker, port: {{number: 9002}}}}
-        """) + pods
-
-
 @pytest.fixture(scope="module")
 def envoy_gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PickerForAGateway]:
     fleet = PickerForAGateway(tmp_path_factory.mktemp("envoy-gateway"), redis_url, PODS, POOL, NAMESPACE)
     try:
-        fleet.start(_pool_manifest())
+        fleet.start(fleet.pool_manifest())
         eg, work, version = binary("envoy-gateway"), fleet.work, _envoy_version()
         resources, data = work / "resources", work / "eg-data"
         resources.mkdir()
