@@ -46,10 +46,8 @@ class EnvoySettings:
     picker_message_timeout_ms: int = 2000
     # The seeds' BackendTrafficPolicy: generation can take an hour.
     request_timeout_s: int = 3600
-    # A killed picker replica leaves rotation at its first missed check, within this. The
-    # outlier detection below does not stop ext_proc streams reaching a killed replica soon
-    # enough on its own (measured: refused streams for up to a second).
-    picker_health_interval_ms: int = 250
+    # A killed picker replica leaves rotation after two missed checks (0.5 to 1 s).
+    picker_health_interval_ms: int = 500
     # Pickers serving TLS (their default, a self-signed certificate): Envoy connects with TLS
     # and does not verify it, as gateways do with endpoint pickers.
     picker_tls: bool = False
@@ -104,11 +102,9 @@ def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
         picker["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": T_UPSTREAM_TLS, "common_tls_context": {"alpn_protocols": ["h2"]}}}
     picker["health_checks"] = [{
-        # A refused connection fails a check at once; only a replica too slow to answer for a
-        # second counts as down, so a busy one does not flap.
-        "timeout": "1s",
+        "timeout": _duration(min(1000, s.picker_health_interval_ms)),
         "interval": _duration(s.picker_health_interval_ms),
-        "unhealthy_threshold": 1, "healthy_threshold": 1, "grpc_health_check": {},
+        "unhealthy_threshold": 2, "healthy_threshold": 1, "grpc_health_check": {},
         # Envoy does not count ext_proc's gRPC streams as traffic to this cluster, so
         # without these it would check only once a minute.
         "no_traffic_interval": _duration(s.picker_health_interval_ms),

@@ -14,7 +14,7 @@ class ServerSettings:
     # Envoy's own buffer limit rejects larger bodies first; this guards direct callers.
     max_request_body_bytes: int = 8 * 1024 * 1024
     # On shutdown the replica reports NOT_SERVING this long before refusing streams:
-    # four of Envoy's 250 ms health checks, so Envoy has moved its traffic away.
+    # two of Envoy's 500 ms health checks, so Envoy has moved its traffic away.
     drain_ms: int = 1000
     # Then streams still open (a response a gateway streams through the picker) have this
     # long to finish before they are cut; a pod's grace period must cover drain plus this.
