@@ -78,9 +78,10 @@ def _static_cluster(name: str, hosts: tuple[tuple[str, int], ...], http2: bool =
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}}} for ip, port in hosts
         ]}]},
-        # LLM traffic is few, long requests: never let Envoy's default of 1024 shed them.
+        # LLM traffic is few, long requests: never let Envoy's defaults (1024 requests,
+        # 3 concurrent retries) shed them.
         "circuit_breakers": {"thresholds": [{"max_connections": 100_000, "max_pending_requests": 100_000,
-                                             "max_requests": 100_000}]},
+                                             "max_requests": 100_000, "max_retries": 100_000}]},
     }
     if http2:
         cluster["typed_extension_protocol_options"] = _http2_options()
@@ -221,6 +222,17 @@ def _virtual_hosts(routes: list[HTTPRouteSpec], state: DesiredState, s: EnvoySet
             for host, entries in sorted(by_host.items())]
 
 
+# A stream that cannot reach a replica (a crashed one refuses the connection before the health
+# checks notice) opens on another replica instead of falling to the failure mode: only the
+# streams a replica was serving when it died are lost.
+_PICKER_RETRY = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request", "num_retries": 2,
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 3,
+}
+
+
 def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec], state: DesiredState,
               s: EnvoySettings) -> dict[str, Any]:
     name = f"{gateway}/{listener}"
@@ -229,7 +241,7 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
     if any(b.kind == "InferencePool" for r in routes for rule in r.rules for b in rule.backends):
         filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
             "@type": T_EXT_PROC,
-            "grpc_service": {"envoy_grpc": {"cluster_name": PICKER_CLUSTER}},
+            "grpc_service": {"envoy_grpc": {"cluster_name": PICKER_CLUSTER}, "retry_policy": _PICKER_RETRY},
             # A failed picker call continues without a destination; the route without
             # one then applies the pool's failure mode (round robin, or an OpenAI 503).
             "failure_mode_allow": True,
