@@ -82,8 +82,8 @@ class Controller:
         self._lease = lease  # Kubernetes only: the visible leader election in front of Redis's
         self._good: DesiredState | None = None
         self._manifests: Manifests | None = None
-        self._resources: tuple[Any, Any] | None = None
-        self._envoy_written: tuple[Any, Any] | None = None
+        self._resources: envoy_config.Rendered | None = None
+        self._envoy_written: envoy_config.Rendered | None = None
         self.leadership: str | None = None  # "id|epoch" while this controller leads
         self._last_problem = ""
         self._last_warnings: list[str] = []
@@ -157,12 +157,18 @@ class Controller:
         if self._settings.envoy_config_dir is None or self._resources is None \
                 or self._resources == self._envoy_written:
             return
-        listeners, clusters = self._resources
-        # Clusters first: new listeners may route to new clusters.
-        write_atomically(self._settings.envoy_config_dir / "cds.json", {"resources": clusters})
-        write_atomically(self._settings.envoy_config_dir / "lds.json", {"resources": listeners})
-        self._envoy_written = self._resources
-        log.info("envoy config written: %d listeners, %d clusters", len(listeners), len(clusters))
+        directory, rendered = self._settings.envoy_config_dir, self._resources
+        # Endpoints first, then clusters, then listeners: each may name what the one before defines.
+        for name, assignment in rendered.endpoints.items():
+            if self._envoy_written is None or self._envoy_written.endpoints.get(name) != assignment:
+                write_atomically(directory / name, {"resources": [assignment]})
+        write_atomically(directory / "cds.json", {"resources": rendered.clusters})
+        write_atomically(directory / "lds.json", {"resources": rendered.listeners})
+        for stale in directory.glob(envoy_config.eds_file("*")):  # pools deleted, even while this one was down
+            if stale.name not in rendered.endpoints:
+                stale.unlink(missing_ok=True)
+        self._envoy_written = rendered
+        log.info("envoy config written: %d listeners, %d clusters", len(rendered.listeners), len(rendered.clusters))
 
     def _load(self) -> dict[str, ManifestError]:
         """Load the source; returns the objects it could not use (already logged)."""

@@ -1,11 +1,17 @@
 """Render Envoy's listeners and clusters from Gateways, HTTPRoutes, pools and Services.
 
 Per InferencePool route, the picker (ext_proc) sets `x-gateway-destination-endpoint`
-and clears the route cache; routing then re-matches:
-  - header present -> the pool's ORIGINAL_DST cluster, which connects to that ip:port;
+to the chosen endpoint, puts the ordered list (chosen first, then fallbacks) in the
+`envoy.lb` dynamic metadata, and clears the route cache; routing then re-matches:
+  - header present -> the pool's cluster, whose override-host policy connects to the
+    first endpoint of the list; a connection that is refused or reset before any
+    response byte is retried on the next one (a response already started never is);
   - header absent (no picker answered) -> the pool's failure mode: FailOpen goes round
-    robin over the pool, FailClose answers an OpenAI-shaped 503.
-Clients cannot choose the endpoint themselves: the first filter strips the header.
+    robin over the pool (the same cluster, with no override), FailClose answers an
+    OpenAI-shaped 503.
+A pool's cluster takes its endpoints from its own EDS file, so pods coming and going
+update its hosts without replacing the cluster and its connections. Clients cannot
+choose the endpoint themselves: the first filter strips the header.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 from controller.desired import DesiredState
 from controller.manifests import HTTPRouteSpec, Manifests, RouteRule
-from gateway_state.protocol import DESTINATION_HEADER, POOL_METADATA_KEY, openai_error
+from gateway_state.protocol import DESTINATION_HEADER, LB_METADATA_NAMESPACE, POOL_METADATA_KEY, openai_error
 from gateway_state.records import FailureMode, Pool
 
 # Envoy's response flags for a model server that could not be reached or went away.
@@ -33,6 +39,10 @@ T_HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mu
 T_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 T_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 T_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+T_LOAD_ASSIGNMENT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+T_OVERRIDE_HOST = "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost"
+T_ROUND_ROBIN = "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"
+T_PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,20 @@ class EnvoySettings:
     # Pickers serving TLS (their default, a self-signed certificate): Envoy connects with TLS
     # and does not verify it, as gateways do with endpoint pickers.
     picker_tls: bool = False
+    # How many of the picker's fallbacks Envoy tries when the chosen pod refuses or resets
+    # the connection before answering (the picker names up to `scheduling.fallbacks`).
+    pod_retries: int = 3
+    # Where Envoy reads the files the controller writes (pool clusters point at their EDS files).
+    config_dir: str = "/etc/envoy"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Envoy's resources: listeners and clusters, and each pool cluster's endpoints (EDS)."""
+
+    listeners: list[dict[str, Any]]
+    clusters: list[dict[str, Any]]
+    endpoints: dict[str, dict[str, Any]]  # EDS file name -> its ClusterLoadAssignment
 
 
 def _duration(ms: int) -> str:
@@ -123,22 +147,43 @@ def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
     }
     clusters = [picker]
     for pool in sorted(state.pools.values(), key=lambda p: p.name):
-        h2c = pool.app_protocol == "kubernetes.io/h2c"
-        picked: dict[str, Any] = {
-            "@type": T_CLUSTER, "name": pool_cluster(pool.name), "type": "ORIGINAL_DST",
-            "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s", "cleanup_interval": "60s",
-            "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
-            "circuit_breakers": picker["circuit_breakers"],
-        }
-        if h2c:
-            picked["typed_extension_protocol_options"] = _http2_options()
-        clusters.append(picked)
-        clusters.append(_static_cluster(pool_cluster(pool.name) + "/failopen",
-                                        tuple((e.address, e.port) for e in pool.endpoints), http2=h2c))
+        clusters.append(_pool_cluster(pool, s, picker["circuit_breakers"]))
     for (name, port), hosts in sorted(state.services.items()):
         clusters.append(_static_cluster(f"service/{name}/{port}", tuple((e.address, e.port) for e in hosts),
                                         lb_policy=state.service_lb.get(name, "ROUND_ROBIN")))
     return clusters
+
+
+def eds_file(pool: str) -> str:
+    """The EDS file of a pool (`namespace/name`): namespaces hold no dots, so none collide."""
+    return "eds-" + pool.replace("/", ".", 1) + ".json"
+
+
+def _pool_cluster(pool: Pool, s: EnvoySettings, circuit_breakers: dict[str, Any]) -> dict[str, Any]:
+    name = pool_cluster(pool.name)
+    cluster: dict[str, Any] = {
+        "@type": T_CLUSTER, "name": name, "type": "EDS", "connect_timeout": "2s",
+        "eds_cluster_config": {"service_name": name, "eds_config": _file_source(s.config_dir, eds_file(pool.name))},
+        "load_balancing_policy": {"policies": [{"typed_extension_config": {
+            "name": "envoy.load_balancing_policies.override_host", "typed_config": {
+                "@type": T_OVERRIDE_HOST,
+                "override_host_sources": [{"metadata": {"key": LB_METADATA_NAMESPACE,
+                                                        "path": [{"key": DESTINATION_HEADER}]}}],
+                # No list (the pool's failure mode is FailOpen and no picker answered): round robin.
+                "fallback_policy": {"policies": [{"typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.round_robin", "typed_config": {"@type": T_ROUND_ROBIN}}}]},
+            }}}]},
+        "circuit_breakers": circuit_breakers,
+    }
+    if pool.app_protocol == "kubernetes.io/h2c":
+        cluster["typed_extension_protocol_options"] = _http2_options()
+    return cluster
+
+
+def _load_assignment(pool: Pool) -> dict[str, Any]:
+    return {"@type": T_LOAD_ASSIGNMENT, "cluster_name": pool_cluster(pool.name), "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": e.address, "port_value": e.port}}}}
+        for e in pool.endpoints]}]}
 
 
 def _match(kind: str, value: str) -> dict[str, Any]:
@@ -195,11 +240,14 @@ def _pool_routes(match: dict[str, Any], pool: Pool | None, name: str, mirrors: l
     picked: dict[str, Any] = {"cluster": pool_cluster(name), "timeout": f"{s.request_timeout_s}s"}
     if mirrors:
         picked["request_mirror_policies"] = mirrors
+    # The override-host policy takes the next endpoint of the picker's list on each retry. `reset`
+    # covers a pod that dies before answering; once response headers have gone to the client,
+    # Envoy never retries.
+    retry = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": s.pod_retries}
     routed = {"match": {**match, "headers": [{"name": DESTINATION_HEADER, "present_match": True}]},
-              "route": picked, "typed_per_filter_config": per_filter}
+              "route": {**picked, "retry_policy": retry}, "typed_per_filter_config": per_filter}
     if fail_open:
-        fallback: dict[str, Any] = {"match": match, "route": {**picked, "cluster": pool_cluster(name) + "/failopen"},
-                                    "typed_per_filter_config": per_filter}
+        fallback: dict[str, Any] = {"match": match, "route": picked, "typed_per_filter_config": per_filter}
     else:
         fallback = {"match": match, "typed_per_filter_config": per_filter,
                     "direct_response": {"status": 503, "body": {"inline_string": _error_json(
@@ -227,8 +275,8 @@ def _virtual_hosts(routes: list[HTTPRouteSpec], state: DesiredState, s: EnvoySet
 # streams a replica was serving when it died are lost.
 _PICKER_RETRY = {
     "retry_on": "connect-failure,refused-stream,reset-before-request", "num_retries": 2,
-    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                              "typed_config": {"@type": T_PREVIOUS_HOSTS}}],
     "host_selection_retry_max_attempts": 3,
 }
 
@@ -250,6 +298,8 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
                                 "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
             "message_timeout": _duration(s.picker_message_timeout_ms),
             "mutation_rules": {"allow_all_routing": True},
+            # The picker's ordered endpoint list, which the pool cluster's override-host policy reads.
+            "metadata_options": {"receiving_namespaces": {"untyped": [LB_METADATA_NAMESPACE]}},
         }})
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": T_ROUTER}})
     too_large = _error_json(413, f"Request body exceeds the gateway limit of {s.max_request_body_bytes} bytes.",
@@ -283,25 +333,27 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
     }
 
 
-def render(m: Manifests, state: DesiredState, s: EnvoySettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(listeners, clusters) as Envoy v3 resources."""
+def render(m: Manifests, state: DesiredState, s: EnvoySettings) -> Rendered:
     listeners = []
     for gateway in sorted(m.gateways, key=lambda g: g.meta.id):
         for listener in gateway.listeners:
             attached = [r for r in m.routes
                         if any(g == gateway.meta.id and section in (None, listener.name) for g, section in r.parents)]
             listeners.append(_listener(gateway.meta.id, listener.name, listener.port, attached, state, s))
-    return listeners, _clusters(state, s)
+    endpoints = {eds_file(p.name): _load_assignment(p) for p in state.pools.values()}
+    return Rendered(listeners, _clusters(state, s), endpoints)
+
+
+def _file_source(config_dir: str, file: str) -> dict[str, Any]:
+    return {"path_config_source": {"path": f"{config_dir}/{file}", "watched_directory": {"path": config_dir}},
+            "resource_api_version": "V3"}
 
 
 def bootstrap(config_dir: str, admin_address: str, admin_port: int) -> dict[str, Any]:
     """Envoy's static bootstrap: listeners and clusters come from files the controller rewrites."""
-    def source(file: str) -> dict[str, Any]:
-        return {"path_config_source": {"path": f"{config_dir}/{file}", "watched_directory": {"path": config_dir}},
-                "resource_api_version": "V3"}
-
     return {
         "node": {"id": "inference-gateway", "cluster": "inference-gateway"},
         "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
-        "dynamic_resources": {"lds_config": source("lds.json"), "cds_config": source("cds.json")},
+        "dynamic_resources": {"lds_config": _file_source(config_dir, "lds.json"),
+                              "cds_config": _file_source(config_dir, "cds.json")},
     }

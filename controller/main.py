@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ControllerSe
     e = EnvoySettings()
     envoy = EnvoySettings(listen_address=a.listen_address,
                           picker_endpoints=tuple(a.picker_endpoint or e.picker_endpoints), picker_tls=a.picker_tls,
-                          max_request_body_bytes=a.max_request_body_bytes)
+                          max_request_body_bytes=a.max_request_body_bytes,
+                          config_dir=str(a.envoy_config_dir.resolve()) if a.envoy_config_dir else e.config_dir)
     controller_id = a.controller_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     if a.render_envoy_only and a.envoy_config_dir is None:
         _parser().error("--render-envoy-only needs --envoy-config-dir")

@@ -55,10 +55,11 @@ def test_seed_gateway_renders_two_listeners_and_warns_about_the_undeclared_servi
     manifests = load_directory(tmp_path)
     state = build(manifests)
     assert any("Service 'default/qwen' port 8000 is not declared" in w for w in state.warnings)
-    listeners, clusters = envoy_config.render(manifests, state, envoy_config.EnvoySettings())
-    assert sorted(lst["address"]["socket_address"]["port_value"] for lst in listeners) == [8080, 8081]
-    names = {c["name"] for c in clusters}
-    assert {"picker", "pool/default/vllm-qwen-pool", "pool/default/vllm-qwen-pool/failopen"} <= names
+    rendered = envoy_config.render(manifests, state, envoy_config.EnvoySettings())
+    assert sorted(lst["address"]["socket_address"]["port_value"] for lst in rendered.listeners) == [8080, 8081]
+    names = {c["name"] for c in rendered.clusters}
+    assert {"picker", "pool/default/vllm-qwen-pool"} <= names
+    assert list(rendered.endpoints) == ["eds-default.vllm-qwen-pool.json"]
     assert "BackendTrafficPolicy" in " ".join(manifests.ignored)
 
 
@@ -117,7 +118,8 @@ def _static_bootstrap(listeners: list[dict], clusters: list[dict]) -> dict:
     def strip(resource: dict) -> dict:
         return {k: v for k, v in resource.items() if k != "@type"}
 
-    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+    return {"node": {"id": "validate", "cluster": "validate"},
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
             "static_resources": {"listeners": [strip(r) for r in listeners], "clusters": [strip(r) for r in clusters]}}
 
 
@@ -126,9 +128,10 @@ def test_envoy_accepts_the_rendered_config(directory: str, tmp_path: Path) -> No
     manifests_dir = tmp_path / "m"
     manifests_dir.mkdir()
     # The chart's standalone gateway: pickers by Service name, over TLS.
-    settings = envoy_config.EnvoySettings(picker_endpoints=(("picker.inference.svc", 9002),), picker_tls=True) \
+    settings = envoy_config.EnvoySettings(picker_endpoints=(("picker.inference.svc", 9002),), picker_tls=True,
+                                          config_dir=str(tmp_path)) \
         if directory == "chart-standalone" else envoy_config.EnvoySettings(
-            picker_endpoints=(("127.0.0.1", 9002), ("127.0.0.1", 9003)))
+            picker_endpoints=(("127.0.0.1", 9002), ("127.0.0.1", 9003)), config_dir=str(tmp_path))
     if directory in ("fleet", "chart-standalone"):
         for path in (FIXTURES / "fleet").glob("*.yaml"):
             shutil.copy(path, manifests_dir / path.name)
@@ -136,7 +139,10 @@ def test_envoy_accepts_the_rendered_config(directory: str, tmp_path: Path) -> No
         for name in ("seed003_02.yaml", "seed003_03.yaml"):
             shutil.copy(FIXTURES / "seeds" / name, manifests_dir / name)
     manifests = load_directory(manifests_dir)
-    listeners, clusters = envoy_config.render(manifests, build(manifests), settings)
+    rendered = envoy_config.render(manifests, build(manifests), settings)
+    listeners, clusters = rendered.listeners, rendered.clusters
+    for name, assignment in rendered.endpoints.items():
+        (tmp_path / name).write_text(json.dumps({"resources": [assignment]}))
     picker = next(c for c in clusters if c["name"] == "picker")
     assert (picker["type"], "transport_socket" in picker) == (
         ("STRICT_DNS", True) if directory == "chart-standalone" else ("STATIC", False))
@@ -162,8 +168,8 @@ metadata: {name: plain}
 spec: {selector: {app: x}, ports: [{port: 8000}]}
 """)
     manifests = load_directory(tmp_path)
-    _, clusters = envoy_config.render(manifests, build(manifests), envoy_config.EnvoySettings())
-    policies = {c["name"]: c["lb_policy"] for c in clusters}
+    clusters = envoy_config.render(manifests, build(manifests), envoy_config.EnvoySettings()).clusters
+    policies = {c["name"]: c["lb_policy"] for c in clusters if "lb_policy" in c}
     assert policies["service/default/least/8000"] == "LEAST_REQUEST"
     assert policies["service/default/plain/8000"] == "ROUND_ROBIN"
     one_file(tmp_path, "apiVersion: v1\nkind: Service\nmetadata:\n  name: bad\n"

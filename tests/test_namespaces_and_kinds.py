@@ -94,8 +94,7 @@ def test_same_named_pools_in_two_namespaces_stay_apart(tmp_path: Path) -> None:
     assert [e.name for e in b.endpoints] == ["b-0"]
     assert a.failure_mode == FailureMode.FAIL_CLOSE  # the v1 API's default
     assert b.failure_mode == FailureMode.FAIL_OPEN  # as the source documents' v1alpha2 pools ran
-    _, clusters = envoy_config.render(manifests, state, envoy_config.EnvoySettings())
-    by_name = {c["name"]: c for c in clusters}
+    by_name = {c["name"]: c for c in envoy_config.render(manifests, state, envoy_config.EnvoySettings()).clusters}
     assert "typed_extension_protocol_options" in by_name["pool/team-a/qwen-inference-pool"]  # h2c to the pods
     assert "typed_extension_protocol_options" not in by_name["pool/team-b/qwen-inference-pool"]
 
