@@ -117,7 +117,7 @@ def build(m: Manifests) -> DesiredState:
             if gateway not in gateways:
                 warnings.append(f"{route.meta.where}: spec.parentRefs: no Gateway {gateway!r}")
         for rule in route.rules:
-            for ref in (*rule.backends, *rule.mirrors):
+            for ref in (*rule.backends, *(m.backend for m in rule.mirrors)):
                 known = ref.id in pools if ref.kind == "InferencePool" else (ref.id, ref.port) in services
                 if not known:
                     warnings.append(f"{route.meta.where}: backendRef {ref.kind} {ref.id!r}"

@@ -22,8 +22,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.desired import DesiredState
-from controller.manifests import HTTPRouteSpec, Manifests, RouteRule
-from gateway_state.protocol import DESTINATION_HEADER, LB_METADATA_NAMESPACE, POOL_METADATA_KEY, openai_error
+from controller.manifests import HTTPRouteSpec, Manifests, MirrorSpec, RouteRule
+from gateway_state.protocol import (
+    DESTINATION_HEADER,
+    LB_METADATA_NAMESPACE,
+    MIRROR_CLUSTER_HEADER,
+    MIRROR_ENDPOINT_HEADER,
+    MIRROR_FRACTION_METADATA_KEY,
+    MIRROR_POOL_METADATA_KEY,
+    POOL_METADATA_KEY,
+    PREFILL_ENDPOINT_HEADER,
+    ROUTING_HEADERS,
+    openai_error,
+    pool_cluster,
+)
 from gateway_state.records import FailureMode, Pool
 
 # Envoy's response flags for a model server that could not be reached or went away.
@@ -117,11 +129,7 @@ def _http2_options() -> dict[str, Any]:
         "@type": T_HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}}
 
 
-def pool_cluster(pool: str) -> str:
-    return f"pool/{pool}"
-
-
-def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
+def _clusters(state: DesiredState, routes: list[HTTPRouteSpec], s: EnvoySettings) -> list[dict[str, Any]]:
     picker = _static_cluster(PICKER_CLUSTER, s.picker_endpoints, http2=True)
     if s.picker_tls:
         picker["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
@@ -146,8 +154,15 @@ def _clusters(state: DesiredState, s: EnvoySettings) -> list[dict[str, Any]]:
         "max_ejection_percent": 100,
     }
     clusters = [picker]
+    mirrored = {m.backend.id for r in routes for rule in r.rules for m in rule.mirrors
+                if m.backend.kind == "InferencePool"}
     for pool in sorted(state.pools.values(), key=lambda p: p.name):
         clusters.append(_pool_cluster(pool, s, picker["circuit_breakers"]))
+        # The copies' clusters: the same endpoints, the endpoint named by the picker's header.
+        if pool.name in mirrored:
+            clusters.append(_pool_cluster(pool, s, picker["circuit_breakers"], "mirror", MIRROR_ENDPOINT_HEADER))
+        if pool.pd is not None:
+            clusters.append(_pool_cluster(pool, s, picker["circuit_breakers"], "prefill", PREFILL_ENDPOINT_HEADER))
     for (name, port), hosts in sorted(state.services.items()):
         clusters.append(_static_cluster(f"service/{name}/{port}", tuple((e.address, e.port) for e in hosts),
                                         lb_policy=state.service_lb.get(name, "ROUND_ROBIN")))
@@ -159,17 +174,20 @@ def eds_file(pool: str) -> str:
     return "eds-" + pool.replace("/", ".", 1) + ".json"
 
 
-def _pool_cluster(pool: Pool, s: EnvoySettings, circuit_breakers: dict[str, Any]) -> dict[str, Any]:
-    name = pool_cluster(pool.name)
+def _pool_cluster(pool: Pool, s: EnvoySettings, circuit_breakers: dict[str, Any], role: str = "",
+                  endpoint_header: str = "") -> dict[str, Any]:
+    """A pool's cluster: the primary one reads the picker's ordered list from the `envoy.lb` metadata
+    (round robin without one); a copy's reads its endpoint from a header, which a mirrored request carries."""
+    name = pool_cluster(pool.name, role)
+    source: dict[str, Any] = {"header": endpoint_header} if endpoint_header else {
+        "metadata": {"key": LB_METADATA_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}}
     cluster: dict[str, Any] = {
         "@type": T_CLUSTER, "name": name, "type": "EDS", "connect_timeout": "2s",
-        "eds_cluster_config": {"service_name": name, "eds_config": _file_source(s.config_dir, eds_file(pool.name))},
+        "eds_cluster_config": {"service_name": pool_cluster(pool.name),
+                               "eds_config": _file_source(s.config_dir, eds_file(pool.name))},
         "load_balancing_policy": {"policies": [{"typed_extension_config": {
             "name": "envoy.load_balancing_policies.override_host", "typed_config": {
-                "@type": T_OVERRIDE_HOST,
-                "override_host_sources": [{"metadata": {"key": LB_METADATA_NAMESPACE,
-                                                        "path": [{"key": DESTINATION_HEADER}]}}],
-                # No list (the pool's failure mode is FailOpen and no picker answered): round robin.
+                "@type": T_OVERRIDE_HOST, "override_host_sources": [source],
                 "fallback_policy": {"policies": [{"typed_extension_config": {
                     "name": "envoy.load_balancing_policies.round_robin", "typed_config": {"@type": T_ROUND_ROBIN}}}]},
             }}}]},
@@ -200,15 +218,20 @@ def _precedence(entry: tuple[str, str, Any]) -> tuple[int, int]:
 
 
 def _routes_for_rule(rule: RouteRule, state: DesiredState, s: EnvoySettings) -> list[tuple[str, str, Any]]:
-    mirrors = [{"cluster": f"service/{m.id}/{m.port}", "runtime_fraction": {"default_value": {"numerator": 100}}}
-               for m in rule.mirrors]
+    # A Service mirror is Envoy's own (round robin, sampled by Envoy); an InferencePool mirror is
+    # placed by the picker, which samples, names the copy's cluster and endpoint, or drops it.
+    mirrors: list[dict[str, Any]] = [
+        {"cluster": f"service/{m.backend.id}/{m.backend.port}",
+         "runtime_fraction": {"default_value": {"numerator": round(m.fraction * 1_000_000), "denominator": "MILLION"}}}
+        for m in rule.mirrors if m.backend.kind == "Service"]
+    pool_mirror = next((m for m in rule.mirrors if m.backend.kind == "InferencePool"), None)
     out: list[tuple[str, str, Any]] = []
     pool_ref = next((b for b in rule.backends if b.kind == "InferencePool"), None)
     for kind, value in rule.matches:
         match = _match(kind, value)
         if pool_ref is not None:
             out.extend((kind, value, r) for r in _pool_routes(match, state.pools.get(pool_ref.id), pool_ref.id,
-                                                             mirrors, s))
+                                                             mirrors, pool_mirror, s))
             continue
         services = [b for b in rule.backends if b.weight > 0]
         route: dict[str, Any] = {"match": match}
@@ -232,20 +255,32 @@ def _routes_for_rule(rule: RouteRule, state: DesiredState, s: EnvoySettings) -> 
 
 
 def _pool_routes(match: dict[str, Any], pool: Pool | None, name: str, mirrors: list[dict[str, Any]],
-                 s: EnvoySettings) -> list[dict[str, Any]]:
-    fail_open = pool is None or pool.failure_mode == FailureMode.FAIL_OPEN
+                 pool_mirror: MirrorSpec | None, s: EnvoySettings) -> list[dict[str, Any]]:
+    # An SGLang PD pool cannot fail open: a pod that gets no bootstrap room cannot serve.
+    fail_open = pool is None or (pool.failure_mode == FailureMode.FAIL_OPEN and pool.pd is None)
+    metadata = [{"key": POOL_METADATA_KEY, "value": name}]
+    if pool_mirror is not None:
+        metadata += [{"key": MIRROR_POOL_METADATA_KEY, "value": pool_mirror.backend.id},
+                     {"key": MIRROR_FRACTION_METADATA_KEY, "value": f"{pool_mirror.fraction:g}"}]
     per_filter = {"envoy.filters.http.ext_proc": {"@type": T_EXT_PROC_ROUTE, "overrides": {
-        "grpc_initial_metadata": [{"key": POOL_METADATA_KEY, "value": name}],
-    }}}
+        "grpc_initial_metadata": metadata}}}
     picked: dict[str, Any] = {"cluster": pool_cluster(name), "timeout": f"{s.request_timeout_s}s"}
     if mirrors:
         picked["request_mirror_policies"] = mirrors
+    copies = list(mirrors)
+    if pool_mirror is not None:
+        copies.append({"cluster_header": MIRROR_CLUSTER_HEADER})
+    if pool is not None and pool.pd is not None:
+        copies.append({"cluster": pool_cluster(name, "prefill")})
     # The override-host policy takes the next endpoint of the picker's list on each retry. `reset`
     # covers a pod that dies before answering; once response headers have gone to the client,
     # Envoy never retries.
     retry = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": s.pod_retries}
+    routed_action = {**picked, "retry_policy": retry}
+    if copies:
+        routed_action["request_mirror_policies"] = copies
     routed = {"match": {**match, "headers": [{"name": DESTINATION_HEADER, "present_match": True}]},
-              "route": {**picked, "retry_policy": retry}, "typed_per_filter_config": per_filter}
+              "route": routed_action, "typed_per_filter_config": per_filter}
     if fail_open:
         fallback: dict[str, Any] = {"match": match, "route": picked, "typed_per_filter_config": per_filter}
     else:
@@ -285,7 +320,7 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
               s: EnvoySettings) -> dict[str, Any]:
     name = f"{gateway}/{listener}"
     filters: list[dict[str, Any]] = [{"name": "envoy.filters.http.header_mutation", "typed_config": {
-        "@type": T_HEADER_MUTATION, "mutations": {"request_mutations": [{"remove": DESTINATION_HEADER}]}}}]
+        "@type": T_HEADER_MUTATION, "mutations": {"request_mutations": [{"remove": h} for h in ROUTING_HEADERS]}}}]
     if any(b.kind == "InferencePool" for r in routes for rule in r.rules for b in rule.backends):
         filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
             "@type": T_EXT_PROC,
@@ -341,7 +376,7 @@ def render(m: Manifests, state: DesiredState, s: EnvoySettings) -> Rendered:
                         if any(g == gateway.meta.id and section in (None, listener.name) for g, section in r.parents)]
             listeners.append(_listener(gateway.meta.id, listener.name, listener.port, attached, state, s))
     endpoints = {eds_file(p.name): _load_assignment(p) for p in state.pools.values()}
-    return Rendered(listeners, _clusters(state, s), endpoints)
+    return Rendered(listeners, _clusters(state, m.routes, s), endpoints)
 
 
 def _file_source(config_dir: str, file: str) -> dict[str, Any]:

@@ -127,10 +127,19 @@ class BackendRef:
 
 
 @dataclass(frozen=True)
+class MirrorSpec:
+    """A RequestMirror filter: a Service (Envoy copies, round robin) or an InferencePool (the picker
+    places the copy), and the share of requests copied (Gateway API's `percent` or `fraction`)."""
+
+    backend: BackendRef
+    fraction: float = 1.0
+
+
+@dataclass(frozen=True)
 class RouteRule:
     matches: tuple[tuple[str, str], ...]  # (match type, path value)
     backends: tuple[BackendRef, ...]
-    mirrors: tuple[BackendRef, ...]
+    mirrors: tuple[MirrorSpec, ...]
 
 
 @dataclass(frozen=True)

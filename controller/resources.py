@@ -19,6 +19,7 @@ from controller.manifests import (
     ManifestError,
     Manifests,
     Meta,
+    MirrorSpec,
     ModelRewriteSpec,
     ObjectiveSpec,
     PodSpec,
@@ -187,6 +188,24 @@ def _backend(doc: Document, meta: Meta, item: object, path: str) -> BackendRef:
                       sub.get("namespace", str, meta.namespace))
 
 
+def _mirror_fraction(doc: Document, mirror: Document, where: str) -> float:
+    """Gateway API's `percent` (0-100) or `fraction` (numerator/denominator, 100 by default); all by default."""
+    percent, fraction = mirror.get("percent", int), mirror.get("fraction", dict)
+    if percent is not None and fraction is not None:
+        raise ManifestError(doc.where, where, "set `percent` or `fraction`, not both")
+    if percent is not None:
+        if not 0 <= percent <= 100:
+            raise ManifestError(doc.where, f"{where}.percent", f"must be 0-100, got {percent}")
+        return percent / 100
+    if fraction is not None:
+        f = Document(fraction, doc.where)
+        numerator, denominator = f.get("numerator", int, required=True), f.get("denominator", int, 100)
+        if denominator < 1 or not 0 <= numerator <= denominator:
+            raise ManifestError(doc.where, f"{where}.fraction", "needs 0 <= numerator <= denominator, denominator >= 1")
+        return numerator / denominator
+    return 1.0
+
+
 def _route(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
     parents = []
     for p in doc.get("spec.parentRefs", list, []):
@@ -212,11 +231,13 @@ def _route(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
             ftype = fdoc.get("type", str, required=True)
             if ftype != "RequestMirror":
                 raise ManifestError(doc.where, f"{path}.filters[{k}].type", f"filter {ftype!r} is not supported")
-            ref = _backend(doc, meta, fdoc.get("requestMirror.backendRef", dict, required=True),
-                           f"{path}.filters[{k}].requestMirror.backendRef")
-            if ref.kind != "Service":
-                raise ManifestError(doc.where, f"{path}.filters[{k}]", "mirrors go to a Service")
-            mirrors.append(ref)
+            where = f"{path}.filters[{k}].requestMirror"
+            ref = _backend(doc, meta, fdoc.get("requestMirror.backendRef", dict, required=True), f"{where}.backendRef")
+            if ref.kind == "InferencePool" and not any(b.kind == "InferencePool" for b in backends):
+                raise ManifestError(doc.where, f"{where}.backendRef", "mirroring to an InferencePool needs an "
+                                    "InferencePool backend: its picker places the copy")
+            mirrors.append(MirrorSpec(ref, _mirror_fraction(doc, Document(fdoc.get("requestMirror", dict), doc.where),
+                                                            where)))
         rules.append(RouteRule(tuple(matches) or (("PathPrefix", "/"),), backends, tuple(mirrors)))
     out.routes.append(HTTPRouteSpec(meta, tuple(parents), tuple(doc.get("spec.hostnames", list, [])),
                                     tuple(rules)))

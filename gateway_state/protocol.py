@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-# The picker sets it to the chosen ip:port; Envoy's ORIGINAL_DST cluster connects there.
+# The picker sets it to the chosen ip:port (a gateway's ORIGINAL_DST cluster may connect there;
+# ours reads the ordered list from the metadata below).
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
-# gRPC initial metadata on each ext_proc stream naming the route's InferencePool.
+# gRPC initial metadata on each ext_proc stream naming the route's InferencePool, and the
+# InferencePool its rule mirrors to with the share of requests copied (0..1).
 POOL_METADATA_KEY = "x-inference-pool"
+MIRROR_POOL_METADATA_KEY = "x-inference-mirror-pool"
+MIRROR_FRACTION_METADATA_KEY = "x-inference-mirror-fraction"
+
+# A copy of the request for a second endpoint (a mirror pool's, or an SGLang PD pool's
+# prefill): the picker names the endpoint, and for a mirror the cluster, whose
+# override-host policy reads the endpoint header. No cluster header: no copy.
+MIRROR_CLUSTER_HEADER = "x-gateway-mirror-cluster"
+MIRROR_ENDPOINT_HEADER = "x-gateway-mirror-endpoint"
+PREFILL_ENDPOINT_HEADER = "x-gateway-prefill-endpoint"
+# Every header above that a client could send to choose an endpoint; Envoy strips them first.
+ROUTING_HEADERS = (DESTINATION_HEADER, MIRROR_CLUSTER_HEADER, MIRROR_ENDPOINT_HEADER, PREFILL_ENDPOINT_HEADER)
 
 # The upstream endpoint-picker protocol's metadata: the picker answers the ordered
 # endpoint list under LB_METADATA_NAMESPACE/DESTINATION_HEADER; the gateway may narrow
@@ -17,6 +30,11 @@ LB_METADATA_NAMESPACE = "envoy.lb"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
 SERVED_ENDPOINT_KEY = "x-gateway-destination-endpoint-served"
+
+
+def pool_cluster(pool: str, role: str = "") -> str:
+    """Envoy's cluster for a pool (`namespace/name`): the primary one, or a copy's (`mirror`, `prefill`)."""
+    return f"pool/{pool}/{role}" if role else f"pool/{pool}"
 
 
 def openai_error(status: int, message: str, error_type: str, param: str | None = None) -> dict[str, Any]:

@@ -27,8 +27,9 @@ from gateway_state.sharding import owner
 from gateway_state.store import StateStore
 from picker.errors import GatewayError
 from picker.intake import Intake, PlacementRequest
-from picker.placement import Placement
+from picker.placement import Placement, Plan
 from picker.plugins.framework import SchedulingRequest
+from picker.roles import ProfileHandler, RoleRequest
 from picker.scheduler import Trace
 from picker.snapshot import SnapshotSource
 
@@ -62,6 +63,7 @@ class AdminContext:
     snapshots: SnapshotSource
     placement: Placement
     intake: Intake
+    roles: ProfileHandler
     store: StateStore
     tokens: Tokens
     replica: str
@@ -209,19 +211,29 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
         raw = await request.body()
         try:
             placement_request = ctx.intake.read(snapshot.config, pool, path, raw)
-            trace = Trace()
-            plan = await ctx.placement.plan(placement_request, snapshot.load.get(placement_request.pool.name, {}),
-                                            False, snapshot.drained.get(placement_request.pool.name, frozenset()),
-                                            trace)
+            plans = []
+            for role in ctx.roles.roles(placement_request, snapshot.config):
+                trace = Trace()
+                target = role.request.pool.name
+                plan = await ctx.placement.plan(role.request, snapshot.load.get(target, {}), False,
+                                                snapshot.drained.get(target, frozenset()), trace, role.profile)
+                plans.append((role, plan, trace))
         except GatewayError as err:
             return JSONResponse(err.body(), status_code=err.status)  # type: ignore[return-value]
-        chosen = plan.decision.endpoints
+
+        def decision(role: RoleRequest, plan: Plan, trace: Trace) -> dict[str, Any]:
+            chosen = plan.decision.endpoints
+            return {"role": role.role.value, "profile": role.profile.value,
+                    "prompt_blocks": len(role.request.block_hashes),
+                    "matched_blocks": {c.endpoint.key: c.matched_blocks for c in chosen},
+                    "pick": chosen[0].endpoint.key, "pick_name": chosen[0].endpoint.name,
+                    "fallbacks": [c.endpoint.key for c in chosen[1:]], **_trace_json(trace)}
+
+        # The primary's decision at the top level; every role's (an SGLang PD pool's prefill too) under `roles`.
         return {"model": placement_request.model, "target_model": placement_request.target_model,
                 "pool": placement_request.pool.name, "strategy": placement_request.pool.strategy.value,
-                "prompt_blocks": len(placement_request.block_hashes),
-                "matched_blocks": {c.endpoint.key: c.matched_blocks for c in chosen},
-                "pick": chosen[0].endpoint.key, "pick_name": chosen[0].endpoint.name,
-                "fallbacks": [c.endpoint.key for c in chosen[1:]], **_trace_json(trace)}
+                **{k: v for k, v in decision(*plans[0]).items() if k not in ("role", "profile")},
+                "roles": [decision(*p) for p in plans]}
 
     @app.post("/admin/pools/{namespace}/{name}/endpoints/{endpoint}/drain", status_code=204,
               summary="Drain an endpoint: no new requests within one snapshot refresh; running ones finish")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -39,16 +40,23 @@ from google.protobuf import struct_pb2
 from gateway_state.protocol import (
     DESTINATION_HEADER,
     LB_METADATA_NAMESPACE,
+    MIRROR_CLUSTER_HEADER,
+    MIRROR_ENDPOINT_HEADER,
+    MIRROR_FRACTION_METADATA_KEY,
+    MIRROR_POOL_METADATA_KEY,
     POOL_METADATA_KEY,
+    PREFILL_ENDPOINT_HEADER,
     SERVED_ENDPOINT_KEY,
     SUBSET_HINT_KEY,
     SUBSET_HINT_NAMESPACE,
+    pool_cluster,
 )
 from picker.errors import BadRequest, GatewayError, InternalError, MethodNotAllowed, PickerUnavailable
 from picker.hit_counts import HitCounts
 from picker.intake import Intake, models
 from picker.metrics import PickerMetrics
-from picker.placement import Placed, Placement
+from picker.placement import Placement, Placements
+from picker.roles import Mirror, ProfileHandler, Role
 from picker.snapshot import SnapshotSource
 
 log = logging.getLogger("picker")
@@ -64,11 +72,12 @@ _STREAMED_CHUNK_BYTES = 64 * 1024
 @dataclass
 class _Stream:
     pool: str | None
+    mirror: Mirror | None = None  # the route's InferencePool mirror
     request_id: str = ""
     method: str = ""
     path: str = ""
     body: bytearray = field(default_factory=bytearray)
-    placed: Placed | None = None
+    placements: Placements | None = None
     duplex_request: bool = False  # FULL_DUPLEX_STREAMED: headers answered after the body, body sent back
     duplex_response: bool = False
     subset: frozenset[str] | None = None  # the gateway's candidate endpoints, when it narrows them
@@ -88,10 +97,11 @@ def _immediate(status: int, body: dict[str, object], details: str) -> pb.Process
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated code, untyped
-    def __init__(self, snapshots: SnapshotSource, intake: Intake, placement: Placement,
+    def __init__(self, snapshots: SnapshotSource, intake: Intake, roles: ProfileHandler, placement: Placement,
                  metrics: PickerMetrics, hits: HitCounts, default_pool: str | None = None) -> None:
         self._snapshots = snapshots
         self._intake = intake
+        self._roles = roles
         self._placement = placement
         self._metrics = metrics
         self._hits = hits
@@ -101,7 +111,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # noqa: N802 (gRPC name)
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         metadata = dict(context.invocation_metadata() or ())
-        stream = _Stream(pool=metadata.get(POOL_METADATA_KEY) or self._default_pool)
+        stream = _Stream(pool=metadata.get(POOL_METADATA_KEY) or self._default_pool, mirror=_mirror(metadata))
         first = True
         try:
             async for message in request_iterator:
@@ -140,8 +150,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 elif kind == "response_trailers":
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
         finally:
-            if stream.placed is not None:
-                self._placement.release(stream.placed)
+            # Every role ends with the client's exchange: the copies' own ends are not visible here.
+            if stream.placements is not None:
+                for placed in stream.placements.placed.values():
+                    self._placement.release(placed)
 
     async def _decide(self, stream: _Stream, context: grpc.aio.ServicerContext) -> list[pb.ProcessingResponse]:
         stream.decided = True
@@ -155,15 +167,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 
     def _served(self, stream: _Stream, context: base_pb2.Metadata) -> None:
         """Count which endpoint the gateway reports served the request: the picked one, or a fallback."""
-        if stream.placed is None or LB_METADATA_NAMESPACE not in context.filter_metadata:
+        if stream.placements is None or LB_METADATA_NAMESPACE not in context.filter_metadata:
             return
         field = context.filter_metadata[LB_METADATA_NAMESPACE].fields.get(SERVED_ENDPOINT_KEY)
         if field is None:
             return
         served = field.string_value
-        keys = [c.endpoint.key for c in stream.placed.endpoints]
+        primary = stream.placements.primary
+        keys = [c.endpoint.key for c in primary.endpoints]
         outcome = "picked" if served == keys[0] else "fallback" if served in keys else "other"
-        self._metrics.served_endpoints.labels(stream.placed.pool, outcome).inc()
+        self._metrics.served_endpoints.labels(primary.pool, outcome).inc()
 
     def _internal_error(self, stream: _Stream, exc: Exception) -> pb.ProcessingResponse:
         log.error("Request Failed request_id=%s pool=%s path=%s: internal error", stream.request_id or "-",
@@ -201,45 +214,63 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     async def _on_body(self, stream: _Stream) -> list[pb.ProcessingResponse]:
         snapshot = self._snapshots.current
         try:
-            request = self._intake.read(snapshot.config, stream.pool, stream.path, bytes(stream.body), stream.subset)
-            stream.placed = placed = await self._placement.place(request, snapshot.load.get(request.pool.name, {}),
-                                                                 snapshot.drained.get(request.pool.name, frozenset()))
+            request = self._intake.read(snapshot.config, stream.pool, stream.path, bytes(stream.body), stream.subset,
+                                        stream.mirror.pool if stream.mirror else None)
+            roles = self._roles.roles(request, snapshot.config, stream.mirror)
+            stream.placements = placements = await self._placement.place_roles(roles, snapshot.load, snapshot.drained)
         except GatewayError as err:
             return [self._reject(stream, err)]
+        placed, holder = placements.primary, placements.prefix_holder
         chosen = placed.chosen.endpoint
         model, target = (request.model, request.target_model) if request.listed else (UNLISTED, UNLISTED)
         self._metrics.requests.labels(model, placed.pool, chosen.name, "routed").inc()
         self._metrics.objective_requests.labels(model, target).inc()
         self._metrics.decision_seconds.labels(placed.pool, request.pool.strategy.value).observe(
-            placed.decision_seconds)
-        prompt_blocks, matched = len(request.block_hashes), placed.chosen.matched_blocks
+            max(p.decision_seconds for p in placements.placed.values()))
+        prompt_blocks, matched = len(holder.request.block_hashes), holder.chosen.matched_blocks
         if prompt_blocks:
-            self._metrics.prefix_blocks_queried.labels(placed.pool).inc(prompt_blocks)
-            self._metrics.prefix_blocks_matched.labels(placed.pool).inc(matched)
-            self._hits.add(placed.pool, model, prompt_blocks, matched)
+            self._metrics.prefix_blocks_queried.labels(holder.pool).inc(prompt_blocks)
+            self._metrics.prefix_blocks_matched.labels(holder.pool).inc(matched)
+            self._hits.add(holder.pool, model, prompt_blocks, matched)
+        set_headers = [_header(DESTINATION_HEADER, chosen.key)]
+        body = request.body
+        copies = []
+        mirror = placements.placed.get(Role.MIRROR)
+        if mirror is not None:
+            self._metrics.mirrors.labels(mirror.pool, "mirrored").inc()
+            set_headers += [_header(MIRROR_CLUSTER_HEADER, pool_cluster(mirror.pool, "mirror")),
+                            _header(MIRROR_ENDPOINT_HEADER, mirror.chosen.endpoint.key)]
+            copies.append(f"mirror={mirror.chosen.endpoint.key}")
+        for role, reason in placements.dropped:
+            self._metrics.mirrors.labels(role.request.pool.name, "dropped").inc()
+            copies.append(f"mirror=dropped({reason.status})")
+        prefill = placements.placed.get(Role.PREFILL)
+        if prefill is not None and request.pool.pd is not None:
+            set_headers.append(_header(PREFILL_ENDPOINT_HEADER, prefill.chosen.endpoint.key))
+            body = with_bootstrap(body if body is not None else bytes(stream.body), prefill.chosen.endpoint.address,
+                                  request.pool.pd.bootstrap_port, secrets.randbits(63))
+            copies.append(f"prefill={prefill.chosen.endpoint.key}")
         log.info("Request Handled request_id=%s model=%s target_model=%s pool=%s pod=%s endpoint=%s strategy=%s "
-                 "prefix_blocks=%d/%d fallbacks=%s decision_ms=%.3f schedule_ms=%.3f",
+                 "prefix_blocks=%d/%d fallbacks=%s copies=%s decision_ms=%.3f schedule_ms=%.3f",
                  stream.request_id or "-", request.model, request.target_model, placed.pool, chosen.name,
                  chosen.key, request.pool.strategy.value, matched, prompt_blocks,
-                 ",".join(c.endpoint.key for c in placed.endpoints[1:]) or "-", placed.decision_seconds * 1000,
-                 placed.schedule_seconds * 1000)
-        all_endpoints = ",".join(c.endpoint.key for c in placed.endpoints)
-        set_headers = [_header(DESTINATION_HEADER, chosen.key)]
+                 ",".join(c.endpoint.key for c in placed.endpoints[1:]) or "-", ",".join(copies) or "-",
+                 placed.decision_seconds * 1000, placed.schedule_seconds * 1000)
         metadata = struct_pb2.Struct()
         # The upstream endpoint-picker protocol: the ordered list, chosen endpoint first.
-        metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: all_endpoints}})
+        metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: ",".join(c.endpoint.key
+                                                                             for c in placed.endpoints)}})
         if stream.duplex_request:
             # The destination rides on the held headers' answer; the body, rewritten or not, goes back whole.
-            body = request.body if request.body is not None else bytes(stream.body)
             headers = pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(response=pb.CommonResponse(
                     header_mutation=pb.HeaderMutation(set_headers=set_headers), clear_route_cache=True)),
                 dynamic_metadata=metadata)
-            return [headers, *_streamed_body(body)]
+            return [headers, *_streamed_body(body if body is not None else bytes(stream.body))]
         body_mutation = None
-        if request.body is not None:
-            set_headers.append(_header("content-length", str(len(request.body))))
-            body_mutation = pb.BodyMutation(body=request.body)
+        if body is not None:
+            set_headers.append(_header("content-length", str(len(body))))
+            body_mutation = pb.BodyMutation(body=body)
         return [pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(set_headers=set_headers), body_mutation=body_mutation,
@@ -271,6 +302,27 @@ def _response_body(stream: _Stream, body: pb.HttpBody) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
         body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
             body=body.body, end_of_stream=body.end_of_stream)))))
+
+
+def _mirror(metadata: dict[str, str | bytes]) -> Mirror | None:
+    """The route's InferencePool mirror, from the stream's gRPC metadata (the controller writes it)."""
+    pool = metadata.get(MIRROR_POOL_METADATA_KEY)
+    if not isinstance(pool, str) or not pool:
+        return None
+    try:
+        fraction = float(metadata.get(MIRROR_FRACTION_METADATA_KEY) or 1.0)
+    except ValueError:
+        fraction = 1.0
+    return Mirror(pool, min(1.0, max(0.0, fraction)))
+
+
+def with_bootstrap(body: bytes, host: str, port: int, room: int) -> bytes:
+    """The JSON object with SGLang's bootstrap fields added (they win over any the client sent: the
+    last duplicate key counts). The body was parsed as an object, so it ends with its closing brace."""
+    end = body.rstrip().rfind(b"}")
+    fields = json.dumps({"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": room})[1:-1]
+    separator = b"," if body[:end].strip() != b"{" else b""
+    return body[:end] + separator + fields.encode() + b"}"
 
 
 def _subset_hint(context: base_pb2.Metadata) -> frozenset[str] | None:

@@ -42,8 +42,9 @@ class Intake:
         self._rng = rng
 
     def read(self, config: Config | None, route_pool: str | None, path: str, raw: bytes,
-             subset: frozenset[str] | None = None) -> PlacementRequest:
-        """`subset`: the gateway's hint, the only endpoints (`ip:port`) it may route this request to."""
+             subset: frozenset[str] | None = None, mirror_pool: str | None = None) -> PlacementRequest:
+        """`subset`: the gateway's hint, the only endpoints (`ip:port`) it may route this request to.
+        `mirror_pool`: the pool the route mirrors to, whose strategy may need the prompt's blocks too."""
         parsed = parse_request(path, raw, self._max_body_bytes)
         if config is None:
             raise PickerUnavailable("no configuration loaded from Redis yet")
@@ -70,7 +71,8 @@ class Intake:
                 raise BadRequest("Request body is nested too deeply.") from None
         p = self._prefix
         hashes: list[str] = []
-        if pool.strategy == Strategy.PREFIX_CACHE:
+        mirror = config.pools.get(mirror_pool) if mirror_pool else None
+        if Strategy.PREFIX_CACHE in (pool.strategy, mirror.strategy if mirror else None):
             hashes = block_hashes(parsed.prompt, target, config.prefix_seed, p.block_chars, p.block_tokens,
                                   p.max_blocks)
         scheduling = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "",

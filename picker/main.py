@@ -32,6 +32,7 @@ from picker.hit_counts import HitCounts
 from picker.intake import Intake
 from picker.metrics import PickerMetrics
 from picker.placement import Placement
+from picker.roles import ProfileHandler
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, SchedulingSettings, ServerSettings, StateSettings
 from picker.snapshot import SnapshotSource
@@ -122,7 +123,8 @@ async def serve(settings: PickerSettings) -> None:
                           clock)
     intake = Intake(settings.prefix, settings.server.max_request_body_bytes, rng)
     hits = HitCounts()
-    processor = ExternalProcessor(snapshots, intake, placement, metrics, hits, settings.server.default_pool)
+    roles = ProfileHandler(rng)
+    processor = ExternalProcessor(snapshots, intake, roles, placement, metrics, hits, settings.server.default_pool)
 
     async def heartbeat() -> None:
         config = snapshots.current.config
@@ -175,7 +177,7 @@ async def serve(settings: PickerSettings) -> None:
     admin = None
     if settings.server.admin_address:
         tokens = Tokens(Path(settings.server.admin_tokens_file) if settings.server.admin_tokens_file else None)
-        admin_app = build_admin_app(AdminContext(snapshots, placement, intake, store, tokens,
+        admin_app = build_admin_app(AdminContext(snapshots, placement, intake, roles, store, tokens,
                                                  settings.server.replica_id))
         host, port = _split(settings.server.admin_address)
         admin = _EmbeddedServer(uvicorn.Config(admin_app, host=host, port=port, log_level="warning",

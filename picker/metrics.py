@@ -47,6 +47,9 @@ class PickerMetrics:
                                         "Requests whose gateway reported the endpoint that served them: the "
                                         "picked one, a fallback of the picker's list, or another.",
                                         ["pool", "outcome"], registry=r)
+        self.mirrors = Counter("picker_mirrors", "Copies for a route's InferencePool mirror, by mirror pool: "
+                               "`mirrored`, or `dropped` (the mirror pool saturated or without endpoints; never "
+                               "queued).", ["pool", "outcome"], registry=r)
         self.redis_up = Gauge("picker_redis_up", "1 when the last snapshot refresh reached Redis.", registry=r)
         self.config_generation = Gauge("picker_config_generation", "The config generation this replica routes by.",
                                        registry=r)

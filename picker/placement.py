@@ -23,11 +23,13 @@ from redis.exceptions import RedisError
 from gateway_state.clock import FleetClock
 from gateway_state.records import LoadSample, Pool
 from gateway_state.store import SharedView, split_figures
+from picker.errors import GatewayError
 from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
 from picker.plugins.framework import Candidate
 from picker.plugins.pickers import replica_share
 from picker.prefix import capacity_blocks
+from picker.roles import Role, RoleRequest
 from picker.scheduler import Decision, Scheduler, Trace
 from picker.settings import PickerSettings
 from picker.state import MemoryState, OwnRequests, PlacementState
@@ -66,6 +68,23 @@ class Placed:
         return self.request.pool.name
 
 
+@dataclass(frozen=True)
+class Placements:
+    """One request's placements by role (the primary always), and the optional ones dropped."""
+
+    placed: dict[Role, Placed]
+    dropped: list[tuple[RoleRequest, GatewayError]]
+
+    @property
+    def primary(self) -> Placed:
+        return self.placed[Role.PRIMARY]
+
+    @property
+    def prefix_holder(self) -> Placed:
+        """The placement that computes the prompt: an SGLang PD pool's prefill, else the primary."""
+        return self.placed.get(Role.PREFILL) or self.primary
+
+
 class Placement:
     def __init__(self, state: PlacementState, fallback_index: MemoryState | None, scheduler: Scheduler,
                  settings: PickerSettings, metrics: PickerMetrics, clock: FleetClock) -> None:
@@ -80,12 +99,35 @@ class Placement:
         self.own = OwnRequests()
         self._background: set[asyncio.Task[None]] = set()
 
+    async def place_roles(self, roles: list[RoleRequest], load: dict[str, dict[str, LoadSample]],
+                          drained: dict[str, frozenset[str]]) -> Placements:
+        """Place every role at once, each in its own pool's state. A required role that fails fails the
+        decision (the others are released); an optional one (a mirror) is dropped."""
+        results = await asyncio.gather(
+            *(self.place(r.request, load.get(r.request.pool.name, {}), drained.get(r.request.pool.name, frozenset()),
+                         r.profile) for r in roles), return_exceptions=True)
+        placed: dict[Role, Placed] = {}
+        dropped: list[tuple[RoleRequest, GatewayError]] = []
+        failure: BaseException | None = None
+        for role, result in zip(roles, results, strict=True):
+            if isinstance(result, Placed):
+                placed[role.role] = result
+            elif role.optional and isinstance(result, GatewayError):
+                dropped.append((role, result))
+            elif failure is None or isinstance(failure, GatewayError):
+                failure = result  # a fault of ours outranks a client-facing error
+        if failure is not None:
+            for p in placed.values():
+                self.release(p)
+            raise failure
+        return Placements(placed, dropped)
+
     async def place(self, request: PlacementRequest, samples: dict[str, LoadSample],
-                    drained: frozenset[str] = frozenset()) -> Placed:
+                    drained: frozenset[str] = frozenset(), profile: str | None = None) -> Placed:
         started = time.perf_counter()
         # At most two rounds: the second when another replica took the chosen endpoint meanwhile.
         for check in (True, False):
-            plan = await self.plan(request, samples, check, drained)
+            plan = await self.plan(request, samples, check, drained, profile=profile)
             placed = await self.commit(plan, started)
             if placed is not None:
                 break
@@ -96,7 +138,8 @@ class Placement:
         return placed
 
     async def plan(self, request: PlacementRequest, samples: dict[str, LoadSample], check: bool = True,
-                   drained: frozenset[str] = frozenset(), trace: Trace | None = None) -> Plan:
+                   drained: frozenset[str] = frozenset(), trace: Trace | None = None,
+                   profile: str | None = None) -> Plan:
         """The decision the state supports now; reads only (so it also explains decisions)."""
         pool = request.pool
         try:
@@ -116,8 +159,8 @@ class Placement:
                               dict(Counter(others.inflight_work) + Counter(own_work)), others.replicas)
         scheduling = replace(request.scheduling, preferred=replica_share(
             [e.key for e in pool.endpoints], view.replicas, self._me))
-        decision = self._scheduler.schedule(pool.strategy, scheduling, self._candidates(pool, samples, view, drained),
-                                            trace)
+        decision = self._scheduler.schedule(profile or pool.strategy, scheduling,
+                                            self._candidates(pool, samples, view, drained), trace)
         chosen = decision.endpoints[0]
         seen = others.inflight.get(chosen.endpoint.key, 0) if check and others is not None else -1
         return Plan(request, decision, max(0, scheduling.work_blocks - chosen.matched_blocks), seen)

@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from gateway_state.records import Criticality, Strategy
 from picker.errors import NoEndpoint, Shed
@@ -30,6 +31,14 @@ from picker.settings import SchedulingSettings
 log = logging.getLogger("picker.scheduler")
 
 
+class Profile(StrEnum):
+    """The scheduling profiles; the first two are the pools' strategies by name."""
+
+    DEFAULT = Strategy.DEFAULT.value  # queue, KV cache, in-flight, prefill work
+    PREFIX_CACHE = Strategy.PREFIX_CACHE.value  # the same, with prefix affinity
+    DECODE = "decode"  # an SGLang PD pool's decode side: its prompt arrives as KV cache, so load decides
+
+
 @dataclass(frozen=True)
 class Weighted:
     scorer: Scorer
@@ -37,7 +46,7 @@ class Weighted:
 
 
 @dataclass(frozen=True)
-class Profile:
+class ProfileSpec:
     filters: tuple[Filter, ...]
     scorers: tuple[Weighted, ...]
     picker: Picker
@@ -61,13 +70,14 @@ class Trace:
 
 
 class Scheduler:
-    def __init__(self, profiles: Mapping[Strategy, Profile]) -> None:
+    def __init__(self, profiles: Mapping[str, ProfileSpec]) -> None:
         self._profiles = dict(profiles)
 
-    def schedule(self, strategy: Strategy, request: SchedulingRequest, candidates: Sequence[Candidate],
+    def schedule(self, profile_name: str, request: SchedulingRequest, candidates: Sequence[Candidate],
                  trace: Trace | None = None) -> Decision:
+        """`profile_name`: a Profile (a pool's Strategy names one)."""
         started = time.perf_counter()
-        profile = self._profiles[strategy]
+        profile = self._profiles[profile_name]
         remaining = list(candidates)
         if trace is not None:
             trace.candidates = [c.endpoint.key for c in remaining]
@@ -96,7 +106,7 @@ class Scheduler:
         return Decision(chosen, time.perf_counter() - started)
 
 
-def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[Strategy, Profile]:
+def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[str, ProfileSpec]:
     filters = (DrainFilter(), HealthyFilter(s.max_scrape_failures), QueueGuardFilter(s.saturation_waiting),
                SheddableFilter(s.saturation_waiting, s.saturation_kv_cache))
     load = (Weighted(QueueScorer(s.queue_scale), s.queue_weight), Weighted(KVCacheScorer(), s.kv_cache_weight),
@@ -104,7 +114,8 @@ def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[Strategy, 
             Weighted(PrefillWorkScorer(s.prefill_work_scale), s.prefill_work_weight))
     picker = MaxScorePicker(s.fallbacks, rng, s.tie_margin)
     return {
-        Strategy.DEFAULT: Profile(filters, load, picker),
-        Strategy.PREFIX_CACHE: Profile(filters, (*load, Weighted(PrefixScorer(), s.prefix_weight),
-                                                 Weighted(PrefixHomeScorer(), s.prefix_home_weight)), picker),
+        Profile.DEFAULT: ProfileSpec(filters, load, picker),
+        Profile.PREFIX_CACHE: ProfileSpec(filters, (*load, Weighted(PrefixScorer(), s.prefix_weight),
+                                                    Weighted(PrefixHomeScorer(), s.prefix_home_weight)), picker),
+        Profile.DECODE: ProfileSpec(filters, load[:3], picker),
     }
