@@ -36,7 +36,7 @@ from gateway_state.protocol import (
     openai_error,
     pool_cluster,
 )
-from gateway_state.records import FailureMode, Pool
+from gateway_state.records import Endpoint, FailureMode, Pool
 
 # Envoy's response flags for a model server that could not be reached or went away.
 UPSTREAM_FAILURE_FLAGS = ("UF", "UH", "URX", "UC", "UR", "UO", "UT", "NR", "DC")
@@ -169,9 +169,20 @@ def _clusters(state: DesiredState, routes: list[HTTPRouteSpec], s: EnvoySettings
     return clusters
 
 
-def eds_file(pool: str) -> str:
-    """The EDS file of a pool (`namespace/name`): namespaces hold no dots, so none collide."""
-    return "eds-" + pool.replace("/", ".", 1) + ".json"
+def eds_file(pool: str, side: str = "") -> str:
+    """The EDS file of a pool (`namespace/name`), or of one side of an SGLang PD pool: namespaces
+    hold no dots and names no '+', so none collide."""
+    return "eds-" + pool.replace("/", ".", 1) + (f"+{side}" if side else "") + ".json"
+
+
+def _sides(pool: Pool) -> dict[str, tuple[Endpoint, ...]]:
+    """A pool's endpoint sets by EDS file suffix: all of them, or an SGLang PD pool's decode side
+    (its primary cluster: a retry past the picker's list stays on decode pods) and prefill side."""
+    if pool.pd is None:
+        return {"": pool.endpoints}
+    pd = pool.pd
+    return {side: tuple(e for e in pool.endpoints if e.labels.get(pd.role_label) == role)
+            for side, role in (("", pd.decode_role), ("prefill", pd.prefill_role))}
 
 
 def _pool_cluster(pool: Pool, s: EnvoySettings, circuit_breakers: dict[str, Any], role: str = "",
@@ -183,8 +194,9 @@ def _pool_cluster(pool: Pool, s: EnvoySettings, circuit_breakers: dict[str, Any]
         "metadata": {"key": LB_METADATA_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}}
     cluster: dict[str, Any] = {
         "@type": T_CLUSTER, "name": name, "type": "EDS", "connect_timeout": "2s",
-        "eds_cluster_config": {"service_name": pool_cluster(pool.name),
-                               "eds_config": _file_source(s.config_dir, eds_file(pool.name))},
+        "eds_cluster_config": {"service_name": name if role == "prefill" else pool_cluster(pool.name),
+                               "eds_config": _file_source(s.config_dir,
+                                                          eds_file(pool.name, "prefill" if role == "prefill" else ""))},
         "load_balancing_policy": {"policies": [{"typed_extension_config": {
             "name": "envoy.load_balancing_policies.override_host", "typed_config": {
                 "@type": T_OVERRIDE_HOST, "override_host_sources": [source],
@@ -198,10 +210,10 @@ def _pool_cluster(pool: Pool, s: EnvoySettings, circuit_breakers: dict[str, Any]
     return cluster
 
 
-def _load_assignment(pool: Pool) -> dict[str, Any]:
-    return {"@type": T_LOAD_ASSIGNMENT, "cluster_name": pool_cluster(pool.name), "endpoints": [{"lb_endpoints": [
+def _load_assignment(cluster: str, endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
+    return {"@type": T_LOAD_ASSIGNMENT, "cluster_name": cluster, "endpoints": [{"lb_endpoints": [
         {"endpoint": {"address": {"socket_address": {"address": e.address, "port_value": e.port}}}}
-        for e in pool.endpoints]}]}
+        for e in endpoints]}]}
 
 
 def _match(kind: str, value: str) -> dict[str, Any]:
@@ -375,7 +387,8 @@ def render(m: Manifests, state: DesiredState, s: EnvoySettings) -> Rendered:
             attached = [r for r in m.routes
                         if any(g == gateway.meta.id and section in (None, listener.name) for g, section in r.parents)]
             listeners.append(_listener(gateway.meta.id, listener.name, listener.port, attached, state, s))
-    endpoints = {eds_file(p.name): _load_assignment(p) for p in state.pools.values()}
+    endpoints = {eds_file(p.name, side): _load_assignment(pool_cluster(p.name, side), members)
+                 for p in state.pools.values() for side, members in _sides(p).items()}
     return Rendered(listeners, _clusters(state, m.routes, s), endpoints)
 
 

@@ -138,6 +138,21 @@ class Fleet:
                 pods.setdefault(e.key, (e.name, "vllm"))
         return pods
 
+    def pod_roles(self) -> dict[str, tuple[str, ...]]:
+        """endpoint key -> the simulator flags of an SGLang PD pool's pod: its side and bootstrap port."""
+        state = build(load_directory(self.settings.manifests_dir))
+        roles: dict[str, tuple[str, ...]] = {}
+        for pool in state.pools.values():
+            if pool.pd is None:
+                continue
+            for e in pool.endpoints:
+                side = {pool.pd.prefill_role: "prefill", pool.pd.decode_role: "decode"}.get(
+                    e.labels.get(pool.pd.role_label, ""))
+                if side:
+                    roles[e.key] = ("--disaggregation-mode", side,
+                                    "--disaggregation-bootstrap-port", str(pool.pd.bootstrap_port))
+        return roles
+
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self, timeout_s: float = 60.0) -> None:
@@ -157,19 +172,21 @@ class Fleet:
                                   "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data),
                                   "--protected-mode", "no"])
             self._wait("redis", lambda: _port_open("127.0.0.1", s.redis_port), timeout_s)
-        by_runtime: dict[str, list[str]] = {}
+        by_kind: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # (runtime, PD flags) -> pods
+        roles = self.pod_roles()
         for key, (name, runtime) in self.pods().items():
             if name not in s.absent_pods:
-                by_runtime.setdefault(runtime, []).append(f"{name}@{key}")
+                by_kind.setdefault((runtime, roles.get(key, ())), []).append(f"{name}@{key}")
         simulator = _bin("model-server-simulator")
-        for runtime, specs in sorted(by_runtime.items()):
+        for (runtime, flags), specs in sorted(by_kind.items()):
             if s.pod_per_process:
                 for spec in specs:
                     self._spawn(f"pod-{spec.split('@')[0]}", [simulator, "--runtime", runtime, "--pod", spec,
-                                                             *s.simulator_args])
+                                                             *flags, *s.simulator_args])
             else:
-                self._spawn(f"pods-{runtime}", [simulator, "--runtime", runtime,
-                                                *[a for spec in specs for a in ("--pod", spec)], *s.simulator_args])
+                name = f"pods-{runtime}" + (f"-{flags[1]}" if flags else "")
+                self._spawn(name, [simulator, "--runtime", runtime, *[a for spec in specs for a in ("--pod", spec)],
+                                   *flags, *s.simulator_args])
         self.wait_pods(timeout_s)
         pickers = [a for p in s.picker_ports for a in ("--picker-endpoint", f"127.0.0.1:{p}")]
         source = ["--kubernetes", "--kubeconfig", str(s.kubeconfig)] if s.kubeconfig else [

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from gateway_state.clock import FleetClock
 from gateway_state.records import LoadSample, Pool
 from gateway_state.store import SharedView, split_figures
-from picker.errors import GatewayError
+from picker.errors import GatewayError, Shed
 from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
 from picker.plugins.framework import Candidate
@@ -102,12 +102,17 @@ class Placement:
     async def place_roles(self, roles: list[RoleRequest], load: dict[str, dict[str, LoadSample]],
                           drained: dict[str, frozenset[str]]) -> Placements:
         """Place every role at once, each in its own pool's state. A required role that fails fails the
-        decision (the others are released); an optional one (a mirror) is dropped."""
+        decision (the others are released); an optional one (a mirror) is dropped, and so it is at once
+        when its pool is saturated: copies never add to a full pool's queues."""
+        dropped: list[tuple[RoleRequest, GatewayError]] = []
+        for r in [r for r in roles if r.optional]:
+            if self.saturated(r.request.pool, load.get(r.request.pool.name, {})):
+                roles = [x for x in roles if x is not r]
+                dropped.append((r, Shed(f"Pool {r.request.pool.name} is saturated.")))
         results = await asyncio.gather(
             *(self.place(r.request, load.get(r.request.pool.name, {}), drained.get(r.request.pool.name, frozenset()),
                          r.profile) for r in roles), return_exceptions=True)
         placed: dict[Role, Placed] = {}
-        dropped: list[tuple[RoleRequest, GatewayError]] = []
         failure: BaseException | None = None
         for role, result in zip(roles, results, strict=True):
             if isinstance(result, Placed):
@@ -194,6 +199,18 @@ class Placement:
         self.own.remove(placed.pool, placed.chosen.endpoint.key, placed.work_blocks)
         if placed.admitted_shared:
             self._later(self._release(placed))
+
+    def saturated(self, pool: Pool, samples: dict[str, LoadSample]) -> bool:
+        """No endpoint of the pool has room (upstream's definition): each one's fresh load sample shows a
+        queue or a nearly full KV cache. An endpoint without a fresh sample counts as having room."""
+        s, now_ms, max_age = self._settings.scheduling, self._clock.now_ms(), self._settings.state.max_sample_age_ms
+        for e in pool.endpoints:
+            sample = samples.get(e.key)
+            if sample is None or not sample.ok or now_ms - sample.scraped_at_ms > max_age:
+                return False
+            if sample.waiting < s.saturation_waiting and sample.kv_cache_usage < s.saturation_kv_cache:
+                return False
+        return True
 
     def _candidates(self, pool: Pool, samples: dict[str, LoadSample], view: SharedView,
                     drained: frozenset[str]) -> list[Candidate]:

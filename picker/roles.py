@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from gateway_state.records import Config, Criticality, Pool, Strategy
+from gateway_state.records import Config, Pool, Strategy
 from picker.errors import NoEndpoint
 from picker.intake import PlacementRequest
 from picker.scheduler import Profile
@@ -92,7 +92,6 @@ class ProfileHandler:
         target = config.pools.get(mirror.pool) if config is not None and mirror is not None else None
         if target is not None and target.endpoints and mirror is not None and self._rng.random() < mirror.fraction:
             # Sheddable on the mirror pool: a saturated mirror pool drops the copy instead of queueing it.
-            copy = _for_pool(request, target)
-            copy = replace(copy, scheduling=replace(copy.scheduling, criticality=Criticality.SHEDDABLE), listed=False)
-            out.append(RoleRequest(Role.MIRROR, copy, _strategy_profile(target)))
+            out.append(RoleRequest(Role.MIRROR, replace(_for_pool(request, target), listed=False),
+                                   _strategy_profile(target)))
         return out

@@ -33,6 +33,7 @@ class Sequence:
     max_tokens: int
     finish_reason: str  # "length" when max_tokens was asked for, else "stop"
     adapter: str | None = None
+    transferred: int = 0  # prompt tokens whose KV cache arrived from a prefill pod (SGLang PD decode)
     events: asyncio.Queue[str | None] | None = None  # generated pieces, then None; None for synthetic load
     arrival_s: float = 0.0
     computed: int = 0  # tokens whose KV is in the cache
@@ -123,6 +124,15 @@ class Engine:
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Reserve blocks for the sequence's first chunk; 0 when the cache is full."""
         bs = self.physics.block_size
+        if seq.transferred and not seq.admitted_once:
+            # The prompt's KV cache came from the prefill pod: blocks for all of it, compute for the rest.
+            chunk = min(len(seq.tokens) - seq.transferred, budget)
+            need = _blocks(seq.transferred + chunk, bs)
+            if not self.cache.allocate_private(need):
+                return 0
+            seq.private, seq.computed, seq.admitted_once = need, seq.transferred, True
+            self._observer.on_admit(seq)
+            return chunk
         self._extend_chain(seq)
         hit = self.cache.cached_prefix(seq.chain)
         hit = min(hit, (len(seq.tokens) - 1) // bs)  # the last token is always computed

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=("vllm", "sglang"), default="vllm")
     p.add_argument("--model", default="/models/Qwen3-32B")
     p.add_argument("--adapter", action="append", default=[], help="a LoRA adapter name the pods also serve")
+    p.add_argument("--disaggregation-mode", choices=("null", "prefill", "decode"), default="null",
+                   help="SGLang prefill/decode disaggregation: the side these pods run")
+    p.add_argument("--disaggregation-bootstrap-port", type=int, default=8998,
+                   help="where a prefill pod serves its bootstrap rooms (on its own address)")
+    p.add_argument("--bootstrap-timeout-s", type=float, default=30.0,
+                   help="how long a decode request waits for its prefill before failing")
     defaults = Physics()
     for f in fields(Physics):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
@@ -59,11 +65,19 @@ async def serve(pods: list[SimulatedPod]) -> None:
             await runner.setup()
             await web.TCPSite(runner, pod.spec.host, pod.spec.port, reuse_address=True).start()
             runners.append(runner)
+            if pod.bootstrap is not None:
+                bootstrap = web.AppRunner(pod.bootstrap.app(), access_log=None, handle_signals=False)
+                await bootstrap.setup()
+                await web.TCPSite(bootstrap, pod.spec.host, pod.spec.bootstrap_port, reuse_address=True).start()
+                runners.append(bootstrap)
             log.info("pod %s (%s) serving on %s:%d", pod.spec.name, pod.spec.runtime, pod.spec.host, pod.spec.port)
         await stop.wait()
     finally:
         for runner in runners:
             await runner.cleanup()
+        for pod in pods:
+            if pod.receiver is not None:
+                await pod.receiver.close()
         for task in engines:
             task.cancel()
 
@@ -72,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     physics = Physics(**{f.name: getattr(args, f.name) for f in fields(Physics)})
-    pods = [SimulatedPod(PodSpec(name, host, port, args.runtime, args.model, tuple(args.adapter)), physics)
+    pods = [SimulatedPod(PodSpec(name, host, port, args.runtime, args.model, tuple(args.adapter),
+                                 disaggregation=args.disaggregation_mode,
+                                 bootstrap_port=args.disaggregation_bootstrap_port,
+                                 bootstrap_timeout_s=args.bootstrap_timeout_s), physics)
             for name, host, port in args.pod]
     asyncio.run(serve(pods))
 

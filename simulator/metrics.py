@@ -11,6 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from simulator.disaggregation import BootstrapServer, KVReceiver
 from simulator.engine import Engine, Sequence
 from simulator.physics import Physics
 
@@ -109,6 +110,21 @@ class SGLangMetrics:
                               labels, buckets=_TTFT_BUCKETS, registry=r).labels(*values)
         self.e2e = Histogram("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds",
                              labels, buckets=_E2E_BUCKETS, registry=r).labels(*values)
+        # Prefill/decode disaggregation (zero on a pod that runs both phases).
+        self.prefill_bootstrap = gauge("sglang:num_prefill_prealloc_queue_reqs",
+                                       "The number of requests in the prefill prealloc queue.")
+        self.prefill_inflight = gauge("sglang:num_prefill_inflight_queue_reqs",
+                                      "The number of requests in the prefill inflight queue.")
+        self.decode_prealloc = gauge("sglang:num_decode_prealloc_queue_reqs",
+                                     "The number of requests in the decode prealloc queue.")
+        self.decode_transfer = gauge("sglang:num_decode_transfer_queue_reqs",
+                                     "The number of requests in the decode transfer queue.")
+        self.kv_transfer_latency = gauge("sglang:kv_transfer_latency_ms", "The KV transfer latency in ms.")
+        self.bootstrap_failed = Counter("sglang:num_bootstrap_failed_reqs", "The number of bootstrap failed requests.",
+                                        labels, registry=r).labels(*values)
+        self.transfer_failed = Counter("sglang:num_transfer_failed_reqs", "The number of transfer failed requests.",
+                                       labels, registry=r).labels(*values)
+        self._failures_seen = [0, 0]  # (bootstrap, transfer) failures already counted
         Gauge("sglang:cache_config_info", "Information of the cache config", ["page_size", "num_pages"],
               registry=r).labels(str(physics.block_size), str(physics.num_blocks)).set(1)
         self._block_size = physics.block_size
@@ -140,6 +156,17 @@ class SGLangMetrics:
         now = time.monotonic()
         recent = sum(n for t, n in self._window if now - t < 10.0)
         self.throughput.set(recent / 10.0)
+
+    def refresh_disaggregation(self, bootstrap: BootstrapServer | None, receiver: KVReceiver | None) -> None:
+        if bootstrap is not None:
+            self.prefill_inflight.set(bootstrap.waiting_decodes)
+            self.bootstrap_failed.inc(bootstrap.failed - self._failures_seen[0])
+            self._failures_seen[0] = bootstrap.failed
+        if receiver is not None:
+            self.decode_transfer.set(receiver.transferring)
+            self.kv_transfer_latency.set(receiver.last_latency_ms)
+            self.transfer_failed.inc(receiver.failed - self._failures_seen[1])
+            self._failures_seen[1] = receiver.failed
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,6 +30,10 @@ class Physics:
     max_batched_tokens: int = 8192
     # A context window long enough for the seeds' workloads.
     max_model_len: int = 32_768
+    # SGLang PD: an 8B model's KV cache is about 128 KiB per token; at 25 GB/s of RDMA that is
+    # about 5 us per token, after a fixed cost per transfer.
+    kv_transfer_token_s: float = 5e-6
+    kv_transfer_overhead_s: float = 0.002
     # 1.0 is real time; 0.1 runs ten times faster with the same ratios.
     time_scale: float = 1.0
 

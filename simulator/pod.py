@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from simulator.disaggregation import Bootstrap, BootstrapServer, KVReceiver, TransferFailed, bootstrap_of
 from simulator.engine import Engine, Sequence
 from simulator.metrics import SGLangMetrics, VLLMMetrics
 from simulator.physics import Physics
@@ -29,6 +30,10 @@ class PodSpec:
     model: str
     adapters: tuple[str, ...] = ()
     max_loras: int = 4
+    # SGLang's --disaggregation-mode: "null" (both phases), "prefill" or "decode".
+    disaggregation: str = "null"
+    bootstrap_port: int = 8998  # SGLang's --disaggregation-bootstrap-port (a prefill pod serves it)
+    bootstrap_timeout_s: float = 30.0  # how long a decode request waits for its prefill
 
 
 def openai_error(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
@@ -68,6 +73,11 @@ class SimulatedPod:
         )
         self.engine = Engine(physics, self.metrics)
         self._synthetic: list[Sequence] = []
+        self.bootstrap = BootstrapServer(spec.bootstrap_timeout_s) if spec.disaggregation == "prefill" else None
+        self.receiver = KVReceiver(spec.bootstrap_timeout_s, physics.kv_transfer_token_s,
+                                   physics.kv_transfer_overhead_s, physics.time_scale) \
+            if spec.disaggregation == "decode" else None
+        self.rooms: list[dict[str, Any]] = []  # the last bootstrap rooms this pod served, for tests (/sim/rooms)
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -84,6 +94,7 @@ class SimulatedPod:
         r.add_get("/health", self._health)
         r.add_get("/metrics", self._metrics)
         r.add_post("/sim/load", self._add_load)
+        r.add_get("/sim/rooms", self._rooms)
         r.add_delete("/sim/load", self._clear_load)
         if self.spec.runtime == "sglang":
             for path in ("/get_model_info", "/model_info"):
@@ -134,6 +145,32 @@ class SimulatedPod:
         if longest + (max_tokens or 1) > self.physics.max_model_len:
             return openai_error(400, f"This model's maximum context length is {self.physics.max_model_len} tokens. "
                                 f"However, you requested {longest + (max_tokens or 1)} tokens.", "BadRequestError")
+        try:
+            bootstrap = bootstrap_of(body)
+        except ValueError as exc:
+            return openai_error(400, str(exc), "BadRequestError")
+        mode = self.spec.disaggregation
+        if mode != "null":
+            if bootstrap is None:
+                return openai_error(400, f"This server runs the {mode} side of prefill/decode disaggregation; the "
+                                    "request needs bootstrap_host, bootstrap_port and bootstrap_room.",
+                                    "BadRequestError")
+            if len(prompts) != 1 or kind == "embedding":
+                return openai_error(400, "Prefill/decode disaggregation serves one prompt per request.",
+                                    "BadRequestError")
+            self.rooms = [*self.rooms[-99:], {"room": bootstrap.room, "mode": mode,
+                                              "bootstrap": f"{bootstrap.host}:{bootstrap.port}"}]
+        if mode == "prefill":
+            assert bootstrap is not None
+            return await self._prefill(request, body, prompts[0], bootstrap)
+        transferred = 0
+        if mode == "decode":
+            assert bootstrap is not None and self.receiver is not None
+            try:
+                await self.receiver.receive(bootstrap, len(prompts[0]))
+            except TransferFailed as exc:
+                return openai_error(503, f"KV cache transfer failed: {exc}.", "ServiceUnavailableError")
+            transferred = len(prompts[0]) - 1
         prefix = {"chat": "chatcmpl-", "completion": "cmpl-", "response": "resp_", "embedding": "embd-"}[kind]
         seqs = []
         for tokens in prompts:
@@ -142,7 +179,8 @@ class SimulatedPod:
             seqs.append(Sequence(
                 request_id=prefix + uuid.uuid4().hex, tokens=list(tokens), num_prompt=len(tokens), max_tokens=length,
                 finish_reason="length" if max_tokens else "stop",
-                adapter=body["model"] if body["model"] in self.spec.adapters else None, events=asyncio.Queue()))
+                adapter=body["model"] if body["model"] in self.spec.adapters else None, events=asyncio.Queue(),
+                transferred=transferred))
         for seq in seqs:
             self.engine.submit(seq)
         try:
@@ -160,6 +198,28 @@ class SimulatedPod:
             for seq in seqs:
                 if seq.state != "done":
                     self.engine.abort(seq)
+
+    async def _prefill(self, request: web.Request, body: dict[str, Any], tokens: list[int],
+                       bootstrap: Bootstrap) -> web.Response:
+        """Compute the prompt (and its first token), then hand the room to the decode pod."""
+        assert self.bootstrap is not None
+        seq = Sequence(request_id="prefill-" + uuid.uuid4().hex, tokens=list(tokens), num_prompt=len(tokens),
+                       max_tokens=1, finish_reason="length", events=asyncio.Queue())
+        self.engine.submit(seq)
+        try:
+            text = await self._text(seq)
+        except BaseException:
+            self.engine.abort(seq)
+            self.bootstrap.fail(bootstrap.room, "the prefill request was cancelled")
+            raise
+        self.bootstrap.ready(bootstrap.room, seq.num_prompt)
+        return web.json_response({"id": seq.request_id, "object": "text_completion", "created": int(time.time()),
+                                  "model": body["model"], "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                                        "finish_reason": "length"}],
+                                  "usage": self._usage(seq)})
+
+    async def _rooms(self, request: web.Request) -> web.Response:
+        return web.json_response({"mode": self.spec.disaggregation, "rooms": self.rooms})
 
     async def _parse(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -309,6 +369,8 @@ class SimulatedPod:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.metrics.refresh(self.engine)
+        if isinstance(self.metrics, SGLangMetrics):
+            self.metrics.refresh_disaggregation(self.bootstrap, self.receiver)
         return web.Response(body=self.metrics.render(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -322,7 +384,8 @@ class SimulatedPod:
             "model_path": self.spec.model, "served_model_name": self.spec.model, "host": self.spec.host,
             "port": self.spec.port, "page_size": p.block_size, "max_running_requests": p.max_num_seqs,
             "chunked_prefill_size": p.max_batched_tokens, "context_length": p.max_model_len,
-            "max_total_num_tokens": p.num_blocks * p.block_size, "disaggregation_mode": "null",
+            "max_total_num_tokens": p.num_blocks * p.block_size,
+            "disaggregation_mode": self.spec.disaggregation,
             "internal_states": [{"last_gen_throughput": 0.0}], "version": "sim",
         })
 
