@@ -27,7 +27,7 @@ from typing import Any
 
 from benchmarks import arrivals
 from benchmarks.driver import hit_rate, prefix_counters
-from benchmarks.routers import MODEL
+from benchmarks.routers import MODEL, tokenizer_file
 from benchmarks.routing import OUT, percentile
 from benchmarks.workloads import SharedPrefixWorkload
 from local_fleet.fleet import Fleet, FleetSettings
@@ -81,7 +81,8 @@ def start_peer(prefill: list[str], decode: list[str], work_dir: Path,
     """sglang-router in PD mode over the same pods, its cache-aware policy on both sides."""
     args = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host", "127.0.0.1",
             "--port", str(PEER_PORT), "--policy", "cache_aware", "--log-level", "warn",
-            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(PEER_PORT + 1)]
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(PEER_PORT + 1),
+            "--tokenizer-path", str(tokenizer_file(work_dir))]
     for p in prefill:
         args += ["--prefill", f"http://{p}", str(BOOTSTRAP_PORT)]
     for d in decode:

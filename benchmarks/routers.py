@@ -92,7 +92,7 @@ spec:
     (directory / "bench.yaml").write_text("\n---\n".join(docs) + "\n")
 
 
-def _tokenizer(directory: Path) -> Path:
+def tokenizer_file(directory: Path) -> Path:
     """A word-level tokenizer file, so the peers never try to download one (there is no network here)."""
     path = directory / "tokenizer.json"
     path.write_text(json.dumps({
@@ -121,7 +121,7 @@ class PeerProcess:
                 "--worker-urls", *urls, "--prometheus-host", "127.0.0.1",
                 "--prometheus-port", str(self.router.port + 1)]
         if executable == "sglang-router":
-            args += ["--tokenizer-path", str(_tokenizer(self.work_dir)), "--log-level", "warn"]
+            args += ["--tokenizer-path", str(tokenizer_file(self.work_dir)), "--log-level", "warn"]
         log = (self.work_dir / f"{self.router.name}.log").open("wb")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
