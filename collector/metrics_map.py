@@ -67,6 +67,7 @@ def to_load_sample(text: str, now_ms: int) -> LoadSample:
             running_adapters=tuple(a for a in lora.get("running_lora_adapters", "").split(",") if a),
             waiting_adapters=tuple(a for a in lora.get("waiting_lora_adapters", "").split(",") if a),
             max_adapters=_int(lora.get("max_lora")),
+            base_model=next((labels.get("model_name", "") for labels, _ in series["vllm:num_requests_waiting"]), ""),
             block_size=_int(cache.get("block_size")),
             num_blocks=_int(cache.get("num_gpu_blocks")),
             prompt_tokens=_total(series, "vllm:prompt_tokens_total") or 0.0,

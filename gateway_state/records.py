@@ -140,7 +140,8 @@ class LoadSample:
     kv_cache_usage: float = 0.0  # 0..1
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
-    max_adapters: int = 0
+    max_adapters: int = 0  # LoRA slots (vLLM's max_lora); 0: the server serves no adapters
+    base_model: str = ""  # the model the server runs (its metrics' model_name); other names are adapters
     block_size: int = 0  # tokens per KV block (vLLM block_size, SGLang page_size)
     num_blocks: int = 0  # KV blocks on the device (vLLM num_gpu_blocks)
     prompt_tokens: float = 0.0  # the server's prefill-token counter: when it falls, the server restarted

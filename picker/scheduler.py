@@ -15,12 +15,13 @@ from enum import StrEnum
 
 from gateway_state.records import Criticality, Strategy
 from picker.errors import NoEndpoint, Shed
-from picker.plugins.filters import DrainFilter, HealthyFilter, QueueGuardFilter, SheddableFilter
+from picker.plugins.filters import DrainFilter, HealthyFilter, LoraSlotFilter, QueueGuardFilter, SheddableFilter
 from picker.plugins.framework import Candidate, Filter, Picker, SchedulingRequest, Scorer
 from picker.plugins.pickers import MaxScorePicker
 from picker.plugins.scorers import (
     InflightScorer,
     KVCacheScorer,
+    LoraAffinityScorer,
     PrefillWorkScorer,
     PrefixHomeScorer,
     PrefixScorer,
@@ -107,15 +108,16 @@ class Scheduler:
 
 
 def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[str, ProfileSpec]:
-    filters = (DrainFilter(), HealthyFilter(s.max_scrape_failures), QueueGuardFilter(s.saturation_waiting),
-               SheddableFilter(s.saturation_waiting, s.saturation_kv_cache))
+    filters = (DrainFilter(), HealthyFilter(s.max_scrape_failures), LoraSlotFilter(),
+               QueueGuardFilter(s.saturation_waiting), SheddableFilter(s.saturation_waiting, s.saturation_kv_cache))
     load = (Weighted(QueueScorer(s.queue_scale), s.queue_weight), Weighted(KVCacheScorer(), s.kv_cache_weight),
             Weighted(InflightScorer(s.inflight_scale), s.inflight_weight),
+            Weighted(LoraAffinityScorer(), s.lora_affinity_weight),
             Weighted(PrefillWorkScorer(s.prefill_work_scale), s.prefill_work_weight))
     picker = MaxScorePicker(s.fallbacks, rng, s.tie_margin)
     return {
         Profile.DEFAULT: ProfileSpec(filters, load, picker),
         Profile.PREFIX_CACHE: ProfileSpec(filters, (*load, Weighted(PrefixScorer(), s.prefix_weight),
                                                     Weighted(PrefixHomeScorer(), s.prefix_home_weight)), picker),
-        Profile.DECODE: ProfileSpec(filters, load[:3], picker),
+        Profile.DECODE: ProfileSpec(filters, load[:4], picker),
     }

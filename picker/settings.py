@@ -88,6 +88,10 @@ class SchedulingSettings:
     # Pulls a prefix nobody holds yet to one home endpoint; worth less than a small backlog
     # (one waiting request scores 2 x 1/5 = 0.4 on the queue), so load still decides.
     prefix_home_weight: float = 0.3
+    # An adapter running on a pod scores 1, waiting 0.8, a free slot 0.6: weighted like the queue,
+    # a running adapter is worth about 6 requests in flight (0.4 x 2 against 2 x 1/16 each), so a
+    # hot adapter's burst spreads to a few pods instead of piling onto one.
+    lora_affinity_weight: float = 2.0
     # Load differences are scored against these scales, so one request more does not
     # outweigh a cached prefix, while a real backlog does. Upstream calls a pod
     # saturated at 5 waiting requests.
@@ -145,7 +149,8 @@ class PickerSettings:
             raise ValueError("state.inflight_lease_ms must cover at least two heartbeats")
         if pf.block_chars < 8 or pf.max_blocks < 1:
             raise ValueError("prefix.block_chars must be >= 8 and prefix.max_blocks >= 1")
-        weights = (sc.queue_weight, sc.kv_cache_weight, sc.inflight_weight, sc.prefix_weight, sc.prefill_work_weight)
+        weights = (sc.queue_weight, sc.kv_cache_weight, sc.inflight_weight, sc.prefix_weight, sc.prefill_work_weight,
+                   sc.lora_affinity_weight)
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError("scheduling weights must be non-negative and not all zero")
         if sc.queue_scale <= 0 or sc.inflight_scale <= 0 or sc.prefill_work_scale <= 0 or sc.fallbacks < 0:

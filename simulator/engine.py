@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from simulator.kv_cache import KVCache, extend_chain
+from simulator.lora import Adapters
 from simulator.physics import Physics
 from simulator.tokenizer import output_piece, tokenize
 
@@ -59,13 +60,15 @@ def _blocks(tokens: int, block_size: int) -> int:
 
 
 class Engine:
-    def __init__(self, physics: Physics, observer: EngineObserver) -> None:
+    def __init__(self, physics: Physics, observer: EngineObserver, adapters: Adapters | None = None) -> None:
         self.physics = physics
         self.cache = KVCache(physics.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.adapters = adapters  # None: LoRA disabled
         self._observer = observer
         self._wake = asyncio.Event()
+        self._load_s = 0.0  # adapter loading the next step pays
 
     def submit(self, seq: Sequence) -> None:
         seq.arrival_s = asyncio.get_running_loop().time()
@@ -91,7 +94,8 @@ class Engine:
             decode = [seq for seq, chunk in batch if chunk == 1 and seq.first_token_s is not None]
             prefill = sum(chunk for _, chunk in batch) - len(decode)
             context = sum(len(seq.tokens) for seq in decode)
-            step = self.physics.step_seconds(prefill, len(decode), context)
+            step = self.physics.step_seconds(prefill, len(decode), context) + self._load_s
+            self._load_s = 0.0
             await asyncio.sleep(step * self.physics.time_scale)
             self._advance(batch, loop.time())
 
@@ -109,14 +113,21 @@ class Engine:
                 continue
             batch.append((seq, chunk))
             budget -= chunk
-        while self.waiting and budget > 0 and len(self.running) < self.physics.max_num_seqs:
-            seq = self.waiting[0]
+        running_adapters = {s.adapter for s in self.running if s.adapter}
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.physics.max_num_seqs:
+                break
+            if self.adapters is not None and not self.adapters.admits(seq.adapter, running_adapters):
+                continue  # every LoRA slot is busy with other adapters: it waits, later ones may go
             admitted = self._admit(seq, budget)
             if admitted == 0:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             seq.state = "running"
+            if self.adapters is not None and seq.adapter:
+                self._load_s += self.adapters.use(seq.adapter)
+                running_adapters.add(seq.adapter)
             batch.append((seq, admitted))
             budget -= admitted
         return batch

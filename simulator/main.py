@@ -32,13 +32,24 @@ def parse_pod(value: str) -> tuple[str, str, int]:
         raise argparse.ArgumentTypeError(f"expected NAME@HOST:PORT, got {value!r}") from None
 
 
+def parse_module(value: str) -> tuple[str, str]:
+    name, _, path = value.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="model-server-simulator", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pod", action="append", type=parse_pod, required=True, help="NAME@HOST:PORT, repeatable")
     p.add_argument("--runtime", choices=("vllm", "sglang"), default="vllm")
     p.add_argument("--model", default="/models/Qwen3-32B")
-    p.add_argument("--adapter", action="append", default=[], help="a LoRA adapter name the pods also serve")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters, as vLLM's flag")
+    p.add_argument("--lora-modules", nargs="+", type=parse_module, default=[], metavar="NAME=PATH",
+                   help="adapters served from the start (with --enable-lora)")
+    p.add_argument("--max-loras", type=int, default=1, help="distinct adapters in one running batch")
+    p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory (default: max-loras)")
     p.add_argument("--disaggregation-mode", choices=("null", "prefill", "decode"), default="null",
                    help="SGLang prefill/decode disaggregation: the side these pods run")
     p.add_argument("--disaggregation-bootstrap-port", type=int, default=8998,
@@ -86,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     physics = Physics(**{f.name: getattr(args, f.name) for f in fields(Physics)})
-    pods = [SimulatedPod(PodSpec(name, host, port, args.runtime, args.model, tuple(args.adapter),
+    if args.lora_modules and not args.enable_lora:
+        build_parser().error("--lora-modules needs --enable-lora")
+    pods = [SimulatedPod(PodSpec(name, host, port, args.runtime, args.model, enable_lora=args.enable_lora,
+                                 lora_modules=tuple(args.lora_modules), max_loras=args.max_loras,
+                                 max_cpu_loras=args.max_cpu_loras,
                                  disaggregation=args.disaggregation_mode,
                                  bootstrap_port=args.disaggregation_bootstrap_port,
                                  bootstrap_timeout_s=args.bootstrap_timeout_s), physics)

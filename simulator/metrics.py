@@ -49,8 +49,10 @@ class VLLMMetrics:
                               labels, buckets=_TTFT_BUCKETS, registry=r).labels(*values)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
                              labels, buckets=_E2E_BUCKETS, registry=r).labels(*values)
+        # Only with --enable-lora, as vLLM.
         self.lora = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
-                          ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
+                          ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r) \
+            if max_loras else None
         self._max_loras = max_loras
         Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
               ["block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",
@@ -75,6 +77,8 @@ class VLLMMetrics:
         self.waiting.set(len(engine.waiting))
         self.gpu_cache.set(engine.cache.usage)
         self.kv_cache.set(engine.cache.usage)
+        if self.lora is None:
+            return
         running = sorted({s.adapter for s in engine.running if s.adapter})
         waiting = sorted({s.adapter for s in engine.waiting if s.adapter})
         # vLLM keeps one series per adapter set, valued by its timestamp; readers take the newest.

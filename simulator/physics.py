@@ -34,6 +34,10 @@ class Physics:
     # about 5 us per token, after a fixed cost per transfer.
     kv_transfer_token_s: float = 5e-6
     kv_transfer_overhead_s: float = 0.002
+    # LoRA: reading an adapter (tens of MB at rank 16) from disk into the CPU cache, and
+    # copying it into a GPU slot; the step that first runs it pays both or the second.
+    lora_load_s: float = 0.1
+    lora_activate_s: float = 0.005
     # 1.0 is real time; 0.1 runs ten times faster with the same ratios.
     time_scale: float = 1.0
 

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from simulator.disaggregation import Bootstrap, BootstrapServer, KVReceiver, TransferFailed, bootstrap_of
 from simulator.engine import Engine, Sequence
+from simulator.lora import AdapterError, Adapters
 from simulator.metrics import SGLangMetrics, VLLMMetrics
 from simulator.physics import Physics
 from simulator.requests import BadShape, chat_prompts, prompt_prompts, response_prompts
@@ -28,8 +29,11 @@ class PodSpec:
     port: int
     runtime: str  # "vllm" or "sglang"
     model: str
-    adapters: tuple[str, ...] = ()
-    max_loras: int = 4
+    # vLLM's --enable-lora, --lora-modules (name -> path), --max-loras and --max-cpu-loras.
+    enable_lora: bool = False
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    max_loras: int = 1
+    max_cpu_loras: int | None = None  # vLLM's default: max_loras
     # SGLang's --disaggregation-mode: "null" (both phases), "prefill" or "decode".
     disaggregation: str = "null"
     bootstrap_port: int = 8998  # SGLang's --disaggregation-bootstrap-port (a prefill pod serves it)
@@ -69,9 +73,11 @@ class SimulatedPod:
         self.physics = physics
         self.metrics = (
             SGLangMetrics(spec.model, physics) if spec.runtime == "sglang"
-            else VLLMMetrics(spec.model, physics, spec.max_loras)
+            else VLLMMetrics(spec.model, physics, spec.max_loras if spec.enable_lora else 0)
         )
-        self.engine = Engine(physics, self.metrics)
+        self.adapters = Adapters(spec.max_loras, spec.max_cpu_loras or spec.max_loras, physics.lora_load_s,
+                                 physics.lora_activate_s, dict(spec.lora_modules)) if spec.enable_lora else None
+        self.engine = Engine(physics, self.metrics, self.adapters)
         self._synthetic: list[Sequence] = []
         self.bootstrap = BootstrapServer(spec.bootstrap_timeout_s) if spec.disaggregation == "prefill" else None
         self.receiver = KVReceiver(spec.bootstrap_timeout_s, physics.kv_transfer_token_s,
@@ -81,7 +87,7 @@ class SimulatedPod:
 
     @property
     def served_models(self) -> tuple[str, ...]:
-        return (self.spec.model, *self.spec.adapters)
+        return (self.spec.model, *(self.adapters.paths if self.adapters else ()))
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._tag_pod], client_max_size=64 * 1024 * 1024)
@@ -91,10 +97,14 @@ class SimulatedPod:
         r.add_post("/v1/responses", self._responses)
         r.add_post("/v1/embeddings", self._embeddings)
         r.add_get("/v1/models", self._models)
+        if self.adapters is not None:
+            r.add_post("/v1/load_lora_adapter", self._load_adapter)
+            r.add_post("/v1/unload_lora_adapter", self._unload_adapter)
         r.add_get("/health", self._health)
         r.add_get("/metrics", self._metrics)
         r.add_post("/sim/load", self._add_load)
         r.add_get("/sim/rooms", self._rooms)
+        r.add_get("/sim/lora", self._lora_counts)
         r.add_delete("/sim/load", self._clear_load)
         if self.spec.runtime == "sglang":
             for path in ("/get_model_info", "/model_info"):
@@ -179,7 +189,7 @@ class SimulatedPod:
             seqs.append(Sequence(
                 request_id=prefix + uuid.uuid4().hex, tokens=list(tokens), num_prompt=len(tokens), max_tokens=length,
                 finish_reason="length" if max_tokens else "stop",
-                adapter=body["model"] if body["model"] in self.spec.adapters else None, events=asyncio.Queue(),
+                adapter=body["model"] if body["model"] != self.spec.model else None, events=asyncio.Queue(),
                 transferred=transferred))
         for seq in seqs:
             self.engine.submit(seq)
@@ -217,6 +227,12 @@ class SimulatedPod:
                                   "model": body["model"], "choices": [{"index": 0, "text": text, "logprobs": None,
                                                                         "finish_reason": "length"}],
                                   "usage": self._usage(seq)})
+
+    async def _lora_counts(self, request: web.Request) -> web.Response:
+        """Adapter loads since start (no vLLM metric counts them), for benchmarks."""
+        a = self.adapters
+        return web.json_response({"loads": a.loads if a else 0, "activations": a.activations if a else 0,
+                                  "resident": a.resident if a else []})
 
     async def _rooms(self, request: web.Request) -> web.Response:
         return web.json_response({"mode": self.spec.disaggregation, "rooms": self.rooms})
@@ -350,10 +366,34 @@ class SimulatedPod:
 
     async def _models(self, request: web.Request) -> web.Response:
         created = int(time.time())
-        data = [{"id": m, "object": "model", "created": created, "owned_by": self.spec.runtime, "root": self.spec.model,
-                 "parent": None if m == self.spec.model else self.spec.model,
+        paths = self.adapters.paths if self.adapters else {}
+        data = [{"id": m, "object": "model", "created": created, "owned_by": self.spec.runtime,
+                 "root": paths.get(m, self.spec.model), "parent": None if m == self.spec.model else self.spec.model,
                  "max_model_len": self.physics.max_model_len} for m in self.served_models]
         return web.json_response({"object": "list", "data": data})
+
+    async def _load_adapter(self, request: web.Request) -> web.Response:
+        """vLLM's runtime LoRA loading: registers the adapter; its weights load when a request needs them."""
+        assert self.adapters is not None
+        try:
+            body = json.loads(await request.read() or b"{}")
+            self.adapters.add(str(body.get("lora_name") or ""), str(body.get("lora_path") or ""))
+        except (ValueError, AttributeError):
+            return openai_error(400, "Expected a JSON object with lora_name and lora_path.", "BadRequestError")
+        except AdapterError as exc:
+            return openai_error(400, str(exc), "InvalidUserInput")
+        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+
+    async def _unload_adapter(self, request: web.Request) -> web.Response:
+        assert self.adapters is not None
+        try:
+            body = json.loads(await request.read() or b"{}")
+            self.adapters.remove(str(body.get("lora_name") or ""))
+        except (ValueError, AttributeError):
+            return openai_error(400, "Expected a JSON object with lora_name.", "BadRequestError")
+        except AdapterError as exc:
+            return openai_error(404, str(exc), "NotFoundError")
+        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -395,13 +435,16 @@ class SimulatedPod:
             spec = json.loads(await request.read() or b"{}")
             count, prompt, output = int(spec.get("requests", 32)), int(spec.get("prompt_tokens", 1024)), \
                 int(spec.get("max_tokens", 100_000))
+            adapter = spec.get("adapter")
         except (ValueError, TypeError, AttributeError):
             return openai_error(400, "Expected {\"requests\", \"prompt_tokens\", \"max_tokens\"} integers.",
                                 "BadRequestError")
+        if adapter is not None and adapter not in self.served_models[1:]:
+            return openai_error(404, f"The adapter `{adapter}` is not served here.", "NotFoundError", "adapter")
         for _ in range(count):
             tokens = tokenize(" ".join(f"load{len(self._synthetic)}x{j}" for j in range(prompt)))
             seq = Sequence(request_id=f"load-{uuid.uuid4().hex}", tokens=tokens, num_prompt=len(tokens),
-                           max_tokens=output, finish_reason="length")
+                           max_tokens=output, finish_reason="length", adapter=adapter)
             self._synthetic.append(seq)
             self.engine.submit(seq)
         return web.json_response({"synthetic_requests": len(self._synthetic)})

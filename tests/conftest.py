@@ -126,7 +126,9 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         envoy_admin_port=free_port(), resync_interval_ms=300,
         redis_cluster_ports=free_cluster_ports(3) if request.param == "redis-cluster" else (),
         # Steps at half the H100 fit: the same ratios, answers twice as fast.
-        simulator_args=("--adapter", "adapter-a", "--adapter", "adapter-b", "--time-scale", "0.5"),
+        simulator_args=("--enable-lora", "--max-loras", "2", "--lora-modules", "adapter-a=/adapters/a",
+                        "adapter-b=/adapters/b", "sql-lora=/adapters/sql", "tweet-summary=/adapters/tweet",
+                        "--time-scale", "0.5"),
         absent_pods=("ghost-0",),
     )
     f = Fleet(settings)

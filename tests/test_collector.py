@@ -50,6 +50,7 @@ def test_older_vllm_names_and_the_newest_lora_series() -> None:
     s = to_load_sample(OLD_VLLM, 1)
     assert (s.waiting, s.running, s.kv_cache_usage) == (3.0, 7.0, 0.25)
     assert s.running_adapters == ("a", "b") and s.waiting_adapters == ("c",) and s.max_adapters == 4
+    assert s.base_model == "m"  # the metrics' model_name: other names a request gives are adapters
 
 
 def test_sglang_tensor_parallel_ranks_count_once() -> None:

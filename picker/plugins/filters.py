@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from gateway_state.records import Criticality
 from picker.plugins.framework import Candidate, SchedulingRequest
+from picker.plugins.scorers import adapter_state
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,15 @@ class SheddableFilter:
             return list(candidates)
         return [c for c in candidates
                 if c.load is None or (c.load.waiting < self.max_waiting and c.load.kv_cache_usage < self.max_kv_cache)]
+
+
+@dataclass(frozen=True)
+class LoraSlotFilter:
+    """An adapter's request avoids endpoints whose LoRA slots are all taken by other adapters, where it
+    would wait for a slot; if every endpoint is full, none is dropped."""
+
+    name: str = "lora-slots"
+
+    def filter(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
+        kept = [c for c in candidates if adapter_state(request, c) != "full"]
+        return kept or list(candidates)

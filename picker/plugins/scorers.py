@@ -109,3 +109,33 @@ class PrefixScorer:
         if request.prompt_blocks == 0:
             return [0.0] * len(candidates)
         return [c.matched_blocks / request.prompt_blocks for c in candidates]
+
+
+def adapter_state(request: SchedulingRequest, c: Candidate) -> str:
+    """Where the request's model stands on the endpoint, as a LoRA adapter:
+    `running`, `waiting`, `free` (a slot is open), `full`, or `none` (not an adapter there, or no sample)."""
+    load, model = c.load, request.model
+    if load is None or load.max_adapters <= 0:
+        return "none"
+    if model in load.running_adapters:
+        return "running"
+    if model in load.waiting_adapters:
+        return "waiting"
+    if model == load.base_model or not load.base_model:
+        return "none"  # the base model, or a server that did not say which model it runs
+    resident = len(set(load.running_adapters) | set(load.waiting_adapters))
+    return "free" if resident < load.max_adapters else "full"
+
+
+_LORA_SCORES = {"running": 1.0, "waiting": 0.8, "free": 0.6, "full": 0.0, "none": 0.6}
+
+
+@dataclass(frozen=True)
+class LoraAffinityScorer:
+    """An adapter's requests go where it runs, then where it waits, then where a slot is open (upstream's
+    LoRA affinity). The base model's requests score alike everywhere."""
+
+    name: str = "lora-affinity"
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        return [_LORA_SCORES[adapter_state(request, c)] for c in candidates]

@@ -1,0 +1,179 @@
+"""LoRA adapters: the simulator serves them as vLLM does, and the picker places requests by them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway_state import keys
+from gateway_state.lifecycle import connect
+from gateway_state.records import Criticality, Endpoint, LoadSample, decode_load
+from local_fleet.fleet import Fleet
+from picker.plugins.filters import LoraSlotFilter
+from picker.plugins.framework import Candidate, SchedulingRequest
+from picker.plugins.scorers import LoraAffinityScorer, adapter_state
+from simulator.engine import Engine, Sequence
+from simulator.lora import Adapters
+from simulator.physics import Physics
+from simulator.pod import PodSpec, SimulatedPod
+from simulator.tokenizer import tokenize
+from tests.client import QWEN, chat, post, wait_for
+from tests.conftest import DEFAULT_PORT, free_port
+from tests.test_simulator import Recorder
+
+
+def seq(text: str, adapter: str | None, max_tokens: int = 40) -> Sequence:
+    tokens = tokenize(text)
+    return Sequence(request_id=text, tokens=tokens, num_prompt=len(tokens), max_tokens=max_tokens,
+                    finish_reason="length", adapter=adapter, events=asyncio.Queue())
+
+
+async def test_a_batch_holds_at_most_max_loras_adapters_and_pays_to_load_one() -> None:
+    adapters = Adapters(max_loras=1, max_cpu_loras=2, load_s=0.05, activate_s=0.01, paths={"a": "/a", "b": "/b"})
+    engine = Engine(Physics(time_scale=0.2), Recorder(), adapters)
+    runner = asyncio.create_task(engine.run())
+    try:
+        first, second, third = seq("one", "a"), seq("two", "b"), seq("three", "a")
+        for s in (first, second, third):
+            engine.submit(s)
+        await asyncio.sleep(0.05)
+        # One slot: "b" waits while "a" runs, and a later request for "a" joins the batch past it.
+        assert first.state == third.state == "running" and second.state == "waiting"
+        while second.state != "done":
+            await asyncio.sleep(0.02)
+        assert adapters.loads == 2 and adapters.activations == 2
+        engine.submit(again := seq("four", "a", 2))  # "a" left the GPU for "b" but stayed in the CPU cache
+        while again.state != "done":
+            await asyncio.sleep(0.02)
+        assert adapters.loads == 2 and adapters.activations == 3
+    finally:
+        runner.cancel()
+
+
+def test_adapter_slots_need_a_cpu_cache_at_least_as_large() -> None:
+    with pytest.raises(ValueError, match="max_cpu_loras"):
+        Adapters(max_loras=4, max_cpu_loras=2, load_s=0, activate_s=0)
+
+
+@pytest.fixture
+async def lora_pod() -> AsyncIterator[str]:
+    port = free_port()
+    pod = SimulatedPod(PodSpec("lora", "127.0.0.1", port, "vllm", QWEN, enable_lora=True,
+                               lora_modules=(("sql-lora", "/adapters/sql"),), max_loras=4), Physics(time_scale=0.2))
+    runner = web.AppRunner(pod.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    engine = asyncio.create_task(pod.engine.run())
+    yield f"127.0.0.1:{port}"
+    engine.cancel()
+    await runner.cleanup()
+
+
+async def test_the_pod_lists_loads_and_unloads_adapters_as_vllm(lora_pod: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async def models() -> dict[str, str]:
+            async with http.get(f"http://{lora_pod}/v1/models") as r:
+                return {m["id"]: m["root"] for m in (await r.json())["data"]}
+
+        assert await models() == {QWEN: QWEN, "sql-lora": "/adapters/sql"}
+        load = {"lora_name": "tweet-summary", "lora_path": "/adapters/tweet"}
+        async with http.post(f"http://{lora_pod}/v1/load_lora_adapter", json=load) as r:
+            assert r.status == 200 and "added successfully" in await r.text()
+        async with http.post(f"http://{lora_pod}/v1/load_lora_adapter", json=load) as r:
+            assert r.status == 400 and "already been loaded" in (await r.json())["error"]["message"]
+        assert (await models())["tweet-summary"] == "/adapters/tweet"
+        body = {"model": "tweet-summary", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        async with http.post(f"http://{lora_pod}/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+        async with http.post(f"http://{lora_pod}/v1/load_lora_adapter", json={"lora_name": "x"}) as r:
+            assert r.status == 400
+        async with http.post(f"http://{lora_pod}/v1/unload_lora_adapter", json={"lora_name": "tweet-summary"}) as r:
+            assert r.status == 200
+        async with http.post(f"http://{lora_pod}/v1/chat/completions", json=body) as r:
+            assert r.status == 404
+        async with http.post(f"http://{lora_pod}/v1/unload_lora_adapter", json={"lora_name": "tweet-summary"}) as r:
+            assert r.status == 404
+
+
+async def test_lora_requests_info_reports_running_and_waiting_adapters_and_max_lora(lora_pod: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://{lora_pod}/sim/load", json={"requests": 2, "prompt_tokens": 16,
+                                                                  "adapter": "sql-lora"}) as r:
+            assert r.status == 200
+        await asyncio.sleep(0.1)
+        async with http.get(f"http://{lora_pod}/metrics") as r:
+            text = await r.text()
+    line = max((ln for ln in text.splitlines() if ln.startswith("vllm:lora_requests_info{")),
+               key=lambda ln: float(ln.rsplit(" ", 1)[1]))
+    assert 'max_lora="4"' in line and 'running_lora_adapters="sql-lora"' in line
+    assert 'waiting_lora_adapters=""' in line
+
+
+def candidate(name: str, running: tuple[str, ...] = (), waiting: tuple[str, ...] = (), max_adapters: int = 2,
+              inflight: int = 0) -> Candidate:
+    load = LoadSample(0, True, running_adapters=running, waiting_adapters=waiting, max_adapters=max_adapters,
+                      base_model=QWEN)
+    return Candidate(Endpoint(name, "10.0.0.1", 8000), load, 0, inflight, 0)
+
+
+def request(model: str) -> SchedulingRequest:
+    return SchedulingRequest(model, Criticality.STANDARD, 0)
+
+
+def test_adapter_affinity_prefers_running_then_waiting_then_a_free_slot_and_avoids_full_pods() -> None:
+    pods = [candidate("runs", running=("sql",)), candidate("waits", running=("x",), waiting=("sql",)),
+            candidate("free", running=("x",)), candidate("full", running=("x", "y"))]
+    assert [adapter_state(request("sql"), c) for c in pods] == ["running", "waiting", "free", "full"]
+    assert LoraAffinityScorer().score(request("sql"), pods) == [1.0, 0.8, 0.6, 0.0]
+    assert [c.endpoint.name for c in LoraSlotFilter().filter(request("sql"), pods)] == ["runs", "waits", "free"]
+    # The base model scores alike everywhere, and a full pod still serves it.
+    assert len(set(LoraAffinityScorer().score(request(QWEN), pods))) == 1
+    assert len(LoraSlotFilter().filter(request(QWEN), pods)) == 4
+    # Every pod full: none is dropped.
+    full = [candidate("a", running=("x", "y")), candidate("b", running=("x", "z"))]
+    assert len(LoraSlotFilter().filter(request("sql"), full)) == 2
+
+
+def test_a_running_adapter_is_worth_a_few_requests_in_flight_then_its_burst_spreads() -> None:
+    from picker.scheduler import Scheduler, build_profiles
+    from picker.settings import SchedulingSettings
+
+    scheduler = Scheduler(build_profiles(SchedulingSettings(), random.Random(1)))
+    for extra, expected in ((0, "runs"), (3, "runs"), (12, "free")):
+        pods = [candidate("runs", running=("sql",), inflight=extra), candidate("free", running=("x",))]
+        assert scheduler.schedule("DEFAULT", request("sql"), pods).endpoints[0].endpoint.name == expected
+
+
+async def test_through_the_gateway_an_adapters_requests_go_where_it_runs_and_a_cold_burst_spreads(
+        fleet: Fleet) -> None:
+    pods = {name: key for key, (name, _) in fleet.pods().items() if name.startswith("default-")}
+    holder = sorted(pods)[2]
+    redis = connect(fleet.redis_url)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.post(f"http://{pods[holder]}/sim/load", json={"requests": 2, "prompt_tokens": 16,
+                                                                       "adapter": "sql-lora"}) as r:
+            assert r.status == 200
+        try:
+            async def running_there() -> bool:
+                raw = await redis.hget(keys.load("default/default-pool"), pods[holder])
+                return raw is not None and "sql-lora" in decode_load(raw).running_adapters
+
+            await wait_for(running_there, 5.0)
+            await asyncio.sleep(0.2)  # the pickers' next snapshot
+            served = [(await post(http, DEFAULT_PORT, chat(f"sql {i}", model="sql-lora", max_tokens=2))).pod
+                      for i in range(6)]
+            assert served == [holder] * 6
+        finally:
+            async with http.delete(f"http://{pods[holder]}/sim/load") as r:
+                assert r.status == 200
+            await redis.aclose()
+        # A cold adapter's burst: no pod runs it, so load spreads the burst.
+        burst = await asyncio.gather(*(post(http, DEFAULT_PORT, chat(f"tweet {i}", model="tweet-summary",
+                                                                      max_tokens=8)) for i in range(12)))
+        assert all(r.status == 200 for r in burst)
+        assert len({r.pod for r in burst}) >= 2, [r.pod for r in burst]
