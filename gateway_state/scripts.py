@@ -76,8 +76,9 @@ return {out_inflight, out_matched, replicas}
 """
 
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, lease_ms,
-# uncached prompt blocks, others seen (-1: no check). Counts one request and its
-# uncached prompt blocks in flight at the endpoint; returns 1. With a check, it
+# uncached prompt blocks, others seen (-1: no check), model ("" for none). Counts one
+# request, its uncached prompt blocks and one for its model ("<endpoint>@<model>") in
+# flight at the endpoint; returns 1. With a check, it
 # first compares the other replicas' requests at the endpoint with what the
 # caller's lookup saw: more means another replica chose it meanwhile, and the
 # script writes nothing and returns 0, so the caller decides again on fresh
@@ -95,6 +96,7 @@ end
 local ik = prefix .. 'inflight:' .. replica
 redis.call('HINCRBY', ik, endpoint, 1)
 if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', ik, endpoint .. '|work', ARGV[5]) end
+if ARGV[7] ~= '' then redis.call('HINCRBY', ik, endpoint .. '@' .. ARGV[7], 1) end
 redis.call('PEXPIRE', ik, lease)
 redis.call('ZADD', KEYS[1], now + lease, replica)
 return 1
@@ -141,8 +143,8 @@ end
 return redis.call('ZCARD', KEYS[1])
 """
 
-# ARGV = pool prefix, replica, endpoint, uncached prompt blocks. Ends one
-# in-flight request; figures lost to a Redis flush never go negative.
+# ARGV = pool prefix, replica, endpoint, uncached prompt blocks, model ("" for none).
+# Ends one in-flight request; figures lost to a Redis flush never go negative.
 RELEASE = """
 local ik = ARGV[1] .. 'inflight:' .. ARGV[2]
 local n = redis.call('HINCRBY', ik, ARGV[3], -1)
@@ -150,6 +152,10 @@ if n <= 0 then redis.call('HDEL', ik, ARGV[3]) end
 if tonumber(ARGV[4]) > 0 then
   local wk = ARGV[3] .. '|work'
   if redis.call('HINCRBY', ik, wk, -tonumber(ARGV[4])) <= 0 or n <= 0 then redis.call('HDEL', ik, wk) end
+end
+if ARGV[5] ~= '' then
+  local mk = ARGV[3] .. '@' .. ARGV[5]
+  if redis.call('HINCRBY', ik, mk, -1) <= 0 or n <= 0 then redis.call('HDEL', ik, mk) end
 end
 return n
 """

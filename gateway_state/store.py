@@ -39,22 +39,34 @@ class SharedView:
     matched_blocks: dict[str, int]  # endpoint -> leading prompt blocks it holds
     inflight_work: dict[str, int] = field(default_factory=dict)  # endpoint -> uncached prompt blocks in flight
     replicas: tuple[str, ...] = ()  # the live picker replicas of the pool, sorted
+    # model_field(endpoint, model) -> requests for that model (a LoRA adapter, say) in flight there
+    inflight_models: dict[str, int] = field(default_factory=dict)
 
 
 WORK_SUFFIX = "|work"  # in-flight hash field of an endpoint's uncached prompt blocks
+MODEL_SEPARATOR = "@"  # in-flight hash field "endpoint@model": the requests for that model there
+
+
+def model_field(endpoint: str, model: str) -> str:
+    return f"{endpoint}{MODEL_SEPARATOR}{model}"
 
 
 def split_figures(figures: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
     """An in-flight record's fields into (requests, uncached prompt blocks) per endpoint."""
     requests, work = {}, {}
     for name, n in figures.items():
-        if n <= 0:
+        if n <= 0 or MODEL_SEPARATOR in name:
             continue
         if name.endswith(WORK_SUFFIX):
             work[name.removesuffix(WORK_SUFFIX)] = n
         else:
             requests[name] = n
     return requests, work
+
+
+def model_figures(figures: Mapping[str, int]) -> dict[str, int]:
+    """An in-flight record's per-model fields (`model_field`), as they are."""
+    return {name: n for name, n in figures.items() if n > 0 and MODEL_SEPARATOR in name}
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
@@ -157,18 +169,20 @@ class StateStore:
         """
         inflight, matched, replicas = await self._lookup(
             keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), leave_out, " ".join(block_hashes)])
-        counts, work = split_figures(_pairs(inflight))
-        return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)))
+        figures = _pairs(inflight)
+        counts, work = split_figures(figures)
+        return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)),
+                          model_figures(figures))
 
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1) -> bool:
-        """Count a request (and its `work_blocks` of uncached prompt) in flight at `endpoint`.
+                    others_seen: int = -1, model: str = "") -> bool:
+        """Count a request (and its `work_blocks` of uncached prompt, and one for its `model`) in flight at `endpoint`.
 
         False, with nothing written, when `others_seen` (0 or more) is below the other
         replicas' requests there now: one of them chose the endpoint since the caller's lookup.
         """
         return bool(await self._admit(keys=[keys.pickers(pool)], args=[
-            keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen]))
+            keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen, model]))
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
                     capacity_blocks: int) -> int:
@@ -176,9 +190,9 @@ class StateStore:
         return int(await self._index(keys=[keys.endpoint_lru(pool, endpoint)], args=[
             keys.pool_prefix(pool), endpoint, prefix_ttl_ms, capacity_blocks, " ".join(block_hashes)]))
 
-    async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0) -> None:
+    async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0, model: str = "") -> None:
         await self._release(keys=[keys.inflight(pool, replica)],
-                            args=[keys.pool_prefix(pool), replica, endpoint, work_blocks])
+                            args=[keys.pool_prefix(pool), replica, endpoint, work_blocks, model])
 
     async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
         """Replace the replica's in-flight record with its own figures and renew its lease (its heartbeat)."""

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from gateway_state.clock import FleetClock
 from gateway_state.records import LoadSample, Pool
-from gateway_state.store import SharedView, split_figures
+from gateway_state.store import SharedView, model_field, model_figures, split_figures
 from picker.errors import GatewayError, Shed
 from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
@@ -155,17 +155,19 @@ class Placement:
             self._state_failed("lookup", exc)
             others = None
         # Read after the await: decisions this replica made meanwhile must count.
-        own_requests, own_work = split_figures(self.own.figures(pool.name))
+        own = self.own.figures(pool.name)
+        (own_requests, own_work), own_models = split_figures(own), model_figures(own)
         if others is None:
             matched = self._fallback.matched(pool.name, request.block_hashes) if self._fallback else {}
-            view = SharedView(own_requests, matched, own_work)
+            view = SharedView(own_requests, matched, own_work, inflight_models=own_models)
         else:
             view = SharedView(dict(Counter(others.inflight) + Counter(own_requests)), others.matched_blocks,
-                              dict(Counter(others.inflight_work) + Counter(own_work)), others.replicas)
+                              dict(Counter(others.inflight_work) + Counter(own_work)), others.replicas,
+                              dict(Counter(others.inflight_models) + Counter(own_models)))
         scheduling = replace(request.scheduling, preferred=replica_share(
             [e.key for e in pool.endpoints], view.replicas, self._me))
         decision = self._scheduler.schedule(profile or pool.strategy, scheduling,
-                                            self._candidates(pool, samples, view, drained), trace)
+                                            self._candidates(pool, samples, view, drained, scheduling.model), trace)
         chosen = decision.endpoints[0]
         seen = others.inflight.get(chosen.endpoint.key, 0) if check and others is not None else -1
         return Plan(request, decision, max(0, scheduling.work_blocks - chosen.matched_blocks), seen)
@@ -173,30 +175,30 @@ class Placement:
     async def commit(self, plan: Plan, started: float) -> Placed | None:
         """Admit the plan: counted here at once, and in the state; None if another replica took the
         endpoint since the plan's view (nothing is counted then)."""
-        pool, endpoint = plan.request.pool.name, plan.chosen.endpoint.key
-        self.own.add(pool, endpoint, plan.work_blocks)
+        pool, endpoint, model = plan.request.pool.name, plan.chosen.endpoint.key, plan.request.target_model
+        self.own.add(pool, endpoint, plan.work_blocks, model)
         admitted = False
         try:
             self._check_state()
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
                 admitted = await self._state.admit(pool, self._me, endpoint, self._settings.state.inflight_lease_ms,
-                                                   plan.work_blocks, plan.others_seen)
+                                                   plan.work_blocks, plan.others_seen, model)
         except _STATE_ERRORS as exc:
             # The state may have counted it or not; the next heartbeat replaces the record either way.
             self._state_failed("admit", exc)
         except BaseException:
-            self.own.remove(pool, endpoint, plan.work_blocks)  # cancelled: the request is gone
+            self.own.remove(pool, endpoint, plan.work_blocks, model)  # cancelled: the request is gone
             raise
         else:
             if not admitted:
-                self.own.remove(pool, endpoint, plan.work_blocks)
+                self.own.remove(pool, endpoint, plan.work_blocks, model)
                 return None
         return Placed(plan.request, plan.decision.endpoints, plan.work_blocks, admitted,
                       time.perf_counter() - started, plan.decision.seconds)
 
     def release(self, placed: Placed) -> None:
         """The request ended: its own count goes at once, the state's in a task that always completes."""
-        self.own.remove(placed.pool, placed.chosen.endpoint.key, placed.work_blocks)
+        self.own.remove(placed.pool, placed.chosen.endpoint.key, placed.work_blocks, placed.request.target_model)
         if placed.admitted_shared:
             self._later(self._release(placed))
 
@@ -213,7 +215,7 @@ class Placement:
         return True
 
     def _candidates(self, pool: Pool, samples: dict[str, LoadSample], view: SharedView,
-                    drained: frozenset[str]) -> list[Candidate]:
+                    drained: frozenset[str], model: str) -> list[Candidate]:
         now_ms = self._clock.now_ms()
         max_age = self._settings.state.max_sample_age_ms
         out = []
@@ -222,7 +224,8 @@ class Placement:
             fresh = sample if sample is not None and sample.ok and now_ms - sample.scraped_at_ms <= max_age else None
             out.append(Candidate(e, fresh, sample.consecutive_failures if sample else 0,
                                  view.inflight.get(e.key, 0), view.matched_blocks.get(e.key, 0),
-                                 view.inflight_work.get(e.key, 0), e.key in drained))
+                                 view.inflight_work.get(e.key, 0), e.key in drained,
+                                 view.inflight_models.get(model_field(e.key, model), 0)))
         return out
 
     def capacity_blocks(self, load: LoadSample | None) -> int:
@@ -252,7 +255,8 @@ class Placement:
             self._check_state()
             # Off the request path, so a slower state may take longer; the heartbeat heals a miss.
             async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
-                await self._state.release(placed.pool, self._me, placed.chosen.endpoint.key, placed.work_blocks)
+                await self._state.release(placed.pool, self._me, placed.chosen.endpoint.key, placed.work_blocks,
+                                          placed.request.target_model)
         except _STATE_ERRORS as exc:
             self._state_failed("release", exc)
 

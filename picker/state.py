@@ -16,7 +16,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from gateway_state.store import WORK_SUFFIX, SharedView, split_figures
+from gateway_state.store import WORK_SUFFIX, SharedView, model_field, model_figures, split_figures
 
 
 class PlacementState(Protocol):
@@ -25,7 +25,7 @@ class PlacementState(Protocol):
         ...
 
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1) -> bool:
+                    others_seen: int = -1, model: str = "") -> bool:
         """Count a request in flight; False (nothing written) if the others' count there passed `others_seen`."""
         ...
 
@@ -34,7 +34,8 @@ class PlacementState(Protocol):
         """`endpoint` holds the blocks now, in an LRU of `capacity_blocks`; returns how many were evicted."""
         ...
 
-    async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0) -> None: ...
+    async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0,
+                      model: str = "") -> None: ...
 
     async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
         """Replace the replica's in-flight figures with `figures` and renew its lease."""
@@ -47,11 +48,11 @@ class OwnRequests:
     def __init__(self) -> None:
         self._counts: dict[str, Counter[str]] = {}  # pool -> endpoint (and endpoint|work) -> amount
 
-    def add(self, pool: str, endpoint: str, work_blocks: int) -> None:
-        _count(self._counts.setdefault(pool, Counter()), endpoint, work_blocks)
+    def add(self, pool: str, endpoint: str, work_blocks: int, model: str = "") -> None:
+        _count(self._counts.setdefault(pool, Counter()), endpoint, work_blocks, model)
 
-    def remove(self, pool: str, endpoint: str, work_blocks: int) -> None:
-        _uncount(self._counts.get(pool), endpoint, work_blocks)
+    def remove(self, pool: str, endpoint: str, work_blocks: int, model: str = "") -> None:
+        _uncount(self._counts.get(pool), endpoint, work_blocks, model)
 
     def figures(self, pool: str) -> dict[str, int]:
         """The fields of this replica's in-flight record, as the state stores them."""
@@ -61,7 +62,7 @@ class OwnRequests:
         return list(self._counts)
 
     def total(self, pool: str) -> int:
-        return sum(n for name, n in self._counts.get(pool, {}).items() if not name.endswith(WORK_SUFFIX))
+        return sum(split_figures(self._counts.get(pool, {}))[0].values())
 
 
 class MemoryState:
@@ -88,7 +89,7 @@ class MemoryState:
             if replica != leave_out:
                 total.update(self._figures.get(pool, {}).get(replica, {}))
         requests, work = split_figures(total)
-        return SharedView(requests, self.matched(pool, block_hashes), work, tuple(replicas))
+        return SharedView(requests, self.matched(pool, block_hashes), work, tuple(replicas), model_figures(total))
 
     def matched(self, pool: str, block_hashes: Sequence[str]) -> dict[str, int]:
         matched: dict[str, int] = {}
@@ -102,13 +103,13 @@ class MemoryState:
         return matched
 
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1) -> bool:
+                    others_seen: int = -1, model: str = "") -> bool:
         if others_seen >= 0:
             records = self._figures.get(pool, {})
             others = sum(records[r][endpoint] for r in self._live(pool) if r != replica and r in records)
             if others > others_seen:
                 return False
-        _count(self._figures.setdefault(pool, {}).setdefault(replica, Counter()), endpoint, work_blocks)
+        _count(self._figures.setdefault(pool, {}).setdefault(replica, Counter()), endpoint, work_blocks, model)
         self._expiry.setdefault(pool, {})[replica] = time.monotonic() + lease_ms / 1000
         return True
 
@@ -132,8 +133,8 @@ class MemoryState:
                     del holders[h]
         return evicted
 
-    async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0) -> None:
-        _uncount(self._figures.get(pool, {}).get(replica), endpoint, work_blocks)
+    async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0, model: str = "") -> None:
+        _uncount(self._figures.get(pool, {}).get(replica), endpoint, work_blocks, model)
 
     async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
         self._figures.setdefault(pool, {})[replica] = Counter({k: v for k, v in figures.items() if v > 0})
@@ -141,18 +142,21 @@ class MemoryState:
         self._live(pool)
 
 
-def _count(record: Counter[str], endpoint: str, work_blocks: int) -> None:
-    """One request, and its uncached prompt blocks, in flight at `endpoint` in an in-flight record."""
+def _count(record: Counter[str], endpoint: str, work_blocks: int, model: str) -> None:
+    """One request, its uncached prompt blocks and its model, in flight at `endpoint` in an in-flight record."""
     record[endpoint] += 1
     if work_blocks > 0:
         record[endpoint + WORK_SUFFIX] += work_blocks
+    if model:
+        record[model_field(endpoint, model)] += 1
 
 
-def _uncount(record: Counter[str] | None, endpoint: str, work_blocks: int) -> None:
+def _uncount(record: Counter[str] | None, endpoint: str, work_blocks: int, model: str) -> None:
     """The request ended; figures never go below zero (a record replaced meanwhile has none)."""
     if record is None:
         return
-    for name, amount in ((endpoint, 1), (endpoint + WORK_SUFFIX, work_blocks)):
+    for name, amount in ((endpoint, 1), (endpoint + WORK_SUFFIX, work_blocks),
+                         (model_field(endpoint, model), 1 if model else 0)):
         if amount > 0 and name in record:
             record[name] -= amount
             if record[name] <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -177,3 +178,9 @@ async def test_through_the_gateway_an_adapters_requests_go_where_it_runs_and_a_c
                                                                       max_tokens=8)) for i in range(12)))
         assert all(r.status == 200 for r in burst)
         assert len({r.pod for r in burst}) >= 2, [r.pod for r in burst]
+
+
+def test_an_adapter_in_flight_at_a_pod_counts_as_waiting_there_but_the_base_model_never_does() -> None:
+    routed = replace(candidate("routed", running=("x",)), model_inflight=2)
+    assert adapter_state(request("sql"), routed) == "waiting"
+    assert adapter_state(request(QWEN), routed) == "none"

@@ -85,7 +85,8 @@ async def test_a_conflict_is_decided_again_on_fresh_figures() -> None:
     assert state.rounds == 2 and metrics.placement_conflicts.labels("p")._value.get() == 1
     view = await state.lookup("p", [])
     assert view.inflight[placed.chosen.endpoint.key] == 2  # the other replica's and ours, once each
-    assert p.own.figures("p") == {placed.chosen.endpoint.key: 1, placed.chosen.endpoint.key + "|work": 14}
+    key = placed.chosen.endpoint.key
+    assert p.own.figures("p") == {key: 1, key + "|work": 14, key + "@m": 1}  # request, its prompt, its model
 
 
 async def test_release_takes_back_exactly_what_was_admitted() -> None:
@@ -97,7 +98,7 @@ async def test_release_takes_back_exactly_what_was_admitted() -> None:
         p.release(one)
     await p.drain()
     view = await state.lookup("p", [])
-    assert view.inflight == {} and view.inflight_work == {} and p.own.figures("p") == {}
+    assert view.inflight == view.inflight_work == view.inflight_models == {} and p.own.figures("p") == {}
 
 
 async def test_without_the_state_it_places_from_its_own_figures_and_index() -> None:

@@ -81,6 +81,18 @@ async def test_inflight_counts_add_up_over_replicas_and_release(redis_client: Re
     assert (await store.lookup("pool", [])).inflight == {"a:1": 1}
 
 
+async def test_requests_per_model_add_up_over_replicas_apart_from_the_endpoints_counts(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    for i in range(4):
+        assert await store.admit("pool", f"r{i % 2}", "a:1", LEASE_MS, model="sql-lora" if i else "base")
+    view = await store.lookup("pool", [])
+    assert view.inflight == {"a:1": 4} and view.inflight_models == {"a:1@sql-lora": 3, "a:1@base": 1}
+    for i in range(4):
+        await store.release("pool", f"r{i % 2}", "a:1", model="sql-lora" if i else "base")
+    view = await store.lookup("pool", [])
+    assert view.inflight == view.inflight_models == {}
+
+
 async def test_a_dead_replicas_counts_stop_counting_when_its_lease_ends(redis_client: Redis) -> None:
     store = StateStore(redis_client)
     await record(store, "a:1", [], replica="dead", lease_ms=300)

@@ -18,6 +18,7 @@ class Candidate:
     matched_blocks: int  # leading prompt blocks the endpoint holds
     inflight_work: int = 0  # uncached prompt blocks of the requests in flight there, over every replica
     draining: bool = False  # an operator drained it: no new requests, running ones finish
+    model_inflight: int = 0  # requests for the request's model (a LoRA adapter, say) in flight there, every replica
 
 
 @dataclass(frozen=True)

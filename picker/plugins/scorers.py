@@ -112,8 +112,8 @@ class PrefixScorer:
 
 
 def adapter_state(request: SchedulingRequest, c: Candidate) -> str:
-    """Where the request's model stands on the endpoint, as a LoRA adapter:
-    `running`, `waiting`, `free` (a slot is open), `full`, or `none` (not an adapter there, or no sample)."""
+    """Where the request's model stands on the endpoint, as a LoRA adapter: `running`, `waiting` (or in
+    flight there), `free` (a slot is open), `full`, or `none` (not an adapter there, or no sample)."""
     load, model = c.load, request.model
     if load is None or load.max_adapters <= 0:
         return "none"
@@ -123,6 +123,8 @@ def adapter_state(request: SchedulingRequest, c: Candidate) -> str:
         return "waiting"
     if model == load.base_model or not load.base_model:
         return "none"  # the base model, or a server that did not say which model it runs
+    if c.model_inflight > 0:
+        return "waiting"  # routed there since the last sample
     resident = len(set(load.running_adapters) | set(load.waiting_adapters))
     return "free" if resident < load.max_adapters else "full"
 
