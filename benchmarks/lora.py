@@ -6,8 +6,8 @@
 Four vLLM-flavoured simulated pods (`--enable-lora --max-loras 4 --max-cpu-loras 8`,
 16 adapters), one seeded stream of single-turn requests whose adapter follows a
 Zipf law (s = 1.1), Poisson arrivals. The same pods behind Envoy round robin,
-behind ours, and behind ours with the LoRA affinity scorer weighted 0 (the slot
-filter stays); the pods restart before each run. Per router: adapter activations
+behind ours, and behind ours with the LoRA affinity and adapter-home scorers
+weighted 0 (the slot filter stays); the pods restart before each run. Per router: adapter activations
 (into a GPU slot) and loads (from disk) per 1,000 requests, from the pods
 themselves, and TTFT p50/p90. Writes bench/out/lora.json.
 """
@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         fleet.start()
         try:
             for name, port, picker_args in (("ours", OURS, ()), ("round_robin", ROUND_ROBIN, ()),
-                                            ("ours_without_lora_scorer", OURS,
-                                             ("--scheduling", "lora_affinity_weight=0"))):
+                                            ("ours_without_lora_scorers", OURS,
+                                             ("--scheduling", "lora_affinity_weight=0", "--scheduling",
+                                              "adapter_home_weight=0"))):
                 fleet.restart("pods-vllm")
                 fleet.wait_pods(60.0)
                 for picker in ("picker-0", "picker-1"):

@@ -19,6 +19,7 @@ from picker.plugins.filters import DrainFilter, HealthyFilter, LoraSlotFilter, Q
 from picker.plugins.framework import Candidate, Filter, Picker, SchedulingRequest, Scorer
 from picker.plugins.pickers import MaxScorePicker
 from picker.plugins.scorers import (
+    AdapterHomeScorer,
     InflightScorer,
     KVCacheScorer,
     LoraAffinityScorer,
@@ -113,11 +114,12 @@ def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[str, Profi
     load = (Weighted(QueueScorer(s.queue_scale), s.queue_weight), Weighted(KVCacheScorer(), s.kv_cache_weight),
             Weighted(InflightScorer(s.inflight_scale), s.inflight_weight),
             Weighted(LoraAffinityScorer(), s.lora_affinity_weight),
+            Weighted(AdapterHomeScorer(), s.adapter_home_weight),
             Weighted(PrefillWorkScorer(s.prefill_work_scale), s.prefill_work_weight))
     picker = MaxScorePicker(s.fallbacks, rng, s.tie_margin)
     return {
         Profile.DEFAULT: ProfileSpec(filters, load, picker),
         Profile.PREFIX_CACHE: ProfileSpec(filters, (*load, Weighted(PrefixScorer(), s.prefix_weight),
                                                     Weighted(PrefixHomeScorer(), s.prefix_home_weight)), picker),
-        Profile.DECODE: ProfileSpec(filters, load[:4], picker),
+        Profile.DECODE: ProfileSpec(filters, load[:5], picker),
     }

@@ -92,6 +92,9 @@ class SchedulingSettings:
     # a running adapter is worth about 6 requests in flight (0.4 x 2 against 2 x 1/16 each), so a
     # hot adapter's burst spreads to a few pods instead of piling onto one.
     lora_affinity_weight: float = 2.0
+    # The adapter's home pod (rendezvous on its name) is worth about 4 requests in flight: enough
+    # to keep each adapter on few pods between its requests, not to pile a hot one onto one pod.
+    adapter_home_weight: float = 0.5
     # Load differences are scored against these scales, so one request more does not
     # outweigh a cached prefix, while a real backlog does. Upstream calls a pod
     # saturated at 5 waiting requests.
@@ -150,7 +153,7 @@ class PickerSettings:
         if pf.block_chars < 8 or pf.max_blocks < 1:
             raise ValueError("prefix.block_chars must be >= 8 and prefix.max_blocks >= 1")
         weights = (sc.queue_weight, sc.kv_cache_weight, sc.inflight_weight, sc.prefix_weight, sc.prefill_work_weight,
-                   sc.lora_affinity_weight)
+                   sc.lora_affinity_weight, sc.adapter_home_weight)
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError("scheduling weights must be non-negative and not all zero")
         if sc.queue_scale <= 0 or sc.inflight_scale <= 0 or sc.prefill_work_scale <= 0 or sc.fallbacks < 0:

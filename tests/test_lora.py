@@ -184,3 +184,14 @@ def test_an_adapter_in_flight_at_a_pod_counts_as_waiting_there_but_the_base_mode
     routed = replace(candidate("routed", running=("x",)), model_inflight=2)
     assert adapter_state(request("sql"), routed) == "waiting"
     assert adapter_state(request(QWEN), routed) == "none"
+
+
+def test_each_adapter_has_one_home_on_every_replica_and_the_base_model_none() -> None:
+    from picker.plugins.scorers import AdapterHomeScorer
+
+    pods = [candidate(f"pod-{i}", running=("x",)) for i in range(4)]
+    pods = [replace(c, endpoint=Endpoint(c.endpoint.name, f"10.0.0.{i}", 8000)) for i, c in enumerate(pods)]
+    homes = {a: AdapterHomeScorer().score(request(a), pods).index(1.0) for a in (f"adapter-{i}" for i in range(16))}
+    assert homes == {a: AdapterHomeScorer().score(request(a), pods).index(1.0) for a in homes}
+    assert len(set(homes.values())) >= 3  # the adapters spread over the pods
+    assert AdapterHomeScorer().score(request(QWEN), pods) == [0.0] * 4

@@ -141,3 +141,22 @@ class LoraAffinityScorer:
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
         return [_LORA_SCORES[adapter_state(request, c)] for c in candidates]
+
+
+@dataclass(frozen=True)
+class AdapterHomeScorer:
+    """A LoRA adapter's requests lean towards its home: the rendezvous winner for its name.
+
+    vLLM reports the adapters running and waiting, not those still resident in a
+    slot while idle, so affinity alone forgets an adapter between its requests and
+    every pod ends up loading every popular one. A home per adapter, the same on
+    every replica, partitions the adapters over the pods; load still overrules it.
+    """
+
+    name: str = "adapter-home"
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        if all(adapter_state(request, c) == "none" for c in candidates):
+            return [0.0] * len(candidates)
+        home = max(candidates, key=lambda c: mmh3.hash64(f"{request.model}|{c.endpoint.key}", signed=False)[0])
+        return [1.0 if c is home else 0.0 for c in candidates]
