@@ -109,9 +109,12 @@ class Placement:
             if self.saturated(r.request.pool, load.get(r.request.pool.name, {})):
                 roles = [x for x in roles if x is not r]
                 dropped.append((r, Shed(f"Pool {r.request.pool.name} is saturated.")))
-        results = await asyncio.gather(
-            *(self.place(r.request, load.get(r.request.pool.name, {}), drained.get(r.request.pool.name, frozenset()),
-                         r.profile) for r in roles), return_exceptions=True)
+        placing = [self.place(r.request, load.get(r.request.pool.name, {}),
+                              drained.get(r.request.pool.name, frozenset()), r.profile) for r in roles]
+        if len(placing) == 1:  # the usual request: no task for gather to schedule
+            results: list[Placed | BaseException] = [await placing[0]]
+        else:
+            results = await asyncio.gather(*placing, return_exceptions=True)
         placed: dict[Role, Placed] = {}
         failure: BaseException | None = None
         for role, result in zip(roles, results, strict=True):

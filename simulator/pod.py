@@ -374,26 +374,28 @@ class SimulatedPod:
 
     async def _load_adapter(self, request: web.Request) -> web.Response:
         """vLLM's runtime LoRA loading: registers the adapter; its weights load when a request needs them."""
-        assert self.adapters is not None
-        try:
-            body = json.loads(await request.read() or b"{}")
-            self.adapters.add(str(body.get("lora_name") or ""), str(body.get("lora_path") or ""))
-        except (ValueError, AttributeError):
-            return openai_error(400, "Expected a JSON object with lora_name and lora_path.", "BadRequestError")
-        except AdapterError as exc:
-            return openai_error(400, str(exc), "InvalidUserInput")
-        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+        return await self._change_adapter(request, load=True)
 
     async def _unload_adapter(self, request: web.Request) -> web.Response:
+        return await self._change_adapter(request, load=False)
+
+    async def _change_adapter(self, request: web.Request, load: bool) -> web.Response:
         assert self.adapters is not None
         try:
             body = json.loads(await request.read() or b"{}")
-            self.adapters.remove(str(body.get("lora_name") or ""))
+            name, path = str(body.get("lora_name") or ""), str(body.get("lora_path") or "")
         except (ValueError, AttributeError):
-            return openai_error(400, "Expected a JSON object with lora_name.", "BadRequestError")
+            return openai_error(400, "Expected a JSON object with lora_name" + (" and lora_path." if load else "."),
+                                "BadRequestError")
+        try:
+            if load:
+                self.adapters.add(name, path)
+            else:
+                self.adapters.remove(name)
         except AdapterError as exc:
-            return openai_error(404, str(exc), "NotFoundError")
-        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
+            return openai_error(400, str(exc), "InvalidUserInput") if load else \
+                openai_error(404, str(exc), "NotFoundError")
+        return web.Response(text=f"Success: LoRA adapter '{name}' {'added' if load else 'removed'} successfully.")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
