@@ -56,6 +56,8 @@ def _strategy_profile(pool: Pool) -> Profile:
 def _for_pool(request: PlacementRequest, pool: Pool, work: bool = True) -> PlacementRequest:
     """The request placed in `pool`: prompt blocks only where the pool routes by prefix (the intake
     hashes for the route's mirror pool too), prefill work only where the endpoint computes the prompt."""
+    if pool is request.pool and work and (pool.strategy == Strategy.PREFIX_CACHE or not request.block_hashes):
+        return request  # the usual request: placed as it came
     scheduling = request.scheduling
     hashes = request.block_hashes
     if pool.strategy != Strategy.PREFIX_CACHE or pool.pd is not None and not work:
