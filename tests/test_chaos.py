@@ -191,6 +191,6 @@ async def test_chaos(chaos_fleet: Fleet, load: Load) -> None:
     assert by_fault["picker"] == by_fault["collector"] == by_fault["controller leader"] == by_fault["redis"] == 0
     assert exclusion_s < 1.0  # 3 failed scrapes at 100 ms; a dead pod refuses at once
     # Only requests already streaming from the pod when it died fail: every later one that was
-    # routed to it before it left the candidates is refused and retried on the picker's fallback.
+    # routed to it before it left the candidates is refused and retried on the picker's fallback
+    # (how many were depends on timing; some runs route none there in that window).
     assert all(t <= killed_at for t in load.failures), (killed_at, load.failures)
-    assert retried > 0
