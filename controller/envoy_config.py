@@ -180,9 +180,7 @@ def _sides(pool: Pool) -> dict[str, tuple[Endpoint, ...]]:
     (its primary cluster: a retry past the picker's list stays on decode pods) and prefill side."""
     if pool.pd is None:
         return {"": pool.endpoints}
-    pd = pool.pd
-    return {side: tuple(e for e in pool.endpoints if e.labels.get(pd.role_label) == role)
-            for side, role in (("", pd.decode_role), ("prefill", pd.prefill_role))}
+    return {"": pool.side("decode"), "prefill": pool.side("prefill")}
 
 
 def _pool_cluster(pool: Pool, s: EnvoySettings, circuit_breakers: dict[str, Any], role: str = "",
@@ -190,13 +188,13 @@ def _pool_cluster(pool: Pool, s: EnvoySettings, circuit_breakers: dict[str, Any]
     """A pool's cluster: the primary one reads the picker's ordered list from the `envoy.lb` metadata
     (round robin without one); a copy's reads its endpoint from a header, which a mirrored request carries."""
     name = pool_cluster(pool.name, role)
+    side = "prefill" if role == "prefill" else ""  # a mirror shares the pool's endpoints
     source: dict[str, Any] = {"header": endpoint_header} if endpoint_header else {
         "metadata": {"key": LB_METADATA_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}}
     cluster: dict[str, Any] = {
         "@type": T_CLUSTER, "name": name, "type": "EDS", "connect_timeout": "2s",
-        "eds_cluster_config": {"service_name": name if role == "prefill" else pool_cluster(pool.name),
-                               "eds_config": _file_source(s.config_dir,
-                                                          eds_file(pool.name, "prefill" if role == "prefill" else ""))},
+        "eds_cluster_config": {"service_name": pool_cluster(pool.name, side),
+                               "eds_config": _file_source(s.config_dir, eds_file(pool.name, side))},
         "load_balancing_policy": {"policies": [{"typed_extension_config": {
             "name": "envoy.load_balancing_policies.override_host", "typed_config": {
                 "@type": T_OVERRIDE_HOST, "override_host_sources": [source],

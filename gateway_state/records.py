@@ -81,6 +81,14 @@ class Pool:
     lists_models: bool = False
     app_protocol: str = "http"  # or "kubernetes.io/h2c"
 
+    def side(self, side: str) -> tuple[Endpoint, ...]:
+        """An SGLang PD pool's `prefill` or `decode` endpoints (by the pod label its profile names);
+        every endpoint of any other pool."""
+        if self.pd is None:
+            return self.endpoints
+        role = self.pd.prefill_role if side == "prefill" else self.pd.decode_role
+        return tuple(e for e in self.endpoints if e.labels.get(self.pd.role_label) == role)
+
 
 @dataclass(frozen=True)
 class TargetModel:

@@ -145,10 +145,8 @@ class Fleet:
         for pool in state.pools.values():
             if pool.pd is None:
                 continue
-            for e in pool.endpoints:
-                side = {pool.pd.prefill_role: "prefill", pool.pd.decode_role: "decode"}.get(
-                    e.labels.get(pool.pd.role_label, ""))
-                if side:
+            for side in ("prefill", "decode"):
+                for e in pool.side(side):
                     roles[e.key] = ("--disaggregation-mode", side,
                                     "--disaggregation-bootstrap-port", str(pool.pd.bootstrap_port))
         return roles

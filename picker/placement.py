@@ -26,6 +26,7 @@ from gateway_state.store import SharedView, model_field, model_figures, split_fi
 from picker.errors import GatewayError, Shed
 from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
+from picker.plugins.filters import has_room
 from picker.plugins.framework import Candidate
 from picker.plugins.pickers import replica_share
 from picker.prefix import capacity_blocks
@@ -206,26 +207,24 @@ class Placement:
             self._later(self._release(placed))
 
     def saturated(self, pool: Pool, samples: dict[str, LoadSample]) -> bool:
-        """No endpoint of the pool has room (upstream's definition): each one's fresh load sample shows a
-        queue or a nearly full KV cache. An endpoint without a fresh sample counts as having room."""
-        s, now_ms, max_age = self._settings.scheduling, self._clock.now_ms(), self._settings.state.max_sample_age_ms
-        for e in pool.endpoints:
-            sample = samples.get(e.key)
-            if sample is None or not sample.ok or now_ms - sample.scraped_at_ms > max_age:
-                return False
-            if sample.waiting < s.saturation_waiting and sample.kv_cache_usage < s.saturation_kv_cache:
-                return False
-        return True
+        """No endpoint of the pool has room (upstream's definition, the Sheddable filter's rule)."""
+        s, now_ms = self._settings.scheduling, self._clock.now_ms()
+        return not any(has_room(self._fresh(samples.get(e.key), now_ms), s.saturation_waiting, s.saturation_kv_cache)
+                       for e in pool.endpoints)
+
+    def _fresh(self, sample: LoadSample | None, now_ms: int) -> LoadSample | None:
+        """The sample if it is good and young enough to score by; None: the load is unknown."""
+        if sample is None or not sample.ok or now_ms - sample.scraped_at_ms > self._settings.state.max_sample_age_ms:
+            return None
+        return sample
 
     def _candidates(self, pool: Pool, samples: dict[str, LoadSample], view: SharedView,
                     drained: frozenset[str], model: str) -> list[Candidate]:
         now_ms = self._clock.now_ms()
-        max_age = self._settings.state.max_sample_age_ms
         out = []
         for e in pool.endpoints:
             sample = samples.get(e.key)
-            fresh = sample if sample is not None and sample.ok and now_ms - sample.scraped_at_ms <= max_age else None
-            out.append(Candidate(e, fresh, sample.consecutive_failures if sample else 0,
+            out.append(Candidate(e, self._fresh(sample, now_ms), sample.consecutive_failures if sample else 0,
                                  view.inflight.get(e.key, 0), view.matched_blocks.get(e.key, 0),
                                  view.inflight_work.get(e.key, 0), e.key in drained,
                                  view.inflight_models.get(model_field(e.key, model), 0)))

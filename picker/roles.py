@@ -78,10 +78,8 @@ class ProfileHandler:
         out: list[RoleRequest] = []
         if pool.pd is not None:
             pd = pool.pd
-            prefill = replace(pool, endpoints=tuple(e for e in pool.endpoints
-                                                     if e.labels.get(pd.role_label) == pd.prefill_role))
-            decode = replace(pool, endpoints=tuple(e for e in pool.endpoints
-                                                    if e.labels.get(pd.role_label) == pd.decode_role))
+            prefill = replace(pool, endpoints=pool.side("prefill"))
+            decode = replace(pool, endpoints=pool.side("decode"))
             for side, narrowed in (("prefill", prefill), ("decode", decode)):
                 if not narrowed.endpoints:
                     raise NoEndpoint(f"Pool {pool.name} has no ready {side} endpoint (pods labelled "

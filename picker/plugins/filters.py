@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway_state.records import Criticality
+from gateway_state.records import Criticality, LoadSample
 from picker.plugins.framework import Candidate, SchedulingRequest
 from picker.plugins.scorers import adapter_state
 
@@ -65,8 +65,13 @@ class SheddableFilter:
     def filter(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
         if request.criticality != Criticality.SHEDDABLE:
             return list(candidates)
-        return [c for c in candidates
-                if c.load is None or (c.load.waiting < self.max_waiting and c.load.kv_cache_usage < self.max_kv_cache)]
+        return [c for c in candidates if has_room(c.load, self.max_waiting, self.max_kv_cache)]
+
+
+def has_room(load: LoadSample | None, max_waiting: float, max_kv_cache: float) -> bool:
+    """Upstream's saturation rule, per endpoint: room unless its queue or its KV cache is full
+    (an endpoint without a fresh sample counts as having room)."""
+    return load is None or (load.waiting < max_waiting and load.kv_cache_usage < max_kv_cache)
 
 
 @dataclass(frozen=True)
