@@ -73,7 +73,7 @@ def build(m: Manifests) -> DesiredState:
                 pd = PDProfile(policy.pd_role_label, policy.bootstrap_port or 8998)
         endpoints = _endpoints(_members(m.pods, spec.meta.namespace, spec.selector), spec.target_ports)
         pools[spec.meta.id] = Pool(spec.meta.id, spec.target_ports, strategy, runtime, FailureMode(spec.failure_mode),
-                                   endpoints, pd, spec.meta.id in listed, spec.app_protocol)
+                                   endpoints, pd, spec.meta.id in listed, spec.app_protocol, spec.flow)
     for policy in m.policies:
         if policy.pool not in pools:
             warnings.append(f"{policy.meta.where}: spec.poolRef.name: no InferencePool {policy.pool!r}")
@@ -84,7 +84,7 @@ def build(m: Manifests) -> DesiredState:
             warnings.append(f"{spec.meta.where}: spec.poolRef.name: no InferencePool {spec.pool!r}")
             continue
         models[spec.pool].setdefault(spec.model_name, Model(spec.model_name, spec.pool, Criticality(spec.criticality),
-                                                            _targets(spec.targets)))
+                                                            _targets(spec.targets), spec.queue_ttl_ms))
     # Rewrites: the oldest resource first, the first matching rule within one; an exact
     # match wins over a rule for every model, and an InferenceModel over both.
     for rewrite in sorted(m.rewrites, key=lambda r: r.meta.created):

@@ -326,6 +326,13 @@ _PICKER_RETRY = {
 }
 
 
+def _longest_queue_ttl_ms(state: DesiredState) -> int:
+    """How long any request may wait in flow control's queue for room (pool or model setting)."""
+    pools = state.pools.values()
+    models = [m for listed in state.models.values() for m in listed.values()]
+    return max([p.flow.queue_ttl_ms for p in pools] + [m.queue_ttl_ms for m in models] + [0])
+
+
 def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec], state: DesiredState,
               s: EnvoySettings) -> dict[str, Any]:
     name = f"{gateway}/{listener}"
@@ -341,7 +348,8 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
             "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
                                 "request_body_mode": "BUFFERED", "response_body_mode": "NONE",
                                 "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
-            "message_timeout": _duration(s.picker_message_timeout_ms),
+            # A request may wait in the pickers' queue for room: the answer may take its whole TTL.
+            "message_timeout": _duration(s.picker_message_timeout_ms + _longest_queue_ttl_ms(state)),
             "mutation_rules": {"allow_all_routing": True},
             # The picker's ordered endpoint list, which the pool cluster's override-host policy reads.
             "metadata_options": {"receiving_namespaces": {"untyped": [LB_METADATA_NAMESPACE]}},
@@ -353,7 +361,7 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
         "@type": T_HCM, "stat_prefix": name.replace("/", "_"), "codec_type": "AUTO",
         "route_config": {"name": name, "virtual_hosts": _virtual_hosts(routes, state, s)},
         "http_filters": filters,
-        "stream_idle_timeout": "300s",
+        "stream_idle_timeout": _duration(max(300_000, _longest_queue_ttl_ms(state) + 60_000)),
         # Envoy's own answers (an over-limit body; a pod that refuses or resets the
         # connection) are OpenAI-shaped too. The picker's answers carry no response flag.
         "local_reply_config": {"mappers": [{

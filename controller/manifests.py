@@ -7,6 +7,7 @@ Every error names the file, the document and the field.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,22 @@ from typing import Any
 import yaml
 
 from controller.selectors import LabelSelector
+from gateway_state.records import FlowControl
 
 ANNOTATION_STRATEGY = "inference.networking.x-k8s.io/routing-strategy"
 ANNOTATION_RUNTIME = "inference.networking.x-k8s.io/model-server-runtime"
 # On a Service: Envoy's load-balancing policy for routes to it (default ROUND_ROBIN).
 ANNOTATION_LB_POLICY = "inference-gateway.io/lb-policy"
+# On an InferencePool: its flow control (gateway_state.records.FlowControl); on an InferenceModel,
+# the queue time-to-live of its requests.
+ANNOTATION_SATURATION_WAITING = "inference-gateway.io/saturation-waiting"
+ANNOTATION_SATURATION_KV_CACHE = "inference-gateway.io/saturation-kv-cache"
+ANNOTATION_QUEUE_TTL = "inference-gateway.io/queue-ttl"
+ANNOTATION_MAX_QUEUED = "inference-gateway.io/max-queued"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 
 class ManifestError(ValueError):
@@ -59,6 +71,7 @@ class InferencePoolSpec:
     runtime: str
     failure_mode: str
     app_protocol: str = "http"
+    flow: FlowControl = FlowControl()
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class InferenceModelSpec:
     criticality: str
     pool: str  # pool id (namespace/name)
     targets: tuple[tuple[str, int], ...]
+    queue_ttl_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,6 +217,32 @@ class Document:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             raise ManifestError(self.where, path, f"must be a port number 1-65535, got {value!r}")
         return value
+
+    def annotation_number(self, meta: Meta, name: str, default: float, low: float, high: float) -> float:
+        """A numeric annotation within [low, high], or the default when absent."""
+        raw = meta.annotations.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise ManifestError(self.where, f"metadata.annotations[{name}]", f"must be a number {low:g}-{high:g}, "
+                                f"got {raw!r}")
+        return value
+
+    def annotation_duration_ms(self, meta: Meta, name: str, default: int) -> int:
+        """A duration annotation ("500ms", "30s", "2m"), at most an hour, in milliseconds."""
+        raw = meta.annotations.get(name)
+        if raw is None:
+            return default
+        match = _DURATION.fullmatch(raw.strip())
+        ms = round(float(match[1]) * _DURATION_UNITS[match[2]]) if match else -1
+        if not 1 <= ms <= 3_600_000:
+            raise ManifestError(self.where, f"metadata.annotations[{name}]",
+                                f"must be a duration such as 500ms, 30s or 2m, at most 1h, got {raw!r}")
+        return ms
 
     def enum(self, path: str, value: str, allowed: tuple[str, ...]) -> str:
         if value not in allowed:

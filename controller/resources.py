@@ -7,7 +7,11 @@ from pathlib import Path
 
 from controller.manifests import (
     ANNOTATION_LB_POLICY,
+    ANNOTATION_MAX_QUEUED,
+    ANNOTATION_QUEUE_TTL,
     ANNOTATION_RUNTIME,
+    ANNOTATION_SATURATION_KV_CACHE,
+    ANNOTATION_SATURATION_WAITING,
     ANNOTATION_STRATEGY,
     BackendRef,
     Document,
@@ -30,7 +34,7 @@ from controller.manifests import (
     iter_documents,
 )
 from controller.selectors import LabelSelector, requirement
-from gateway_state.records import pool_id
+from gateway_state.records import FlowControl, pool_id
 
 STRATEGIES = ("DEFAULT", "PREFIX_CACHE")
 RUNTIMES = ("vllm", "sglang")
@@ -85,7 +89,18 @@ def _pool(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
         doc.enum(f"metadata.annotations[{ANNOTATION_RUNTIME}]", runtime, RUNTIMES),
         doc.enum(failure_path, failure, FAILURE_MODES),
         protocol,
+        _flow(doc, meta),
     ))
+
+
+def _flow(doc: Document, meta: Meta) -> FlowControl:
+    d = FlowControl()
+    return FlowControl(
+        doc.annotation_number(meta, ANNOTATION_SATURATION_WAITING, d.saturation_waiting, 1, 1_000_000),
+        doc.annotation_number(meta, ANNOTATION_SATURATION_KV_CACHE, d.saturation_kv_cache, 0.01, 1.0),
+        doc.annotation_duration_ms(meta, ANNOTATION_QUEUE_TTL, d.queue_ttl_ms),
+        int(doc.annotation_number(meta, ANNOTATION_MAX_QUEUED, d.max_queued, 0, 1_000_000)),
+    )
 
 
 def _model(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
@@ -93,7 +108,8 @@ def _model(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
     criticality = doc.enum("spec.criticality", doc.get("spec.criticality", str, "Standard"), CRITICALITIES)
     pool = _pool_ref(doc, meta)
     targets = _targets(doc, "spec.targetModels", "name")
-    out.models.append(InferenceModelSpec(meta, name, criticality, pool, targets or ((name, 1),)))
+    out.models.append(InferenceModelSpec(meta, name, criticality, pool, targets or ((name, 1),),
+                                         doc.annotation_duration_ms(meta, ANNOTATION_QUEUE_TTL, 0)))
 
 
 def _pool_ref(doc: Document, meta: Meta) -> str:

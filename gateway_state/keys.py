@@ -58,3 +58,23 @@ def drained(pool: str) -> str:
 def hit_counts(pool: str, minute: int) -> str:
     """Hash `model|queried` / `model|matched` -> prefix blocks, summed over the pickers for one minute."""
     return pool_prefix(pool) + f"hits:{minute}"
+
+
+def queue(pool: str) -> str:
+    """Sorted set ticket -> order of the requests waiting for room (flow control); see scripts.ENQUEUE."""
+    return pool_prefix(pool) + "queue"
+
+
+def queue_tickets(pool: str) -> str:
+    """Hash ticket -> "owner|priority|deadline ms|enqueued ms|tenant" of every waiting or granted request."""
+    return pool_prefix(pool) + "queue:tickets"
+
+
+def queue_grants(pool: str) -> str:
+    """Sorted set ticket -> grant expiry (ms): requests let through whose owner has not admitted them yet."""
+    return pool_prefix(pool) + "queue:grants"
+
+
+def grants_channel(replica: str) -> str:
+    """Pub/sub channel on which a picker replica hears that one of its waiting requests may go."""
+    return "gw:grants:" + replica

@@ -31,6 +31,12 @@ SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
 SERVED_ENDPOINT_KEY = "x-gateway-destination-endpoint-served"
 
+# Request headers of the upstream flow control, by their Gateway API Inference Extension names
+# and their newer llm-d names: the InferenceObjective a request runs under (its priority), and
+# the tenant it is fair between (round robin between tenants of one priority).
+OBJECTIVE_HEADERS = ("x-gateway-inference-objective", "x-llm-d-inference-objective")
+FAIRNESS_HEADERS = ("x-gateway-inference-fairness-id", "x-llm-d-inference-fairness-id")
+
 
 def pool_cluster(pool: str, role: str = "") -> str:
     """Envoy's cluster for a pool (`namespace/name`): the primary one, or a copy's (`mirror`, `prefill`)."""

@@ -34,6 +34,11 @@ class Criticality(StrEnum):
     SHEDDABLE = "Sheddable"
 
 
+# InferenceModel criticality as an InferenceObjective priority: higher is served first, and a
+# negative priority is refused at once while its pool is saturated (what Sheddable always meant).
+CRITICALITY_PRIORITY = {Criticality.CRITICAL: 1, Criticality.STANDARD: 0, Criticality.SHEDDABLE: -1}
+
+
 class FailureMode(StrEnum):
     FAIL_OPEN = "FailOpen"
     FAIL_CLOSE = "FailClose"
@@ -68,6 +73,20 @@ class PDProfile:
 
 
 @dataclass(frozen=True)
+class FlowControl:
+    """A pool's flow control: when it is saturated, and how long a request may wait for room."""
+
+    # An endpoint has room while its waiting queue (as scraped, or as estimated from the requests
+    # in flight there since) is below this and its KV cache below that (upstream's thresholds).
+    saturation_waiting: float = 5.0
+    saturation_kv_cache: float = 0.8
+    # How long a request waits in the gateway for room before it is answered 503.
+    queue_ttl_ms: int = 30_000
+    # Requests waiting at once, over the fleet; more are refused 429.
+    max_queued: int = 10_000
+
+
+@dataclass(frozen=True)
 class Pool:
     name: str  # pool_id(namespace, name)
     target_ports: tuple[int, ...]  # each ready pod is one endpoint per port
@@ -80,6 +99,7 @@ class Pool:
     # are served and others get 404. Otherwise any model is served as it is named.
     lists_models: bool = False
     app_protocol: str = "http"  # or "kubernetes.io/h2c"
+    flow: FlowControl = field(default_factory=FlowControl)
 
     def side(self, side: str) -> tuple[Endpoint, ...]:
         """An SGLang PD pool's `prefill` or `decode` endpoints (by the pod label its profile names);
@@ -106,6 +126,11 @@ class Model:
     pool: str
     criticality: Criticality = Criticality.STANDARD
     targets: tuple[TargetModel, ...] = ()
+    queue_ttl_ms: int = 0  # how long its requests may wait for room; 0: the pool's
+
+    @property
+    def priority(self) -> int:
+        return CRITICALITY_PRIORITY[self.criticality]
 
 
 @dataclass(frozen=True)
@@ -173,6 +198,7 @@ def _pool(d: dict[str, Any]) -> Pool:
         pd=PDProfile(**pd) if pd else None,
         lists_models=bool(d.get("lists_models", False)),
         app_protocol=d.get("app_protocol", "http"),
+        flow=FlowControl(**d["flow"]) if "flow" in d else FlowControl(),
     )
 
 
@@ -182,6 +208,7 @@ def _model(d: dict[str, Any]) -> Model:
         pool=d["pool"],
         criticality=Criticality(d["criticality"]),
         targets=tuple(TargetModel(t["name"], int(t["weight"])) for t in d["targets"]),
+        queue_ttl_ms=int(d.get("queue_ttl_ms", 0)),
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis, RedisCluster
@@ -22,6 +22,7 @@ class SnapshotReply:
     config: bytes | None  # encoded; None when Redis holds none
     load: dict[str, dict[str, LoadSample]]  # pool -> endpoint -> sample
     drained: dict[str, frozenset[str]]  # pool -> endpoints an operator drained
+    queued: dict[str, int] = field(default_factory=dict)  # pool -> requests waiting in its queue
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ class StateStore:
         self._membership = redis.register_script(scripts.MEMBERSHIP)
         self._lease = redis.register_script(scripts.LEASE)
         self._fenced_set = redis.register_script(scripts.FENCED_SET)
+        self._enqueue = redis.register_script(scripts.ENQUEUE)
+        self._dispatch = redis.register_script(scripts.DISPATCH)
+        self._leave = redis.register_script(scripts.LEAVE)
 
     # -- configuration (controller writes, everyone reads) -------------------
 
@@ -123,12 +127,14 @@ class StateStore:
             for pool in pools:
                 pipe.hgetall(keys.load(pool))
                 pipe.hkeys(keys.drained(pool))
+                pipe.zcard(keys.queue(pool))
             raw, *replies = await pipe.execute()
-        loads, drains = replies[0::2], replies[1::2]
+        loads, drains, queued = replies[0::3], replies[1::3], replies[2::3]
         return SnapshotReply(raw, {
             pool: {e.decode(): decode_load(v) for e, v in reply.items()}
             for pool, reply in zip(pools, loads, strict=True)
-        }, {pool: frozenset(e.decode() for e in reply) for pool, reply in zip(pools, drains, strict=True) if reply})
+        }, {pool: frozenset(e.decode() for e in reply) for pool, reply in zip(pools, drains, strict=True) if reply},
+            {pool: int(n) for pool, n in zip(pools, queued, strict=True) if n})
 
     async def set_drained(self, pool: str, endpoint: str, draining: bool) -> None:
         """Drain an endpoint (pickers send it no new requests), or undo it."""
@@ -204,6 +210,61 @@ class StateStore:
         lru, prefix = keys.endpoint_lru(pool, endpoint), keys.pool_prefix(pool)
         while int(await self._forget(keys=[lru], args=[prefix, endpoint, batch])):
             pass
+
+    # -- flow control's queue (the picker's request path under saturation) -------
+
+    async def enqueue(self, pool: str, replica: str, priority: int, tenant: str, ttl_ms: int,
+                      max_queued: int) -> str | None:
+        """Queue a request owned by `replica`; its ticket, or None when the queue is full."""
+        ticket = await self._enqueue(keys=[keys.queue(pool)], args=[
+            keys.pool_prefix(pool), replica, priority, tenant, ttl_ms, max_queued])
+        return ticket.decode() if ticket else None
+
+    async def dispatch(self, pool: str, replica: str, room: int, grant_ms: int) -> tuple[list[tuple[str, str]], int]:
+        """Let up to `room` (less the outstanding grants) waiting requests go, in order; returns the
+        (owner, ticket) pairs let through and how many dead or expired tickets were dropped."""
+        flat, dropped = await self._dispatch(keys=[keys.queue(pool)], args=[
+            keys.pool_prefix(pool), room, grant_ms, replica, pool])
+        return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)], int(dropped)
+
+    async def leave(self, pool: str, ticket: str) -> str:
+        """The ticket leaves the queue; returns whether it was 'waiting', 'granted' or 'gone'."""
+        state: bytes = await self._leave(keys=[keys.queue(pool)], args=[keys.pool_prefix(pool), ticket])
+        return state.decode()
+
+    async def ticket_states(self, pool: str, tickets: Sequence[str]) -> dict[str, str]:
+        """ticket -> 'waiting', 'granted' or 'gone': what a replica checks when a grant message may be lost."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zmscore(keys.queue(pool), list(tickets))
+            pipe.zmscore(keys.queue_grants(pool), list(tickets))
+            waiting, granted = await pipe.execute()
+        return {t: "waiting" if w is not None else "granted" if g is not None else "gone"
+                for t, w, g in zip(tickets, waiting, granted, strict=True)}
+
+    async def grants(self, replica: str) -> AsyncIterator[tuple[str, str]]:
+        """(pool, ticket) each time another replica lets one of `replica`'s waiting requests go."""
+        async with self.redis.pubsub() as pubsub:
+            await pubsub.subscribe(keys.grants_channel(replica))
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    pool, _, ticket = message["data"].decode().partition("\n")
+                    yield pool, ticket
+
+    async def queue_view(self, pool: str) -> tuple[list[tuple[str, int, int, int, str]], int]:
+        """Every waiting request as (owner, priority, deadline ms, enqueued ms, tenant), in queue order,
+        and how many grants are outstanding."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(keys.queue(pool), 0, -1)
+            pipe.hgetall(keys.queue_tickets(pool))
+            pipe.zcard(keys.queue_grants(pool))
+            order, metas, grants = await pipe.execute()
+        out = []
+        for ticket in order:
+            meta = metas.get(ticket)
+            if meta is not None:
+                owner, priority, deadline, enqueued, tenant = meta.decode().split("|", 4)
+                out.append((owner, int(priority), int(deadline), int(enqueued), tenant))
+        return out, int(grants)
 
     # -- what the admin API shows: reads only, except drains and the pickers' hit counts --------
 

@@ -22,10 +22,11 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway_state.records import Criticality, Pool
+from gateway_state.records import Pool
 from gateway_state.sharding import owner
 from gateway_state.store import StateStore
 from picker.errors import GatewayError
+from picker.flow_control import FlowController
 from picker.intake import Intake, PlacementRequest
 from picker.placement import Placement, Plan
 from picker.plugins.framework import SchedulingRequest
@@ -67,6 +68,7 @@ class AdminContext:
     store: StateStore
     tokens: Tokens
     replica: str
+    flow: FlowController
 
 
 def _sample(load: Any, now_ms: int) -> dict[str, Any] | None:
@@ -123,7 +125,7 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
         samples = snapshot.load.get(pool.name, {})
         drained = snapshot.drained.get(pool.name, frozenset())
         # The scores every scorer gives now, for a request with no prompt to match.
-        neutral = PlacementRequest("", pool, None, [], SchedulingRequest("", Criticality.STANDARD, 0))
+        neutral = PlacementRequest("", pool, None, [], SchedulingRequest("", 0, 0))
         trace = Trace()
         with contextlib.suppress(GatewayError):  # no candidate left (all drained, say): the trace has the rest
             await ctx.placement.plan(neutral, samples, False, drained, trace)
@@ -171,13 +173,40 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
              "capacity_blocks": ctx.placement.capacity_blocks(samples.get(e.key))} for e in pool.endpoints],
             "hit_ratios": windows}
 
+    @app.get("/admin/pools/{namespace}/{name}/queue",
+             summary="Flow control: the pool's room now, and the requests waiting for it over the fleet")
+    async def queue(namespace: str, name: str, _: Reader) -> dict[str, Any]:
+        pool = pool_of(namespace, name)
+        snapshot = ctx.snapshots.current
+        room = await ctx.placement.room(pool, snapshot.load.get(pool.name, {}),
+                                        snapshot.drained.get(pool.name, frozenset()))
+        waiting, grants = await ctx.store.queue_view(pool.name)
+        now_ms = ctx.placement.now_ms()
+        priorities: dict[int, dict[str, Any]] = {}
+        for owner_replica, priority, _deadline, enqueued, tenant in waiting:
+            p = priorities.setdefault(priority, {"priority": priority, "waiting": 0, "oldest_wait_ms": 0,
+                                                 "tenants": {}, "replicas": {}})
+            p["waiting"] += 1
+            p["oldest_wait_ms"] = max(p["oldest_wait_ms"], now_ms - enqueued)
+            p["tenants"][tenant or "(none)"] = p["tenants"].get(tenant or "(none)", 0) + 1
+            p["replicas"][owner_replica] = p["replicas"].get(owner_replica, 0) + 1
+        flow = pool.flow
+        return {"pool": pool.name, "room": room, "saturated": room <= 0,
+                "settings": {"saturation_waiting": flow.saturation_waiting,
+                             "saturation_kv_cache": flow.saturation_kv_cache, "queue_ttl_ms": flow.queue_ttl_ms,
+                             "max_queued": flow.max_queued},
+                "waiting": len(waiting), "grants_outstanding": grants,
+                "by_priority": [priorities[p] for p in sorted(priorities, reverse=True)],
+                "this_replica": [w for w in ctx.flow.waiting_here() if w["pool"] == pool.name]}
+
     @app.get("/admin/models", summary="Models, rewrites and objectives as loaded")
     async def models(_: Reader) -> dict[str, Any]:
         config = ctx.snapshots.current.config
         if config is None:
             return {"generation": None, "models": {}, "objectives": {}}
         return {"generation": config.generation,
-                "models": {pool: [{"name": m.name or "*", "criticality": m.criticality.value,
+                "models": {pool: [{"name": m.name or "*", "criticality": m.criticality.value, "priority": m.priority,
+                                   "queue_ttl_ms": m.queue_ttl_ms or None,
                                    "targets": [{"name": t.name, "weight": t.weight} for t in m.targets]}
                                   for m in listed.values()] for pool, listed in config.models.items()},
                 "objectives": {pool: {o.name: o.priority for o in listed.values()}

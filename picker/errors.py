@@ -10,6 +10,7 @@ from gateway_state.protocol import openai_error
 class GatewayError(Exception):
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "InternalServerError"
+    retry_after_s: ClassVar[int | None] = None  # a Retry-After header: the client may try again then
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -36,9 +37,21 @@ class PayloadTooLarge(GatewayError):
 
 
 class Shed(GatewayError):
-    """Sheddable traffic while every endpoint is saturated."""
+    """Sheddable traffic (a negative priority) while every endpoint is saturated."""
 
-    status, error_type = 429, "RateLimitError"
+    status, error_type, retry_after_s = 429, "RateLimitError", 1
+
+
+class QueueFull(GatewayError):
+    """The pool is saturated and its queue holds as many requests as it may."""
+
+    status, error_type, retry_after_s = 429, "RateLimitError", 1
+
+
+class QueueTimeout(GatewayError):
+    """The request waited its whole time-to-live for room in a saturated pool."""
+
+    status, error_type, retry_after_s = 503, "ServiceUnavailableError", 1
 
 
 class InternalError(GatewayError):

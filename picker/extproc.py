@@ -39,11 +39,13 @@ from google.protobuf import struct_pb2
 
 from gateway_state.protocol import (
     DESTINATION_HEADER,
+    FAIRNESS_HEADERS,
     LB_METADATA_NAMESPACE,
     MIRROR_CLUSTER_HEADER,
     MIRROR_ENDPOINT_HEADER,
     MIRROR_FRACTION_METADATA_KEY,
     MIRROR_POOL_METADATA_KEY,
+    OBJECTIVE_HEADERS,
     POOL_METADATA_KEY,
     PREFILL_ENDPOINT_HEADER,
     SERVED_ENDPOINT_KEY,
@@ -52,6 +54,7 @@ from gateway_state.protocol import (
     pool_cluster,
 )
 from picker.errors import BadRequest, GatewayError, InternalError, MethodNotAllowed, PickerUnavailable
+from picker.flow_control import FlowController
 from picker.hit_counts import HitCounts
 from picker.intake import Intake, models
 from picker.metrics import PickerMetrics
@@ -81,6 +84,8 @@ class _Stream:
     duplex_request: bool = False  # FULL_DUPLEX_STREAMED: headers answered after the body, body sent back
     duplex_response: bool = False
     subset: frozenset[str] | None = None  # the gateway's candidate endpoints, when it narrows them
+    objective: str | None = None  # the InferenceObjective the request names
+    tenant: str = ""  # its fairness id (flow control)
     decided: bool = False  # the request has had its answer (a destination or an immediate response)
 
 
@@ -89,20 +94,26 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
                                       append_action=_OVERWRITE)
 
 
-def _immediate(status: int, body: dict[str, object], details: str) -> pb.ProcessingResponse:
+def _immediate(status: int, body: dict[str, object], details: str,
+               retry_after_s: int | None = None) -> pb.ProcessingResponse:
+    headers = [_header("content-type", "application/json")]
+    if retry_after_s is not None:
+        headers.append(_header("retry-after", str(retry_after_s)))
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status={"code": status},
-        headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json")]),
+        headers=pb.HeaderMutation(set_headers=headers),
         body=json.dumps(body).encode(), details=details))
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated code, untyped
     def __init__(self, snapshots: SnapshotSource, intake: Intake, roles: ProfileHandler, placement: Placement,
-                 metrics: PickerMetrics, hits: HitCounts, default_pool: str | None = None) -> None:
+                 flow: FlowController, metrics: PickerMetrics, hits: HitCounts,
+                 default_pool: str | None = None) -> None:
         self._snapshots = snapshots
         self._intake = intake
         self._roles = roles
         self._placement = placement
+        self._flow = flow
         self._metrics = metrics
         self._hits = hits
         # The pool of a picker deployed for one InferencePool, when the gateway names none.
@@ -193,6 +204,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 stream.path = value
             elif h.key == "x-request-id":
                 stream.request_id = value
+            elif h.key in OBJECTIVE_HEADERS:
+                stream.objective = value
+            elif h.key in FAIRNESS_HEADERS:
+                stream.tenant = value
         path = stream.path.split("?", 1)[0]
         if stream.method == "GET" and path.rstrip("/") == "/v1/models":
             return self._models(stream)
@@ -215,9 +230,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         snapshot = self._snapshots.current
         try:
             request = self._intake.read(snapshot.config, stream.pool, stream.path, bytes(stream.body), stream.subset,
-                                        stream.mirror.pool if stream.mirror else None)
+                                        stream.mirror.pool if stream.mirror else None, stream.objective, stream.tenant)
             roles = self._roles.roles(request, snapshot.config, stream.mirror)
-            stream.placements = placements = await self._placement.place_roles(roles, snapshot.load, snapshot.drained)
+            stream.placements = placements = await self._flow.place(roles)
         except GatewayError as err:
             return [self._reject(stream, err)]
         placed, holder = placements.primary, placements.prefix_holder
@@ -283,7 +298,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self._metrics.requests.labels("", stream.pool or "", "", str(err.status)).inc()
         log.info("Request Rejected request_id=%s pool=%s status=%d reason=%s", stream.request_id or "-",
                  stream.pool or "-", err.status, err.message)
-        return _immediate(err.status, err.body(), f"picker_{err.status}")
+        return _immediate(err.status, err.body(), f"picker_{err.status}", err.retry_after_s)
 
 
 

@@ -29,10 +29,16 @@ class PlacementRequest:
     # The pool lists the model by name (an InferenceModel or rewrite): only then may the name be a
     # metric label, since a pool that serves any model would otherwise let clients grow the label set.
     listed: bool = False
+    tenant: str = ""  # the fairness id: flow control takes turns between tenants of one priority
+    queue_ttl_ms: int = 0  # how long it may wait for room (the model's setting, else the pool's)
 
     @property
     def target_model(self) -> str:
         return self.scheduling.model
+
+    @property
+    def priority(self) -> int:
+        return self.scheduling.priority
 
 
 class Intake:
@@ -42,9 +48,12 @@ class Intake:
         self._rng = rng
 
     def read(self, config: Config | None, route_pool: str | None, path: str, raw: bytes,
-             subset: frozenset[str] | None = None, mirror_pool: str | None = None) -> PlacementRequest:
+             subset: frozenset[str] | None = None, mirror_pool: str | None = None,
+             objective: str | None = None, tenant: str = "") -> PlacementRequest:
         """`subset`: the gateway's hint, the only endpoints (`ip:port`) it may route this request to.
-        `mirror_pool`: the pool the route mirrors to, whose strategy may need the prompt's blocks too."""
+        `mirror_pool`: the pool the route mirrors to, whose strategy may need the prompt's blocks too.
+        `objective`: the InferenceObjective the request names (a header); its priority wins over the
+        model's criticality. `tenant`: its fairness id."""
         parsed = parse_request(path, raw, self._max_body_bytes)
         if config is None:
             raise PickerUnavailable("no configuration loaded from Redis yet")
@@ -75,10 +84,13 @@ class Intake:
         if Strategy.PREFIX_CACHE in (pool.strategy, mirror.strategy if mirror else None):
             hashes = block_hashes(parsed.prompt, target, config.prefix_seed, p.block_chars, p.block_tokens,
                                   p.max_blocks)
-        scheduling = SchedulingRequest(target, model.criticality, len(hashes), hashes[0] if hashes else "",
+        named = config.objectives.get(pool.name, {}).get(objective) if objective else None
+        priority = named.priority if named is not None else model.priority
+        scheduling = SchedulingRequest(target, priority, len(hashes), hashes[0] if hashes else "",
                                        work_blocks(parsed.prompt, p.block_chars, p.block_tokens))
         return PlacementRequest(parsed.model, pool, body, hashes, scheduling,
-                                parsed.model in config.models.get(pool.name, {}))
+                                parsed.model in config.models.get(pool.name, {}), tenant,
+                                model.queue_ttl_ms or pool.flow.queue_ttl_ms)
 
     def _target(self, model: Model) -> str:
         if len(model.targets) == 1:

@@ -28,13 +28,14 @@ from gateway_state.records import pool_id
 from gateway_state.store import StateStore, split_figures
 from picker.admin import AdminContext, Tokens, build_admin_app
 from picker.extproc import ExternalProcessor
+from picker.flow_control import FlowController
 from picker.hit_counts import HitCounts
 from picker.intake import Intake
 from picker.metrics import PickerMetrics
 from picker.placement import Placement
 from picker.roles import ProfileHandler
 from picker.scheduler import Scheduler, build_profiles
-from picker.settings import PickerSettings, SchedulingSettings, ServerSettings, StateSettings
+from picker.settings import FlowSettings, PickerSettings, SchedulingSettings, ServerSettings, StateSettings
 from picker.snapshot import SnapshotSource
 from picker.state import MemoryState, PlacementState
 from picker.tls import self_signed_certificate
@@ -75,6 +76,8 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     p.add_argument("--scheduling", action="append", default=[], metavar="NAME=VALUE",
                    help="override one scheduling setting (repeatable), e.g. inflight_scale=4; "
                         "the names and their reasons are in picker/settings.py")
+    p.add_argument("--flow-control", default=True, action=argparse.BooleanOptionalAction,
+                   help="hold requests in a queue while their pool is saturated (--no-flow-control: send them on)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     try:
@@ -91,6 +94,7 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
                               default_pool=pool_id(a.pool_namespace, a.pool_name) if a.pool_name else None),
         state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms),
         scheduling=scheduling,
+        flow=FlowSettings(enabled=a.flow_control),
     )
 
 
@@ -124,7 +128,11 @@ async def serve(settings: PickerSettings) -> None:
     intake = Intake(settings.prefix, settings.server.max_request_body_bytes, rng)
     hits = HitCounts()
     roles = ProfileHandler(rng)
-    processor = ExternalProcessor(snapshots, intake, roles, placement, metrics, hits, settings.server.default_pool)
+    # Flow control's queue is the fleet's (Redis) in Redis mode, each replica's own in local mode.
+    flow = FlowController(store if settings.state.mode == "redis" else None, placement, snapshots, settings, metrics,
+                          clock)
+    processor = ExternalProcessor(snapshots, intake, roles, placement, flow, metrics, hits,
+                                  settings.server.default_pool)
 
     async def heartbeat() -> None:
         config = snapshots.current.config
@@ -178,7 +186,7 @@ async def serve(settings: PickerSettings) -> None:
     if settings.server.admin_address:
         tokens = Tokens(Path(settings.server.admin_tokens_file) if settings.server.admin_tokens_file else None)
         admin_app = build_admin_app(AdminContext(snapshots, placement, intake, roles, store, tokens,
-                                                 settings.server.replica_id))
+                                                 settings.server.replica_id, flow))
         host, port = _split(settings.server.admin_address)
         admin = _EmbeddedServer(uvicorn.Config(admin_app, host=host, port=port, log_level="warning",
                                                access_log=False, lifespan="off"))
@@ -193,6 +201,9 @@ async def serve(settings: PickerSettings) -> None:
     tasks = [
         asyncio.create_task(snapshots.run(stop)),
         asyncio.create_task(every(settings.state.heartbeat_interval_ms / 1000, stop, heartbeat)),
+        asyncio.create_task(every(settings.state.snapshot_refresh_ms / 1000, stop, flow.tick)),
+        asyncio.create_task(every(settings.flow.poll_ms / 1000, stop, flow.poll)),
+        asyncio.create_task(flow.listen(stop)),
     ]
     if admin is not None:
         tasks.append(asyncio.create_task(admin.serve()))

@@ -12,6 +12,8 @@ if TYPE_CHECKING:  # the snapshot module imports these metrics
 
 # Decisions take a millisecond or less; the buckets resolve that and show Redis trouble.
 _DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# Waits in flow control's queue: from a few milliseconds to the longest time-to-live.
+_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class PickerMetrics:
@@ -50,6 +52,19 @@ class PickerMetrics:
         self.mirrors = Counter("picker_mirrors", "Copies for a route's InferencePool mirror, by mirror pool: "
                                "`mirrored`, or `dropped` (the mirror pool saturated or without endpoints; never "
                                "queued).", ["pool", "outcome"], registry=r)
+        self.flow_waiting = Gauge("picker_flow_queue_waiting_requests", "Requests of this replica waiting in "
+                                  "flow control's queue for room, by pool and priority (sum over replicas: the "
+                                  "fleet's queue).", ["pool", "priority"], registry=r)
+        self.flow_requests = Counter("picker_flow_requests", "Requests that met a saturated pool, by outcome: "
+                                     "`dispatched` (waited, then routed), `shed` (negative priority: 429 at once), "
+                                     "`rejected` (queue full: 429), `expired` (past its time-to-live: 503), "
+                                     "`cancelled` (the client went away), `failed` (routing failed after the wait).",
+                                     ["pool", "priority", "outcome"], registry=r)
+        self.flow_wait_seconds = Histogram("picker_flow_queue_wait_seconds", "Time requests waited in flow "
+                                           "control's queue, by outcome.", ["pool", "priority", "outcome"],
+                                           buckets=_WAIT_BUCKETS, registry=r)
+        self.flow_dropped = Counter("picker_flow_queue_dropped", "Queue entries dropped when they surfaced: past "
+                                    "their deadline, or owned by a replica that died.", ["pool"], registry=r)
         self.redis_up = Gauge("picker_redis_up", "1 when the last snapshot refresh reached Redis.", registry=r)
         self.config_generation = Gauge("picker_config_generation", "The config generation this replica routes by.",
                                        registry=r)

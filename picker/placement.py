@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
@@ -26,7 +26,7 @@ from gateway_state.store import SharedView, model_field, model_figures, split_fi
 from picker.errors import GatewayError, Shed
 from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
-from picker.plugins.filters import has_room
+from picker.plugins.filters import free_slots, has_room
 from picker.plugins.framework import Candidate
 from picker.plugins.pickers import replica_share
 from picker.prefix import capacity_blocks
@@ -45,6 +45,7 @@ class Plan:
     decision: Decision
     work_blocks: int  # the prompt's blocks the chosen endpoint must compute
     others_seen: int  # the other replicas' requests at the chosen endpoint in the view; -1 unknown
+    saturated: bool = False  # no candidate had room in the view (flow control queues the request)
 
     @property
     def chosen(self) -> Candidate:
@@ -86,6 +87,10 @@ class Placements:
         return self.placed.get(Role.PREFILL) or self.primary
 
 
+class Saturated(Exception):
+    """The pool has no room for the request now: flow control queues it (not an answer to the client)."""
+
+
 class Placement:
     def __init__(self, state: PlacementState, fallback_index: MemoryState | None, scheduler: Scheduler,
                  settings: PickerSettings, metrics: PickerMetrics, clock: FleetClock) -> None:
@@ -99,19 +104,23 @@ class Placement:
         self._state_down_until = 0.0  # monotonic; before it, the state is not asked (see StateSettings)
         self.own = OwnRequests()
         self._background: set[asyncio.Task[None]] = set()
+        # Told the pool each time a request of this replica ends: room may have freed (flow control).
+        self.on_release: Callable[[str], None] | None = None
 
     async def place_roles(self, roles: list[RoleRequest], load: dict[str, dict[str, LoadSample]],
-                          drained: dict[str, frozenset[str]]) -> Placements:
+                          drained: dict[str, frozenset[str]], gate: bool = False) -> Placements:
         """Place every role at once, each in its own pool's state. A required role that fails fails the
         decision (the others are released); an optional one (a mirror) is dropped, and so it is at once
-        when its pool is saturated: copies never add to a full pool's queues."""
+        when its pool is saturated: copies never add to a full pool's queues. `gate`: raise Saturated,
+        placing nothing, when the primary's pool has no room (flow control then queues the request)."""
         dropped: list[tuple[RoleRequest, GatewayError]] = []
         for r in [r for r in roles if r.optional]:
             if self.saturated(r.request.pool, load.get(r.request.pool.name, {})):
                 roles = [x for x in roles if x is not r]
                 dropped.append((r, Shed(f"Pool {r.request.pool.name} is saturated.")))
         placing = [self.place(r.request, load.get(r.request.pool.name, {}),
-                              drained.get(r.request.pool.name, frozenset()), r.profile) for r in roles]
+                              drained.get(r.request.pool.name, frozenset()), r.profile,
+                              gate and r.role == Role.PRIMARY) for r in roles]
         if len(placing) == 1:  # the usual request: no task for gather to schedule
             results: list[Placed | BaseException] = [await placing[0]]
         else:
@@ -132,11 +141,13 @@ class Placement:
         return Placements(placed, dropped)
 
     async def place(self, request: PlacementRequest, samples: dict[str, LoadSample],
-                    drained: frozenset[str] = frozenset(), profile: str | None = None) -> Placed:
+                    drained: frozenset[str] = frozenset(), profile: str | None = None, gate: bool = False) -> Placed:
         started = time.perf_counter()
         # At most two rounds: the second when another replica took the chosen endpoint meanwhile.
         for check in (True, False):
             plan = await self.plan(request, samples, check, drained, profile=profile)
+            if gate and plan.saturated:
+                raise Saturated(request.pool.name)
             placed = await self.commit(plan, started)
             if placed is not None:
                 break
@@ -170,11 +181,30 @@ class Placement:
                               dict(Counter(others.inflight_models) + Counter(own_models)))
         scheduling = replace(request.scheduling, preferred=replica_share(
             [e.key for e in pool.endpoints], view.replicas, self._me))
-        decision = self._scheduler.schedule(profile or pool.strategy, scheduling,
-                                            self._candidates(pool, samples, view, drained, scheduling.model), trace)
+        candidates = self._candidates(pool, samples, view, drained, scheduling.model)
+        decision = self._scheduler.schedule(profile or pool.strategy, scheduling, candidates, trace)
         chosen = decision.endpoints[0]
         seen = others.inflight.get(chosen.endpoint.key, 0) if check and others is not None else -1
-        return Plan(request, decision, max(0, scheduling.work_blocks - chosen.matched_blocks), seen)
+        return Plan(request, decision, max(0, scheduling.work_blocks - chosen.matched_blocks), seen,
+                    not any(c.room for c in candidates if not c.draining))
+
+    async def room(self, pool: Pool, samples: dict[str, LoadSample], drained: frozenset[str] = frozenset()) -> int:
+        """How many more requests the pool takes before it is saturated, over every replica's in-flight
+        requests (this replica's own alone while the state cannot answer)."""
+        try:
+            self._check_state()
+            async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
+                others: SharedView | None = await self._state.lookup(pool.name, [], self._me)
+        except _STATE_ERRORS as exc:
+            self._state_failed("lookup", exc)
+            others = None
+        own = split_figures(self.own.figures(pool.name))[0]
+        inflight = dict(Counter(others.inflight) + Counter(own)) if others is not None else own
+        now_ms, unknown = self._clock.now_ms(), self._settings.flow.unknown_endpoint_room
+        healthy = self._settings.scheduling.max_scrape_failures
+        return sum(free_slots(self._fresh(samples.get(e.key), now_ms), inflight.get(e.key, 0), pool.flow, unknown)
+                   for e in pool.endpoints if e.key not in drained
+                   and (samples[e.key].consecutive_failures if e.key in samples else 0) < healthy)
 
     async def commit(self, plan: Plan, started: float) -> Placed | None:
         """Admit the plan: counted here at once, and in the state; None if another replica took the
@@ -205,11 +235,14 @@ class Placement:
         self.own.remove(placed.pool, placed.chosen.endpoint.key, placed.work_blocks, placed.request.target_model)
         if placed.admitted_shared:
             self._later(self._release(placed))
+        if self.on_release is not None:
+            self.on_release(placed.pool)
 
     def saturated(self, pool: Pool, samples: dict[str, LoadSample]) -> bool:
-        """No endpoint of the pool has room (upstream's definition, the Sheddable filter's rule)."""
-        s, now_ms = self._settings.scheduling, self._clock.now_ms()
-        return not any(has_room(self._fresh(samples.get(e.key), now_ms), s.saturation_waiting, s.saturation_kv_cache)
+        """No endpoint of the pool has room by this replica's own figures (no state round trip): the
+        Sheddable filter's rule, for a copy that is dropped rather than queued."""
+        own, now_ms = split_figures(self.own.figures(pool.name))[0], self._clock.now_ms()
+        return not any(has_room(self._fresh(samples.get(e.key), now_ms), own.get(e.key, 0), pool.flow)
                        for e in pool.endpoints)
 
     def _fresh(self, sample: LoadSample | None, now_ms: int) -> LoadSample | None:
@@ -224,10 +257,12 @@ class Placement:
         out = []
         for e in pool.endpoints:
             sample = samples.get(e.key)
-            out.append(Candidate(e, self._fresh(sample, now_ms), sample.consecutive_failures if sample else 0,
-                                 view.inflight.get(e.key, 0), view.matched_blocks.get(e.key, 0),
+            load, inflight = self._fresh(sample, now_ms), view.inflight.get(e.key, 0)
+            out.append(Candidate(e, load, sample.consecutive_failures if sample else 0,
+                                 inflight, view.matched_blocks.get(e.key, 0),
                                  view.inflight_work.get(e.key, 0), e.key in drained,
-                                 view.inflight_models.get(model_field(e.key, model), 0)))
+                                 view.inflight_models.get(model_field(e.key, model), 0),
+                                 has_room(load, inflight, pool.flow)))
         return out
 
     def capacity_blocks(self, load: LoadSample | None) -> int:

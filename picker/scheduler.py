@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gateway_state.records import Criticality, Strategy
+from gateway_state.records import Strategy
 from picker.errors import NoEndpoint, Shed
 from picker.plugins.filters import DrainFilter, HealthyFilter, LoraSlotFilter, QueueGuardFilter, SheddableFilter
 from picker.plugins.framework import Candidate, Filter, Picker, SchedulingRequest, Scorer
@@ -90,7 +90,7 @@ class Scheduler:
                 trace.removed.append((f.name, [c.endpoint.key for c in remaining if c not in kept]))
             remaining = kept
             if not remaining:
-                if request.criticality == Criticality.SHEDDABLE and f.name == "sheddable":
+                if f.name == "sheddable":
                     raise Shed("Every endpoint is saturated; sheddable requests are refused until load drops.")
                 raise NoEndpoint(f"No endpoint passed the {f.name} filter.")
         totals = [0.0] * len(remaining)
@@ -110,7 +110,7 @@ class Scheduler:
 
 def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[str, ProfileSpec]:
     filters = (DrainFilter(), HealthyFilter(s.max_scrape_failures), LoraSlotFilter(),
-               QueueGuardFilter(s.saturation_waiting), SheddableFilter(s.saturation_waiting, s.saturation_kv_cache))
+               QueueGuardFilter(s.queue_guard_waiting), SheddableFilter())
     load = (Weighted(QueueScorer(s.queue_scale), s.queue_weight), Weighted(KVCacheScorer(), s.kv_cache_weight),
             Weighted(InflightScorer(s.inflight_scale), s.inflight_weight),
             Weighted(LoraAffinityScorer(), s.lora_affinity_weight),

@@ -105,10 +105,9 @@ class SchedulingSettings:
     # then weighs 0.5: enough to steer other cold prompts away, not enough to pull a cached
     # follow-up off its prefix (benchmark: 256 cost 2 points of hit rate on workload (a)).
     prefill_work_scale: float = 1024.0
-    # Saturation (upstream): sheddable requests are refused while every endpoint is here,
-    # and no request goes to an endpoint with this many waiting while another has fewer.
-    saturation_waiting: float = 5.0
-    saturation_kv_cache: float = 0.8
+    # No request goes to an endpoint with this many waiting while another has fewer (upstream's
+    # saturation queue length). When a whole pool is saturated is the pool's flow control setting.
+    queue_guard_waiting: float = 5.0
     # Endpoints whose scrapes failed this often in a row leave the candidates.
     max_scrape_failures: int = 3
     # Endpoints returned to Envoy after the chosen one, in order, for fallback.
@@ -134,11 +133,30 @@ class SchedulingSettings:
 
 
 @dataclass(frozen=True)
+class FlowSettings:
+    # Off: every request goes straight to the pods, saturated or not (Sheddable still refused
+    # when no endpoint has room): the baseline flow control is measured against.
+    enabled: bool = True
+    # A request let through the queue must be admitted within this long, or its grant lapses
+    # and its room goes to the next one (its owner died between the grant and the admission).
+    grant_ms: int = 2000
+    # Grants travel by pub/sub; a replica also checks its waiting tickets this often, in case a
+    # message was lost (a reconnect), and retries letting requests through when load changed.
+    poll_ms: int = 250
+    # Fairness ids are client-chosen: longer ones are cut (they only need to tell tenants apart).
+    max_tenant_chars: int = 128
+    # Room an endpoint without a fresh load sample offers: its load is unknown, and upstream
+    # counts it as not saturated; this many at a time keeps a blind dispatch gradual.
+    unknown_endpoint_room: int = 2
+
+
+@dataclass(frozen=True)
 class PickerSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
     state: StateSettings = field(default_factory=StateSettings)
     prefix: PrefixSettings = field(default_factory=PrefixSettings)
     scheduling: SchedulingSettings = field(default_factory=SchedulingSettings)
+    flow: FlowSettings = field(default_factory=FlowSettings)
 
     def __post_init__(self) -> None:
         st, pf, sc = self.state, self.prefix, self.scheduling

@@ -29,6 +29,7 @@ class Snapshot:
     config: Config | None = None
     load: dict[str, dict[str, LoadSample]] = field(default_factory=dict)  # pool -> endpoint -> sample
     drained: dict[str, frozenset[str]] = field(default_factory=dict)  # pool -> endpoints drained by an operator
+    queued: dict[str, int] = field(default_factory=dict)  # pool -> requests waiting in its fleet queue
 
 
 class SnapshotSource:
@@ -79,7 +80,7 @@ class SnapshotSource:
             members = {e.key for e in config.pools[pool].endpoints} if config and pool in config.pools else set()
             previous = self.current.load.get(pool, {})
             merged[pool] = {e: s for e, s in {**previous, **samples}.items() if e in members}
-        self.current = Snapshot(config, merged, reply.drained)
+        self.current = Snapshot(config, merged, reply.drained, reply.queued)
 
     async def run(self, stop: asyncio.Event) -> None:
         await every(self._settings.snapshot_refresh_ms / 1000, stop, self.refresh_once)

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway_state import keys
 from gateway_state.lifecycle import connect
-from gateway_state.records import Criticality, Endpoint, LoadSample, decode_load
+from gateway_state.records import Endpoint, LoadSample, decode_load
 from local_fleet.fleet import Fleet
 from picker.plugins.filters import LoraSlotFilter
 from picker.plugins.framework import Candidate, SchedulingRequest
@@ -123,7 +123,7 @@ def candidate(name: str, running: tuple[str, ...] = (), waiting: tuple[str, ...]
 
 
 def request(model: str) -> SchedulingRequest:
-    return SchedulingRequest(model, Criticality.STANDARD, 0)
+    return SchedulingRequest(model, 0, 0)
 
 
 def test_adapter_affinity_prefers_running_then_waiting_then_a_free_slot_and_avoids_full_pods() -> None:

@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 
-from gateway_state.records import Criticality, Endpoint, LoadSample, Strategy
+from gateway_state.records import Endpoint, FlowControl, LoadSample, Strategy
 from picker.errors import Shed
+from picker.plugins.filters import has_room
 from picker.plugins.framework import Candidate, SchedulingRequest
 from picker.plugins.pickers import replica_share
 from picker.plugins.scorers import PrefixHomeScorer
@@ -19,7 +20,8 @@ from picker.settings import SchedulingSettings
 def candidate(i: int, waiting: float = 0, kv: float = 0.1, inflight: int = 0, matched: int = 0,
               failures: int = 0, known: bool = True, work: int = 0) -> Candidate:
     load = LoadSample(0, True, waiting=waiting, kv_cache_usage=kv) if known else None
-    return Candidate(Endpoint(f"pod-{i}", f"10.0.0.{i}", 8000), load, failures, inflight, matched, work)
+    return Candidate(Endpoint(f"pod-{i}", f"10.0.0.{i}", 8000), load, failures, inflight, matched, work,
+                     room=has_room(load, inflight, FlowControl()))
 
 
 @pytest.fixture
@@ -27,9 +29,9 @@ def scheduler() -> Scheduler:
     return Scheduler(build_profiles(SchedulingSettings(), random.Random(7)))
 
 
-def req(blocks: int = 0, criticality: Criticality = Criticality.STANDARD,
+def req(blocks: int = 0, priority: int = 0,
         preferred: frozenset[str] = frozenset()) -> SchedulingRequest:
-    return SchedulingRequest("m", criticality, blocks, work_blocks=blocks, preferred=preferred)
+    return SchedulingRequest("m", priority, blocks, work_blocks=blocks, preferred=preferred)
 
 
 def test_default_avoids_queues_and_full_caches(scheduler: Scheduler) -> None:
@@ -105,10 +107,10 @@ def test_fallbacks_follow_the_chosen_endpoint_in_score_order(scheduler: Schedule
 def test_sheddable_requests_are_shed_only_when_every_endpoint_is_saturated(scheduler: Scheduler) -> None:
     saturated = [candidate(0, waiting=6), candidate(1, kv=0.9)]
     with pytest.raises(Shed):
-        scheduler.schedule(Strategy.DEFAULT, req(criticality=Criticality.SHEDDABLE), saturated)
-    assert scheduler.schedule(Strategy.DEFAULT, req(criticality=Criticality.CRITICAL), saturated).endpoints
+        scheduler.schedule(Strategy.DEFAULT, req(priority=-1), saturated)
+    assert scheduler.schedule(Strategy.DEFAULT, req(priority=1), saturated).endpoints
     mixed = [*saturated, candidate(2, waiting=1)]
-    chosen = scheduler.schedule(Strategy.DEFAULT, req(criticality=Criticality.SHEDDABLE), mixed).endpoints
+    chosen = scheduler.schedule(Strategy.DEFAULT, req(priority=-1), mixed).endpoints
     assert [c.endpoint.name for c in chosen] == ["pod-2"]
 
 
@@ -124,14 +126,14 @@ def test_a_new_prefix_has_one_home_whatever_the_candidate_order() -> None:
     homes = set()
     for shift in range(6):
         order = pods[shift:] + pods[:shift]
-        scores = scorer.score(SchedulingRequest("m", Criticality.STANDARD, 4, "abc"), order)
+        scores = scorer.score(SchedulingRequest("m", 0, 4, "abc"), order)
         homes.add(order[scores.index(1.0)].endpoint.name)
     assert len(homes) == 1
-    others = {pods[scorer.score(SchedulingRequest("m", Criticality.STANDARD, 4, f"p{i}"), pods).index(1.0)]
+    others = {pods[scorer.score(SchedulingRequest("m", 0, 4, f"p{i}"), pods).index(1.0)]
               .endpoint.name for i in range(60)}
     assert len(others) == 6  # different prefixes spread over every endpoint
     held = [candidate(0, matched=2), *pods[1:]]
-    assert scorer.score(SchedulingRequest("m", Criticality.STANDARD, 4, "abc"), held) == [0.0] * 6
+    assert scorer.score(SchedulingRequest("m", 0, 4, "abc"), held) == [0.0] * 6
 
 
 def test_scheduling_overrides_take_each_fields_type_and_refuse_unknown_names() -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway_state.records import Criticality, LoadSample
+from gateway_state.records import FlowControl, LoadSample
 from picker.plugins.framework import Candidate, SchedulingRequest
 from picker.plugins.scorers import adapter_state
 
@@ -56,22 +57,42 @@ class QueueGuardFilter:
 
 @dataclass(frozen=True)
 class SheddableFilter:
-    """Sheddable requests only go to endpoints that are not saturated (none left: 429)."""
+    """Sheddable requests (a negative priority) only go to endpoints that have room (none left: 429)."""
 
-    max_waiting: float
-    max_kv_cache: float
     name: str = "sheddable"
 
     def filter(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[Candidate]:
-        if request.criticality != Criticality.SHEDDABLE:
+        if request.priority >= 0:
             return list(candidates)
-        return [c for c in candidates if has_room(c.load, self.max_waiting, self.max_kv_cache)]
+        return [c for c in candidates if c.room]
 
 
-def has_room(load: LoadSample | None, max_waiting: float, max_kv_cache: float) -> bool:
-    """Upstream's saturation rule, per endpoint: room unless its queue or its KV cache is full
-    (an endpoint without a fresh sample counts as having room)."""
-    return load is None or (load.waiting < max_waiting and load.kv_cache_usage < max_kv_cache)
+def estimated_waiting(load: LoadSample, inflight: int) -> float:
+    """The endpoint's waiting queue now, from the gateway's requests in flight there (every replica's,
+    counted the moment they are admitted or end) beyond what it was running when last scraped.
+
+    When scraped, the endpoint held running + waiting of the gateway's requests; each admitted since
+    adds one and each ended since frees one, so the queue now is in flight - running (negative: free
+    batch slots it showed then). A sample 100 ms old would hold a freed slot back until the next scrape,
+    and let a burst through before it. Only an endpoint the gateway has nothing in flight at is judged by
+    its scraped queue alone, which then comes from elsewhere."""
+    return inflight - load.running if inflight > 0 else load.waiting
+
+
+def has_room(load: LoadSample | None, inflight: int, flow: FlowControl) -> bool:
+    """Upstream's saturation rule, per endpoint, on the estimated queue: room unless its queue or its
+    KV cache is at the pool's threshold (an endpoint without a fresh sample counts as having room)."""
+    return load is None or (estimated_waiting(load, inflight) < flow.saturation_waiting
+                            and load.kv_cache_usage < flow.saturation_kv_cache)
+
+
+def free_slots(load: LoadSample | None, inflight: int, flow: FlowControl, unknown: int) -> int:
+    """How many more requests the endpoint takes before it is saturated; `unknown` without a sample."""
+    if load is None:
+        return unknown
+    if load.kv_cache_usage >= flow.saturation_kv_cache:
+        return 0
+    return max(0, math.ceil(flow.saturation_waiting - estimated_waiting(load, inflight)))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway_state.records import Criticality, Endpoint, LoadSample
+from gateway_state.records import Endpoint, LoadSample
 
 
 @dataclass(frozen=True)
@@ -19,12 +19,13 @@ class Candidate:
     inflight_work: int = 0  # uncached prompt blocks of the requests in flight there, over every replica
     draining: bool = False  # an operator drained it: no new requests, running ones finish
     model_inflight: int = 0  # requests for the request's model (a LoRA adapter, say) in flight there, every replica
+    room: bool = True  # below the pool's saturation thresholds (filters.has_room)
 
 
 @dataclass(frozen=True)
 class SchedulingRequest:
     model: str  # the target model the endpoint will serve
-    criticality: Criticality
+    priority: int  # InferenceObjective priority, or the model's criticality as one (records.CRITICALITY_PRIORITY)
     prompt_blocks: int  # how many prefix blocks the prompt has
     first_block: str = ""  # hash of the prompt's first block; empty without prefix routing
     work_blocks: int = 0  # the whole prompt in blocks, uncapped: its prefill work where nothing is cached

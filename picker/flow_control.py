@@ -1,0 +1,399 @@
+"""Flow control: while a pool is saturated, requests wait in the gateway, not on the pods.
+
+A pool is saturated when no endpoint has room (filters.has_room: the endpoint's
+waiting queue, as scraped or as estimated from the requests in flight there since,
+is below the pool's threshold, and so is its KV-cache use). A request that finds
+its pool saturated, or finds others already waiting, takes a ticket in the pool's
+queue; one with a negative priority (Sheddable) is refused 429 at once instead.
+
+The queue is one per pool in Redis, shared by every replica (scripts.ENQUEUE):
+priority first, then round robin between tenants (the fairness id), FIFO within
+one. Whenever room may have freed (a request of this replica ended, a fresher
+load sample, a tick), a replica computes the pool's room over every replica's
+in-flight requests and lets that many through from the head (scripts.DISPATCH),
+whichever replica each belongs to: the owner hears it by pub/sub, and then places
+the request with the normal scheduler. So a Critical request waiting at replica A
+goes before a Standard one that waited longer at replica B. A request waits at
+most its time-to-live (the model's, else the pool's), then gets a 503; a client
+that goes away leaves the queue at once; a dead replica's tickets are skipped once
+its lease ends, and a grant it never used lapses, so nobody else loses a place.
+
+If Redis cannot answer, new requests wait in this replica's own queue (the same
+order, over this replica's requests only) until it can. With `--state local`
+(the upstream baseline) that per-replica queue is the only one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from redis.exceptions import RedisError
+
+from gateway_state.clock import FleetClock
+from gateway_state.store import StateStore
+from picker.errors import GatewayError, QueueFull, QueueTimeout, Shed
+from picker.metrics import PickerMetrics
+from picker.placement import Placement, Placements, Saturated
+from picker.roles import RoleRequest
+from picker.settings import PickerSettings
+from picker.snapshot import SnapshotSource
+
+log = logging.getLogger("picker.flow")
+_STATE_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+class Queue(Protocol):
+    async def enqueue(self, pool: str, replica: str, priority: int, tenant: str, ttl_ms: int,
+                      max_queued: int) -> str | None: ...
+
+    async def dispatch(self, pool: str, replica: str, room: int, grant_ms: int) -> tuple[list[tuple[str, str]], int]:
+        ...
+
+    async def leave(self, pool: str, ticket: str) -> str: ...
+
+
+@dataclass
+class _Entry:
+    priority: int
+    tag: int
+    seq: int
+    tenant: str
+    deadline: float  # monotonic s
+
+
+@dataclass
+class _PoolQueue:
+    heap: list[tuple[int, int, int, str]] = field(default_factory=list)  # (-priority, tag, seq, ticket)
+    entries: dict[str, _Entry] = field(default_factory=dict)  # waiting tickets
+    grants: dict[str, float] = field(default_factory=dict)  # granted ticket -> expiry (monotonic s)
+    tags: dict[int, dict[str, int]] = field(default_factory=dict)  # priority -> tenant -> last tag
+    clock: dict[int, int] = field(default_factory=dict)  # priority -> virtual time (last tag let through)
+
+
+class MemoryQueue:
+    """The same queue in this replica's memory: its own requests only (the fallback, and the
+    per-replica baseline). Same order as the shared queue: priority, then tenants in turn, FIFO."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, _PoolQueue] = {}
+        self._seq = itertools.count(1)
+
+    async def enqueue(self, pool: str, replica: str, priority: int, tenant: str, ttl_ms: int,
+                      max_queued: int) -> str | None:
+        q = self._pools.setdefault(pool, _PoolQueue())
+        if len(q.entries) >= max_queued:
+            return None
+        seq = next(self._seq)
+        ticket = f"local-{seq}"
+        tags = q.tags.setdefault(priority, {})
+        tag = max(q.clock.get(priority, 0), tags.get(tenant, 0)) + 1
+        tags[tenant] = tag
+        q.entries[ticket] = _Entry(priority, tag, seq, tenant, time.monotonic() + ttl_ms / 1000)
+        heapq.heappush(q.heap, (-priority, tag, seq, ticket))
+        return ticket
+
+    async def dispatch(self, pool: str, replica: str, room: int, grant_ms: int) -> tuple[list[tuple[str, str]], int]:
+        q = self._pools.get(pool)
+        if q is None:
+            return [], 0
+        now = time.monotonic()
+        for t in [t for t, end in q.grants.items() if end <= now]:
+            del q.grants[t]
+        free, out, dropped = room - len(q.grants), [], 0
+        while free > 0 and q.heap:
+            _, tag, _, ticket = heapq.heappop(q.heap)
+            entry = q.entries.pop(ticket, None)
+            if entry is None:  # left already
+                continue
+            if entry.deadline <= now:
+                dropped += 1
+            else:
+                q.clock[entry.priority] = tag
+                q.grants[ticket] = now + grant_ms / 1000
+                out.append((replica, ticket))
+                free -= 1
+            self._forget_tags_if_empty(q, entry.priority)
+        return out, dropped
+
+    async def leave(self, pool: str, ticket: str) -> str:
+        q = self._pools.get(pool)
+        if q is None:
+            return "gone"
+        entry = q.entries.pop(ticket, None)
+        if entry is not None:  # its heap item is skipped when it surfaces
+            self._forget_tags_if_empty(q, entry.priority)
+            return "waiting"
+        return "granted" if q.grants.pop(ticket, None) is not None else "gone"
+
+    def waiting(self, pool: str) -> int:
+        q = self._pools.get(pool)
+        return len(q.entries) if q else 0
+
+    @staticmethod
+    def _forget_tags_if_empty(q: _PoolQueue, priority: int) -> None:
+        if not any(e.priority == priority for e in q.entries.values()):
+            q.tags.pop(priority, None)
+            q.clock.pop(priority, None)
+        if not q.entries:
+            q.heap.clear()
+
+
+@dataclass
+class _Waiter:
+    pool: str
+    ticket: str
+    queue: Queue
+    priority: int
+    granted: asyncio.Future[None]
+    left: bool = False  # it left the queue already (a deadline checked against a racing grant)
+
+
+class FlowController:
+    def __init__(self, fleet: StateStore | None, placement: Placement, snapshots: SnapshotSource,
+                 settings: PickerSettings, metrics: PickerMetrics, clock: FleetClock) -> None:
+        self._fleet = fleet  # None: per-replica queues only (state mode "local")
+        self._local = MemoryQueue()
+        self._placement = placement
+        self._snapshots = snapshots
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._me = settings.server.replica_id
+        self._waiters: dict[tuple[str, str], _Waiter] = {}  # (pool, ticket) -> this replica's waiting request
+        self._dispatching: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()  # pools whose room changed while a dispatch was under way
+        self._fleet_down_until = 0.0  # monotonic; before it, new requests queue locally
+        self._background: set[asyncio.Task[object]] = set()
+        placement.on_release = self._released
+
+    # -- the request path ---------------------------------------------------------
+
+    async def place(self, roles: list[RoleRequest]) -> Placements:
+        """Place the request now if its pool has room and nobody waits; else wait for room, in order."""
+        request = roles[0].request
+        pool, priority = request.pool, request.priority
+        snapshot = self._snapshots.current
+        if not self._settings.flow.enabled:
+            return await self._placement.place_roles(roles, snapshot.load, snapshot.drained)
+        if not self._someone_waits(pool.name):
+            try:
+                return await self._placement.place_roles(roles, snapshot.load, snapshot.drained, gate=True)
+            except Saturated:
+                pass
+            except Shed:
+                self._count(pool.name, priority, "shed", 0.0)
+                raise
+        if priority < 0:
+            self._count(pool.name, priority, "shed", 0.0)
+            raise Shed(f"Pool {pool.name} is saturated; requests of negative priority (Sheddable) are refused "
+                       "until load drops.")
+        ttl_ms = request.queue_ttl_ms or pool.flow.queue_ttl_ms
+        waiter = await self._enqueue(pool.name, priority, request.tenant[:self._settings.flow.max_tenant_chars],
+                                     ttl_ms, pool.flow.max_queued)
+        started = time.monotonic()
+        try:
+            await self._wait(waiter, ttl_ms)
+            snapshot = self._snapshots.current
+            placements = await self._placement.place_roles(roles, snapshot.load, snapshot.drained)
+        except QueueTimeout:
+            self._count(pool.name, priority, "expired", time.monotonic() - started)
+            raise
+        except asyncio.CancelledError:  # the client went away: its place goes at once
+            self._count(pool.name, priority, "cancelled", time.monotonic() - started)
+            raise
+        except GatewayError:
+            self._count(pool.name, priority, "failed", time.monotonic() - started)
+            raise
+        finally:
+            self._waiters.pop((waiter.pool, waiter.ticket), None)
+            if not waiter.left:  # drops the grant (its request is counted in flight now) or the ticket
+                self._later(self._leave(waiter))
+        self._count(pool.name, priority, "dispatched", time.monotonic() - started)
+        return placements
+
+    def _someone_waits(self, pool: str) -> bool:
+        return self._snapshots.current.queued.get(pool, 0) > 0 or self._local.waiting(pool) > 0 or any(
+            w.pool == pool for w in self._waiters.values())
+
+    async def _enqueue(self, pool: str, priority: int, tenant: str, ttl_ms: int, max_queued: int) -> _Waiter:
+        queue: Queue = self._local
+        ticket = None
+        if self._fleet_usable():
+            assert self._fleet is not None
+            try:
+                async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
+                    ticket = await self._fleet.enqueue(pool, self._me, priority, tenant, ttl_ms, max_queued)
+                queue = self._fleet
+                if ticket is None:
+                    self._count(pool, priority, "rejected", 0.0)
+                    raise QueueFull(f"Pool {pool} is saturated and {max_queued} requests already wait; retry later.")
+            except _STATE_ERRORS as exc:
+                self._fleet_failed("enqueue", exc)
+        if queue is self._local:
+            ticket = await self._local.enqueue(pool, self._me, priority, tenant, ttl_ms, max_queued)
+            if ticket is None:
+                self._count(pool, priority, "rejected", 0.0)
+                raise QueueFull(f"Pool {pool} is saturated and {max_queued} requests already wait; retry later.")
+        assert ticket is not None
+        waiter = _Waiter(pool, ticket, queue, priority, asyncio.get_running_loop().create_future())
+        self._waiters[(pool, ticket)] = waiter
+        self._metrics.flow_waiting.labels(pool, str(priority)).inc()
+        waiter.granted.add_done_callback(lambda _: self._metrics.flow_waiting.labels(pool, str(priority)).dec())
+        self.kick(pool)
+        return waiter
+
+    async def _wait(self, waiter: _Waiter, ttl_ms: int) -> None:
+        try:
+            async with asyncio.timeout(ttl_ms / 1000):
+                await asyncio.shield(waiter.granted)
+        except TimeoutError:
+            # A grant may have raced the deadline: then the request still goes.
+            if await self._leave(waiter) != "granted":
+                raise QueueTimeout(f"The request waited {ttl_ms / 1000:g} s for room in pool {waiter.pool}, which "
+                                   "stayed saturated; retry later.") from None
+        finally:
+            if not waiter.granted.done():
+                waiter.granted.cancel()
+
+    async def _leave(self, waiter: _Waiter) -> str:
+        waiter.left = True
+        try:
+            async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
+                return await waiter.queue.leave(waiter.pool, waiter.ticket)
+        except _STATE_ERRORS as exc:  # the grant lapses, the ticket is dropped when it surfaces
+            self._fleet_failed("leave", exc)
+            return "gone"
+
+    # -- letting requests through ---------------------------------------------------
+
+    def kick(self, pool: str) -> None:
+        """Room may have freed in `pool`: let waiting requests through (one dispatch at a time per pool)."""
+        task = self._dispatching.get(pool)
+        if task is not None and not task.done():
+            self._again.add(pool)
+            return
+        task = asyncio.get_running_loop().create_task(self._dispatch(pool))
+        self._dispatching[pool] = task
+
+    def _released(self, pool: str) -> None:
+        if self._someone_waits(pool):
+            self.kick(pool)
+
+    async def _dispatch(self, pool_name: str) -> None:
+        while True:
+            self._again.discard(pool_name)
+            try:
+                await self._dispatch_once(pool_name)
+            except Exception:  # noqa: BLE001 (a background task: log, the next tick retries)
+                log.exception("letting waiting requests through pool %s failed", pool_name)
+            if pool_name not in self._again:
+                return
+
+    async def _dispatch_once(self, pool_name: str) -> None:
+        snapshot = self._snapshots.current
+        pool = snapshot.config.pools.get(pool_name) if snapshot.config else None
+        if pool is None:
+            return
+        room = await self._placement.room(pool, snapshot.load.get(pool_name, {}),
+                                          snapshot.drained.get(pool_name, frozenset()))
+        if room <= 0:
+            return
+        grant_ms = self._settings.flow.grant_ms
+        granted, dropped = await self._local.dispatch(pool_name, self._me, room, grant_ms)
+        room -= len(granted)
+        if (self._fleet is not None and room > 0 and self._fleet_usable()
+                and (snapshot.queued.get(pool_name, 0) > 0
+                     or any(w.queue is self._fleet and w.pool == pool_name for w in self._waiters.values()))):
+            try:
+                async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
+                    fleet_granted, fleet_dropped = await self._fleet.dispatch(pool_name, self._me, room, grant_ms)
+                granted, dropped = granted + fleet_granted, dropped + fleet_dropped
+            except _STATE_ERRORS as exc:
+                self._fleet_failed("dispatch", exc)
+        if dropped:
+            self._metrics.flow_dropped.labels(pool_name).inc(dropped)
+        for owner, ticket in granted:
+            if owner == self._me:
+                self._grant(pool_name, ticket)
+
+    def _grant(self, pool: str, ticket: str) -> None:
+        waiter = self._waiters.get((pool, ticket))
+        if waiter is not None and not waiter.granted.done():
+            waiter.granted.set_result(None)
+
+    # -- background: grants from other replicas, and the tick -----------------------
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Hear the grants other replicas send this one, reconnecting after a failure."""
+        if self._fleet is None:
+            return
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                async for pool, ticket in self._fleet.grants(self._me):
+                    self._grant(pool, ticket)
+                    backoff = 0.1
+            except _STATE_ERRORS as exc:
+                log.debug("grant channel lost, reconnecting: %s", exc)
+            await asyncio.sleep(backoff)
+            backoff = min(2.0, backoff * 2)
+
+    async def tick(self) -> None:
+        """After each snapshot refresh (a fresher load sample): let requests through where any wait."""
+        snapshot = self._snapshots.current
+        for pool in {p for p, n in snapshot.queued.items() if n > 0} | {w.pool for w in self._waiters.values()}:
+            self.kick(pool)
+
+    async def poll(self) -> None:
+        """Check this replica's waiting tickets in Redis, in case a grant message was lost."""
+        if self._fleet is None or not self._fleet_usable():
+            return
+        mine: dict[str, list[str]] = {}
+        for w in self._waiters.values():
+            if w.queue is self._fleet and not w.granted.done():
+                mine.setdefault(w.pool, []).append(w.ticket)
+        for pool, tickets in mine.items():
+            try:
+                states = await self._fleet.ticket_states(pool, tickets)
+            except _STATE_ERRORS as exc:
+                self._fleet_failed("poll", exc)
+                return
+            for ticket, state in states.items():
+                # Gone: its queue was lost (Redis flushed or failed over); it goes rather than wait for nothing.
+                if state in ("granted", "gone"):
+                    self._grant(pool, ticket)
+
+    def _fleet_usable(self) -> bool:
+        """The shared queue is worth asking: Redis answered the last snapshot and no queue call just failed."""
+        return (self._fleet is not None and self._snapshots.redis_ok
+                and time.monotonic() >= self._fleet_down_until)
+
+    def _fleet_failed(self, op: str, exc: BaseException) -> None:
+        self._metrics.redis_fallbacks.labels("queue-" + op).inc()
+        now = time.monotonic()
+        if now >= self._fleet_down_until:
+            self._fleet_down_until = now + self._settings.state.redis_backoff_ms / 1000
+            log.warning("the shared queue failed (%s), queueing in this replica meanwhile: %s", op, exc)
+
+    def _count(self, pool: str, priority: int, outcome: str, waited_s: float) -> None:
+        self._metrics.flow_requests.labels(pool, str(priority), outcome).inc()
+        if outcome not in ("shed", "rejected"):
+            self._metrics.flow_wait_seconds.labels(pool, str(priority), outcome).observe(waited_s)
+
+    def _later(self, work: Coroutine[None, None, object]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def waiting_here(self) -> list[dict[str, object]]:
+        """This replica's waiting requests, for the admin API."""
+        return [{"pool": w.pool, "ticket": w.ticket, "priority": w.priority,
+                 "queue": "fleet" if w.queue is self._fleet else "local"} for w in self._waiters.values()]
+

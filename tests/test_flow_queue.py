@@ -1,0 +1,185 @@
+"""Flow control's queue answers alike in Redis (shared by every replica) and in one replica's memory.
+
+Order: priority first, then tenants in turn, FIFO within a tenant; a dispatch lets
+through at most the room it is given, less the grants not yet admitted; tickets
+past their deadline, or owned by a replica whose lease ended, are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway_state import keys
+from gateway_state.clock import FleetClock
+from gateway_state.records import Config, Criticality, Endpoint, FlowControl, LoadSample, Model, Pool, TargetModel
+from gateway_state.store import StateStore
+from picker.flow_control import FlowController, MemoryQueue, Queue
+from picker.intake import Intake
+from picker.metrics import PickerMetrics
+from picker.placement import Placement
+from picker.roles import ProfileHandler, RoleRequest
+from picker.scheduler import Scheduler, build_profiles
+from picker.settings import PickerSettings, ServerSettings, StateSettings
+from picker.snapshot import Snapshot, SnapshotSource
+from picker.state import MemoryState
+from tests.conftest import free_port
+
+POOL = "ns/pool"
+LEASE_MS = 5_000
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def queue(request: pytest.FixtureRequest, redis_client: Redis) -> Queue:
+    if request.param == "memory":
+        return MemoryQueue()
+    store = StateStore(redis_client)
+    for replica in ("a", "b"):  # live replicas: the shared queue only lets live owners' tickets through
+        await store.publish(POOL, replica, LEASE_MS, {})
+    return store
+
+
+async def take(queue: Queue, room: int, replica: str = "a") -> list[str]:
+    granted, _ = await queue.dispatch(POOL, replica, room, 60_000)
+    return [ticket for _, ticket in granted]
+
+
+async def test_priority_first_then_tenants_in_turn_then_fifo(queue: Queue) -> None:
+    names = {}
+    for name, priority, tenant in [("s1", 0, "x"), ("s2", 0, "x"), ("s3", 0, "x"), ("t1", 0, "y"),
+                                   ("c1", 1, "x"), ("u1", 0, "z"), ("t2", 0, "y"), ("sh", -1, "x"),
+                                   ("c2", 5, "y")]:
+        ticket = await queue.enqueue(POOL, "a", priority, tenant, 60_000, 100)
+        assert ticket is not None
+        names[ticket] = name
+    order = [names[t] for t in await take(queue, 100)]
+    # Priority 5, then 1, then the three tenants of priority 0 in turn (x, y, z, x, y, x), then -1.
+    assert order == ["c2", "c1", "s1", "t1", "u1", "s2", "t2", "s3", "sh"]
+
+
+async def test_a_tenant_arriving_later_takes_turns_instead_of_waiting_behind_a_backlog(queue: Queue) -> None:
+    names = {}
+    for i in range(6):
+        names[await queue.enqueue(POOL, "a", 0, "big", 60_000, 100)] = f"big{i}"
+    assert [names[t] for t in await take(queue, 2)] == ["big0", "big1"]
+    for i in range(2):
+        names[await queue.enqueue(POOL, "a", 0, "small", 60_000, 100)] = f"small{i}"
+    assert [names[t] for t in await take(queue, 100)] == ["big2", "small0", "big3", "small1", "big4", "big5"]
+
+
+async def test_room_is_shared_with_grants_not_yet_admitted(queue: Queue) -> None:
+    tickets = [await queue.enqueue(POOL, "a", 0, "", 60_000, 100) for _ in range(5)]
+    assert await take(queue, 2) == tickets[:2]
+    assert await take(queue, 2) == []  # both grants still outstanding: the room they took is not free yet
+    assert await queue.leave(POOL, tickets[0]) == "granted"  # admitted: its load shows in the next view
+    assert await take(queue, 2) == tickets[2:3]
+    assert await queue.leave(POOL, tickets[3]) == "waiting"  # its client went away
+    assert await queue.leave(POOL, tickets[3]) == "gone"
+    assert await queue.leave(POOL, tickets[1]) == "granted"
+    assert await take(queue, 3) == tickets[4:5]
+
+
+async def test_a_full_queue_refuses_and_expired_tickets_are_skipped(queue: Queue) -> None:
+    short = await queue.enqueue(POOL, "a", 1, "", 20, 3)
+    kept = await queue.enqueue(POOL, "a", 0, "", 60_000, 3)
+    assert await queue.enqueue(POOL, "a", 0, "", 60_000, 3) is not None
+    assert await queue.enqueue(POOL, "a", 0, "", 60_000, 3) is None
+    await asyncio.sleep(0.05)
+    granted, dropped = await queue.dispatch(POOL, "a", 1, 60_000)
+    assert [t for _, t in granted] == [kept] and dropped == 1 and short != kept
+
+
+async def test_a_dead_replicas_tickets_lose_nobody_else_their_place(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    await store.publish(POOL, "alive", LEASE_MS, {})
+    await store.publish(POOL, "dying", 100, {})  # its lease ends 100 ms from now, unrenewed
+    dead = [await store.enqueue(POOL, "dying", 1, "", 60_000, 100) for _ in range(3)]
+    first = await store.enqueue(POOL, "alive", 0, "", 60_000, 100)
+    second = await store.enqueue(POOL, "alive", 0, "", 60_000, 100)
+    await asyncio.sleep(0.15)
+    granted, dropped = await store.dispatch(POOL, "alive", 1, 60_000)
+    assert granted == [("alive", first)] and dropped == 3
+    assert await store.ticket_states(POOL, [*dead, first, second]) == {
+        **{t: "gone" for t in dead}, first: "granted", second: "waiting"}
+    # A grant its owner never uses lapses, and its room goes to the next one.
+    await store.publish(POOL, "dying", 100, {})
+    late = await store.enqueue(POOL, "dying", 2, "", 60_000, 100)
+    granted, _ = await store.dispatch(POOL, "alive", 2, 100)
+    assert granted == [("dying", late)]
+    await asyncio.sleep(0.15)
+    assert await store.leave(POOL, first) == "granted"
+    granted, _ = await store.dispatch(POOL, "alive", 1, 60_000)
+    assert granted == [("alive", second)]
+    assert not await redis_client.hlen(keys.queue_tickets(POOL)) - 1  # only the granted ticket's record is left
+
+
+async def test_grants_reach_their_owner_by_pub_sub(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    for replica in ("a", "b"):
+        await store.publish(POOL, replica, LEASE_MS, {})
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    async def listen() -> None:
+        async for grant in store.grants("b"):
+            await heard.put(grant)
+
+    listener = asyncio.create_task(listen())
+    try:
+        await asyncio.sleep(0.1)  # subscribed
+        mine = await store.enqueue(POOL, "a", 0, "", 60_000, 10)
+        theirs = await store.enqueue(POOL, "b", 0, "", 60_000, 10)
+        granted, _ = await store.dispatch(POOL, "a", 2, 60_000)
+        assert granted == [("a", mine), ("b", theirs)]
+        assert await asyncio.wait_for(heard.get(), 2) == (POOL, theirs)
+        assert heard.empty()  # the dispatching replica learns its own grants from the reply
+    finally:
+        listener.cancel()
+
+
+async def test_with_redis_unreachable_a_replica_queues_in_its_own_memory_in_the_same_order() -> None:
+    """A replica whose Redis is gone still holds requests back while its pool is saturated, and lets
+    them through highest priority first as its own requests end."""
+    settings = PickerSettings(server=ServerSettings(replica_id="me"), state=StateSettings(redis_timeout_ms=50))
+    endpoint = Endpoint("pod-0", "10.0.0.1", 8000)
+    # One endpoint running one request when scraped; saturated at one waiting: it takes two at once.
+    pool = Pool("p", (8000,), endpoints=(endpoint,), flow=FlowControl(saturation_waiting=1))
+    config = Config(1, {"p": pool}, {"p": {name: Model(name, "p", criticality, (TargetModel("m", 1),))
+                                             for name, criticality in (("c", Criticality.CRITICAL),
+                                                                       ("s", Criticality.STANDARD))}})
+    clock = FleetClock()
+    unreachable = StateStore(Redis(port=free_port(), socket_connect_timeout=0.2))
+    metrics, rng = PickerMetrics(), random.Random(1)
+    placement = Placement(MemoryState(), None, Scheduler(build_profiles(settings.scheduling, rng)), settings,
+                          metrics, clock)
+    snapshots = SnapshotSource(unreachable, settings.state, clock)
+    snapshots.current = Snapshot(config, {"p": {endpoint.key: LoadSample(clock.now_ms(), True, running=1)}})
+    flow = FlowController(unreachable, placement, snapshots, settings, metrics, clock)
+    intake, roles = Intake(settings.prefix, 1 << 20, rng), ProfileHandler(rng)
+
+    def roles_for(model: str) -> list[RoleRequest]:
+        body = json.dumps({"model": model, "prompt": "hello"}).encode()
+        return roles.roles(intake.read(config, "p", "/v1/completions", body), config)
+
+    running = [await flow.place(roles_for("s")) for _ in range(2)]
+    order: list[str] = []
+
+    async def wait_then_place(model: str) -> None:
+        placed = await flow.place(roles_for(model))
+        order.append(model)
+        running.append(placed)
+
+    waiting = [asyncio.create_task(wait_then_place("s")), asyncio.create_task(wait_then_place("s"))]
+    await asyncio.sleep(0.1)
+    waiting.append(asyncio.create_task(wait_then_place("c")))
+    await asyncio.sleep(0.1)
+    assert order == [] and flow.waiting_here() and all(w["queue"] == "local" for w in flow.waiting_here())
+    for _ in range(3):
+        placement.release(running.pop(0).primary)
+        await asyncio.sleep(0.05)
+    await asyncio.gather(*waiting)
+    assert order == ["c", "s", "s"]
+    assert metrics.flow_requests.labels("p", "1", "dispatched")._value.get() == 1
