@@ -151,6 +151,8 @@ class _Waiter:
     ticket: str
     queue: Queue
     priority: int
+    tenant: str
+    deadline: float  # monotonic s
     granted: asyncio.Future[None]
     left: bool = False  # it left the queue already (a deadline checked against a racing grant)
 
@@ -170,6 +172,7 @@ class FlowController:
         self._dispatching: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()  # pools whose room changed while a dispatch was under way
         self._fleet_down_until = 0.0  # monotonic; before it, new requests queue locally
+        self._orphans: list[tuple[str, str]] = []  # (pool, ticket) left in Redis by requests moved here
         self._background: set[asyncio.Task[object]] = set()
         placement.on_release = self._released
 
@@ -242,7 +245,8 @@ class FlowController:
                 self._count(pool, priority, "rejected", 0.0)
                 raise QueueFull(f"Pool {pool} is saturated and {max_queued} requests already wait; retry later.")
         assert ticket is not None
-        waiter = _Waiter(pool, ticket, queue, priority, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(pool, ticket, queue, priority, tenant, time.monotonic() + ttl_ms / 1000,
+                         asyncio.get_running_loop().create_future())
         self._waiters[(pool, ticket)] = waiter
         self._metrics.flow_waiting.labels(pool, str(priority)).inc()
         waiter.granted.add_done_callback(lambda _: self._metrics.flow_waiting.labels(pool, str(priority)).dec())
@@ -346,15 +350,41 @@ class FlowController:
             backoff = min(2.0, backoff * 2)
 
     async def tick(self) -> None:
-        """After each snapshot refresh (a fresher load sample): let requests through where any wait."""
+        """After each snapshot refresh (a fresher load sample): let requests through where any wait.
+        While Redis cannot answer, this replica's requests waiting there move to its own queue."""
+        if self._fleet is not None and not self._fleet_usable():
+            await self._move_to_local()
         snapshot = self._snapshots.current
         for pool in {p for p, n in snapshot.queued.items() if n > 0} | {w.pool for w in self._waiters.values()}:
             self.kick(pool)
+
+    async def _move_to_local(self) -> None:
+        """Requests waiting in Redis's queue keep their order here, among this replica's own, until Redis
+        answers; their tickets there are removed then (until that, a grant for one lapses unused)."""
+        for key, w in list(self._waiters.items()):
+            if w.queue is not self._fleet or w.granted.done():
+                continue
+            remaining_ms = max(1, int((w.deadline - time.monotonic()) * 1000))
+            ticket = await self._local.enqueue(w.pool, self._me, w.priority, w.tenant, remaining_ms, 1 << 62)
+            assert ticket is not None  # no size limit for requests already admitted to the queue
+            del self._waiters[key]
+            self._orphans.append((w.pool, w.ticket))
+            w.queue, w.ticket = self._local, ticket
+            self._waiters[(w.pool, ticket)] = w
+            self.kick(w.pool)
 
     async def poll(self) -> None:
         """Check this replica's waiting tickets in Redis, in case a grant message was lost."""
         if self._fleet is None or not self._fleet_usable():
             return
+        while self._orphans:
+            pool, ticket = self._orphans[-1]
+            try:
+                await self._fleet.leave(pool, ticket)
+            except _STATE_ERRORS as exc:
+                self._fleet_failed("leave", exc)
+                return
+            self._orphans.pop()
         mine: dict[str, list[str]] = {}
         for w in self._waiters.values():
             if w.queue is self._fleet and not w.granted.done():

@@ -24,10 +24,19 @@ from tests.kube_support import CHART_CRDS, GATEWAY_API_CRDS, Kube
 FIXTURES = Path(__file__).parent / "fixtures"
 BIN = Path(sys.executable).parent
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port, never one handed out before in this run (the kernel may offer a just-closed port
+    again, and two processes of one fleet then collide)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 # The test fleet's listeners (tests/fixtures/fleet/gateway.yaml writes 18080-18085) and its pods'

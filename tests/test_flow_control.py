@@ -181,6 +181,7 @@ async def test_critical_requests_go_before_standard_ones_queued_earlier_across_r
     assert max(r.first_token_at for r in c) < min(r.first_token_at for r in s)
     # They waited for the blockers, longer than Envoy's usual 2 s picker timeout: the timeout covers the TTL.
     assert min(r.first_token_at for r in s) - sent > 2.0
+    # Both replicas held waiting requests (Envoy spreads the streams), and both let theirs through.
     assert await picker_metric(http, fc_fleet, "picker_flow_requests_total", outcome="dispatched",
                                each_replica=True) >= 1
 

@@ -21,7 +21,7 @@ from gateway_state.store import StateStore
 from picker.flow_control import FlowController, MemoryQueue, Queue
 from picker.intake import Intake
 from picker.metrics import PickerMetrics
-from picker.placement import Placement
+from picker.placement import Placement, Placements
 from picker.roles import ProfileHandler, RoleRequest
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, ServerSettings, StateSettings
@@ -140,46 +140,80 @@ async def test_grants_reach_their_owner_by_pub_sub(redis_client: Redis) -> None:
         listener.cancel()
 
 
+class OneReplica:
+    """One replica's flow control and placement over one endpoint that was running one request when
+    scraped and is saturated at one waiting: it takes two at once."""
+
+    def __init__(self, store: StateStore) -> None:
+        settings = PickerSettings(server=ServerSettings(replica_id="me"), state=StateSettings(redis_timeout_ms=50))
+        endpoint = Endpoint("pod-0", "10.0.0.1", 8000)
+        pool = Pool("p", (8000,), endpoints=(endpoint,), flow=FlowControl(saturation_waiting=1))
+        self.config = Config(1, {"p": pool}, {"p": {name: Model(name, "p", criticality, (TargetModel("m", 1),))
+                                                      for name, criticality in (("c", Criticality.CRITICAL),
+                                                                                ("s", Criticality.STANDARD))}})
+        clock = FleetClock()
+        self.metrics, rng = PickerMetrics(), random.Random(1)
+        self.placement = Placement(MemoryState(), None, Scheduler(build_profiles(settings.scheduling, rng)),
+                                   settings, self.metrics, clock)
+        self.snapshots = SnapshotSource(store, settings.state, clock)
+        self.snapshots.current = Snapshot(self.config, {"p": {endpoint.key: LoadSample(clock.now_ms(), True,
+                                                                                         running=1)}})
+        self.flow = FlowController(store, self.placement, self.snapshots, settings, self.metrics, clock)
+        self.intake, self.roles = Intake(settings.prefix, 1 << 20, rng), ProfileHandler(rng)
+        self.running: list[Placements] = []
+        self.order: list[str] = []
+
+    def roles_for(self, model: str) -> list[RoleRequest]:
+        body = json.dumps({"model": model, "prompt": "hello"}).encode()
+        return self.roles.roles(self.intake.read(self.config, "p", "/v1/completions", body), self.config)
+
+    async def place(self, model: str) -> None:
+        placed = await self.flow.place(self.roles_for(model))
+        self.order.append(model)
+        self.running.append(placed)
+
+    async def end_one(self) -> None:
+        self.placement.release(self.running.pop(0).primary)
+        await asyncio.sleep(0.05)
+
+
 async def test_with_redis_unreachable_a_replica_queues_in_its_own_memory_in_the_same_order() -> None:
     """A replica whose Redis is gone still holds requests back while its pool is saturated, and lets
     them through highest priority first as its own requests end."""
-    settings = PickerSettings(server=ServerSettings(replica_id="me"), state=StateSettings(redis_timeout_ms=50))
-    endpoint = Endpoint("pod-0", "10.0.0.1", 8000)
-    # One endpoint running one request when scraped; saturated at one waiting: it takes two at once.
-    pool = Pool("p", (8000,), endpoints=(endpoint,), flow=FlowControl(saturation_waiting=1))
-    config = Config(1, {"p": pool}, {"p": {name: Model(name, "p", criticality, (TargetModel("m", 1),))
-                                             for name, criticality in (("c", Criticality.CRITICAL),
-                                                                       ("s", Criticality.STANDARD))}})
-    clock = FleetClock()
-    unreachable = StateStore(Redis(port=free_port(), socket_connect_timeout=0.2))
-    metrics, rng = PickerMetrics(), random.Random(1)
-    placement = Placement(MemoryState(), None, Scheduler(build_profiles(settings.scheduling, rng)), settings,
-                          metrics, clock)
-    snapshots = SnapshotSource(unreachable, settings.state, clock)
-    snapshots.current = Snapshot(config, {"p": {endpoint.key: LoadSample(clock.now_ms(), True, running=1)}})
-    flow = FlowController(unreachable, placement, snapshots, settings, metrics, clock)
-    intake, roles = Intake(settings.prefix, 1 << 20, rng), ProfileHandler(rng)
-
-    def roles_for(model: str) -> list[RoleRequest]:
-        body = json.dumps({"model": model, "prompt": "hello"}).encode()
-        return roles.roles(intake.read(config, "p", "/v1/completions", body), config)
-
-    running = [await flow.place(roles_for("s")) for _ in range(2)]
-    order: list[str] = []
-
-    async def wait_then_place(model: str) -> None:
-        placed = await flow.place(roles_for(model))
-        order.append(model)
-        running.append(placed)
-
-    waiting = [asyncio.create_task(wait_then_place("s")), asyncio.create_task(wait_then_place("s"))]
+    replica = OneReplica(StateStore(Redis(port=free_port(), socket_connect_timeout=0.2)))
+    for _ in range(2):
+        await replica.place("s")
+    waiting = [asyncio.create_task(replica.place("s")), asyncio.create_task(replica.place("s"))]
     await asyncio.sleep(0.1)
-    waiting.append(asyncio.create_task(wait_then_place("c")))
+    waiting.append(asyncio.create_task(replica.place("c")))
     await asyncio.sleep(0.1)
-    assert order == [] and flow.waiting_here() and all(w["queue"] == "local" for w in flow.waiting_here())
+    here = replica.flow.waiting_here()
+    assert replica.order == ["s", "s"] and len(here) == 3 and all(w["queue"] == "local" for w in here)
     for _ in range(3):
-        placement.release(running.pop(0).primary)
-        await asyncio.sleep(0.05)
+        await replica.end_one()
     await asyncio.gather(*waiting)
-    assert order == ["c", "s", "s"]
-    assert metrics.flow_requests.labels("p", "1", "dispatched")._value.get() == 1
+    assert replica.order == ["s", "s", "c", "s", "s"]
+    assert replica.metrics.flow_requests.labels("p", "1", "dispatched")._value.get() == 1
+
+
+async def test_requests_waiting_in_redis_move_to_the_replica_when_redis_fails(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    replica = OneReplica(store)
+    await store.publish("p", "me", LEASE_MS, {})
+    replica.snapshots.redis_ok = True
+    for _ in range(2):
+        await replica.place("s")
+    waiting = [asyncio.create_task(replica.place("s")), asyncio.create_task(replica.place("c"))]
+    await asyncio.sleep(0.1)
+    assert [w["queue"] for w in replica.flow.waiting_here()] == ["fleet", "fleet"]
+    assert await redis_client.zcard(keys.queue("p")) == 2
+    replica.snapshots.redis_ok = False  # the last snapshot refresh could not reach Redis
+    await replica.flow.tick()
+    assert [w["queue"] for w in replica.flow.waiting_here()] == ["local", "local"]
+    for _ in range(2):
+        await replica.end_one()
+    await asyncio.gather(*waiting)
+    assert replica.order == ["s", "s", "c", "s"]
+    replica.snapshots.redis_ok = True  # Redis answers again: the tickets left there go
+    await replica.flow.poll()
+    assert await redis_client.zcard(keys.queue("p")) == 0
