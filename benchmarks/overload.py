@@ -15,12 +15,13 @@ generated tokens, goes through each router in turn, the pods restarted before ea
   when no endpoint has room, as before);
 - per-replica queues: `--state local`, each replica with its own queue and its own
   in-flight counts, as the upstream picker keeps them.
-Traffic classes: Critical from tenants c1 and c2, Standard from s1 (half of it), s2
-and s3, Sheddable from d1 (fairness ids in the upstream header). Per router: the
-Critical TTFT p90 against the idle one, Critical requests lost, what share of each
-class was refused or expired, and fairness between the Standard tenants (fewest
-served over most served; tenants that each want more than an equal share should get
-one). Writes bench/out/overload.json.
+Traffic classes: Critical from tenants c1 and c2, Standard from s1, s2 and s3 (50, 30
+and 20% of it), Sheddable from d1 (fairness ids in the upstream header). Per router:
+the Critical TTFT p90 against the idle one, Critical requests lost, what share of each
+class was refused or expired, and fairness between the Standard tenants: 1 minus the
+largest gap between a tenant's served requests and its max-min fair share of all the
+Standard requests served (a tenant wanting less than an equal share gets all it
+asks; the others split the rest equally). Writes bench/out/overload.json.
 """
 
 from __future__ import annotations
@@ -45,16 +46,19 @@ PORT = 8295
 BASE = "/models/Qwen3-32B"
 # (class, model, tenant, share of all traffic)
 MIX = (("critical", "critical", "c1", 0.10), ("critical", "critical", "c2", 0.10),
-       ("standard", "standard", "s1", 0.25), ("standard", "standard", "s2", 0.125),
-       ("standard", "standard", "s3", 0.125), ("sheddable", "sheddable", "d1", 0.30))
+       ("standard", "standard", "s1", 0.25), ("standard", "standard", "s2", 0.15),
+       ("standard", "standard", "s3", 0.10), ("sheddable", "sheddable", "d1", 0.30))
 
 
-def write_manifests(directory: Path, pods: list[str], queue_ttl_s: float) -> None:
+def write_manifests(directory: Path, pods: list[str], queue_ttl_s: float, release_waiting: float,
+                    reserve: int) -> None:
     docs = [f"""apiVersion: inference.networking.x-k8s.io/v1alpha2
 kind: InferencePool
 metadata:
   name: overload
-  annotations: {{inference-gateway.io/queue-ttl: {queue_ttl_s:g}s}}
+  annotations: {{inference-gateway.io/queue-ttl: {queue_ttl_s:g}s,
+                inference-gateway.io/release-waiting: "{release_waiting:g}",
+                inference-gateway.io/priority-reserve: "{reserve}"}}
 spec:
   targetPortNumber: 8000
   selector: {{app: overload}}""",
@@ -94,9 +98,11 @@ async def one(http: aiohttp.ClientSession, model: str, tenant: str, prompt: str,
         async with http.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", json=body,
                              headers={"x-gateway-inference-fairness-id": tenant}) as r:
             sent.status = r.status
-            async for line in r.content:
-                if line.startswith(b"data: {") and not sent.ttft_s:
-                    sent.ttft_s = time.monotonic() - started
+            async for line in r.content:  # the first chunk with text: servers send the role at once
+                if not sent.ttft_s and line.startswith(b"data: {") and b'"content":"' in line.replace(b" ", b""):
+                    delta = json.loads(line[6:])["choices"][0].get("delta", {})
+                    if delta.get("content"):
+                        sent.ttft_s = time.monotonic() - started
     except (TimeoutError, aiohttp.ClientError):
         sent.status = -1
     return sent
@@ -160,19 +166,43 @@ def summary(results: list[Sent], idle_p90: float, duration_s: float) -> dict[str
                     "other_failures": sum(r.status not in (200, 429, 503) for r in mine),
                     "ttft_p50_s": percentile(ok, 0.5), "ttft_p90_s": percentile(ok, 0.9)}
     out["critical"]["p90_vs_idle"] = out["critical"]["ttft_p90_s"] / idle_p90 if idle_p90 else None
-    served = {t: sum(r.status == 200 for r in results if r.tenant == t) for t in ("s1", "s2", "s3")}
-    out["standard_served_by_tenant"] = served
-    out["standard_fairness"] = min(served.values()) / max(served.values()) if max(served.values()) else None
+    tenants = ("s1", "s2", "s3")
+    served = {t: sum(r.status == 200 for r in results if r.tenant == t) for t in tenants}
+    fair = max_min_fair({t: sum(r.tenant == t for r in results) for t in tenants}, sum(served.values()))
+    out["standard_served_by_tenant"], out["standard_fair_shares"] = served, fair
+    # 1 - the largest relative gap between a tenant's served requests and its max-min fair share.
+    out["standard_fairness"] = 1 - max(abs(served[t] - fair[t]) / fair[t] for t in tenants if fair[t])
     return out
+
+
+def max_min_fair(demand: dict[str, int], capacity: int) -> dict[str, float]:
+    """Water-filling: each tenant gets its demand or an equal share of what the smaller ones leave."""
+    share, left, open_ = {}, float(capacity), sorted(demand, key=demand.get)  # type: ignore[arg-type]
+    while open_:
+        equal = left / len(open_)
+        t = open_[0]
+        if demand[t] <= equal:
+            share[t], left = float(demand[t]), left - demand[t]
+            open_.pop(0)
+        else:
+            for t in open_:
+                share[t] = equal
+            break
+    return share
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", type=float, default=2.0, help="offered load as a multiple of the measured capacity")
     p.add_argument("--duration-s", type=float, default=40.0)
-    p.add_argument("--time-scale", type=float, default=5.0)
+    p.add_argument("--time-scale", type=float, default=2.0)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--queue-ttl-s", type=float, default=15.0)
+    p.add_argument("--release-waiting", type=float, default=0.0,
+                   help="the pool's release rule (annotation inference-gateway.io/release-waiting)")
+    p.add_argument("--priority-reserve", type=int, default=2,
+                   help="room kept for Critical (annotation inference-gateway.io/priority-reserve)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="each pod's batch")
     p.add_argument("--seed", type=int, default=5)
     a = p.parse_args(argv)
     pods = [f"{NET}{i + 1}:8000" for i in range(2)]
@@ -180,11 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "m").mkdir()
-        write_manifests(work / "m", pods, a.queue_ttl_s)
+        write_manifests(work / "m", pods, a.queue_ttl_s, a.release_waiting, a.priority_reserve)
         fleet = Fleet(FleetSettings(
             manifests_dir=work / "m", work_dir=work / "fleet", redis_port=26392, picker_ports=(9522, 9523),
             picker_metrics_ports=(9532, 9533), picker_admin_ports=(), envoy_admin_port=9592,
-            simulator_args=("--time-scale", str(a.time_scale), "--num-blocks", "1000")))
+            simulator_args=("--time-scale", str(a.time_scale), "--max-num-seqs", str(a.max_num_seqs))))
         fleet.start()
 
         def fresh(picker_args: tuple[str, ...]) -> None:
@@ -209,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             fleet.stop()
     print(f"\nOverload: 2 pods (KV 1,000 blocks), time scale {a.time_scale:g}, capacity {cap:.1f} req/s measured, "
-          f"offered {qps:.1f} req/s ({a.load:g}x) for {a.duration_s:g} s; idle Critical TTFT p90 {idle:.3f} s")
+          f"offered {qps:.1f} req/s ({a.load:g}x) for {a.duration_s:g} s; idle Critical TTFT p90 {idle:.3f} s; "
+          f"release below {a.release_waiting:g} waiting")
     print(f"{'router':<20} {'crit p90 s':>10} {'x idle':>7} {'crit lost':>9} {'std served':>10} {'std 503':>8} "
           f"{'std 429':>8} {'shed 429':>9} {'fairness':>9} {'served/s':>9}")
     for name, r in results.items():

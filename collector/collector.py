@@ -150,7 +150,7 @@ class Collector:
                 if response.status != 200:
                     raise GarbledMetrics(f"HTTP {response.status}")
                 text = await response.text(errors="replace")
-            sample = to_load_sample(text, now_ms)
+            sample = with_batch_limit(to_load_sample(text, now_ms), self._last.get(endpoint.key))
             self._metrics.scrapes.labels("ok").inc()
         except (aiohttp.ClientError, TimeoutError, GarbledMetrics, UnicodeDecodeError) as exc:
             self._metrics.scrapes.labels("failed").inc()
@@ -164,6 +164,16 @@ class Collector:
             self._metrics.scrape_seconds.observe(time.perf_counter() - started)
         self._last[endpoint.key] = sample
         return sample
+
+
+def with_batch_limit(sample: LoadSample, previous: LoadSample | None) -> LoadSample:
+    """The sample with the batch its server was last seen full at: its running count now if requests
+    wait there; else the last one known, unless it now runs more than that (the limit was the cache's,
+    and lengths changed)."""
+    if sample.waiting > 0:
+        return replace(sample, batch_limit=sample.running)
+    known = previous.batch_limit if previous is not None else 0.0
+    return replace(sample, batch_limit=known if sample.running <= known else 0.0)
 
 
 def _reason(exc: BaseException) -> str:

@@ -26,6 +26,8 @@ ANNOTATION_LB_POLICY = "inference-gateway.io/lb-policy"
 # the queue time-to-live of its requests.
 ANNOTATION_SATURATION_WAITING = "inference-gateway.io/saturation-waiting"
 ANNOTATION_SATURATION_KV_CACHE = "inference-gateway.io/saturation-kv-cache"
+ANNOTATION_RELEASE_WAITING = "inference-gateway.io/release-waiting"
+ANNOTATION_PRIORITY_RESERVE = "inference-gateway.io/priority-reserve"
 ANNOTATION_QUEUE_TTL = "inference-gateway.io/queue-ttl"
 ANNOTATION_MAX_QUEUED = "inference-gateway.io/max-queued"
 

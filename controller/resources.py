@@ -8,7 +8,9 @@ from pathlib import Path
 from controller.manifests import (
     ANNOTATION_LB_POLICY,
     ANNOTATION_MAX_QUEUED,
+    ANNOTATION_PRIORITY_RESERVE,
     ANNOTATION_QUEUE_TTL,
+    ANNOTATION_RELEASE_WAITING,
     ANNOTATION_RUNTIME,
     ANNOTATION_SATURATION_KV_CACHE,
     ANNOTATION_SATURATION_WAITING,
@@ -98,8 +100,10 @@ def _flow(doc: Document, meta: Meta) -> FlowControl:
     return FlowControl(
         doc.annotation_number(meta, ANNOTATION_SATURATION_WAITING, d.saturation_waiting, 1, 1_000_000),
         doc.annotation_number(meta, ANNOTATION_SATURATION_KV_CACHE, d.saturation_kv_cache, 0.01, 1.0),
+        doc.annotation_number(meta, ANNOTATION_RELEASE_WAITING, d.release_waiting, 0, 1_000_000),
         doc.annotation_duration_ms(meta, ANNOTATION_QUEUE_TTL, d.queue_ttl_ms),
         int(doc.annotation_number(meta, ANNOTATION_MAX_QUEUED, d.max_queued, 0, 1_000_000)),
+        int(doc.annotation_number(meta, ANNOTATION_PRIORITY_RESERVE, d.priority_reserve, 0, 1_000_000)),
     )
 
 

@@ -61,7 +61,8 @@ def hit_counts(pool: str, minute: int) -> str:
 
 
 def queue(pool: str) -> str:
-    """Sorted set ticket -> order of the requests waiting for room (flow control); see scripts.ENQUEUE."""
+    """Sorted set ticket -> sequence number of every request waiting for room (flow control); the
+    order they go in is kept beside it, under the same prefix (see scripts.ENQUEUE)."""
     return pool_prefix(pool) + "queue"
 
 

@@ -80,10 +80,18 @@ class FlowControl:
     # in flight there since) is below this and its KV cache below that (upstream's thresholds).
     saturation_waiting: float = 5.0
     saturation_kv_cache: float = 0.8
+    # Waiting requests are let through to a full endpoint while its queue (counted the same way) stays
+    # at most this: the rest wait in the gateway, in priority order, rather than in the pod's
+    # first-come queue (benchmarks.overload measures the choice; see docs/operations.md).
+    release_waiting: float = 0.0
     # How long a request waits in the gateway for room before it is answered 503.
     queue_ttl_ms: int = 30_000
     # Requests waiting at once, over the fleet; more are refused 429.
     max_queued: int = 10_000
+    # Room kept for requests of positive priority (Critical): lower ones are let through only while
+    # more than this many requests' room is free in the pool, so a Critical request finds a batch slot
+    # at once instead of waiting for one to free (benchmarks.overload measures the choice).
+    priority_reserve: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,10 @@ class LoadSample:
     block_size: int = 0  # tokens per KV block (vLLM block_size, SGLang page_size)
     num_blocks: int = 0  # KV blocks on the device (vLLM num_gpu_blocks)
     prompt_tokens: float = 0.0  # the server's prefill-token counter: when it falls, the server restarted
+    # The batch the server was last seen full at: its running count when requests were waiting there
+    # (the collector keeps it until the server runs more without queueing); 0 unknown. No metric
+    # of vLLM or SGLang says how many sequences fit, and it varies with their lengths.
+    batch_limit: float = 0.0
     consecutive_failures: int = 0
     error: str = ""
 

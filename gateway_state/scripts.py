@@ -213,25 +213,30 @@ return 1
 
 # Flow control's queue, one per pool, shared by every picker replica.
 #
-# Order: priority first; within a priority, round robin between tenants and FIFO
-# within one. That is start-time fair queueing with unit costs: each tenant's next
-# request gets the tag max(virtual time, its last tag) + 1, where the virtual time
-# is the tag last let through at that priority; ties go to the earlier ticket
-# (tickets are zero-padded sequence numbers, and a sorted set orders equal scores
-# by member). Score = -priority * 2^32 + tag, exact in a double for |priority| <=
-# 1e6. A priority with nothing left waiting forgets its tags: fairness restarts
-# with each busy period, and tenant names do not accumulate.
-_PRIORITY_UNIT = "4294967296"
-_TAGS_EMPTIED = """
-local function forget_tags_if_empty(prefix, queue, priority)
-  local p = tonumber(priority)
-  local lo, hi = -p * """ + _PRIORITY_UNIT + """, (1 - p) * """ + _PRIORITY_UNIT + """
-  local left = redis.call('ZRANGEBYSCORE', queue, '(' .. string.format('%.0f', lo),
-                          '(' .. string.format('%.0f', hi), 'LIMIT', 0, 1)
-  if #left == 0 then redis.call('DEL', prefix .. 'queue:tags:' .. priority) end
-end
+# Order: priority first; within a priority, round robin between tenants (deficit
+# round robin with unit costs), FIFO within one. Each priority keeps a FIFO list
+# per tenant and a sorted set of its tenants by turn; the tenant with the lowest
+# turn goes next and its turn advances by one, a tenant that starts waiting joins
+# at the turn last served plus one (no credit for its idle time), and equal turns
+# go by tenant name. A ticket dropped at the head (expired, or its owner dead)
+# costs its tenant no turn. Keys under the pool prefix:
+#   queue            sorted set ticket -> sequence number: every waiting ticket
+#   queue:tickets    hash ticket -> "owner|priority|deadline ms|enqueued ms|tenant"
+#   queue:prios      sorted set priority -> -priority, the priorities with waiting tickets
+#   queue:turns:P    sorted set tenant -> turn, the tenants waiting at priority P
+#   queue:fifo:P:T   list of tenant T's waiting tickets at priority P
+#   queue:served:P   the turn last served at priority P
+#   queue:grants     sorted set ticket -> expiry of tickets let through, not yet admitted
+_QUEUE_HELPERS = """
 local function parse(meta)
   return string.match(meta or '', '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+end
+local function tenant_done(prefix, priority, tenant)
+  redis.call('ZREM', prefix .. 'queue:turns:' .. priority, tenant)
+  if redis.call('ZCARD', prefix .. 'queue:turns:' .. priority) == 0 then
+    redis.call('ZREM', prefix .. 'queue:prios', priority)
+    redis.call('DEL', prefix .. 'queue:served:' .. priority)
+  end
 end
 """
 
@@ -240,27 +245,29 @@ end
 ENQUEUE = _NOW_MS + """
 local prefix, priority, tenant = ARGV[1], ARGV[3], ARGV[4]
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[6]) then return false end
-local ticket = string.format('%015d', redis.call('INCR', prefix .. 'queue:seq'))
-local tags = prefix .. 'queue:tags:' .. priority
-local tag = math.max(tonumber(redis.call('HGET', tags, '') or 0),
-                     tonumber(redis.call('HGET', tags, 't:' .. tenant) or 0)) + 1
-redis.call('HSET', tags, 't:' .. tenant, tag)
-redis.call('PEXPIRE', tags, 3600000)
-redis.call('ZADD', KEYS[1], -tonumber(priority) * """ + _PRIORITY_UNIT + """ + tag, ticket)
+local seq = redis.call('INCR', prefix .. 'queue:seq')
+local ticket = string.format('%015d', seq)
+redis.call('ZADD', KEYS[1], seq, ticket)
 redis.call('HSET', prefix .. 'queue:tickets', ticket,
            ARGV[2] .. '|' .. priority .. '|' .. (now + tonumber(ARGV[5])) .. '|' .. now .. '|' .. tenant)
+redis.call('RPUSH', prefix .. 'queue:fifo:' .. priority .. ':' .. tenant, ticket)
+local turns = prefix .. 'queue:turns:' .. priority
+if not redis.call('ZSCORE', turns, tenant) then
+  redis.call('ZADD', turns, tonumber(redis.call('GET', prefix .. 'queue:served:' .. priority) or 0) + 1, tenant)
+end
+redis.call('ZADD', prefix .. 'queue:prios', -tonumber(priority), priority)
 return ticket
 """
 
 # KEYS[1] = the pool's queue. ARGV = pool prefix, room (requests the caller's view
-# says the pool can take now), grant_ms, the caller's replica id, the pool id.
-# Lets through up to room minus the grants still outstanding (granted, not yet
-# admitted: their load is not in any view yet), head first. A ticket past its
-# deadline, or whose owner's lease has ended (the replica died), is dropped and
-# the next one goes: nobody else loses a place. Each grant is published to its
-# owner's channel (the caller learns its own from the reply). Returns
-# {{owner, ticket, ...}, dropped}.
-DISPATCH = _NOW_MS + _TAGS_EMPTIED + """
+# says the pool can take now), grant_ms, the caller's replica id, the pool id, the
+# reserve. Lets through up to room minus the grants still outstanding (granted, not
+# yet admitted: their load is not in any view yet), in order; a request of priority
+# 0 or less only while more than the reserve is free. A ticket past its deadline,
+# or whose owner's lease has ended (the replica died), is dropped and the next one
+# goes: nobody else loses a place. Each grant is published to its owner's channel
+# (the caller learns its own from the reply). Returns {{owner, ticket, ...}, dropped}.
+DISPATCH = _NOW_MS + _QUEUE_HELPERS + """
 local prefix, queue = ARGV[1], KEYS[1]
 local grants, tickets = prefix .. 'queue:grants', prefix .. 'queue:tickets'
 for _, t in ipairs(redis.call('ZRANGEBYSCORE', grants, '-inf', now)) do redis.call('HDEL', tickets, t) end
@@ -268,24 +275,36 @@ redis.call('ZREMRANGEBYSCORE', grants, '-inf', now)
 local free = tonumber(ARGV[2]) - redis.call('ZCARD', grants)
 local out, dropped = {}, 0
 while free > 0 do
-  local head = redis.call('ZRANGE', queue, 0, 0, 'WITHSCORES')
-  if #head == 0 then break end
-  local ticket, score = head[1], tonumber(head[2])
-  redis.call('ZREM', queue, ticket)
-  local owner, priority, deadline = parse(redis.call('HGET', tickets, ticket))
+  local top = redis.call('ZRANGE', prefix .. 'queue:prios', 0, 0)
+  if #top == 0 then break end
+  local priority = top[1]
+  if tonumber(priority) <= 0 and free <= tonumber(ARGV[6]) then break end
+  local turns = prefix .. 'queue:turns:' .. priority
+  local head = redis.call('ZRANGE', turns, 0, 0, 'WITHSCORES')
+  local tenant, turn = head[1], tonumber(head[2])
+  local fifo = prefix .. 'queue:fifo:' .. priority .. ':' .. tenant
+  local ticket = redis.call('LPOP', fifo)
+  local owner, _, deadline = parse(ticket and redis.call('HGET', tickets, ticket))
   local lease = owner and redis.call('ZSCORE', prefix .. 'pickers', owner)
-  if owner and tonumber(deadline) > now and lease and tonumber(lease) > now then
-    redis.call('HSET', prefix .. 'queue:tags:' .. priority, '', score + tonumber(priority) * """ + _PRIORITY_UNIT + """)
+  local alive = owner and tonumber(deadline) > now and lease and tonumber(lease) > now
+  if ticket then redis.call('ZREM', queue, ticket) end
+  if alive then
+    redis.call('SET', prefix .. 'queue:served:' .. priority, turn)
+    turn = turn + 1
     redis.call('ZADD', grants, now + tonumber(ARGV[3]), ticket)
     if owner ~= ARGV[4] then redis.call('PUBLISH', 'gw:grants:' .. owner, ARGV[5] .. '\\n' .. ticket) end
     table.insert(out, owner)
     table.insert(out, ticket)
     free = free - 1
   else
-    redis.call('HDEL', tickets, ticket)
+    if ticket then redis.call('HDEL', tickets, ticket) end
     dropped = dropped + 1
   end
-  if priority then forget_tags_if_empty(prefix, queue, priority) end
+  if redis.call('LLEN', fifo) == 0 then
+    tenant_done(prefix, priority, tenant)
+  else
+    redis.call('ZADD', turns, turn, tenant)
+  end
 end
 return {out, dropped}
 """
@@ -294,15 +313,19 @@ return {out, dropped}
 # admitted after its grant, it timed out, or its client went away. Returns what it
 # was: 'waiting', 'granted' (a grant raced its timeout: the caller may still go),
 # or 'gone' (dropped, or the queue was lost).
-LEAVE = _TAGS_EMPTIED + """
+LEAVE = _QUEUE_HELPERS + """
 local prefix, queue, ticket = ARGV[1], KEYS[1], ARGV[2]
 local tickets = prefix .. 'queue:tickets'
 local waiting = redis.call('ZREM', queue, ticket)
 local granted = redis.call('ZREM', prefix .. 'queue:grants', ticket)
-local _, priority = parse(redis.call('HGET', tickets, ticket))
+local _, priority, _, _, tenant = parse(redis.call('HGET', tickets, ticket))
 redis.call('HDEL', tickets, ticket)
 if waiting == 1 then
-  if priority then forget_tags_if_empty(prefix, queue, priority) end
+  if priority then
+    local fifo = prefix .. 'queue:fifo:' .. priority .. ':' .. tenant
+    redis.call('LREM', fifo, 1, ticket)
+    if redis.call('LLEN', fifo) == 0 then tenant_done(prefix, priority, tenant) end
+  end
   return 'waiting'
 end
 if granted == 1 then return 'granted' end

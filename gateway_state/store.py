@@ -220,11 +220,13 @@ class StateStore:
             keys.pool_prefix(pool), replica, priority, tenant, ttl_ms, max_queued])
         return ticket.decode() if ticket else None
 
-    async def dispatch(self, pool: str, replica: str, room: int, grant_ms: int) -> tuple[list[tuple[str, str]], int]:
-        """Let up to `room` (less the outstanding grants) waiting requests go, in order; returns the
-        (owner, ticket) pairs let through and how many dead or expired tickets were dropped."""
+    async def dispatch(self, pool: str, replica: str, room: int, grant_ms: int,
+                       reserve: int = 0) -> tuple[list[tuple[str, str]], int]:
+        """Let up to `room` (less the outstanding grants) waiting requests go, in order, those of
+        priority 0 or less only while more than `reserve` is free; returns the (owner, ticket) pairs
+        let through and how many dead or expired tickets were dropped."""
         flat, dropped = await self._dispatch(keys=[keys.queue(pool)], args=[
-            keys.pool_prefix(pool), room, grant_ms, replica, pool])
+            keys.pool_prefix(pool), room, grant_ms, replica, pool, reserve])
         return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)], int(dropped)
 
     async def leave(self, pool: str, ticket: str) -> str:
@@ -251,7 +253,7 @@ class StateStore:
                     yield pool, ticket
 
     async def queue_view(self, pool: str) -> tuple[list[tuple[str, int, int, int, str]], int]:
-        """Every waiting request as (owner, priority, deadline ms, enqueued ms, tenant), in queue order,
+        """Every waiting request as (owner, priority, deadline ms, enqueued ms, tenant), in arrival order,
         and how many grants are outstanding."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrange(keys.queue(pool), 0, -1)

@@ -26,10 +26,10 @@ order, over this replica's requests only) until it can. With `--state local`
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -53,7 +53,8 @@ class Queue(Protocol):
     async def enqueue(self, pool: str, replica: str, priority: int, tenant: str, ttl_ms: int,
                       max_queued: int) -> str | None: ...
 
-    async def dispatch(self, pool: str, replica: str, room: int, grant_ms: int) -> tuple[list[tuple[str, str]], int]:
+    async def dispatch(self, pool: str, replica: str, room: int, grant_ms: int,
+                       reserve: int = 0) -> tuple[list[tuple[str, str]], int]:
         ...
 
     async def leave(self, pool: str, ticket: str) -> str: ...
@@ -62,24 +63,33 @@ class Queue(Protocol):
 @dataclass
 class _Entry:
     priority: int
-    tag: int
-    seq: int
     tenant: str
     deadline: float  # monotonic s
 
 
 @dataclass
+class _Level:
+    """One priority's waiting requests: a FIFO per tenant, and each tenant's turn."""
+
+    fifos: dict[str, deque[str]] = field(default_factory=dict)
+    turns: dict[str, int] = field(default_factory=dict)
+    served: int = 0  # the turn last served
+
+    def next_tenant(self) -> str:
+        return min(self.turns, key=lambda t: (self.turns[t], t))
+
+
+@dataclass
 class _PoolQueue:
-    heap: list[tuple[int, int, int, str]] = field(default_factory=list)  # (-priority, tag, seq, ticket)
+    levels: dict[int, _Level] = field(default_factory=dict)  # priority -> its waiting requests
     entries: dict[str, _Entry] = field(default_factory=dict)  # waiting tickets
     grants: dict[str, float] = field(default_factory=dict)  # granted ticket -> expiry (monotonic s)
-    tags: dict[int, dict[str, int]] = field(default_factory=dict)  # priority -> tenant -> last tag
-    clock: dict[int, int] = field(default_factory=dict)  # priority -> virtual time (last tag let through)
 
 
 class MemoryQueue:
     """The same queue in this replica's memory: its own requests only (the fallback, and the
-    per-replica baseline). Same order as the shared queue: priority, then tenants in turn, FIFO."""
+    per-replica baseline). Same order as the shared queue (scripts.ENQUEUE): priority, then tenants
+    in turn, FIFO within one."""
 
     def __init__(self) -> None:
         self._pools: dict[str, _PoolQueue] = {}
@@ -90,16 +100,15 @@ class MemoryQueue:
         q = self._pools.setdefault(pool, _PoolQueue())
         if len(q.entries) >= max_queued:
             return None
-        seq = next(self._seq)
-        ticket = f"local-{seq}"
-        tags = q.tags.setdefault(priority, {})
-        tag = max(q.clock.get(priority, 0), tags.get(tenant, 0)) + 1
-        tags[tenant] = tag
-        q.entries[ticket] = _Entry(priority, tag, seq, tenant, time.monotonic() + ttl_ms / 1000)
-        heapq.heappush(q.heap, (-priority, tag, seq, ticket))
+        ticket = f"local-{next(self._seq)}"
+        q.entries[ticket] = _Entry(priority, tenant, time.monotonic() + ttl_ms / 1000)
+        level = q.levels.setdefault(priority, _Level())
+        level.fifos.setdefault(tenant, deque()).append(ticket)
+        level.turns.setdefault(tenant, level.served + 1)
         return ticket
 
-    async def dispatch(self, pool: str, replica: str, room: int, grant_ms: int) -> tuple[list[tuple[str, str]], int]:
+    async def dispatch(self, pool: str, replica: str, room: int, grant_ms: int,
+                       reserve: int = 0) -> tuple[list[tuple[str, str]], int]:
         q = self._pools.get(pool)
         if q is None:
             return [], 0
@@ -107,19 +116,27 @@ class MemoryQueue:
         for t in [t for t, end in q.grants.items() if end <= now]:
             del q.grants[t]
         free, out, dropped = room - len(q.grants), [], 0
-        while free > 0 and q.heap:
-            _, tag, _, ticket = heapq.heappop(q.heap)
-            entry = q.entries.pop(ticket, None)
-            if entry is None:  # left already
-                continue
+        while free > 0 and q.levels:
+            priority = max(q.levels)
+            if priority <= 0 and free <= reserve:  # the reserve is for positive priorities
+                break
+            level = q.levels[priority]
+            tenant = level.next_tenant()
+            turn = level.turns[tenant]
+            fifo = level.fifos[tenant]
+            ticket = fifo.popleft()
+            entry = q.entries.pop(ticket)
             if entry.deadline <= now:
-                dropped += 1
+                dropped += 1  # no turn spent
             else:
-                q.clock[entry.priority] = tag
+                level.served, turn = turn, turn + 1
                 q.grants[ticket] = now + grant_ms / 1000
                 out.append((replica, ticket))
                 free -= 1
-            self._forget_tags_if_empty(q, entry.priority)
+            if fifo:
+                level.turns[tenant] = turn
+            else:
+                self._tenant_done(q, priority, tenant)
         return out, dropped
 
     async def leave(self, pool: str, ticket: str) -> str:
@@ -127,8 +144,11 @@ class MemoryQueue:
         if q is None:
             return "gone"
         entry = q.entries.pop(ticket, None)
-        if entry is not None:  # its heap item is skipped when it surfaces
-            self._forget_tags_if_empty(q, entry.priority)
+        if entry is not None:
+            fifo = q.levels[entry.priority].fifos[entry.tenant]
+            fifo.remove(ticket)
+            if not fifo:
+                self._tenant_done(q, entry.priority, entry.tenant)
             return "waiting"
         return "granted" if q.grants.pop(ticket, None) is not None else "gone"
 
@@ -137,12 +157,11 @@ class MemoryQueue:
         return len(q.entries) if q else 0
 
     @staticmethod
-    def _forget_tags_if_empty(q: _PoolQueue, priority: int) -> None:
-        if not any(e.priority == priority for e in q.entries.values()):
-            q.tags.pop(priority, None)
-            q.clock.pop(priority, None)
-        if not q.entries:
-            q.heap.clear()
+    def _tenant_done(q: _PoolQueue, priority: int, tenant: str) -> None:
+        level = q.levels[priority]
+        del level.fifos[tenant], level.turns[tenant]
+        if not level.turns:
+            del q.levels[priority]
 
 
 @dataclass
@@ -204,7 +223,7 @@ class FlowController:
         try:
             await self._wait(waiter, ttl_ms)
             snapshot = self._snapshots.current
-            placements = await self._placement.place_roles(roles, snapshot.load, snapshot.drained)
+            placements = await self._placement.place_roles(roles, snapshot.load, snapshot.drained, released=True)
         except QueueTimeout:
             self._count(pool.name, priority, "expired", time.monotonic() - started)
             raise
@@ -310,14 +329,16 @@ class FlowController:
         if room <= 0:
             return
         grant_ms = self._settings.flow.grant_ms
-        granted, dropped = await self._local.dispatch(pool_name, self._me, room, grant_ms)
+        reserve = pool.flow.priority_reserve
+        granted, dropped = await self._local.dispatch(pool_name, self._me, room, grant_ms, reserve)
         room -= len(granted)
         if (self._fleet is not None and room > 0 and self._fleet_usable()
                 and (snapshot.queued.get(pool_name, 0) > 0
                      or any(w.queue is self._fleet and w.pool == pool_name for w in self._waiters.values()))):
             try:
                 async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
-                    fleet_granted, fleet_dropped = await self._fleet.dispatch(pool_name, self._me, room, grant_ms)
+                    fleet_granted, fleet_dropped = await self._fleet.dispatch(pool_name, self._me, room, grant_ms,
+                                                                              reserve)
                 granted, dropped = granted + fleet_granted, dropped + fleet_dropped
             except _STATE_ERRORS as exc:
                 self._fleet_failed("dispatch", exc)

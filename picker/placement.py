@@ -108,7 +108,8 @@ class Placement:
         self.on_release: Callable[[str], None] | None = None
 
     async def place_roles(self, roles: list[RoleRequest], load: dict[str, dict[str, LoadSample]],
-                          drained: dict[str, frozenset[str]], gate: bool = False) -> Placements:
+                          drained: dict[str, frozenset[str]], gate: bool = False,
+                          released: bool = False) -> Placements:
         """Place every role at once, each in its own pool's state. A required role that fails fails the
         decision (the others are released); an optional one (a mirror) is dropped, and so it is at once
         when its pool is saturated: copies never add to a full pool's queues. `gate`: raise Saturated,
@@ -120,7 +121,7 @@ class Placement:
                 dropped.append((r, Shed(f"Pool {r.request.pool.name} is saturated.")))
         placing = [self.place(r.request, load.get(r.request.pool.name, {}),
                               drained.get(r.request.pool.name, frozenset()), r.profile,
-                              gate and r.role == Role.PRIMARY) for r in roles]
+                              gate and r.role == Role.PRIMARY, released and r.role == Role.PRIMARY) for r in roles]
         if len(placing) == 1:  # the usual request: no task for gather to schedule
             results: list[Placed | BaseException] = [await placing[0]]
         else:
@@ -141,11 +142,14 @@ class Placement:
         return Placements(placed, dropped)
 
     async def place(self, request: PlacementRequest, samples: dict[str, LoadSample],
-                    drained: frozenset[str] = frozenset(), profile: str | None = None, gate: bool = False) -> Placed:
+                    drained: frozenset[str] = frozenset(), profile: str | None = None, gate: bool = False,
+                    released: bool = False) -> Placed:
+        """`gate`: raise Saturated when the pool has no room; `released`: the request was let through
+        flow control's queue, so it goes to an endpoint that can start it now (if any can)."""
         started = time.perf_counter()
         # At most two rounds: the second when another replica took the chosen endpoint meanwhile.
         for check in (True, False):
-            plan = await self.plan(request, samples, check, drained, profile=profile)
+            plan = await self.plan(request, samples, check, drained, profile=profile, released=released)
             if gate and plan.saturated:
                 raise Saturated(request.pool.name)
             placed = await self.commit(plan, started)
@@ -159,7 +163,7 @@ class Placement:
 
     async def plan(self, request: PlacementRequest, samples: dict[str, LoadSample], check: bool = True,
                    drained: frozenset[str] = frozenset(), trace: Trace | None = None,
-                   profile: str | None = None) -> Plan:
+                   profile: str | None = None, released: bool = False) -> Plan:
         """The decision the state supports now; reads only (so it also explains decisions)."""
         pool = request.pool
         try:
@@ -182,6 +186,9 @@ class Placement:
         scheduling = replace(request.scheduling, preferred=replica_share(
             [e.key for e in pool.endpoints], view.replicas, self._me))
         candidates = self._candidates(pool, samples, view, drained, scheduling.model)
+        if released:
+            unknown = self._settings.flow.unknown_endpoint_room
+            candidates = [c for c in candidates if free_slots(c.load, c.inflight, pool.flow, unknown) > 0] or candidates
         decision = self._scheduler.schedule(profile or pool.strategy, scheduling, candidates, trace)
         chosen = decision.endpoints[0]
         seen = others.inflight.get(chosen.endpoint.key, 0) if check and others is not None else -1

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
 
+from collector.collector import with_batch_limit
 from gateway_state import keys
 from gateway_state.clock import FleetClock
 from gateway_state.records import Config, Criticality, Endpoint, FlowControl, LoadSample, Model, Pool, TargetModel
@@ -22,6 +24,7 @@ from picker.flow_control import FlowController, MemoryQueue, Queue
 from picker.intake import Intake
 from picker.metrics import PickerMetrics
 from picker.placement import Placement, Placements
+from picker.plugins.filters import estimated_waiting, free_slots, has_room
 from picker.roles import ProfileHandler, RoleRequest
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, ServerSettings, StateSettings
@@ -217,3 +220,52 @@ async def test_requests_waiting_in_redis_move_to_the_replica_when_redis_fails(re
     replica.snapshots.redis_ok = True  # Redis answers again: the tickets left there go
     await replica.flow.poll()
     assert await redis_client.zcard(keys.queue("p")) == 0
+
+
+def test_room_is_judged_on_the_requests_in_flight_not_only_the_last_scrape() -> None:
+    flow = FlowControl()  # saturated at 5 waiting or KV 0.8; let through to a full server while none waits
+    full = LoadSample(0, True, waiting=3, running=8, kv_cache_usage=0.5)
+    # The scrape saw 8 running and 3 waiting; 2 of the gateway's 11 ended since: 1 waits now.
+    assert estimated_waiting(full, 9) == 1 and has_room(full, 9, flow) and free_slots(full, 9, flow, 2) == 0
+    # 3 ended: a batch slot is free, so one request may be let through (it starts at once).
+    assert free_slots(full, 7, flow, 2) == 1 and free_slots(full, 4, flow, 2) == 4
+    # 6 admitted since: the queue is building before any scrape shows it.
+    assert estimated_waiting(full, 14) == 6 and not has_room(full, 14, flow)
+    # Nothing of the gateway's there: the scraped queue (traffic from elsewhere) is all there is.
+    assert estimated_waiting(full, 0) == 3
+    assert not has_room(replace(full, kv_cache_usage=0.85), 7, flow)
+    assert has_room(None, 100, flow) and free_slots(None, 100, flow, 2) == 2  # unknown load: room, gradually
+
+
+async def test_the_reserve_is_kept_for_positive_priorities(queue: Queue) -> None:
+    names = {}
+    for name, priority in (("c", 1), ("s1", 0), ("s2", 0), ("d", -1)):
+        names[await queue.enqueue(POOL, "a", priority, "", 60_000, 100)] = name
+    granted, _ = await queue.dispatch(POOL, "a", 2, 60_000, 2)
+    assert [names[t] for _, t in granted] == ["c"]  # one free beyond the reserve would have been needed
+    for ticket, _ in [(t, n) for t, n in names.items() if n == "c"]:
+        await queue.leave(POOL, ticket)
+    granted, _ = await queue.dispatch(POOL, "a", 4, 60_000, 2)
+    assert [names[t] for _, t in granted] == ["s1", "s2"]  # 4 free: two go, two stay for Critical
+    enqueued = await queue.enqueue(POOL, "a", 3, "", 60_000, 100)
+    granted, _ = await queue.dispatch(POOL, "a", 5, 60_000, 2)
+    assert [t for _, t in granted] == [enqueued]  # 5 free, 2 granted outstanding: the reserve is Critical's
+
+
+def test_a_server_seen_full_is_let_through_exactly_as_many_as_its_batch_holds() -> None:
+    flow = FlowControl()
+    # Last seen queueing at 8 running (the collector's batch limit); not queueing now.
+    seen_full = LoadSample(0, True, waiting=0, running=8, kv_cache_usage=0.3, batch_limit=8)
+    assert free_slots(seen_full, 8, flow, 2) == 0 and free_slots(seen_full, 5, flow, 2) == 3
+    assert free_slots(seen_full, 8, replace(flow, release_waiting=1), 2) == 1
+    never_full = replace(seen_full, batch_limit=0)  # could run more: grows by the saturation queue
+    assert free_slots(never_full, 8, flow, 2) == 5
+
+
+def test_the_collector_keeps_the_batch_a_server_was_seen_full_at() -> None:
+    queueing = with_batch_limit(LoadSample(0, True, waiting=2, running=8), None)
+    assert queueing.batch_limit == 8
+    calm = with_batch_limit(LoadSample(1, True, waiting=0, running=6), queueing)
+    assert calm.batch_limit == 8
+    grown = with_batch_limit(LoadSample(2, True, waiting=0, running=12), calm)
+    assert grown.batch_limit == 0  # it ran more than that without queueing: the limit is unknown again

@@ -87,12 +87,19 @@ def has_room(load: LoadSample | None, inflight: int, flow: FlowControl) -> bool:
 
 
 def free_slots(load: LoadSample | None, inflight: int, flow: FlowControl, unknown: int) -> int:
-    """How many more requests the endpoint takes before it is saturated; `unknown` without a sample."""
+    """How many waiting requests may be let through to the endpoint now (the release rule): as many as
+    keep its estimated queue at most `release_waiting` once it has been seen full (its batch limit, or
+    queueing or its KV cache at the saturation threshold when scraped); `unknown` without a sample."""
     if load is None:
         return unknown
-    if load.kv_cache_usage >= flow.saturation_kv_cache:
-        return 0
-    return max(0, math.ceil(flow.saturation_waiting - estimated_waiting(load, inflight)))
+    if load.batch_limit > 0:  # the batch it was last seen full at: what it runs without queueing
+        return max(0, math.ceil(load.batch_limit + flow.release_waiting - inflight))
+    queue = estimated_waiting(load, inflight)
+    if load.waiting <= 0 and load.kv_cache_usage < flow.saturation_kv_cache:
+        # Never seen full: it could start more than it was running, how many more is unknown. It
+        # grows by up to the saturation queue per sample, as new arrivals do.
+        return max(0, math.ceil(flow.saturation_waiting - queue))
+    return max(0, math.ceil(flow.release_waiting - queue))
 
 
 @dataclass(frozen=True)
