@@ -1,12 +1,13 @@
 """Flow control under overload: about twice the pool's capacity, 20% Critical, 50% Standard, 30% Sheddable.
 
     .venv/bin/python -m benchmarks.overload
-    .venv/bin/python -m benchmarks.overload --load 2.0 --duration-s 40
+    .venv/bin/python -m benchmarks.overload --priority-reserve 0 --load 2.0 --duration-s 40
 
-Two vLLM-flavoured simulated pods whose KV caches (1,000 blocks of 16 tokens)
-fill at about 20 requests each, the way real servers saturate; two picker
-replicas behind one Envoy. First the pool's capacity is measured (completions
-per second with every request Standard and flow control off, the pods kept full),
+Two vLLM-flavoured simulated pods running 8 sequences each (`--max-num-seqs`, so
+the batch fills long before the KV cache; time scale 2), two picker replicas behind
+one Envoy, the pool with the given release rule and reserve for Critical. First the
+pool's capacity is measured (completions per second with every request Standard and
+flow control off, the pods kept full),
 and the idle Critical TTFT (one request at a time). Then one seeded Poisson stream
 at `--load` times the capacity, single-turn prompts of about 500 tokens and 128
 generated tokens, goes through each router in turn, the pods restarted before each:
@@ -238,9 +239,9 @@ def main(argv: list[str] | None = None) -> None:
                 results[name]["raw"] = [asdict(s) for s in sent]
         finally:
             fleet.stop()
-    print(f"\nOverload: 2 pods (KV 1,000 blocks), time scale {a.time_scale:g}, capacity {cap:.1f} req/s measured, "
-          f"offered {qps:.1f} req/s ({a.load:g}x) for {a.duration_s:g} s; idle Critical TTFT p90 {idle:.3f} s; "
-          f"release below {a.release_waiting:g} waiting")
+    print(f"\nOverload: 2 pods x {a.max_num_seqs} sequences, time scale {a.time_scale:g}, capacity {cap:.1f} req/s "
+          f"measured, offered {qps:.1f} req/s ({a.load:g}x) for {a.duration_s:g} s; idle Critical TTFT p90 "
+          f"{idle:.3f} s; release to full servers with {a.release_waiting:g} waiting, reserve {a.priority_reserve}")
     print(f"{'router':<20} {'crit p90 s':>10} {'x idle':>7} {'crit lost':>9} {'std served':>10} {'std 503':>8} "
           f"{'std 429':>8} {'shed 429':>9} {'fairness':>9} {'served/s':>9}")
     for name, r in results.items():

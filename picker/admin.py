@@ -193,7 +193,8 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
         flow = pool.flow
         return {"pool": pool.name, "room": room, "saturated": room <= 0,
                 "settings": {"saturation_waiting": flow.saturation_waiting,
-                             "saturation_kv_cache": flow.saturation_kv_cache, "queue_ttl_ms": flow.queue_ttl_ms,
+                             "saturation_kv_cache": flow.saturation_kv_cache, "release_waiting": flow.release_waiting,
+                             "priority_reserve": flow.priority_reserve, "queue_ttl_ms": flow.queue_ttl_ms,
                              "max_queued": flow.max_queued},
                 "waiting": len(waiting), "grants_outstanding": grants,
                 "by_priority": [priorities[p] for p in sorted(priorities, reverse=True)],

@@ -36,7 +36,6 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
-from gateway_state.clock import FleetClock
 from gateway_state.store import StateStore
 from picker.errors import GatewayError, QueueFull, QueueTimeout, Shed
 from picker.metrics import PickerMetrics
@@ -178,14 +177,13 @@ class _Waiter:
 
 class FlowController:
     def __init__(self, fleet: StateStore | None, placement: Placement, snapshots: SnapshotSource,
-                 settings: PickerSettings, metrics: PickerMetrics, clock: FleetClock) -> None:
+                 settings: PickerSettings, metrics: PickerMetrics) -> None:
         self._fleet = fleet  # None: per-replica queues only (state mode "local")
         self._local = MemoryQueue()
         self._placement = placement
         self._snapshots = snapshots
         self._settings = settings
         self._metrics = metrics
-        self._clock = clock
         self._me = settings.server.replica_id
         self._waiters: dict[tuple[str, str], _Waiter] = {}  # (pool, ticket) -> this replica's waiting request
         self._dispatching: dict[str, asyncio.Task[None]] = {}

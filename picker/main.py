@@ -129,8 +129,7 @@ async def serve(settings: PickerSettings) -> None:
     hits = HitCounts()
     roles = ProfileHandler(rng)
     # Flow control's queue is the fleet's (Redis) in Redis mode, each replica's own in local mode.
-    flow = FlowController(store if settings.state.mode == "redis" else None, placement, snapshots, settings, metrics,
-                          clock)
+    flow = FlowController(store if settings.state.mode == "redis" else None, placement, snapshots, settings, metrics)
     processor = ExternalProcessor(snapshots, intake, roles, placement, flow, metrics, hits,
                                   settings.server.default_pool)
 

@@ -161,7 +161,7 @@ class OneReplica:
         self.snapshots = SnapshotSource(store, settings.state, clock)
         self.snapshots.current = Snapshot(self.config, {"p": {endpoint.key: LoadSample(clock.now_ms(), True,
                                                                                          running=1)}})
-        self.flow = FlowController(store, self.placement, self.snapshots, settings, self.metrics, clock)
+        self.flow = FlowController(store, self.placement, self.snapshots, settings, self.metrics)
         self.intake, self.roles = Intake(settings.prefix, 1 << 20, rng), ProfileHandler(rng)
         self.running: list[Placements] = []
         self.order: list[str] = []
