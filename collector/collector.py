@@ -166,14 +166,21 @@ class Collector:
         return sample
 
 
+# How long a server's batch limit is trusted after it was seen: a limit the cache imposed passes as
+# sequences end, and a wrong one must not hold a pool back for longer than a few scrapes.
+BATCH_LIMIT_KEEP_MS = 3000
+
+
 def with_batch_limit(sample: LoadSample, previous: LoadSample | None) -> LoadSample:
     """The sample with the batch its server was last seen full at: its running count now if requests
-    wait there; else the last one known, unless it now runs more than that (the limit was the cache's,
-    and lengths changed)."""
-    if sample.waiting > 0:
-        return replace(sample, batch_limit=sample.running)
-    known = previous.batch_limit if previous is not None else 0.0
-    return replace(sample, batch_limit=known if sample.running <= known else 0.0)
+    wait there for a batch slot (not a LoRA slot); else the last one known, for a few seconds, unless
+    it now runs more than that."""
+    if sample.waiting > 0 and not sample.waiting_adapters:
+        return replace(sample, batch_limit=sample.running, batch_limit_at_ms=sample.scraped_at_ms)
+    if (previous is None or not previous.batch_limit or sample.running > previous.batch_limit
+            or sample.scraped_at_ms - previous.batch_limit_at_ms > BATCH_LIMIT_KEEP_MS):
+        return replace(sample, batch_limit=0.0, batch_limit_at_ms=0)
+    return replace(sample, batch_limit=previous.batch_limit, batch_limit_at_ms=previous.batch_limit_at_ms)
 
 
 def _reason(exc: BaseException) -> str:

@@ -187,9 +187,11 @@ class LoadSample:
     num_blocks: int = 0  # KV blocks on the device (vLLM num_gpu_blocks)
     prompt_tokens: float = 0.0  # the server's prefill-token counter: when it falls, the server restarted
     # The batch the server was last seen full at: its running count when requests were waiting there
-    # (the collector keeps it until the server runs more without queueing); 0 unknown. No metric
-    # of vLLM or SGLang says how many sequences fit, and it varies with their lengths.
+    # and no LoRA adapter was waiting for a slot; 0 unknown. The collector keeps it a few seconds,
+    # unless the server runs more without queueing. No metric of vLLM or SGLang says how many
+    # sequences fit, and it varies with their lengths.
     batch_limit: float = 0.0
+    batch_limit_at_ms: int = 0  # when it was seen
     consecutive_failures: int = 0
     error: str = ""
 

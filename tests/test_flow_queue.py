@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 from redis.asyncio import Redis
 
-from collector.collector import with_batch_limit
+from collector.collector import BATCH_LIMIT_KEEP_MS, with_batch_limit
 from gateway_state import keys
 from gateway_state.clock import FleetClock
 from gateway_state.records import Config, Criticality, Endpoint, FlowControl, LoadSample, Model, Pool, TargetModel
@@ -258,14 +258,21 @@ def test_a_server_seen_full_is_let_through_exactly_as_many_as_its_batch_holds() 
     seen_full = LoadSample(0, True, waiting=0, running=8, kv_cache_usage=0.3, batch_limit=8)
     assert free_slots(seen_full, 8, flow, 2) == 0 and free_slots(seen_full, 5, flow, 2) == 3
     assert free_slots(seen_full, 8, replace(flow, release_waiting=1), 2) == 1
+    # Full of traffic from elsewhere (nothing of the gateway's there): no room.
+    assert free_slots(replace(seen_full, waiting=4), 0, flow, 2) == 0
     never_full = replace(seen_full, batch_limit=0)  # could run more: grows by the saturation queue
     assert free_slots(never_full, 8, flow, 2) == 5
 
 
-def test_the_collector_keeps_the_batch_a_server_was_seen_full_at() -> None:
-    queueing = with_batch_limit(LoadSample(0, True, waiting=2, running=8), None)
+def test_the_collector_keeps_the_batch_a_server_was_seen_full_at_for_a_while() -> None:
+    queueing = with_batch_limit(LoadSample(1000, True, waiting=2, running=8), None)
     assert queueing.batch_limit == 8
-    calm = with_batch_limit(LoadSample(1, True, waiting=0, running=6), queueing)
+    calm = with_batch_limit(LoadSample(1100, True, waiting=0, running=6), queueing)
     assert calm.batch_limit == 8
-    grown = with_batch_limit(LoadSample(2, True, waiting=0, running=12), calm)
+    grown = with_batch_limit(LoadSample(1200, True, waiting=0, running=12), calm)
     assert grown.batch_limit == 0  # it ran more than that without queueing: the limit is unknown again
+    old = with_batch_limit(LoadSample(1000 + BATCH_LIMIT_KEEP_MS + 1, True, waiting=0, running=6), calm)
+    assert old.batch_limit == 0
+    # Waiting for a LoRA slot says nothing about the batch.
+    lora = with_batch_limit(LoadSample(1000, True, waiting=3, running=1, waiting_adapters=("a",)), None)
+    assert lora.batch_limit == 0

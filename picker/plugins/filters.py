@@ -92,9 +92,10 @@ def free_slots(load: LoadSample | None, inflight: int, flow: FlowControl, unknow
     queueing or its KV cache at the saturation threshold when scraped); `unknown` without a sample."""
     if load is None:
         return unknown
-    if load.batch_limit > 0:  # the batch it was last seen full at: what it runs without queueing
-        return max(0, math.ceil(load.batch_limit + flow.release_waiting - inflight))
     queue = estimated_waiting(load, inflight)
+    if load.batch_limit > 0:  # the batch it was last seen full at: what it runs without queueing
+        # Its load now: the gateway's requests there, or the scraped load if they are none (from elsewhere).
+        return max(0, math.ceil(load.batch_limit + flow.release_waiting - (load.running + queue)))
     if load.waiting <= 0 and load.kv_cache_usage < flow.saturation_kv_cache:
         # Never seen full: it could start more than it was running, how many more is unknown. It
         # grows by up to the saturation queue per sample, as new arrivals do.
