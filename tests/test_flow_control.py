@@ -26,6 +26,7 @@ from gateway_state import keys
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import wait_for
 from tests.conftest import POD_NET, free_port
+from tests.test_resilience import envoy_sends_to_every_picker
 
 NET = random.choice([f"127.{n}." for n in range(20, 120) if f"127.{n}." != POD_NET])
 PORT = free_port()
@@ -109,17 +110,8 @@ def fc_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 async def both_pickers_serving(fleet: Fleet) -> None:
-    """Envoy spreads streams over both replicas only once its health checks have passed on both and
-    its workers have the news (a few seconds after its admin page says healthy)."""
     async with aiohttp.ClientSession() as http:
-        async def served_by_both() -> bool:
-            await ask(http, "standard", 1)
-            async with http.get(f"http://127.0.0.1:{fleet.settings.envoy_admin_port}/clusters") as r:
-                counts = [int(line.rsplit("::", 1)[1]) for line in (await r.text()).splitlines()
-                          if line.startswith("picker::") and "::rq_total::" in line]
-            return len(counts) == 2 and min(counts) > 0
-
-        await wait_for(served_by_both, 30)
+        await wait_for(lambda: envoy_sends_to_every_picker(http, fleet, PORT, "standard"), 30)
 
 
 @pytest.fixture

@@ -98,6 +98,25 @@ async def envoy_sees_every_picker_healthy(http: aiohttp.ClientSession, fleet: Fl
     return len(flags) == len(fleet.settings.picker_ports) and all(f == "healthy" for f in flags)
 
 
+async def picker_streams(http: aiohttp.ClientSession, fleet: Fleet) -> dict[str, int]:
+    """Envoy's count of ext_proc streams per picker replica."""
+    async with http.get(f"http://127.0.0.1:{fleet.settings.envoy_admin_port}/clusters") as r:
+        return {line.split("::")[1]: int(line.rsplit("::", 1)[1]) for line in (await r.text()).splitlines()
+                if line.startswith("picker::") and "::rq_total::" in line}
+
+
+async def envoy_sends_to_every_picker(http: aiohttp.ClientSession, fleet: Fleet, port: int = PREFIX_PORT,
+                                      model: str | None = None) -> bool:
+    """Envoy spreads new streams over every replica. Seen on Envoy 1.40: for a few seconds after its
+    health checks pass on both, its workers still send every stream to the first one."""
+    before = await picker_streams(http, fleet)
+    for _ in range(2):
+        await post(http, port, chat("spread", max_tokens=1) if model is None else chat("spread", model=model,
+                                                                                        max_tokens=1))
+    after = await picker_streams(http, fleet)
+    return len(after) == len(fleet.settings.picker_ports) and all(n > before.get(h, 0) for h, n in after.items())
+
+
 async def test_a_crashed_picker_costs_only_the_streams_it_was_serving(http: aiohttp.ClientSession,
                                                                       fleet: Fleet) -> None:
     # kill -9: the streams in progress on it fail and their requests fall back to the pool's
@@ -105,6 +124,7 @@ async def test_a_crashed_picker_costs_only_the_streams_it_was_serving(http: aioh
     # replica, before and after the health checks take it out.
     before: list[int] = []
     await wait_for(lambda: envoy_sees_every_picker_healthy(http, fleet), 10.0)  # the other must take over
+    await wait_for(lambda: envoy_sends_to_every_picker(http, fleet), 20.0)  # and the one killed has streams
 
     async def crash() -> None:
         before.append(await envoy_counter(http, fleet, "ext_proc.failure_mode_allowed"))
