@@ -196,8 +196,8 @@ class Placement:
                     not any(c.room for c in candidates if not c.draining))
 
     async def room(self, pool: Pool, samples: dict[str, LoadSample], drained: frozenset[str] = frozenset()) -> int:
-        """How many more requests the pool takes before it is saturated, over every replica's in-flight
-        requests (this replica's own alone while the state cannot answer)."""
+        """How many waiting requests the pool can take now by flow control's release rule (filters.free_slots),
+        over every replica's in-flight requests (this replica's own alone while the state cannot answer)."""
         try:
             self._check_state()
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
