@@ -6,8 +6,11 @@
 and, for the 4-replica runs, the same schedule again with every picker replica
 killed and restarted between its two halves. Each run starts a fresh fleet, so
 no run inherits another's KV caches. Hit rates come from the pods' own counters.
+With `--scaling`, instead: shared state with 1, 2, 4 and 8 picker replicas, each
+against one replica's hit rate.
 
     .venv/bin/python -m benchmarks.affinity [--groups 8 --users 6 --turns 8]
+    .venv/bin/python -m benchmarks.affinity --scaling
 
 Writes bench/out/affinity.json and prints the table.
 """
@@ -86,8 +89,12 @@ def main() -> None:
     # Per-pod KV cache: smaller than the workload's working set, larger than its share of it,
     # as on real GPUs, so where a request lands decides whether its prefix is still cached.
     p.add_argument("--num-blocks", type=int, default=4000)
+    p.add_argument("--scaling", action="store_true", help="shared state with 1, 2, 4 and 8 replicas instead")
     a = p.parse_args()
     workload = SharedPrefixWorkload(groups=a.groups, users=a.users, turns=a.turns, system_words=a.system_words)
+    if a.scaling:
+        scaling(workload, a)
+        return
     runs = {
         "shared_1_picker": (1, "redis", False),
         "shared_4_pickers": (4, "redis", False),
@@ -120,6 +127,25 @@ def main() -> None:
         print(f"{name:<28} {row['hit_rate']:8.3f} {row['first_half_hit_rate']:9.3f} "
               f"{row['second_half_hit_rate']:9.3f} {row['failed']:7d}")
     print("\nratios:", {k: round(v, 3) for k, v in out["ratios"].items()})
+
+
+def scaling(workload: SharedPrefixWorkload, a: argparse.Namespace) -> None:
+    """Does sharing keep affinity as replicas are added? Hit rate with 1, 2, 4 and 8 replicas."""
+    out: dict[str, Any] = {"workload": asdict(workload), "num_blocks": a.num_blocks, "runs": {}}
+    for replicas in (1, 2, 4, 8):
+        fleet = fleet_for(replicas, "redis", a.time_scale, a.num_blocks)
+        try:
+            fleet.start()
+            out["runs"][replicas] = asyncio.run(run(fleet, workload, False, a.concurrency))
+        finally:
+            fleet.stop()
+        print(replicas, json.dumps(out["runs"][replicas]), flush=True)
+    one = out["runs"][1]["hit_rate"]
+    Path("bench/out").mkdir(parents=True, exist_ok=True)
+    Path("bench/out/affinity-scaling.json").write_text(json.dumps(out, indent=2))
+    print("\nreplicas  hit rate  x 1 replica  failed")
+    for replicas, row in out["runs"].items():
+        print(f"{replicas:>8} {row['hit_rate']:9.3f} {row['hit_rate'] / one:12.3f} {row['failed']:7d}")
 
 
 if __name__ == "__main__":
