@@ -221,14 +221,15 @@ async def test_a_client_that_goes_away_leaves_the_shared_queue_at_once(http: aio
             return int(await redis.zcard(keys.queue(POOL))) == n
 
         await wait_for(lambda: queued(1), 5)
-        # Every replica's admin API shows the fleet's queue: one Standard request, and the pool saturated.
+        # Every replica's admin API shows the fleet's queue: one Standard request. (Not the room: it may
+        # open, as a pod's own queue drains, a moment before the request is let through.)
         headers = {"Authorization": f"Bearer {fc_fleet.admin_tokens['read']}"}
         views = []
         for port in fc_fleet.settings.picker_admin_ports:
             async with http.get(f"http://127.0.0.1:{port}/admin/pools/default/fc-pool/queue", headers=headers) as r:
                 views.append(await r.json())
         for view in views:
-            assert view["waiting"] == 1 and view["saturated"] and view["room"] == 0
+            assert view["waiting"] == 1 and view["settings"]["saturation_waiting"] == 1
             assert [(p["priority"], p["waiting"]) for p in view["by_priority"]] == [(0, 1)]
         assert sum(len(v["this_replica"]) for v in views) == 1
         leaving.cancel()
