@@ -29,7 +29,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -151,6 +151,10 @@ class MemoryQueue:
             return "waiting"
         return "granted" if q.grants.pop(ticket, None) is not None else "gone"
 
+    def waiting(self, pool: str) -> int:
+        q = self._pools.get(pool)
+        return len(q.entries) if q else 0
+
     @staticmethod
     def _tenant_done(q: _PoolQueue, priority: int, tenant: str) -> None:
         level = q.levels[priority]
@@ -182,7 +186,6 @@ class FlowController:
         self._metrics = metrics
         self._me = settings.server.replica_id
         self._waiters: dict[tuple[str, str], _Waiter] = {}  # (pool, ticket) -> this replica's waiting request
-        self._waiting = Counter[str]()  # pool -> this replica's waiting requests, read on every request
         self._dispatching: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()  # pools whose room changed while a dispatch was under way
         self._fleet_down_until = 0.0  # monotonic; before it, new requests queue locally
@@ -230,14 +233,14 @@ class FlowController:
             raise
         finally:
             self._waiters.pop((waiter.pool, waiter.ticket), None)
-            self._waiting[waiter.pool] -= 1
             if not waiter.left:  # drops the grant (its request is counted in flight now) or the ticket
                 self._later(self._leave(waiter))
         self._count(pool.name, priority, "dispatched", time.monotonic() - started)
         return placements
 
     def _someone_waits(self, pool: str) -> bool:
-        return self._snapshots.current.queued.get(pool, 0) > 0 or self._waiting[pool] > 0
+        return self._snapshots.current.queued.get(pool, 0) > 0 or self._local.waiting(pool) > 0 or any(
+            w.pool == pool for w in self._waiters.values())
 
     async def _enqueue(self, pool: str, priority: int, tenant: str, ttl_ms: int, max_queued: int) -> _Waiter:
         queue: Queue = self._local
@@ -262,7 +265,6 @@ class FlowController:
         waiter = _Waiter(pool, ticket, queue, priority, tenant, time.monotonic() + ttl_ms / 1000,
                          asyncio.get_running_loop().create_future())
         self._waiters[(pool, ticket)] = waiter
-        self._waiting[pool] += 1
         self._metrics.flow_waiting.labels(pool, str(priority)).inc()
         waiter.granted.add_done_callback(lambda _: self._metrics.flow_waiting.labels(pool, str(priority)).dec())
         self.kick(pool)
