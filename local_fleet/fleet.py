@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -265,14 +264,18 @@ class Fleet:
                                            and len(h["health_status"]) == 1 for h in hosts)
         return False
 
-    def supervise(self, stop: threading.Event, log: Callable[[str], None]) -> None:
-        """Until `stop` is set: restart any process that exits, as a process manager would,
+    def supervise(self, stopping: Callable[[], bool], log: Callable[[str], None]) -> None:
+        """Until `stopping()`: restart any process that exits, as a process manager would,
         after a backoff that doubles on each quick exit (0.25 s up to 8 s) and resets once
-        the process has run for a minute. The others keep serving meanwhile."""
+        the process has run for a minute. The others keep serving meanwhile.
+
+        `stopping` is polled, not waited on, so a signal handler may flip it: a handler that
+        set a threading.Event could deadlock on the lock the waiting thread holds."""
         started = {name: time.monotonic() for name in self.processes}
         failures = dict.fromkeys(self.processes, 0)
         due: dict[str, float] = {}  # process -> when to restart it
-        while not stop.wait(0.1):
+        while not stopping():
+            time.sleep(0.1)
             now = time.monotonic()
             for name, proc in list(self.processes.items()):
                 if name in due:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from local_fleet.fleet import Fleet, FleetSettings
@@ -35,13 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     settings = FleetSettings(manifests_dir=a.manifests.resolve(), work_dir=a.work_dir.resolve(),
                              redis_url=os.environ.get("REDIS_URL") or None, **ports)
     fleet = Fleet(settings)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # A plain flag: setting a threading.Event in a handler can deadlock on the lock the main thread holds.
+    signals: list[int] = []
+    signal.signal(signal.SIGTERM, lambda sig, _: signals.append(sig))
+    signal.signal(signal.SIGINT, lambda sig, _: signals.append(sig))
     try:
         fleet.start()
         _print_hints(fleet)
-        fleet.supervise(stop, lambda line: print(line, file=sys.stderr, flush=True))
+        fleet.supervise(lambda: bool(signals), lambda line: print(line, file=sys.stderr, flush=True))
     finally:
         print("stopping the fleet ...", file=sys.stderr)
         fleet.stop()
