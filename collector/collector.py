@@ -96,7 +96,7 @@ class Collector:
         pools = [(pool.name, tuple(e for e in pool.endpoints if e.key in mine)) for pool in config.pools.values()]
         self._metrics.endpoints_owned.set(len(mine))
         before = dict(self._last)
-        results = await asyncio.gather(*(self._scrape_pool(session, eps) for _, eps in pools))
+        results = await asyncio.gather(*(self._scrape_pool(session, name, eps) for name, eps in pools))
         now_ms = self._clock.now_ms()
         for (name, _), samples in zip(pools, results, strict=True):
             good = [s.scraped_at_ms for s in samples.values() if s.scraped_at_ms > 0]
@@ -137,9 +137,27 @@ class Collector:
         except RedisError as exc:
             log.warning("cannot prune load samples: %s", exc)
 
-    async def _scrape_pool(self, session: aiohttp.ClientSession,
+    async def _scrape_pool(self, session: aiohttp.ClientSession, pool: str,
                            endpoints: tuple[Endpoint, ...]) -> dict[str, LoadSample]:
+        if not endpoints:
+            return {}
+        # The fleet's requests in flight at each endpoint as it is scraped: what else it ran came from
+        # elsewhere (LoadSample.gateway_inflight). Read before and after, the larger count: a request
+        # the endpoint held when scraped was admitted before it, and released after.
+        try:
+            before: dict[str, int] | None = (await self._store.lookup(pool, [])).inflight
+        except RedisError:
+            before = None
         samples = await asyncio.gather(*(self._scrape(session, e) for e in endpoints))
+        if before is not None:
+            try:
+                after = (await self._store.lookup(pool, [])).inflight
+                samples = [replace(s, gateway_inflight=max(before.get(e.key, 0), after.get(e.key, 0)))
+                           if s.ok else s for e, s in zip(endpoints, samples, strict=True)]
+            except RedisError:
+                pass
+        for e, s in zip(endpoints, samples, strict=True):
+            self._last[e.key] = s
         return {e.key: s for e, s in zip(endpoints, samples, strict=True)}
 
     async def _scrape(self, session: aiohttp.ClientSession, endpoint: Endpoint) -> LoadSample:
@@ -162,7 +180,6 @@ class Collector:
                 log.warning("scrape of %s (%s) failed: %s", endpoint.name, endpoint.key, sample.error)
         finally:
             self._metrics.scrape_seconds.observe(time.perf_counter() - started)
-        self._last[endpoint.key] = sample
         return sample
 
 

@@ -192,6 +192,9 @@ class LoadSample:
     # sequences fit, and it varies with their lengths.
     batch_limit: float = 0.0
     batch_limit_at_ms: int = 0  # when it was seen
+    # The fleet's requests in flight at the endpoint (every picker replica's) when it was scraped; -1
+    # unknown. What it ran and queued beyond them came from elsewhere: other clients, synthetic load.
+    gateway_inflight: int = -1
     consecutive_failures: int = 0
     error: str = ""
 

@@ -13,7 +13,7 @@ signatures' annotations, and they name dependencies local to the app factory.
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -178,8 +178,8 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
     async def queue(namespace: str, name: str, _: Reader) -> dict[str, Any]:
         pool = pool_of(namespace, name)
         snapshot = ctx.snapshots.current
-        room = await ctx.placement.room(pool, snapshot.load.get(pool.name, {}),
-                                        snapshot.drained.get(pool.name, frozenset()))
+        endpoints = await ctx.placement.room_by_endpoint(pool, snapshot.load.get(pool.name, {}),
+                                                         snapshot.drained.get(pool.name, frozenset()))
         waiting, grants = await ctx.store.queue_view(pool.name)
         now_ms = ctx.placement.now_ms()
         priorities: dict[int, dict[str, Any]] = {}
@@ -191,7 +191,9 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
             p["tenants"][tenant or "(none)"] = p["tenants"].get(tenant or "(none)", 0) + 1
             p["replicas"][owner_replica] = p["replicas"].get(owner_replica, 0) + 1
         flow = pool.flow
-        return {"pool": pool.name, "room": room, "saturated": room <= 0,
+        return {"pool": pool.name, "room": sum(r.free_slots for r in endpoints.values()),
+                "saturated": not any(r.has_room for r in endpoints.values()),
+                "endpoints": [{"endpoint": key, **asdict(r)} for key, r in endpoints.items()],
                 "settings": {"saturation_waiting": flow.saturation_waiting,
                              "saturation_kv_cache": flow.saturation_kv_cache, "release_waiting": flow.release_waiting,
                              "priority_reserve": flow.priority_reserve, "queue_ttl_ms": flow.queue_ttl_ms,

@@ -26,7 +26,7 @@ from gateway_state.store import SharedView, model_field, model_figures, split_fi
 from picker.errors import GatewayError, Shed
 from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
-from picker.plugins.filters import free_slots, has_room
+from picker.plugins.filters import estimated_waiting, free_slots, has_room
 from picker.plugins.framework import Candidate
 from picker.plugins.pickers import replica_share
 from picker.prefix import capacity_blocks
@@ -50,6 +50,14 @@ class Plan:
     @property
     def chosen(self) -> Candidate:
         return self.decision.endpoints[0]
+
+
+@dataclass(frozen=True)
+class EndpointRoom:
+    inflight: int  # the fleet's requests there now
+    estimated_waiting: float | None  # its queue now (filters.estimated_waiting); None: no fresh sample
+    has_room: bool  # below the saturation thresholds: a request arriving while none waits goes there
+    free_slots: int  # waiting requests the release rule lets through to it now
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,11 @@ class Placement:
     async def room(self, pool: Pool, samples: dict[str, LoadSample], drained: frozenset[str] = frozenset()) -> int:
         """How many waiting requests the pool can take now by flow control's release rule (filters.free_slots),
         over every replica's in-flight requests (this replica's own alone while the state cannot answer)."""
+        return sum(r.free_slots for r in (await self.room_by_endpoint(pool, samples, drained)).values())
+
+    async def room_by_endpoint(self, pool: Pool, samples: dict[str, LoadSample],
+                               drained: frozenset[str] = frozenset()) -> dict[str, EndpointRoom]:
+        """Flow control's view of each serving endpoint (neither drained nor failing its scrapes)."""
         try:
             self._check_state()
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
@@ -209,9 +222,14 @@ class Placement:
         inflight = dict(Counter(others.inflight) + Counter(own)) if others is not None else own
         now_ms, unknown = self._clock.now_ms(), self._settings.flow.unknown_endpoint_room
         healthy = self._settings.scheduling.max_scrape_failures
-        return sum(free_slots(self._fresh(samples.get(e.key), now_ms), inflight.get(e.key, 0), pool.flow, unknown)
-                   for e in pool.endpoints if e.key not in drained
-                   and (samples[e.key].consecutive_failures if e.key in samples else 0) < healthy)
+        out = {}
+        for e in pool.endpoints:
+            if e.key in drained or (samples[e.key].consecutive_failures if e.key in samples else 0) >= healthy:
+                continue
+            load, n = self._fresh(samples.get(e.key), now_ms), inflight.get(e.key, 0)
+            out[e.key] = EndpointRoom(n, None if load is None else estimated_waiting(load, n),
+                                      has_room(load, n, pool.flow), free_slots(load, n, pool.flow, unknown))
+        return out
 
     async def commit(self, plan: Plan, started: float) -> Placed | None:
         """Admit the plan: counted here at once, and in the state; None if another replica took the

@@ -16,8 +16,9 @@ from collector.collector import Collector, CollectorSettings
 from collector.metrics import CollectorMetrics
 from collector.metrics_map import GarbledMetrics, to_load_sample
 from gateway_state import keys
-from gateway_state.records import Config, Endpoint, Pool
+from gateway_state.records import Config, Endpoint, FlowControl, Pool
 from gateway_state.store import StateStore
+from picker.plugins.filters import estimated_waiting, has_room
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
 from tests.client import wait_for
@@ -128,6 +129,40 @@ async def test_collector_publishes_samples_and_marks_failures_stale(redis_client
     for bad in endpoints[2:]:
         assert not samples[bad.key].ok and samples[bad.key].consecutive_failures >= 2, samples[bad.key]
     assert samples[endpoints[2].key].error.startswith("unparsable metrics")
+
+
+async def test_each_sample_notes_the_gateways_requests_in_flight_when_scraped(
+        redis_client: Redis, pods: dict[str, SimulatedPod]) -> None:
+    """So a picker can tell a pod's load from elsewhere (here synthetic) from the gateway's own."""
+    vllm, sglang = pods["vllm"], pods["sglang"]
+    endpoints = (Endpoint("vllm-0", vllm.spec.host, vllm.spec.port),
+                 Endpoint("sglang-0", sglang.spec.host, sglang.spec.port))
+    store = StateStore(redis_client)
+    await publish(store, Config(1, {"p": Pool("p", (8000,), endpoints=endpoints)}, {}))
+    async with aiohttp.ClientSession() as http, http.post(f"http://{vllm.spec.host}:{vllm.spec.port}/sim/load",
+                                                          json={"requests": 300, "prompt_tokens": 64}) as r:
+        assert r.status == 200
+    for replica, n in (("picker-a", 2), ("picker-b", 1)):  # two replicas' requests at the vLLM pod
+        for _ in range(n):
+            assert await store.admit("p", replica, endpoints[0].key, 60_000)
+    collector = Collector(store, CollectorSettings(scrape_interval_ms=50), CollectorMetrics())
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+
+    async def scraped() -> bool:
+        samples = (await store.read_snapshot(["p"])).load.get("p", {})
+        return len(samples) == 2 and samples[endpoints[0].key].running == 256
+
+    await wait_for(scraped, 5.0)
+    stop.set()
+    await task
+    samples = (await store.read_snapshot(["p"])).load["p"]
+    v, s = samples[endpoints[0].key], samples[endpoints[1].key]
+    assert (v.gateway_inflight, s.gateway_inflight) == (3, 0)
+    # 300 requests there, 3 of them the gateway's: 297 from elsewhere stay; the queue is 44 with the
+    # gateway's 3, and 45 once one more is admitted, not 3 - 256 (as if all it ran were the gateway's).
+    assert estimated_waiting(v, 3) == 44 and estimated_waiting(v, 4) == 45
+    assert not has_room(v, 3, FlowControl())
 
 
 async def test_sglang_pod_answers_the_routers_discovery_calls(pods: dict[str, SimulatedPod]) -> None:

@@ -233,6 +233,11 @@ def test_room_is_judged_on_the_requests_in_flight_not_only_the_last_scrape() -> 
     assert estimated_waiting(full, 14) == 6 and not has_room(full, 14, flow)
     # Nothing of the gateway's there: the scraped queue (traffic from elsewhere) is all there is.
     assert estimated_waiting(full, 0) == 3
+    # The collector noted 5 of the 11 as the gateway's: 6 came from elsewhere and stay. With 2 of the
+    # gateway's now, 8 are there for 8 slots; with 7, 5 wait.
+    mixed = replace(full, gateway_inflight=5)
+    assert estimated_waiting(mixed, 2) == 0 and estimated_waiting(mixed, 7) == 5 and not has_room(mixed, 7, flow)
+    assert estimated_waiting(replace(full, gateway_inflight=11), 9) == 1  # all the gateway's: as before
     assert not has_room(replace(full, kv_cache_usage=0.85), 7, flow)
     assert has_room(None, 100, flow) and free_slots(None, 100, flow, 2) == 2  # unknown load: room, gradually
 

@@ -69,14 +69,20 @@ class SheddableFilter:
 
 def estimated_waiting(load: LoadSample, inflight: int) -> float:
     """The endpoint's waiting queue now, from the gateway's requests in flight there (every replica's,
-    counted the moment they are admitted or end) beyond what it was running when last scraped.
+    counted the moment they are admitted or end) and the load it had from elsewhere when scraped.
 
-    When scraped, the endpoint held running + waiting of the gateway's requests; each admitted since
-    adds one and each ended since frees one, so the queue now is in flight - running (negative: free
-    batch slots it showed then). A sample 100 ms old would hold a freed slot back until the next scrape,
-    and let a burst through before it. Only an endpoint the gateway has nothing in flight at is judged by
-    its scraped queue alone, which then comes from elsewhere."""
-    return inflight - load.running if inflight > 0 else load.waiting
+    When scraped, the endpoint held running + waiting requests, `load.gateway_inflight` of them the
+    gateway's; the rest came from elsewhere (other clients) and is taken to stay. Each request the
+    gateway admitted since adds one and each that ended frees one, so the queue now is in flight +
+    from elsewhere - running (negative: batch slots free). A sample 100 ms old would hold a freed slot
+    back until the next scrape, and let a burst through before it. A sample that does not say what was
+    the gateway's counts none from elsewhere while the gateway has requests there, and is its scraped
+    queue alone otherwise."""
+    if load.gateway_inflight >= 0:
+        elsewhere = max(0.0, load.running + load.waiting - load.gateway_inflight)
+    else:
+        elsewhere = 0.0 if inflight > 0 else load.running + load.waiting
+    return inflight + elsewhere - load.running
 
 
 def has_room(load: LoadSample | None, inflight: int, flow: FlowControl) -> bool:
@@ -94,7 +100,7 @@ def free_slots(load: LoadSample | None, inflight: int, flow: FlowControl, unknow
         return unknown
     queue = estimated_waiting(load, inflight)
     if load.batch_limit > 0:  # the batch it was last seen full at: what it runs without queueing
-        # Its load now: the gateway's requests there, or the scraped load if they are none (from elsewhere).
+        # Its load now: the gateway's requests there, and what it had from elsewhere.
         return max(0, math.ceil(load.batch_limit + flow.release_waiting - (load.running + queue)))
     if load.waiting <= 0 and load.kv_cache_usage < flow.saturation_kv_cache:
         # Never seen full: it could start more than it was running, how many more is unknown. It
