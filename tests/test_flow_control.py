@@ -1,7 +1,8 @@
 """Flow control through real Envoy, Redis, two picker replicas and simulated pods.
 
 A pool of two pods running two sequences each (a tiny batch), saturated once each
-pod has one request waiting: long "blocker" requests fill it, then:
+pod has one request waiting: the simulator's synthetic sequences fill it until the
+test lets them go (all four batch slots open at once), then:
 - Critical requests go before Standard ones queued earlier, whichever replica each
   waits at (Envoy spreads the ext_proc streams over both), and waits longer than
   Envoy's usual 2 s picker timeout are held, not cut;
@@ -17,6 +18,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -148,30 +150,85 @@ async def ask(http: aiohttp.ClientSession, model: str, max_tokens: int, headers:
     return out
 
 
-async def saturate(http: aiohttp.ClientSession) -> list[asyncio.Task[Outcome]]:
-    """Six long requests, staggered so their slots free one at a time; returns once the pool refuses
-    Sheddable traffic (it is saturated)."""
-    blockers = [asyncio.create_task(ask(http, "critical", 500 + 60 * i)) for i in range(6)]
+class Saturated:
+    """Both pods' batches held full by the simulator's synthetic sequences (two running, one
+    waiting at each), until `release`: the moment room opens is the test's, not a race with
+    requests finishing."""
 
-    async def refused() -> bool:
-        return (await ask(http, "sheddable", 1)).status == 429
+    def __init__(self, http: aiohttp.ClientSession, fleet: Fleet) -> None:
+        self.http, self.fleet = http, fleet
+        self.pods = [f"http://{NET}1.{i + 1}:8000/sim/load" for i in range(2)]
 
-    await wait_for(refused, 10)
-    return blockers
+    async def __aenter__(self) -> Saturated:
+        for pod in self.pods:
+            async with self.http.post(pod, json={"requests": 3, "prompt_tokens": 16, "max_tokens": 100_000}) as r:
+                assert r.status == 200
+        try:
+            await wait_for(self.seen_saturated, 10)
+            # Nobody waits yet, and the pool is full: Sheddable traffic is refused at once.
+            try:
+                assert (await asyncio.wait_for(ask(self.http, "sheddable", 1), 5)).status == 429
+            except TimeoutError:
+                raise AssertionError(f"a Sheddable request was let in; the replicas see {await self.views()}") from None
+        except BaseException:
+            await self.release()
+            raise
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.release()
+        # Until every replica sees the room, so the next test's load is not judged by this one's samples.
+        await wait_for(self.seen_room, 10)
+
+    async def seen_room(self) -> bool:
+        return not any(view["saturated"] for view in await self.views())
+
+    async def seen_saturated(self) -> bool:
+        """Every replica's view, from the pods' scraped queues."""
+        return all(view["saturated"] for view in await self.views())
+
+    async def views(self) -> list[dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {self.fleet.admin_tokens['read']}"}
+        views = []
+        for port in self.fleet.settings.picker_admin_ports:
+            async with self.http.get(f"http://127.0.0.1:{port}/admin/pools/default/fc-pool/queue",
+                                     headers=headers) as r:
+                views.append(await r.json())
+        return views
+
+    async def release(self) -> None:
+        for pod in self.pods:
+            async with self.http.delete(pod) as r:
+                assert r.status == 200
+
+
+async def queued(fleet: Fleet, n: int) -> None:
+    """Until the fleet's shared queue holds `n` requests."""
+    redis = Redis.from_url(fleet.redis_url)
+    try:
+        async def holds() -> bool:
+            return int(await redis.zcard(keys.queue(POOL))) == n
+        await wait_for(holds, 10)
+    finally:
+        await redis.aclose()
 
 
 async def test_critical_requests_go_before_standard_ones_queued_earlier_across_replicas(
         http: aiohttp.ClientSession, fc_fleet: Fleet) -> None:
-    blockers = await saturate(http)
-    sent = time.monotonic()
-    standard = [asyncio.create_task(ask(http, "standard", 8)) for _ in range(4)]
-    await asyncio.sleep(0.5)
-    critical = [asyncio.create_task(ask(http, "critical", 8)) for _ in range(4)]
-    results = await asyncio.gather(*standard, *critical, *blockers)
+    async with Saturated(http, fc_fleet) as pool:
+        sent = time.monotonic()
+        standard = [asyncio.create_task(ask(http, "standard", 8)) for _ in range(4)]
+        await queued(fc_fleet, 4)
+        critical = [asyncio.create_task(ask(http, "critical", 8)) for _ in range(4)]
+        await queued(fc_fleet, 8)
+        # Held longer than Envoy's usual 2 s picker timeout: the timeout covers the TTL.
+        await asyncio.sleep(max(0.0, 2.5 - (time.monotonic() - sent)))
+        await pool.release()
+        results = await asyncio.gather(*standard, *critical)
     assert all(r.status == 200 for r in results), [(r.status, r.body) for r in results]
     s, c = results[:4], results[4:8]
+    # Four batch slots open at once: the four Critical requests take them.
     assert max(r.first_token_at for r in c) < min(r.first_token_at for r in s)
-    # They waited for the blockers, longer than Envoy's usual 2 s picker timeout: the timeout covers the TTL.
     assert min(r.first_token_at for r in s) - sent > 2.0
     # Both replicas held waiting requests (Envoy spreads the streams), and both let theirs through.
     assert await picker_metric(http, fc_fleet, "picker_flow_requests_total", outcome="dispatched",
@@ -179,67 +236,65 @@ async def test_critical_requests_go_before_standard_ones_queued_earlier_across_r
 
 
 async def test_objective_priority_orders_like_criticality_and_negative_is_refused_at_once(
-        http: aiohttp.ClientSession) -> None:
-    blockers = await saturate(http)
-    started = time.monotonic()
-    batch = await ask(http, "standard", 8, {"x-gateway-inference-objective": "batch"})
-    assert batch.status == 429 and batch.answered_at - started < 1.0
-    assert batch.headers.get("Retry-After") == "1"
-    error = batch.body["error"]
-    assert isinstance(error, dict) and error["type"] == "RateLimitError" and "saturated" in error["message"]
-    critical = [asyncio.create_task(ask(http, "critical", 8)) for _ in range(3)]
-    await asyncio.sleep(0.5)
-    # The newer header name, and a tenant of its own: priority 10 passes the Critical ones queued first.
-    premium = [asyncio.create_task(ask(http, "standard", 8, {"x-llm-d-inference-objective": "premium",
-                                                            "x-gateway-inference-fairness-id": "tenant-p"}))
-               for _ in range(3)]
-    results = await asyncio.gather(*critical, *premium, *blockers)
+        http: aiohttp.ClientSession, fc_fleet: Fleet) -> None:
+    async with Saturated(http, fc_fleet) as pool:
+        started = time.monotonic()
+        batch = await ask(http, "standard", 8, {"x-gateway-inference-objective": "batch"})
+        assert batch.status == 429 and batch.answered_at - started < 1.0
+        assert batch.headers.get("Retry-After") == "1"
+        error = batch.body["error"]
+        assert isinstance(error, dict) and error["type"] == "RateLimitError" and "saturated" in error["message"]
+        critical = [asyncio.create_task(ask(http, "critical", 8)) for _ in range(4)]
+        await queued(fc_fleet, 4)
+        # The newer header name, and a tenant of its own: priority 10 passes the Critical ones queued first.
+        premium = [asyncio.create_task(ask(http, "standard", 8, {"x-llm-d-inference-objective": "premium",
+                                                                "x-gateway-inference-fairness-id": "tenant-p"}))
+                   for _ in range(4)]
+        await queued(fc_fleet, 8)
+        await pool.release()
+        results = await asyncio.gather(*critical, *premium)
     assert all(r.status == 200 for r in results)
-    assert max(r.first_token_at for r in results[3:6]) < min(r.first_token_at for r in results[:3])
+    # Four batch slots open at once: the four premium requests take them.
+    assert max(r.first_token_at for r in results[4:]) < min(r.first_token_at for r in results[:4])
 
 
-async def test_a_request_past_its_time_to_live_gets_an_openai_503(http: aiohttp.ClientSession) -> None:
-    blockers = await saturate(http)
-    started = time.monotonic()
-    late = await ask(http, "impatient", 8)
+async def test_a_request_past_its_time_to_live_gets_an_openai_503(http: aiohttp.ClientSession,
+                                                                   fc_fleet: Fleet) -> None:
+    async with Saturated(http, fc_fleet):
+        started = time.monotonic()
+        late = await ask(http, "impatient", 8)
     waited = late.answered_at - started
     assert late.status == 503 and 0.6 < waited < 3.0, (late.status, waited)
     error = late.body["error"]
     assert isinstance(error, dict) and error["type"] == "ServiceUnavailableError"
     assert "waited 0.7 s" in str(error["message"])
-    await asyncio.gather(*blockers)
 
 
 async def test_a_client_that_goes_away_leaves_the_shared_queue_at_once(http: aiohttp.ClientSession,
                                                                        fc_fleet: Fleet) -> None:
     redis = Redis.from_url(fc_fleet.redis_url)
     try:
-        blockers = await saturate(http)
-        leaving = asyncio.create_task(ask(http, "standard", 8))
-
-        async def queued(n: int) -> bool:
-            return int(await redis.zcard(keys.queue(POOL))) == n
-
-        await wait_for(lambda: queued(1), 5)
-        # Every replica's admin API shows the fleet's queue: one Standard request. (Not the room: it may
-        # open, as a pod's own queue drains, a moment before the request is let through.)
-        headers = {"Authorization": f"Bearer {fc_fleet.admin_tokens['read']}"}
-        views = []
-        for port in fc_fleet.settings.picker_admin_ports:
-            async with http.get(f"http://127.0.0.1:{port}/admin/pools/default/fc-pool/queue", headers=headers) as r:
-                views.append(await r.json())
-        for view in views:
-            assert view["waiting"] == 1 and view["settings"]["saturation_waiting"] == 1
-            assert [(p["priority"], p["waiting"]) for p in view["by_priority"]] == [(0, 1)]
-        assert sum(len(v["this_replica"]) for v in views) == 1
-        leaving.cancel()
-        await asyncio.gather(leaving, return_exceptions=True)
-        started = time.monotonic()
-        await wait_for(lambda: queued(0), 2)
-        assert time.monotonic() - started < 1.0
-        assert int(await redis.hlen(keys.queue_tickets(POOL))) == 0
+        async with Saturated(http, fc_fleet):
+            leaving = asyncio.create_task(ask(http, "standard", 8))
+            await queued(fc_fleet, 1)
+            # Every replica's admin API shows the fleet's queue: one Standard request, no room.
+            headers = {"Authorization": f"Bearer {fc_fleet.admin_tokens['read']}"}
+            views = []
+            for port in fc_fleet.settings.picker_admin_ports:
+                async with http.get(f"http://127.0.0.1:{port}/admin/pools/default/fc-pool/queue",
+                                    headers=headers) as r:
+                    views.append(await r.json())
+            for view in views:
+                assert view["waiting"] == 1 and view["saturated"] and view["settings"]["saturation_waiting"] == 1
+                assert [(p["priority"], p["waiting"]) for p in view["by_priority"]] == [(0, 1)]
+            assert sum(len(v["this_replica"]) for v in views) == 1
+            leaving.cancel()
+            await asyncio.gather(leaving, return_exceptions=True)
+            started = time.monotonic()
+            await queued(fc_fleet, 0)
+            assert time.monotonic() - started < 1.0
+            assert int(await redis.hlen(keys.queue_tickets(POOL))) == 0
         assert await picker_metric(http, fc_fleet, "picker_flow_requests_total", outcome="cancelled") >= 1
-        await asyncio.gather(*blockers)
     finally:
         await redis.aclose()
 
