@@ -47,8 +47,10 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-## Routing quality against round robin, random, least-queue, sglang-router and vllm-router (quick profile).
+## Routing quality against round robin, random, least-queue, sglang-router, vllm-router and the upstream
+## endpoint picker (quick profile). The upstream picker and its API server are built once, like the testbed's.
 bench: $(BENCH_STAMP)
+	$(BIN)/python -m testbed.build kube-apiserver etcd epp
 	$(BIN)/python -m benchmarks.routing $(BENCH_ARGS)
 
 clean:

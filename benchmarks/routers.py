@@ -1,7 +1,8 @@
 """The routers under test, all in front of the same simulated pods.
 
 Ours and Envoy's baselines are listeners of one local fleet; the peers
-(PyPI `sglang-router`, `vllm-router`) run as their own processes on loopback.
+(PyPI `sglang-router`, `vllm-router`, and the upstream endpoint picker behind an
+Envoy of its own) run as their own processes on loopback.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ MODEL = "/models/Qwen3-32B"
 @dataclass(frozen=True)
 class Router:
     name: str
-    kind: str  # "envoy": a listener of the fleet; "picker-local": ours with per-replica state; "peer": a process
+    # "envoy": a listener of the fleet; "picker-local": ours with per-replica state; "peer": a process;
+    # "upstream": the upstream endpoint picker behind an Envoy of its own (benchmarks/upstream_epp.py)
+    kind: str
     port: int
     model: str = MODEL  # what clients send; our pools take an alias and rewrite it
     command: tuple[str, ...] = ()  # peers: the executable and its policy arguments
+    replicas: int = 1  # the upstream picker's replicas, active-active
 
 
-def routers(peer_port: int = 30100) -> list[Router]:
+def routers(peer_port: int = 30100, upstream_port: int = 30200) -> list[Router]:
     return [
         Router("round_robin", "envoy", 8092),
         Router("random", "envoy", 8093),
@@ -35,6 +39,8 @@ def routers(peer_port: int = 30100) -> list[Router]:
         Router("sglang_cache_aware", "peer", peer_port, command=("sglang-router", "cache_aware")),
         Router("sglang_round_robin", "peer", peer_port, command=("sglang-router", "round_robin")),
         Router("vllm_router_cache_aware", "peer", peer_port, command=("vllm-router", "cache_aware")),
+        Router("upstream_epp", "upstream", upstream_port),
+        Router("upstream_epp_2_replicas", "upstream", upstream_port, replicas=2),
         Router("ours_default", "envoy", 8090, model="bench-default"),
         Router("ours_prefix_cache", "envoy", 8091, model="bench-prefix"),
         Router("ours_prefix_memory_2_replicas", "picker-local", 8091, model="bench-prefix"),

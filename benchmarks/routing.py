@@ -30,6 +30,7 @@ import aiohttp
 from benchmarks import arrivals
 from benchmarks.driver import idle_ttft_s, prefix_counters
 from benchmarks.routers import MODEL, PeerProcess, Router, manifests, routers
+from benchmarks.upstream_epp import UpstreamPicker
 from benchmarks.workloads import HotPrefixWorkload, SharedPrefixWorkload, StressWorkload
 from gateway_state.lifecycle import every
 from local_fleet.fleet import Fleet, FleetSettings
@@ -166,6 +167,7 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                                                 "--num-blocks", str(profile.num_blocks)),
                                 picker_args=picker_args))
     endpoints = [p.split("@")[1] for p in pods]
+    upstream = UpstreamPicker(work, flavour, endpoints, next(r.port for r in routers() if r.kind == "upstream"))
     fleet.start()
     try:
         fleet.wait_pods()
@@ -186,6 +188,8 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                     for name in ("picker-0", "picker-1"):
                         fleet.restart(name, ("--state", "local"))
                     fleet.wait_pickers_routable()
+                elif router.kind == "upstream":
+                    upstream.start(router.replicas)
                 try:
                     added_ms = (asyncio.run(idle_ttft_s(f"http://127.0.0.1:{router.port}", router.model))
                                 - direct_s) * 1000
@@ -194,6 +198,8 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                 finally:
                     if peer is not None:
                         peer.stop()
+                    if router.kind == "upstream":  # its API server too: no other router runs beside it
+                        upstream.stop()
                     if router.kind == "picker-local":
                         for name in ("picker-0", "picker-1"):
                             fleet.restart(name)
@@ -205,6 +211,7 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                       f"ttft p90 {row['ttft_p90_s']:.3f} s  {row['output_tok_s']:.0f} tok/s  "
                       f"failed {row['failed']} {row['errors'] or ''}", flush=True)
     finally:
+        upstream.stop()
         fleet.stop()
 
 
@@ -284,6 +291,20 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
                 check(flavour, f"(c) {q:g} QPS: hit >= 0.8 x oracle",
                       f"{ours['hit_rate']:.3f} / {ours['oracle_hit_rate']:.3f}",
                       ours["hit_rate"] >= 0.8 * ours["oracle_hit_rate"])
+        # The upstream endpoint picker, one replica and two: ours beats it on hit rate and the TTFT tail.
+        for (w, q), g in sorted(by.items()):
+            ours = g.get("ours_prefix_cache")
+            for name in ("upstream_epp", "upstream_epp_2_replicas"):
+                peer = g.get(name)
+                if ours is None or peer is None:
+                    continue
+                where = f"{w} {q:g} QPS" if q else w
+                check(flavour, f"{where}: hit > {name}", f"{ours['hit_rate']:.3f} / {peer['hit_rate']:.3f}",
+                      ours["hit_rate"] > peer["hit_rate"])
+                for pct in ("p90", "p99"):
+                    check(flavour, f"{where}: TTFT {pct} < {name}",
+                          f"{ours[f'ttft_{pct}_s']:.3f} / {peer[f'ttft_{pct}_s']:.3f} s",
+                          ours[f"ttft_{pct}_s"] < peer[f"ttft_{pct}_s"])
     return out if len(out) > 2 else []
 
 

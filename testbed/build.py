@@ -43,7 +43,10 @@ PROGRAMS = {
     "kube-apiserver": GoProgram("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
     "etcd": GoProgram("etcd", "."),
     "envoy-gateway": GoProgram("envoy-gateway", "github.com/envoyproxy/gateway/cmd/envoy-gateway"),
+    # The upstream endpoint picker, a peer of the benchmarks (benchmarks/upstream_epp.py).
+    "epp": GoProgram("epp", "sigs.k8s.io/gateway-api-inference-extension/cmd/epp"),
 }
+TESTS_NEED = ("kube-apiserver", "etcd", "envoy-gateway")
 
 
 def cache_dir() -> Path:
@@ -90,8 +93,9 @@ def _build(program: GoProgram, target: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="testbed.build", description=__doc__)
-    parser.add_argument("names", nargs="*", help=f"programs to build, of {', '.join(PROGRAMS)} (default: all)")
-    names = parser.parse_args(argv).names or list(PROGRAMS)
+    parser.add_argument("names", nargs="*", help=f"programs to build, of {', '.join(PROGRAMS)} "
+                                                 f"(default: those the tests run, {', '.join(TESTS_NEED)})")
+    names = parser.parse_args(argv).names or list(TESTS_NEED)
     unknown = [n for n in names if n not in PROGRAMS]
     if unknown:
         parser.error(f"unknown program {unknown[0]!r}; known: {', '.join(PROGRAMS)}")

@@ -19,9 +19,10 @@ from gateway_state.records import Config
 from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings
 from testbed.kube import KubeAPIServer
-from tests.kube_support import CHART_CRDS, GATEWAY_API_CRDS, Kube
+from testbed.kube_admin import CHART_CRDS, Kube
 
 FIXTURES = Path(__file__).parent / "fixtures"
+GATEWAY_API_CRDS = FIXTURES / "kube" / "gateway-api-crds.yaml"
 BIN = Path(sys.executable).parent
 
 _HANDED_OUT: set[int] = set()

@@ -19,9 +19,9 @@ import yaml
 from redis.asyncio import Redis
 
 from gateway_state.store import StateStore
+from testbed.kube_admin import Kube
 from tests.client import wait_for
 from tests.conftest import BIN
-from tests.kube_support import Kube
 
 CHART = Path(__file__).parent.parent / "charts" / "inference-picker-fleet"
 KUBE_VERSION = "1.35.0"  # a current release kubernetes-validate knows

@@ -21,9 +21,9 @@ from controller.sources import KubeSettings, KubeSource
 from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings
 from testbed.kube import KubeAPIServer
+from testbed.kube_admin import Kube
 from tests.client import wait_for
 from tests.conftest import BIN, free_port, pod_address
-from tests.kube_support import Kube
 from tests.picker_for_a_gateway import round1_round2
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "fleet"

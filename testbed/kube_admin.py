@@ -1,4 +1,5 @@
-"""The test side of Kubernetes: apply manifests, create Pods and write their status (there is no kubelet)."""
+"""The cluster admin's side of the testbed's Kubernetes: apply manifests, create Pods and write their status
+(there is no kubelet). The tests and the benchmarks' upstream picker use it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from kubernetes.dynamic import DynamicClient
 from testbed.kube import KubeAPIServer
 
 CHART_CRDS = Path(__file__).parent.parent / "charts" / "inference-picker-fleet" / "crds"
-GATEWAY_API_CRDS = Path(__file__).parent / "fixtures" / "kube" / "gateway-api-crds.yaml"
 
 
 class Kube:
@@ -54,7 +54,7 @@ class Kube:
             doc = {**doc, "metadata": {**doc["metadata"], "namespace": namespace or doc["metadata"].get(
                 "namespace", "default")}}
         return resource.server_side_apply(body=doc, name=doc["metadata"]["name"],
-                                          namespace=doc["metadata"].get("namespace"), field_manager="tests",
+                                          namespace=doc["metadata"].get("namespace"), field_manager="testbed",
                                           force_conflicts=True)
 
     def apply_file(self, path: Path, namespace: str, text: str | None = None) -> None:
