@@ -65,7 +65,7 @@ class FleetSettings:
             raise ValueError("each picker needs an admin port, or none has one")
 
 
-def _bin(name: str) -> str:
+def binary(name: str) -> str:
     """A console script or server binary installed beside this interpreter (the project venv)."""
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
@@ -165,7 +165,7 @@ class Fleet:
             data = s.work_dir / "redis"
             shutil.rmtree(data, ignore_errors=True)
             data.mkdir()
-            self._spawn("redis", [_bin("redis-server"), "--bind", "127.0.0.1", "--port", str(s.redis_port),
+            self._spawn("redis", [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(s.redis_port),
                                   "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data),
                                   "--protected-mode", "no"])
             self._wait("redis", lambda: _port_open("127.0.0.1", s.redis_port), timeout_s)
@@ -174,7 +174,7 @@ class Fleet:
         for key, (name, runtime) in self.pods().items():
             if name not in s.absent_pods:
                 by_kind.setdefault((runtime, roles.get(key, ())), []).append(f"{name}@{key}")
-        simulator = _bin("model-server-simulator")
+        simulator = binary("model-server-simulator")
         for (runtime, flags), specs in sorted(by_kind.items()):
             if s.pod_per_process:
                 for spec in specs:
@@ -192,7 +192,7 @@ class Fleet:
             metrics = ["--metrics-address", f"127.0.0.1:{s.controller_metrics_ports[i]}"] \
                 if i < len(s.controller_metrics_ports) else []
             self._spawn(f"controller-{i}", [
-                _bin("controller"), "--controller-id", f"controller-{i}", *source, *metrics,
+                binary("controller"), "--controller-id", f"controller-{i}", *source, *metrics,
                 "--envoy-config-dir", str(self.envoy_dir), "--listen-address", s.listen_address,
                 "--envoy-admin-port", str(s.envoy_admin_port), "--resync-interval-ms", str(s.resync_interval_ms),
                 *pickers], env)
@@ -200,17 +200,17 @@ class Fleet:
         for i in range(s.collectors):
             metrics = ["--metrics-address", f"127.0.0.1:{s.collector_metrics_ports[i]}"] \
                 if i < len(s.collector_metrics_ports) else []
-            self._spawn(f"collector-{i}", [_bin("collector"), "--collector-id", f"collector-{i}",
+            self._spawn(f"collector-{i}", [binary("collector"), "--collector-id", f"collector-{i}",
                                            "--scrape-interval-ms", str(s.scrape_interval_ms), *metrics], env)
         tokens = self._write_admin_tokens() if s.picker_admin_ports else None
         for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports, strict=True)):
             admin = ["--admin-address", f"127.0.0.1:{s.picker_admin_ports[i]}",
                      "--admin-tokens-file", str(tokens)] if tokens else []
             # Plaintext on loopback: the embedded Envoy talks to its pickers on this machine only.
-            self._spawn(f"picker-{i}", [_bin("picker"), "--no-secure-serving", "--grpc-address", f"127.0.0.1:{port}",
+            self._spawn(f"picker-{i}", [binary("picker"), "--no-secure-serving", "--grpc-address", f"127.0.0.1:{port}",
                                         "--metrics-address", f"127.0.0.1:{metrics_port}",
                                         "--replica-id", f"picker-{i}", *admin, *s.picker_args], env)
-        self._spawn("envoy", [_bin("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",
+        self._spawn("envoy", [binary("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",
                               "--log-level", "warn", "--concurrency", "2"])
         self.wait_pickers_routable(timeout_s)
 
@@ -232,18 +232,18 @@ class Fleet:
         for port in ports:
             data = self.settings.work_dir / f"redis-{port}"
             data.mkdir(exist_ok=True)
-            self._spawn(f"redis-{port}", [_bin("redis-server"), "--bind", "127.0.0.1", "--port", str(port),
+            self._spawn(f"redis-{port}", [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port),
                                           "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                           "--cluster-node-timeout", "2000", "--dir", str(data), "--save", "",
                                           "--appendonly", "no", "--protected-mode", "no"])
         for port in ports:
             self._wait("redis cluster nodes", lambda port=port: _port_open("127.0.0.1", port), timeout_s)
-        subprocess.run([_bin("redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+        subprocess.run([binary("redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
 
         def cluster_ok() -> bool:
             return all(b"cluster_state:ok" in subprocess.run(
-                [_bin("redis-cli"), "-p", str(p), "cluster", "info"], capture_output=True, timeout=10).stdout
+                [binary("redis-cli"), "-p", str(p), "cluster", "info"], capture_output=True, timeout=10).stdout
                 for p in ports)
 
         self._wait("redis cluster", cluster_ok, timeout_s)
