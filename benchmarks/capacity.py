@@ -22,7 +22,6 @@ import asyncio
 import json
 import math
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -40,6 +39,7 @@ from benchmarks.gateway_figures import cpu_seconds
 from gateway_state.records import Config, Endpoint, Pool
 from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings, binary
+from testbed.kube import free_port
 
 POOL = "default/qwen-inference-pool"
 MODEL = "/models/Qwen3-32B"
@@ -136,12 +136,6 @@ async def per_decision(fleet: Fleet, count: int) -> dict[str, Any]:
         "background": {"redis_cpu_ms_per_s": idle["cpu_s"] / idle_s * 1000,
                        "calls_per_s": sum(c for c, _ in idle["commands"].values()) / idle_s},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class StandaloneRedis:

@@ -21,13 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from benchmarks import arrivals
 from benchmarks.driver import hit_rate, prefix_counters
-from benchmarks.routers import MODEL, tokenizer_file
+from benchmarks.routers import MODEL, tokenizer_file, wait_routable
 from benchmarks.routing import OUT, percentile
 from benchmarks.workloads import SharedPrefixWorkload
 from local_fleet.fleet import Fleet, FleetSettings
@@ -89,22 +88,12 @@ def start_peer(prefill: list[str], decode: list[str], work_dir: Path,
         args += ["--decode", f"http://{d}"]
     log = (work_dir / "sglang-router-pd.log").open("wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "warm up"}],
-                       "max_tokens": 1}).encode()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sglang-router exited; see {work_dir / 'sglang-router-pd.log'}")
-        try:
-            request = urllib.request.Request(f"http://127.0.0.1:{PEER_PORT}/v1/chat/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=5) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("sglang-router did not route within the timeout")
+    try:
+        wait_routable(PEER_PORT, [proc], "sglang-router (PD)", work_dir, timeout_s)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc
 
 
 async def measure(url: str, prefill: list[str], workload: SharedPrefixWorkload, qps: float, duration_s: float,

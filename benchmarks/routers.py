@@ -109,6 +109,28 @@ def tokenizer_file(directory: Path) -> Path:
     return path
 
 
+def wait_routable(port: int, processes: list[subprocess.Popen[bytes]], name: str, logs: Path,
+                  timeout_s: float) -> None:
+    """Until a chat request to the router on `port` comes back 200; raises if one of its processes exits
+    (their logs are in `logs`) or the time runs out."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1}).encode()
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        for proc in processes:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name}: {proc.args[0]} exited with {proc.returncode}; see the logs in {logs}")
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.3)
+    raise TimeoutError(f"{name} did not route within {timeout_s:.0f} s ({last}); see the logs in {logs}")
+
+
 class PeerProcess:
     """A peer router on loopback, started fresh for each run."""
 
@@ -130,21 +152,7 @@ class PeerProcess:
             args += ["--tokenizer-path", str(tokenizer_file(self.work_dir)), "--log-level", "warn"]
         log = (self.work_dir / f"{self.router.name}.log").open("wb")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "warm up"}],
-                           "max_tokens": 1}).encode()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.router.name} exited; see {self.work_dir / (self.router.name + '.log')}")
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{self.router.port}/v1/chat/completions",
-                                                 data=body, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"{self.router.name} did not route within {timeout_s} s")
+        wait_routable(self.router.port, [self.proc], self.router.name, self.work_dir, timeout_s)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

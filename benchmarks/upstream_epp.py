@@ -16,25 +16,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks.routers import wait_routable
 from local_fleet.fleet import binary as fleet_binary
 from testbed.build import binary as go_binary
-from testbed.kube import KubeAPIServer
+from testbed.kube import KubeAPIServer, free_port
 from testbed.kube_admin import CHART_CRDS, Kube
 
 POOL, NAMESPACE = "bench-upstream", "default"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def picker_config(runtime: str) -> str:
@@ -141,47 +133,27 @@ class UpstreamPicker:
         config.write_text(picker_config(self.runtime))
         ports = []
         for r in range(replicas):
-            grpc_port = _free_port()
+            grpc_port = free_port()
             ports.append(grpc_port)
             self._spawn(f"epp-{r}", [str(go_binary("epp")), "--pool-name", POOL, "--pool-namespace", NAMESPACE,
-                                     "--grpc-port", str(grpc_port), "--grpc-health-port", str(_free_port()),
-                                     "--metrics-port", str(_free_port()), "--secure-serving=false",
+                                     "--grpc-port", str(grpc_port), "--grpc-health-port", str(free_port()),
+                                     "--metrics-port", str(free_port()), "--secure-serving=false",
                                      "--metrics-endpoint-auth=false", "--tracing=false", "--enable-pprof=false",
                                      "--config-file", str(config), "--zap-log-level", "error",
                                      "--zap-encoder", "console"],
                         env={"KUBECONFIG": str(self.kube.kubeconfig), "NAMESPACE": NAMESPACE})
-        admin_port = _free_port()
+        admin_port = free_port()
         bootstrap = self.work_dir / "upstream-envoy.json"
         bootstrap.write_text(json.dumps(envoy_bootstrap(self.port, admin_port, ports)))
         self._spawn("upstream-envoy", [fleet_binary("envoy"), "-c", str(bootstrap), "--disable-hot-restart",
                                        "--log-level", "warn", "--concurrency", "2"])
-        self._wait_routable(timeout_s)
+        # Routable once the pickers have seen the pods' metrics.
+        wait_routable(self.port, self.processes, "the upstream picker", self.work_dir, timeout_s)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log = (self.work_dir / f"{name}.log").open("ab")
         self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                                env={**os.environ, **(env or {})}))
-
-    def _wait_routable(self, timeout_s: float) -> None:
-        """Until a request through the Envoy comes back 200 (the pickers have seen the pods' metrics)."""
-        body = json.dumps({"model": "/models/Qwen3-32B", "max_tokens": 1,
-                           "messages": [{"role": "user", "content": "warm up"}]}).encode()
-        deadline, last = time.monotonic() + timeout_s, ""
-        while time.monotonic() < deadline:
-            for p in self.processes:
-                if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see the logs in {self.work_dir}")
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError as exc:
-                last = str(exc)
-            time.sleep(0.3)
-        raise TimeoutError(f"the upstream picker did not route within {timeout_s:.0f} s ({last}); "
-                           f"see the logs in {self.work_dir}")
 
     def stop_pickers(self) -> None:
         for p in reversed(self.processes):

@@ -31,7 +31,7 @@ from cryptography.x509.oid import NameOID
 from testbed.build import binary
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -113,7 +113,7 @@ class KubeAPIServer:
         (self.work_dir / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
-        etcd_port, etcd_peer, self.port = _free_port(), _free_port(), _free_port()
+        etcd_port, etcd_peer, self.port = free_port(), free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{etcd_port}"
         logs = self.work_dir / "logs"
         logs.mkdir(exist_ok=True)
