@@ -194,10 +194,7 @@ async def per_script(redis: Redis, pid: int, calls: int, pods: int) -> dict[str,
     await run("lookup (32 blocks, 3 holders)", lambda n: store.lookup(POOL, prompt, "picker-a"))
     await run("admit", lambda n: store.admit(POOL, "picker-a", key, 60_000, 4, -1, MODEL))
     await run("release", lambda n: store.release(POOL, "picker-a", key, 4, MODEL))
-    await run("index (32 blocks, rewritten)", lambda n: store.index(POOL, key, prompt, 600_000, 29_000))
-    # As the picker indexes (PrefixSettings.index_refresh_ms): blocks the endpoint was noted to hold
-    # within 5 s are read, not written.
-    await run("index (32 blocks, held, 5 s)", lambda n: store.index(POOL, key, prompt, 600_000, 29_000, 5_000))
+    await run("index (32 blocks)", lambda n: store.index(POOL, key, prompt, 600_000, 29_000))
     return out
 
 

@@ -103,24 +103,19 @@ return 1
 """
 
 # KEYS[1] = the endpoint's LRU. ARGV = pool prefix, endpoint, prefix ttl_ms,
-# endpoint capacity in blocks, the block hashes joined by spaces, refresh_ms. Records the endpoint as a
-# holder of every block. The endpoint's blocks form an LRU bounded by capacity; within one
+# endpoint capacity in blocks, the block hashes joined by spaces. Records the endpoint as a holder of
+# every block. The endpoint's blocks form an LRU bounded by capacity; within one
 # request deeper blocks score lower, so eviction takes leaves first, as the model
-# server's own cache does. A block the endpoint was recorded to hold less than refresh_ms ago is
-# left as it is (one read instead of three writes): its recency is refreshed at that granularity,
-# far below the time an endpoint's whole LRU takes to turn over. Returns how many blocks were evicted.
+# server's own cache does. Returns how many blocks were evicted.
 INDEX = _NOW_MS + """
 local prefix, endpoint = ARGV[1], ARGV[2]
-local ttl, cap, refresh = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
+local ttl, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
 local i = 0
 for h in string.gmatch(ARGV[5], '%S+') do
   local bk = prefix .. 'pfx:' .. h
-  local last = tonumber(redis.call('HGET', bk, endpoint))
-  if not last or now - last >= refresh then
-    redis.call('HSET', bk, endpoint, now)
-    redis.call('PEXPIRE', bk, ttl)
-    redis.call('ZADD', KEYS[1], now * 1024 + (1023 - math.min(i, 1023)), h)
-  end
+  redis.call('HSET', bk, endpoint, now)
+  redis.call('PEXPIRE', bk, ttl)
+  redis.call('ZADD', KEYS[1], now * 1024 + (1023 - math.min(i, 1023)), h)
   i = i + 1
 end
 redis.call('PEXPIRE', KEYS[1], ttl)

@@ -191,11 +191,10 @@ class StateStore:
             keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen, model]))
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
-                    capacity_blocks: int, refresh_ms: int = 0) -> int:
-        """Note that `endpoint` now holds the prompt's blocks; returns how many its LRU evicted. Blocks
-        it was recorded to hold less than `refresh_ms` ago keep their recency (scripts.INDEX)."""
+                    capacity_blocks: int) -> int:
+        """Note that `endpoint` now holds the prompt's blocks; returns how many its LRU evicted."""
         return int(await self._index(keys=[keys.endpoint_lru(pool, endpoint)], args=[
-            keys.pool_prefix(pool), endpoint, prefix_ttl_ms, capacity_blocks, " ".join(block_hashes), refresh_ms]))
+            keys.pool_prefix(pool), endpoint, prefix_ttl_ms, capacity_blocks, " ".join(block_hashes)]))
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0, model: str = "") -> None:
         await self._release(keys=[keys.inflight(pool, replica)],

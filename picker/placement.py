@@ -308,8 +308,7 @@ class Placement:
         try:
             self._check_state()
             async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
-                await self._state.index(pool.name, chosen.endpoint.key, hashes, ttl_ms, capacity,
-                                        self._settings.prefix.index_refresh_ms)
+                await self._state.index(pool.name, chosen.endpoint.key, hashes, ttl_ms, capacity)
         except _STATE_ERRORS as exc:
             self._state_failed("index", exc)
 

@@ -65,10 +65,6 @@ class PrefixSettings:
     max_blocks: int = 256
     # Index entries outlive no realistic cache residency.
     ttl_ms: int = 600_000
-    # A block an endpoint was noted to hold this recently is not written again (its recency moves
-    # at this granularity): a pod's whole cache takes tens of seconds to turn over even when every
-    # prompt is new, and hot prefixes are written once per interval instead of once per request.
-    index_refresh_ms: int = 5_000
     # Upstream's per-endpoint LRU capacity when the pod does not publish its cache size.
     default_capacity_blocks: int = 31_250
     # Converting the pod's KV tokens to characters of prompt text.

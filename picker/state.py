@@ -30,9 +30,8 @@ class PlacementState(Protocol):
         ...
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
-                    capacity_blocks: int, refresh_ms: int = 0) -> int:
-        """`endpoint` holds the blocks now, in an LRU of `capacity_blocks`; returns how many were evicted.
-        Blocks it was noted to hold less than `refresh_ms` ago may keep their recency."""
+                    capacity_blocks: int) -> int:
+        """`endpoint` holds the blocks now, in an LRU of `capacity_blocks`; returns how many were evicted."""
         ...
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0,
@@ -115,8 +114,7 @@ class MemoryState:
         return True
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
-                    capacity_blocks: int, refresh_ms: int = 0) -> int:
-        # In memory a refresh costs next to nothing: every block's recency is renewed.
+                    capacity_blocks: int) -> int:
         holders = self._holders.setdefault(pool, {})
         lru = self._lru.setdefault((pool, endpoint), OrderedDict())
         # Deepest first, so the shallow blocks are the most recent and leaves are evicted first.

@@ -123,24 +123,6 @@ async def test_endpoint_capacity_evicts_least_recent_blocks_leaves_first(redis_c
     assert (await store.lookup("pool", ["p1", "p2", "p3"])).matched_blocks == {"a:1": 2, "b:1": 3}
 
 
-async def test_blocks_noted_within_the_refresh_interval_are_not_written_again(redis_client: Redis) -> None:
-    store, lru = StateStore(redis_client), keys.endpoint_lru("pool", "a:1")
-    await store.index("pool", "a:1", ["p1", "p2"], 60_000, 100, refresh_ms=300)
-    first = await redis_client.zscore(lru, "p1")
-    await asyncio.sleep(0.01)
-    # Within 300 ms: p1 and p2 keep their recency; the new block p3 is written.
-    await store.index("pool", "a:1", ["p1", "p2", "p3"], 60_000, 100, refresh_ms=300)
-    assert await redis_client.zscore(lru, "p1") == first
-    assert await redis_client.zscore(lru, "p3") is not None
-    # Another endpoint's note is its own.
-    await store.index("pool", "b:1", ["p1"], 60_000, 100, refresh_ms=300)
-    assert (await store.lookup("pool", ["p1", "p2", "p3"])).matched_blocks == {"a:1": 3, "b:1": 1}
-    await asyncio.sleep(0.35)
-    await store.index("pool", "a:1", ["p1"], 60_000, 100, refresh_ms=300)
-    assert await redis_client.zscore(lru, "p1") > first  # refreshed once the interval passed
-    assert int(await redis_client.hget(keys.prefix_block("pool", "p1"), "a:1")) > int(first) // 1024
-
-
 async def test_config_and_load_round_trip(redis_client: Redis) -> None:
     store = StateStore(redis_client)
     pool = Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=(Endpoint("pod-0", "10.0.0.1", 8000, {"app": "x"}),))
