@@ -102,30 +102,64 @@ redis.call('ZADD', KEYS[1], now + lease, replica)
 return 1
 """
 
-# KEYS[1] = the endpoint's LRU. ARGV = pool prefix, endpoint, prefix ttl_ms,
-# endpoint capacity in blocks, the block hashes joined by spaces. Records the endpoint as a holder of
-# every block. The endpoint's blocks form an LRU bounded by capacity; within one
-# request deeper blocks score lower, so eviction takes leaves first, as the model
-# server's own cache does. Returns how many blocks were evicted.
-INDEX = _NOW_MS + """
-local prefix, endpoint = ARGV[1], ARGV[2]
-local ttl, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
-local i = 0
-for h in string.gmatch(ARGV[5], '%S+') do
-  local bk = prefix .. 'pfx:' .. h
-  redis.call('HSET', bk, endpoint, now)
-  redis.call('PEXPIRE', bk, ttl)
-  redis.call('ZADD', KEYS[1], now * 1024 + (1023 - math.min(i, 1023)), h)
-  i = i + 1
+# The writes that follow a decision, off the request path, as many as have
+# gathered in one call (a replica sends its next batch of a pool when the last
+# one is answered). KEYS[1] = any key of the pool (its slot). ARGV = pool prefix,
+# then the writes in order, five arguments each:
+#
+# - "i", endpoint, prefix ttl_ms, endpoint capacity in blocks, the block hashes
+#   joined by spaces: the endpoint now holds every block. The endpoint's blocks
+#   form an LRU bounded by capacity; within one request deeper blocks score lower,
+#   so eviction takes leaves first, as the model server's own cache does.
+# - "r", replica, endpoint, uncached prompt blocks, model ("" for none): one
+#   in-flight request ended; figures lost to a Redis flush never go negative.
+#
+# Returns how many blocks the index writes evicted.
+WRITES = _NOW_MS + """
+local prefix = ARGV[1]
+local function index(endpoint, ttl, cap, hashes)
+  local lru = prefix .. 'lru:' .. endpoint
+  local i = 0
+  for h in string.gmatch(hashes, '%S+') do
+    local bk = prefix .. 'pfx:' .. h
+    redis.call('HSET', bk, endpoint, now)
+    redis.call('PEXPIRE', bk, ttl)
+    redis.call('ZADD', lru, now * 1024 + (1023 - math.min(i, 1023)), h)
+    i = i + 1
+  end
+  redis.call('PEXPIRE', lru, ttl)
+  local size = redis.call('ZCARD', lru)
+  local evicted = 0
+  if size > cap then
+    local gone = redis.call('ZPOPMIN', lru, size - cap)
+    for j = 1, #gone, 2 do
+      redis.call('HDEL', prefix .. 'pfx:' .. gone[j], endpoint)
+      evicted = evicted + 1
+    end
+  end
+  return evicted
 end
-redis.call('PEXPIRE', KEYS[1], ttl)
-local size = redis.call('ZCARD', KEYS[1])
+local function release(replica, endpoint, work, model)
+  local ik = prefix .. 'inflight:' .. replica
+  local n = redis.call('HINCRBY', ik, endpoint, -1)
+  if n <= 0 then redis.call('HDEL', ik, endpoint) end
+  if work > 0 then
+    local wk = endpoint .. '|work'
+    if redis.call('HINCRBY', ik, wk, -work) <= 0 or n <= 0 then redis.call('HDEL', ik, wk) end
+  end
+  if model ~= '' then
+    local mk = endpoint .. '@' .. model
+    if redis.call('HINCRBY', ik, mk, -1) <= 0 or n <= 0 then redis.call('HDEL', ik, mk) end
+  end
+end
 local evicted = 0
-if size > cap then
-  local gone = redis.call('ZPOPMIN', KEYS[1], size - cap)
-  for j = 1, #gone, 2 do
-    redis.call('HDEL', prefix .. 'pfx:' .. gone[j], endpoint)
-    evicted = evicted + 1
+for w = 2, #ARGV, 5 do
+  if ARGV[w] == 'i' then
+    evicted = evicted + index(ARGV[w + 1], tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), ARGV[w + 4])
+  elseif ARGV[w] == 'r' then
+    release(ARGV[w + 1], ARGV[w + 2], tonumber(ARGV[w + 3]), ARGV[w + 4])
+  else
+    return redis.error_reply('unknown write ' .. ARGV[w])
   end
 end
 return evicted
@@ -141,23 +175,6 @@ for j = 1, #gone, 2 do
   redis.call('HDEL', ARGV[1] .. 'pfx:' .. gone[j], ARGV[2])
 end
 return redis.call('ZCARD', KEYS[1])
-"""
-
-# ARGV = pool prefix, replica, endpoint, uncached prompt blocks, model ("" for none).
-# Ends one in-flight request; figures lost to a Redis flush never go negative.
-RELEASE = """
-local ik = ARGV[1] .. 'inflight:' .. ARGV[2]
-local n = redis.call('HINCRBY', ik, ARGV[3], -1)
-if n <= 0 then redis.call('HDEL', ik, ARGV[3]) end
-if tonumber(ARGV[4]) > 0 then
-  local wk = ARGV[3] .. '|work'
-  if redis.call('HINCRBY', ik, wk, -tonumber(ARGV[4])) <= 0 or n <= 0 then redis.call('HDEL', ik, wk) end
-end
-if ARGV[5] ~= '' then
-  local mk = ARGV[3] .. '@' .. ARGV[5]
-  if redis.call('HINCRBY', ik, mk, -1) <= 0 or n <= 0 then redis.call('HDEL', ik, mk) end
-end
-return n
 """
 
 # KEYS[1] = leader key, KEYS[2] = epoch counter. ARGV = candidate id, lease_ms.

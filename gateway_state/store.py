@@ -44,6 +44,28 @@ class SharedView:
     inflight_models: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class IndexWrite:
+    """`endpoint` now holds the prompt's blocks, in an LRU of `capacity_blocks`."""
+
+    endpoint: str
+    block_hashes: Sequence[str]
+    prefix_ttl_ms: int
+    capacity_blocks: int
+
+
+@dataclass(frozen=True)
+class ReleaseWrite:
+    """One of `replica`'s requests at `endpoint` ended (with its uncached prompt blocks and model)."""
+
+    replica: str
+    endpoint: str
+    work_blocks: int = 0
+    model: str = ""
+
+
+Write = IndexWrite | ReleaseWrite  # what follows a decision, off the request path (scripts.WRITES)
+
 WORK_SUFFIX = "|work"  # in-flight hash field of an endpoint's uncached prompt blocks
 MODEL_SEPARATOR = "@"  # in-flight hash field "endpoint@model": the requests for that model there
 
@@ -85,8 +107,7 @@ class StateStore:
         # register_script does no I/O; scripts load on first use (EVALSHA, then EVAL).
         self._lookup = redis.register_script(scripts.LOOKUP)
         self._admit = redis.register_script(scripts.ADMIT)
-        self._index = redis.register_script(scripts.INDEX)
-        self._release = redis.register_script(scripts.RELEASE)
+        self._writes = redis.register_script(scripts.WRITES)
         self._forget = redis.register_script(scripts.FORGET)
         self._publish = redis.register_script(scripts.PUBLISH)
         self._membership = redis.register_script(scripts.MEMBERSHIP)
@@ -190,15 +211,23 @@ class StateStore:
         return bool(await self._admit(keys=[keys.pickers(pool)], args=[
             keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen, model]))
 
+    async def write(self, pool: str, writes: Sequence[Write]) -> int:
+        """Apply `writes` in order in one round trip; returns how many prefix blocks the index writes evicted."""
+        args: list[str | int] = [keys.pool_prefix(pool)]
+        for w in writes:
+            if isinstance(w, IndexWrite):
+                args += ["i", w.endpoint, w.prefix_ttl_ms, w.capacity_blocks, " ".join(w.block_hashes)]
+            else:
+                args += ["r", w.replica, w.endpoint, w.work_blocks, w.model]
+        return int(await self._writes(keys=[keys.pickers(pool)], args=args))
+
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
                     capacity_blocks: int) -> int:
         """Note that `endpoint` now holds the prompt's blocks; returns how many its LRU evicted."""
-        return int(await self._index(keys=[keys.endpoint_lru(pool, endpoint)], args=[
-            keys.pool_prefix(pool), endpoint, prefix_ttl_ms, capacity_blocks, " ".join(block_hashes)]))
+        return await self.write(pool, [IndexWrite(endpoint, block_hashes, prefix_ttl_ms, capacity_blocks)])
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0, model: str = "") -> None:
-        await self._release(keys=[keys.inflight(pool, replica)],
-                            args=[keys.pool_prefix(pool), replica, endpoint, work_blocks, model])
+        await self.write(pool, [ReleaseWrite(replica, endpoint, work_blocks, model)])
 
     async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
         """Replace the replica's in-flight record with its own figures and renew its lease (its heartbeat)."""

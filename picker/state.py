@@ -16,7 +16,15 @@ from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from gateway_state.store import WORK_SUFFIX, SharedView, model_field, model_figures, split_figures
+from gateway_state.store import (
+    WORK_SUFFIX,
+    IndexWrite,
+    SharedView,
+    Write,
+    model_field,
+    model_figures,
+    split_figures,
+)
 
 
 class PlacementState(Protocol):
@@ -36,6 +44,10 @@ class PlacementState(Protocol):
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0,
                       model: str = "") -> None: ...
+
+    async def write(self, pool: str, writes: Sequence[Write]) -> int:
+        """Index writes and releases, in order, at once; returns how many blocks the index writes evicted."""
+        ...
 
     async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
         """Replace the replica's in-flight figures with `figures` and renew its lease."""
@@ -135,6 +147,15 @@ class MemoryState:
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0, model: str = "") -> None:
         _uncount(self._figures.get(pool, {}).get(replica), endpoint, work_blocks, model)
+
+    async def write(self, pool: str, writes: Sequence[Write]) -> int:
+        evicted = 0
+        for w in writes:
+            if isinstance(w, IndexWrite):
+                evicted += await self.index(pool, w.endpoint, w.block_hashes, w.prefix_ttl_ms, w.capacity_blocks)
+            else:
+                await self.release(pool, w.replica, w.endpoint, w.work_blocks, w.model)
+        return evicted
 
     async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
         self._figures.setdefault(pool, {})[replica] = Counter({k: v for k, v in figures.items() if v > 0})

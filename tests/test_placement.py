@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway_state.clock import FleetClock
 from gateway_state.records import Config, Endpoint, Model, Pool, Strategy, TargetModel
-from gateway_state.store import SharedView
+from gateway_state.store import SharedView, Write
 from picker.intake import Intake, PlacementRequest
 from picker.metrics import PickerMetrics
 from picker.placement import Placement
@@ -99,6 +99,32 @@ async def test_release_takes_back_exactly_what_was_admitted() -> None:
     await p.drain()
     view = await state.lookup("p", [])
     assert view.inflight == view.inflight_work == view.inflight_models == {} and p.own.figures("p") == {}
+
+
+class SlowWrites(MemoryState):
+    """Each call of writes takes 20 ms, as a round trip under load might: the batches it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    async def write(self, pool: str, writes: Sequence[Write]) -> int:
+        self.batches.append(len(writes))
+        await asyncio.sleep(0.02)
+        return await super().write(pool, writes)
+
+
+async def test_the_writes_after_decisions_share_a_round_trip_while_one_is_under_way() -> None:
+    state = SlowWrites()
+    p, _ = placement(state)
+    placed = [await p.place(request(f"prompt {i} " * 30), {}) for i in range(12)]
+    for one in placed:
+        p.release(one)
+    await p.drain()
+    # 12 index writes and 12 releases: the first goes alone, the rest gather behind it.
+    assert sum(state.batches) == 24 and len(state.batches) <= 3, state.batches
+    view = await state.lookup("p", [])
+    assert view.inflight == {} and len(state.matched("p", request("prompt 3 " * 30).block_hashes)) == 1
 
 
 async def test_without_the_state_it_places_from_its_own_figures_and_index() -> None:

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from gateway_state.store import StateStore
+from gateway_state.store import IndexWrite, ReleaseWrite, StateStore
 from picker.state import MemoryState, PlacementState
 
 LEASE_MS = 5_000
@@ -91,3 +91,13 @@ async def test_a_replica_that_stops_publishing_stops_counting(state: PlacementSt
     await state.publish("pool", "alive", LEASE_MS, {"a": 1})
     view = await state.lookup("pool", [])
     assert view.inflight == {"a": 1} and view.replicas == ("alive",)
+
+
+async def test_writes_apply_in_order_in_one_call(state: PlacementState) -> None:
+    assert await state.admit("pool", "r", "a", LEASE_MS, 5, model="m")
+    evicted = await state.write("pool", [IndexWrite("a", ["h1", "h2", "h3"], 60_000, 2),
+                                         ReleaseWrite("r", "a", 5, "m"), IndexWrite("b", ["h1"], 60_000, 10)])
+    assert evicted == 1  # a holds 2 blocks at most: its deepest went
+    view = await state.lookup("pool", ["h1", "h2", "h3"])
+    assert view.matched_blocks == {"a": 2, "b": 1}
+    assert view.inflight == view.inflight_work == view.inflight_models == {}
