@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import uvicorn
+import uvloop
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -234,7 +235,8 @@ async def serve(settings: PickerSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(serve(parse_settings(argv)))
+    # libuv's loop: the request path is mostly event-loop and gRPC callbacks (see docs/capacity.md).
+    uvloop.run(serve(parse_settings(argv)))
 
 
 if __name__ == "__main__":
