@@ -9,6 +9,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from gateway_state import keys, scripts
 from gateway_state.records import Config, LoadSample, decode_config, decode_load, encode_config, encode_load
+from gateway_state.script_link import ScriptLink
 
 
 class Deposed(Exception):
@@ -102,12 +103,15 @@ def redis_time_ms(reply: tuple[int, int]) -> int:
 
 
 class StateStore:
-    def __init__(self, redis: Redis | RedisCluster) -> None:
+    def __init__(self, redis: Redis | RedisCluster, link: ScriptLink | None = None) -> None:
+        """`link`: the lean connection the picker's request-path scripts (lookup, admit, the writes after)
+        take instead of redis-py, to the same Redis (see script_link)."""
         self.redis = redis
+        self.link = link
         # register_script does no I/O; scripts load on first use (EVALSHA, then EVAL).
-        self._lookup = redis.register_script(scripts.LOOKUP)
-        self._admit = redis.register_script(scripts.ADMIT)
-        self._writes = redis.register_script(scripts.WRITES)
+        self._lookup = link.script(scripts.LOOKUP) if link else redis.register_script(scripts.LOOKUP)
+        self._admit = link.script(scripts.ADMIT) if link else redis.register_script(scripts.ADMIT)
+        self._writes = link.script(scripts.WRITES) if link else redis.register_script(scripts.WRITES)
         self._forget = redis.register_script(scripts.FORGET)
         self._publish = redis.register_script(scripts.PUBLISH)
         self._membership = redis.register_script(scripts.MEMBERSHIP)

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import configure_logging, connect, every, stop_on_signals
 from gateway_state.records import pool_id
+from gateway_state.script_link import ScriptLink
 from gateway_state.store import StateStore, split_figures
 from picker.admin import AdminContext, Tokens, build_admin_app
 from picker.extproc import ExternalProcessor
@@ -115,7 +116,7 @@ def _split(address: str) -> tuple[str, int]:
 async def serve(settings: PickerSettings) -> None:
     stop = stop_on_signals()
     redis = connect(settings.state.redis_url, timeout_s=1.0, max_connections=256)
-    store = StateStore(redis)
+    store = StateStore(redis, ScriptLink.for_client(redis))
     metrics = PickerMetrics()
     clock = FleetClock()
     snapshots = SnapshotSource(store, settings.state, clock, metrics)
@@ -231,6 +232,8 @@ async def serve(settings: PickerSettings) -> None:
         for t in tasks:
             t.cancel()
         await runner.cleanup()
+        if store.link is not None:
+            store.link.close()
         await redis.aclose()
 
 

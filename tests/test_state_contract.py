@@ -8,19 +8,29 @@ run on it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
+from gateway_state.script_link import ScriptLink
 from gateway_state.store import IndexWrite, ReleaseWrite, StateStore
 from picker.state import MemoryState, PlacementState
 
 LEASE_MS = 5_000
 
 
-@pytest.fixture(params=["redis", "memory"])
-async def state(request: pytest.FixtureRequest, redis_client: Redis) -> PlacementState:
-    return StateStore(redis_client) if request.param == "redis" else MemoryState()
+@pytest.fixture(params=["redis", "redis-link", "memory"])
+async def state(request: pytest.FixtureRequest, redis_client: Redis) -> AsyncIterator[PlacementState]:
+    """Redis through redis-py, Redis through the request path's lean link (as the picker uses it), memory."""
+    if request.param == "memory":
+        yield MemoryState()
+        return
+    link = ScriptLink.for_client(redis_client) if request.param == "redis-link" else None
+    assert link is not None or request.param == "redis"
+    yield StateStore(redis_client, link)
+    if link is not None:
+        link.close()
 
 
 async def record(state: PlacementState, endpoint: str, hashes: list[str], capacity: int, work: int = 0,
