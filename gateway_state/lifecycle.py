@@ -15,8 +15,16 @@ RedisClient = Redis | RedisCluster
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """One line format for every process, so their logs read and grep alike."""
+    """One line format for every process, so their logs read and grep alike.
+
+    The format names neither source line, thread nor process, so records do not look them up
+    (the logging module's documented optimizations): the picker logs a line per request.
+    """
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging._srcfile = None  # the documented switch for caller lookup
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def stop_on_signals() -> asyncio.Event:
