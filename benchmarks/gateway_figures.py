@@ -2,7 +2,9 @@
 
 1. latency the picker route (:8080, Envoy + ext_proc picker) adds over the plain
    route (:8081, Envoy round robin) to the same pods, at concurrency 1 and 16;
-2. picker decisions per second of one picker process, driven over gRPC directly;
+2. picker decisions per second of one picker process, driven over gRPC directly, and
+   beside it the same figures of the trivial ext_proc server (`benchmarks.extproc_floor`):
+   what the transport alone costs, so the difference is what routing costs;
 3. prefix-cache hit rate of a multi-turn conversation test through each route,
    from the pods' own vllm:prefix_cache_* counters.
 
@@ -18,6 +20,8 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +36,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from benchmarks.driver import hit_rate, prefix_counters
 from local_fleet.fleet import Fleet, FleetSettings
+from testbed.kube import free_port
 
 MODEL = "/models/Qwen3-32B"
 POOL = "default/qwen-inference-pool"
@@ -97,8 +102,13 @@ async def decisions_per_second(address: str, pid: int, concurrency: int, seconds
         started, cpu = time.monotonic(), cpu_seconds(pid)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed, used = time.monotonic() - started, cpu_seconds(pid) - cpu
-    return {"decisions_per_s": count / elapsed, "picker_cpu_ms_per_decision": used / count * 1000,
+    return {"decisions_per_s": count / elapsed, "cpu_ms_per_decision": used / count * 1000,
             "decisions_per_cpu_s": count / used}
+
+
+async def wait_serving(address: str, timeout_s: float = 30.0) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout_s)
 
 
 async def multi_turn_hit_rate(port: int, pods: list[str], conversations: int, turns: int) -> float:
@@ -136,8 +146,18 @@ async def measure(fleet: Fleet, requests: int) -> dict[str, Any]:
         row["added_p99"] = row["picker_8080"]["p99"] - row["plain_8081"]["p99"]
         result["latency_ms"][f"concurrency_{concurrency}"] = row
     address, pid = f"127.0.0.1:{fleet.settings.picker_ports[0]}", fleet.processes["picker-0"].pid
-    result["picker_decisions"] = {f"concurrency_{c}": await decisions_per_second(address, pid, c, 5.0)
-                                  for c in (1, 16, 64)}
+    port = free_port()
+    floor = subprocess.Popen([sys.executable, "-m", "benchmarks.extproc_floor", "--port", str(port)])
+    try:
+        await wait_serving(f"127.0.0.1:{port}")
+        result["picker_decisions"], result["extproc_floor"] = {}, {}
+        for c in (1, 16, 64):  # side by side, so the machine's mood weighs on both alike
+            result["picker_decisions"][f"concurrency_{c}"] = await decisions_per_second(address, pid, c, 5.0)
+            result["extproc_floor"][f"concurrency_{c}"] = await decisions_per_second(
+                f"127.0.0.1:{port}", floor.pid, c, 5.0)
+    finally:
+        floor.terminate()
+        floor.wait(10)
     result["multi_turn_hit_rate"] = {
         "picker_8080": await multi_turn_hit_rate(PICKED, pods, conversations=16, turns=6),
         "plain_8081": await multi_turn_hit_rate(PLAIN, pods, conversations=16, turns=6),
@@ -169,10 +189,14 @@ def main() -> None:
             r = lat[c][name]
             print(f"{name:<16} {c.split('_')[1]:>4} {r['p50']:8.2f} {r['p99']:8.2f} {r['req_per_s']:7.0f}")
         print(f"{'added by picker':<16} {c.split('_')[1]:>4} {lat[c]['added_p50']:8.2f} {lat[c]['added_p99']:8.2f}")
-    print("\npicker, gRPC direct   conc  decisions/s  CPU ms/decision  decisions per CPU-second")
+    print("\ngRPC direct            conc  decisions/s  CPU ms/decision  decisions per CPU-second")
     for c, r in result["picker_decisions"].items():
-        print(f"{'':<20} {c.split('_')[1]:>5} {r['decisions_per_s']:12.0f} {r['picker_cpu_ms_per_decision']:16.3f}"
-              f" {r['decisions_per_cpu_s']:12.0f}")
+        f = result["extproc_floor"][c]
+        for name, row in (("picker", r), ("trivial ext_proc", f)):
+            print(f"{name:<20} {c.split('_')[1]:>5} {row['decisions_per_s']:12.0f}"
+                  f" {row['cpu_ms_per_decision']:16.3f} {row['decisions_per_cpu_s']:12.0f}")
+        print(f"{'routing (difference)':<20} {c.split('_')[1]:>5} {'':>12}"
+              f" {r['cpu_ms_per_decision'] - f['cpu_ms_per_decision']:16.3f}")
     print("multi-turn prefix-cache hit rate:", {k: round(v, 3) for k, v in result["multi_turn_hit_rate"].items()})
 
 

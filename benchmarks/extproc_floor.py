@@ -1,0 +1,55 @@
+"""The trivial ext_proc server: the floor under any picker written on Python's gRPC.
+
+It answers the request's headers and body as the picker's protocol does (one
+answer each, the body's with a header set) and decides nothing: no parsing, no
+state, no metrics. It runs on the picker's event loop (uvloop), so the
+picker's CPU per decision minus this server's is what routing costs, and this
+server's is what the transport costs. `benchmarks.gateway_figures` measures
+both in one run.
+
+    .venv/bin/python -m benchmarks.extproc_floor --port 50100
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+
+import grpc
+import uvloop
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+_DESTINATION = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-gateway-destination-endpoint",
+                                                                      raw_value=b"127.0.0.1:8000"))
+
+
+class TrivialProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated code, untyped
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # noqa: N802 (gRPC name)
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        async for message in request_iterator:
+            kind = message.WhichOneof("request")
+            if kind == "request_headers":
+                yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            elif kind == "request_body":
+                yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+                    header_mutation=pb.HeaderMutation(set_headers=[_DESTINATION]), clear_route_cache=True)))
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_ExternalProcessorServicer_to_server(TrivialProcessor(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--port", type=int, required=True)
+    uvloop.run(serve(p.parse_args().port))
+
+
+if __name__ == "__main__":
+    main()
