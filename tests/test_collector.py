@@ -6,19 +6,22 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from collector.collector import Collector, CollectorSettings
 from collector.metrics import CollectorMetrics
-from collector.metrics_map import GarbledMetrics, to_load_sample
+from collector.metrics_map import READ, GarbledMetrics, parse_series, to_load_sample
 from gateway_state import keys
 from gateway_state.records import Config, Endpoint, FlowControl, Pool
 from gateway_state.store import StateStore
 from picker.plugins.filters import estimated_waiting, has_room
+from simulator.metrics import SGLangMetrics, VLLMMetrics
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
 from tests.client import wait_for
@@ -57,6 +60,24 @@ def test_older_vllm_names_and_the_newest_lora_series() -> None:
 def test_sglang_tensor_parallel_ranks_count_once() -> None:
     s = to_load_sample(SGLANG_TP2, 1)
     assert (s.waiting, s.running, s.kv_cache_usage) == (4.0, 9.0, 0.5)
+
+
+def _pages() -> list[str]:
+    physics = Physics(num_blocks=2000)
+    return [VLLMMetrics("m", physics, 4).render().decode(), SGLangMetrics("m", physics).render().decode(),
+            OLD_VLLM, SGLANG_TP2, *((FIXTURES / "metrics").glob("*.txt"))]
+
+
+@pytest.mark.parametrize("page", _pages(), ids=["vllm", "sglang", "old-vllm", "sglang-tp2", "sglang-cache-info",
+                                                "sglang-capacity"])
+def test_only_the_series_read_are_parsed_and_they_parse_as_in_the_whole_page(page: str | Path) -> None:
+    text = page.read_text() if isinstance(page, Path) else page
+    whole = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in READ:
+                whole.setdefault(sample.name, []).append((sample.labels, sample.value))
+    assert whole and parse_series(text) == whole
 
 
 @pytest.mark.parametrize("text", ["<html>not metrics</html>", "foo{bar 1", "# TYPE x gauge\nx 1\n", ""])
