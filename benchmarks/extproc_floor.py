@@ -1,8 +1,8 @@
 """The trivial ext_proc server: the floor under any picker written on Python's gRPC.
 
 It answers the request's headers and body as the picker's protocol does (one
-answer each, the body's with a header set) and decides nothing: no parsing, no
-state, no metrics. It runs on the picker's event loop (uvloop), so the
+answer each, the body's naming one fixed endpoint) and decides nothing: no
+parsing, no state, no metrics. It runs on the picker's event loop (uvloop), so the
 picker's CPU per decision minus this server's is what routing costs, and this
 server's is what the transport costs. `benchmarks.gateway_figures` measures
 both in one run.
@@ -20,12 +20,17 @@ import uvloop
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
-_DESTINATION = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-gateway-destination-endpoint",
-                                                                      raw_value=b"127.0.0.1:8000"))
+from gateway_state.protocol import DESTINATION_HEADER
 
 
 class TrivialProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated code, untyped
+    def __init__(self, destination: str) -> None:
+        self._destination = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(
+            key=DESTINATION_HEADER, raw_value=destination.encode()))
+
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # noqa: N802 (gRPC name)
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         async for message in request_iterator:
@@ -34,12 +39,13 @@ class TrivialProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
             elif kind == "request_body":
                 yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-                    header_mutation=pb.HeaderMutation(set_headers=[_DESTINATION]), clear_route_cache=True)))
+                    header_mutation=pb.HeaderMutation(set_headers=[self._destination]), clear_route_cache=True)))
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, destination: str) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_ExternalProcessorServicer_to_server(TrivialProcessor(), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(TrivialProcessor(destination), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)  # serving, for Envoy's checks
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -48,7 +54,9 @@ async def serve(port: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, required=True)
-    uvloop.run(serve(p.parse_args().port))
+    p.add_argument("--destination", default="127.0.0.1:8000", help="the endpoint every request is sent to")
+    args = p.parse_args()
+    uvloop.run(serve(args.port, args.destination))
 
 
 if __name__ == "__main__":

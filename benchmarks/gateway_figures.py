@@ -1,7 +1,9 @@
 """Figures for the gateway on this machine, measured in one run on one fleet:
 
 1. latency the picker route (:8080, Envoy + ext_proc picker) adds over the plain
-   route (:8081, Envoy round robin) to the same pods, at concurrency 1 and 16;
+   route (:8081, Envoy round robin) to the same pods, at concurrency 1 and 16; last,
+   the same with the trivial ext_proc server (`benchmarks.extproc_floor`) in the
+   pickers' place: what any ext_proc server on Python's gRPC adds behind this Envoy;
 2. picker decisions per second of one picker process, driven over gRPC directly, and
    beside it the same figures of the trivial ext_proc server (`benchmarks.extproc_floor`):
    what the transport alone costs, so the difference is what routing costs;
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -130,11 +133,11 @@ async def multi_turn_hit_rate(port: int, pods: list[str], conversations: int, tu
     return hit_rate(before, await prefix_counters(pods))
 
 
-async def measure(fleet: Fleet, requests: int) -> dict[str, Any]:
-    pods = list(fleet.pods())
-    result: dict[str, Any] = {"latency_ms": {}}
+async def route_latencies(requests: int) -> dict[str, Any]:
+    """Plain route against the ext_proc route, at concurrency 1 and 16, turn about."""
     await latencies(PICKED, 4, 200)  # warm connections and caches
     await latencies(PLAIN, 4, 200)
+    out = {}
     for concurrency in (1, 16):
         n = requests if concurrency == 16 else requests // 2
         plain, picked = await latencies(PLAIN, concurrency, n), await latencies(PICKED, concurrency, n)
@@ -144,7 +147,43 @@ async def measure(fleet: Fleet, requests: int) -> dict[str, Any]:
                          "req_per_s": len(values) / sum(values) * concurrency}
         row["added_p50"] = row["picker_8080"]["p50"] - row["plain_8081"]["p50"]
         row["added_p99"] = row["picker_8080"]["p99"] - row["plain_8081"]["p99"]
-        result["latency_ms"][f"concurrency_{concurrency}"] = row
+        row["throughput_share"] = row["picker_8080"]["req_per_s"] / row["plain_8081"]["req_per_s"]
+        out[f"concurrency_{concurrency}"] = row
+    return out
+
+
+def ext_proc_streams(fleet: Fleet) -> int:
+    """The ext_proc streams Envoy has opened, over its listeners."""
+    url = f"http://127.0.0.1:{fleet.settings.envoy_admin_port}/stats?filter=ext_proc.streams_started"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return sum(int(line.rsplit(":", 1)[1]) for line in r.read().decode().splitlines() if ":" in line)
+
+
+async def trivial_route_latencies(fleet: Fleet, requests: int) -> dict[str, Any]:
+    """The pickers stop and trivial ext_proc servers take their ports, all sending to one pod."""
+    pod = next(iter(fleet.pods()))
+    for i in range(len(fleet.settings.picker_ports)):
+        fleet.kill(f"picker-{i}")
+    servers = [subprocess.Popen([sys.executable, "-m", "benchmarks.extproc_floor", "--port", str(port),
+                                 "--destination", pod]) for port in fleet.settings.picker_ports]
+    try:
+        for port in fleet.settings.picker_ports:
+            await wait_serving(f"127.0.0.1:{port}")
+        fleet.wait_envoy_routes_to_pickers()
+        before = ext_proc_streams(fleet)
+        figures = await route_latencies(requests)
+        # Every request went through a trivial server, none past it on the failure mode.
+        assert ext_proc_streams(fleet) - before >= requests + requests // 2, "requests bypassed ext_proc"
+        return figures
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(10)
+
+
+async def measure(fleet: Fleet, requests: int) -> dict[str, Any]:
+    pods = list(fleet.pods())
+    result: dict[str, Any] = {"latency_ms": await route_latencies(requests)}
     address, pid = f"127.0.0.1:{fleet.settings.picker_ports[0]}", fleet.processes["picker-0"].pid
     port = free_port()
     floor = subprocess.Popen([sys.executable, "-m", "benchmarks.extproc_floor", "--port", str(port)])
@@ -162,6 +201,7 @@ async def measure(fleet: Fleet, requests: int) -> dict[str, Any]:
         "picker_8080": await multi_turn_hit_rate(PICKED, pods, conversations=16, turns=6),
         "plain_8081": await multi_turn_hit_rate(PLAIN, pods, conversations=16, turns=6),
     }
+    result["trivial_ext_proc_latency_ms"] = await trivial_route_latencies(fleet, requests)
     return result
 
 
@@ -182,13 +222,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gateway_figures.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    lat = result["latency_ms"]
-    print("\nroute            conc   p50 ms   p99 ms   req/s")
-    for c in ("concurrency_1", "concurrency_16"):
-        for name in ("plain_8081", "picker_8080"):
-            r = lat[c][name]
-            print(f"{name:<16} {c.split('_')[1]:>4} {r['p50']:8.2f} {r['p99']:8.2f} {r['req_per_s']:7.0f}")
-        print(f"{'added by picker':<16} {c.split('_')[1]:>4} {lat[c]['added_p50']:8.2f} {lat[c]['added_p99']:8.2f}")
+    print("\nroute                      conc   p50 ms   p99 ms   req/s  share of plain")
+    for label, lat in (("picker", result["latency_ms"]), ("trivial ext_proc", result["trivial_ext_proc_latency_ms"])):
+        for c in ("concurrency_1", "concurrency_16"):
+            for name in ("plain_8081", "picker_8080"):
+                r = lat[c][name]
+                shown = f"{label} :8080" if name == "picker_8080" else "plain :8081"
+                print(f"{shown:<26} {c.split('_')[1]:>4} {r['p50']:8.2f} {r['p99']:8.2f} {r['req_per_s']:7.0f}"
+                      + (f" {lat[c]['throughput_share']:10.2f}" if name == "picker_8080" else ""))
+            print(f"{'added by ' + label:<26} {c.split('_')[1]:>4} {lat[c]['added_p50']:8.2f}"
+                  f" {lat[c]['added_p99']:8.2f}")
     print("\ngRPC direct            conc  decisions/s  CPU ms/decision  decisions per CPU-second")
     for c, r in result["picker_decisions"].items():
         f = result["extproc_floor"][c]

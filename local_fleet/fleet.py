@@ -225,6 +225,10 @@ class Fleet:
         """Until every picker replica is ready and Envoy's health checks route to it."""
         for metrics_port in self.settings.picker_metrics_ports:
             self._wait("pickers", lambda p=metrics_port: _http_ok(f"http://127.0.0.1:{p}/healthz"), timeout_s)
+        self.wait_envoy_routes_to_pickers(timeout_s)
+
+    def wait_envoy_routes_to_pickers(self, timeout_s: float = 30.0) -> None:
+        """Until Envoy is ready and its health checks pass every host on the picker ports."""
         self._wait("envoy", self._envoy_ready, timeout_s)
 
     def _start_redis_cluster(self, timeout_s: float) -> None:
