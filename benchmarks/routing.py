@@ -31,7 +31,7 @@ from benchmarks import arrivals
 from benchmarks.driver import idle_ttft_s, prefix_counters
 from benchmarks.routers import MODEL, PeerProcess, Router, manifests, routers
 from benchmarks.upstream_epp import UpstreamPicker
-from benchmarks.workloads import HotPrefixWorkload, SharedPrefixWorkload, StressWorkload
+from benchmarks.workloads import CachedWorkload, HotPrefixWorkload, SharedPrefixWorkload, StressWorkload
 from gateway_state.lifecycle import every
 from local_fleet.fleet import Fleet, FleetSettings
 
@@ -52,6 +52,11 @@ class Profile:
     hot: HotPrefixWorkload
     hot_qps: float
     flavours: tuple[str, ...]
+    # (d): pods at their real speed, nearly every prompt cached: the router's own cost per request decides.
+    cached: CachedWorkload = CachedWorkload()
+    cached_qps: float = 20.0
+    cached_time_scale: float = 1.0
+    cached_warm_up_s: float = 8.0
 
 
 # Time scale 10 makes every step ten times slower than the H100 fits, same ratios:
@@ -59,7 +64,7 @@ class Profile:
 # Envoy and the pickers sustain on 2 cores beside the pods. At time scale 1 it would
 # take over 100 QPS, and the machine, not the routers, would be measured.
 PROFILES = {
-    # About 25 minutes on 2 cores: one flavour, one load level per workload.
+    # About 40 minutes on 2 cores: one flavour, one load level per workload.
     "quick": Profile(pods=8, time_scale=10.0, num_blocks=3000,
                      shared_prefix=SharedPrefixWorkload(groups=32, users=4, turns=8, system_words=3000),
                      qps=(12.0,), duration_s=30.0, stress=StressWorkload(prompts=48, output_tokens=200),
@@ -106,6 +111,9 @@ async def sample_pods(pods: list[str], stop: asyncio.Event, series: Samples) -> 
 
 async def measure(url: str, model: str, pods: list[str], workload: str, profile: Profile, qps: float,
                   seed: int) -> dict[str, Any]:
+    if workload == "cached":  # the caches fill through the router under test, then the counting starts
+        warm = replace(profile.cached, seed=profile.cached.seed + 1)
+        await arrivals.poisson(url, model, warm.conversations(), qps, profile.cached_warm_up_s, warm.max_tokens, seed)
     series: Samples = defaultdict(list)
     stop = asyncio.Event()
     sampler = asyncio.create_task(sample_pods(pods, stop, series))
@@ -117,6 +125,9 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
     elif workload == "hot_prefix":
         done = await arrivals.poisson(url, model, profile.hot.conversations(), qps, profile.duration_s,
                                       profile.hot.max_tokens, seed)
+    elif workload == "cached":
+        done = await arrivals.poisson(url, model, profile.cached.conversations(), qps, profile.duration_s,
+                                      profile.cached.max_tokens, seed)
     else:
         rng = random.Random(seed)
         done = await arrivals.concurrent(url, model, profile.stress.conversations(), profile.stress_concurrency,
@@ -152,7 +163,7 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
     }
 
 
-WORKLOADS = ("shared_prefix", "stress", "hot_prefix")
+WORKLOADS = ("shared_prefix", "stress", "hot_prefix", "cached")
 
 
 def run_flavour(flavour: str, profile: Profile, selected: list[Router], workloads: tuple[str, ...],
@@ -171,14 +182,21 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
     fleet.start()
     try:
         fleet.wait_pods()
-        direct_s = asyncio.run(idle_ttft_s(f"http://{endpoints[0]}", MODEL))
-        plan = [("shared_prefix", q) for q in profile.qps] + [("stress", 0.0), ("hot_prefix", profile.hot_qps)]
+        plan = [("shared_prefix", q) for q in profile.qps] + [("stress", 0.0), ("hot_prefix", profile.hot_qps),
+                                                              ("cached", profile.cached_qps)]
         plan = [(w, q) for w, q in plan if w in workloads]
+        direct_s: dict[str, float] = {}  # per pod speed: what a request sent straight to an idle pod takes
         for workload, qps in plan:
+            # Each workload's pods at its own speed; cold caches and zeroed counters for every router.
+            speed = ("--time-scale", str(profile.cached_time_scale)) if workload == "cached" else ()
+            if speed and "cached" not in direct_s or not speed and "other" not in direct_s:
+                fleet.restart(f"pods-{flavour}", speed)
+                fleet.wait_pods()
+                direct_s["cached" if speed else "other"] = asyncio.run(idle_ttft_s(f"http://{endpoints[0]}", MODEL))
             for router in selected:
                 progress[0] += 1
                 print(f"[{progress[0]}/{total}] {flavour} {workload} qps={qps or '-'} {router.name} ...", flush=True)
-                fleet.restart(f"pods-{flavour}")  # cold caches and zeroed counters for every router
+                fleet.restart(f"pods-{flavour}", speed)
                 fleet.wait_pods()
                 peer = None
                 if router.kind == "peer":
@@ -192,7 +210,7 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                     upstream.start(router.replicas)
                 try:
                     added_ms = (asyncio.run(idle_ttft_s(f"http://127.0.0.1:{router.port}", router.model))
-                                - direct_s) * 1000
+                                - direct_s["cached" if speed else "other"]) * 1000
                     result = asyncio.run(measure(f"http://127.0.0.1:{router.port}", router.model, endpoints,
                                                  workload, profile, qps, seed=17))
                 finally:
@@ -291,6 +309,16 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
                 check(flavour, f"(c) {q:g} QPS: hit >= 0.8 x oracle",
                       f"{ours['hit_rate']:.3f} / {ours['oracle_hit_rate']:.3f}",
                       ours["hit_rate"] >= 0.8 * ours["oracle_hit_rate"])
+        for (w, q), g in by.items():
+            mine, plain, sglang = g.get("ours_prefix_cache"), g.get("round_robin"), g.get("sglang_cache_aware")
+            if w == "cached" and mine and plain:
+                check(flavour, f"(d) {q:g} QPS: TTFT p50 <= round robin's + 1 ms",
+                      f"{mine['ttft_p50_s'] * 1000:.1f} / {plain['ttft_p50_s'] * 1000:.1f} ms",
+                      mine["ttft_p50_s"] <= plain["ttft_p50_s"] + 0.001)
+            if w == "cached" and mine and sglang:
+                check(flavour, f"(d) {q:g} QPS: TTFT p90 <= sglang cache_aware's",
+                      f"{mine['ttft_p90_s'] * 1000:.1f} / {sglang['ttft_p90_s'] * 1000:.1f} ms",
+                      mine["ttft_p90_s"] <= sglang["ttft_p90_s"])
         # The upstream endpoint picker, one replica and two: ours beats it on hit rate and the TTFT tail.
         for (w, q), g in sorted(by.items()):
             ours = g.get("ours_prefix_cache")
@@ -372,7 +400,7 @@ def main() -> None:
         profile = replace(profile, flavours=tuple(a.flavours))
     selected = [r for r in routers() if not a.routers or r.name in a.routers]
     runs_per_flavour = (len(profile.qps) * ("shared_prefix" in a.workloads) + ("stress" in a.workloads)
-                        + ("hot_prefix" in a.workloads))
+                        + ("hot_prefix" in a.workloads) + ("cached" in a.workloads))
     total = len(profile.flavours) * runs_per_flavour * len(selected)
     rows: list[dict[str, Any]] = []
     progress = [0]

@@ -95,3 +95,29 @@ class HotPrefixWorkload:
             system = hot if i % 2 == 0 else f"Cold {i}. " + _text(rng, self.system_words)
             out.append(Conversation(i % 2, i, system, [f"Question {i}: " + _text(rng, self.question_words)]))
         return out
+
+
+@dataclass(frozen=True)
+class CachedWorkload:
+    """Short questions under a few long system prompts, after a warm-up: nearly every prompt is cached.
+
+    Run on pods at time scale 1, where a cached prompt's first token takes a few
+    milliseconds, so what each request costs the router shows in its TTFT. The
+    system prompts come from `prompt_seed`, the questions from `seed`: a warm-up
+    built with another `seed` fills the caches with the same prompts.
+    """
+
+    requests: int = 900
+    groups: int = 8
+    system_words: int = 1000
+    question_words: int = 12
+    max_tokens: int = 4
+    prompt_seed: int = 19
+    seed: int = 23
+
+    def conversations(self) -> list[Conversation]:
+        prompts = random.Random(self.prompt_seed)
+        systems = [f"Cached group {g} rules. " + _text(prompts, self.system_words) for g in range(self.groups)]
+        rng = random.Random(self.seed)
+        return [Conversation(i % self.groups, i, systems[i % self.groups],
+                             [f"Question {i}: " + _text(rng, self.question_words)]) for i in range(self.requests)]
