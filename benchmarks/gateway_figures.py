@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -152,13 +151,6 @@ async def route_latencies(requests: int) -> dict[str, Any]:
     return out
 
 
-def ext_proc_streams(fleet: Fleet) -> int:
-    """The ext_proc streams Envoy has opened, over its listeners."""
-    url = f"http://127.0.0.1:{fleet.settings.envoy_admin_port}/stats?filter=ext_proc.streams_started"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return sum(int(line.rsplit(":", 1)[1]) for line in r.read().decode().splitlines() if ":" in line)
-
-
 async def trivial_route_latencies(fleet: Fleet, requests: int) -> dict[str, Any]:
     """The pickers stop and trivial ext_proc servers take their ports, all sending to one pod."""
     pod = next(iter(fleet.pods()))
@@ -170,10 +162,11 @@ async def trivial_route_latencies(fleet: Fleet, requests: int) -> dict[str, Any]
         for port in fleet.settings.picker_ports:
             await wait_serving(f"127.0.0.1:{port}")
         fleet.wait_envoy_routes_to_pickers()
-        before = ext_proc_streams(fleet)
+        before = fleet.envoy_counter("ext_proc.streams_started")
         figures = await route_latencies(requests)
         # Every request went through a trivial server, none past it on the failure mode.
-        assert ext_proc_streams(fleet) - before >= requests + requests // 2, "requests bypassed ext_proc"
+        streams = fleet.envoy_counter("ext_proc.streams_started") - before
+        assert streams >= requests + requests // 2, "requests bypassed ext_proc"
         return figures
     finally:
         for server in servers:

@@ -185,14 +185,14 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
         plan = [("shared_prefix", q) for q in profile.qps] + [("stress", 0.0), ("hot_prefix", profile.hot_qps),
                                                               ("cached", profile.cached_qps)]
         plan = [(w, q) for w, q in plan if w in workloads]
-        direct_s: dict[str, float] = {}  # per pod speed: what a request sent straight to an idle pod takes
+        direct_s: dict[tuple[str, ...], float] = {}  # per pod speed: a request straight to an idle pod
         for workload, qps in plan:
             # Each workload's pods at its own speed; cold caches and zeroed counters for every router.
             speed = ("--time-scale", str(profile.cached_time_scale)) if workload == "cached" else ()
-            if speed and "cached" not in direct_s or not speed and "other" not in direct_s:
+            if speed not in direct_s:
                 fleet.restart(f"pods-{flavour}", speed)
                 fleet.wait_pods()
-                direct_s["cached" if speed else "other"] = asyncio.run(idle_ttft_s(f"http://{endpoints[0]}", MODEL))
+                direct_s[speed] = asyncio.run(idle_ttft_s(f"http://{endpoints[0]}", MODEL))
             for router in selected:
                 progress[0] += 1
                 print(f"[{progress[0]}/{total}] {flavour} {workload} qps={qps or '-'} {router.name} ...", flush=True)
@@ -210,7 +210,7 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                     upstream.start(router.replicas)
                 try:
                     added_ms = (asyncio.run(idle_ttft_s(f"http://127.0.0.1:{router.port}", router.model))
-                                - direct_s["cached" if speed else "other"]) * 1000
+                                - direct_s[speed]) * 1000
                     result = asyncio.run(measure(f"http://127.0.0.1:{router.port}", router.model, endpoints,
                                                  workload, profile, qps, seed=17))
                 finally:

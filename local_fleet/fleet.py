@@ -227,6 +227,13 @@ class Fleet:
             self._wait("pickers", lambda p=metrics_port: _http_ok(f"http://127.0.0.1:{p}/healthz"), timeout_s)
         self.wait_envoy_routes_to_pickers(timeout_s)
 
+    def envoy_counter(self, name: str) -> int:
+        """An Envoy statistic summed over the names its admin `filter` (a regex) matches: a counter
+        across listeners or clusters."""
+        url = f"http://127.0.0.1:{self.settings.envoy_admin_port}/stats?filter={name}"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return sum(int(line.rsplit(":", 1)[1]) for line in r.read().decode().splitlines() if line.strip())
+
     def wait_envoy_routes_to_pickers(self, timeout_s: float = 30.0) -> None:
         """Until Envoy is ready and its health checks pass every host on the picker ports."""
         self._wait("envoy", self._envoy_ready, timeout_s)

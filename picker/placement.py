@@ -328,13 +328,8 @@ class Placement:
     async def _write_pending(self, pool: str) -> None:
         try:
             while pending := self._pending.pop(pool, None):
-                while pending:
-                    size, cut = 0, 0
-                    while cut < len(pending) and (cut == 0 or size < MAX_WRITE_BATCH):
-                        w = pending[cut]
-                        size, cut = size + (len(w.block_hashes) if isinstance(w, IndexWrite) else 1), cut + 1
-                    await self._write(pool, pending[:cut])
-                    pending = pending[cut:]
+                for batch in write_batches(pending):
+                    await self._write(pool, batch)
         finally:
             self._writing.discard(pool)
 
@@ -385,3 +380,17 @@ class Placement:
         """Wait for the writes still under way after their requests (shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def write_batches(writes: list[Write]) -> list[list[Write]]:
+    """The writes in order, cut into calls of at most MAX_WRITE_BATCH blocks-or-releases (one write at least)."""
+    out: list[list[Write]] = [[]]
+    size = 0
+    for w in writes:
+        cost = len(w.block_hashes) if isinstance(w, IndexWrite) else 1
+        if out[-1] and size + cost > MAX_WRITE_BATCH:
+            out.append([])
+            size = 0
+        out[-1].append(w)
+        size += cost
+    return out

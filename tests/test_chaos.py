@@ -181,10 +181,7 @@ async def test_chaos(chaos_fleet: Fleet, load: Load) -> None:
         print(f"{name:<18} {sent:5d} {failed:7d} {phases[0][1]:12.3f} {phases[1][1]:11.3f} {phases[2][1]:10.3f}")
     killed_at, exclusion_s = excluded[0]
     print(f"the killed pod left the candidates {exclusion_s:.2f} s after it died")
-    async with aiohttp.ClientSession() as http:
-        url = f"http://127.0.0.1:{fleet.settings.envoy_admin_port}/stats?filter=prefix-pool.upstream_rq_retry_success"
-        async with http.get(url) as r:
-            retried = sum(int(line.rsplit(":", 1)[1]) for line in (await r.text()).splitlines() if line.strip())
+    retried = fleet.envoy_counter("prefix-pool.upstream_rq_retry_success")
     print(f"requests Envoy moved to the next endpoint of the picker's list: {retried}")
 
     by_fault = {name: sum(p.failed for p, _ in phases) for name, phases in rows}

@@ -13,10 +13,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway_state.clock import FleetClock
 from gateway_state.records import Config, Endpoint, Model, Pool, Strategy, TargetModel
-from gateway_state.store import SharedView, Write
+from gateway_state.store import IndexWrite, ReleaseWrite, SharedView, Write
 from picker.intake import Intake, PlacementRequest
 from picker.metrics import PickerMetrics
-from picker.placement import Placement
+from picker.placement import Placement, write_batches
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, ServerSettings, StateSettings
 from picker.state import MemoryState, PlacementState
@@ -173,3 +173,11 @@ async def test_an_admission_answered_past_its_deadline_is_healed_by_the_next_hea
     assert (await state.lookup("p", [])).inflight == {placed.chosen.endpoint.key: 1}  # left behind...
     await p.publish(["p"])
     assert (await state.lookup("p", [])).inflight == {}  # ...until this replica's own figures replace it
+
+
+def test_a_burst_of_writes_is_cut_into_calls_of_bounded_lua_work() -> None:
+    index = IndexWrite("e", [f"h{i}" for i in range(100)], 60_000, 1_000)
+    writes: list[Write] = [index, index, ReleaseWrite("me", "e"), index, IndexWrite("e", ["x"] * 400, 60_000, 1_000)]
+    batches = write_batches(writes)
+    assert [len(b) for b in batches] == [3, 1, 1]  # 201, then 100, then one alone past the bound
+    assert [w for b in batches for w in b] == writes

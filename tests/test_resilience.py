@@ -78,11 +78,6 @@ async def test_restarting_a_picker_breaks_no_request(http: aiohttp.ClientSession
     await wait_for(lambda: envoy_sees_every_picker_healthy(http, fleet), 10.0)
 
 
-async def envoy_counter(http: aiohttp.ClientSession, fleet: Fleet, name: str) -> int:
-    async with http.get(f"http://127.0.0.1:{fleet.settings.envoy_admin_port}/stats?filter={name}") as r:
-        return sum(int(line.rsplit(":", 1)[1]) for line in (await r.text()).splitlines() if line.strip())
-
-
 async def picker_ready(http: aiohttp.ClientSession, fleet: Fleet, index: int) -> bool:
     try:
         async with http.get(f"http://127.0.0.1:{fleet.settings.picker_metrics_ports[index]}/healthz") as r:
@@ -129,13 +124,12 @@ async def test_a_crashed_picker_costs_only_the_streams_it_was_serving(http: aioh
     await wait_for(lambda: envoy_sees_every_picker_healthy(http, fleet), 10.0)  # the other must take over
     await wait_for(lambda: envoy_sends_to_every_picker(http, fleet), 20.0)  # and the one killed has streams
 
-    async def crash() -> None:
-        before.extend([await envoy_counter(http, fleet, name) for name in counters])
+    def crash() -> None:
+        before.extend(fleet.envoy_counter(name) for name in counters)
         fleet.kill("picker-1")
 
     replies = await steady_load(http, 3.0, crash)
-    failed, retried, ejected = [await envoy_counter(http, fleet, name) - b for name, b in zip(counters, before,
-                                                                                          strict=True)]
+    failed, retried, ejected = [fleet.envoy_counter(name) - b for name, b in zip(counters, before, strict=True)]
     fleet.restart("picker-1")
     assert len(replies) > 20
     assert [r.status for r in replies if r.status != 200] == []
