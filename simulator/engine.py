@@ -5,6 +5,15 @@ to compute (a whole prefill chunk, or the one decode token), within the per-step
 token budget, then admits waiting sequences while the batch has room and the KV
 cache has blocks. A sequence that cannot get a block for its next token preempts
 the newest running one, which later recomputes (mostly from the prefix cache).
+
+When a chunk's blocks join the prefix cache is where vLLM and SGLang differ.
+vLLM V1 caches them as it allocates them for the step (`KVCacheManager.
+allocate_slots` commits the blocks of the tokens scheduled), so a request
+scheduled after another in the same step, or while its prefill runs, reuses the
+prefix it is computing: each layer writes the step's keys and values before
+attending. SGLang inserts a prompt into its radix cache after the forward pass,
+and its default first-come-first-served policy does not hold back a request
+whose prefix another in the batch is computing: both compute it.
 """
 
 from __future__ import annotations
@@ -60,8 +69,10 @@ def _blocks(tokens: int, block_size: int) -> int:
 
 
 class Engine:
-    def __init__(self, physics: Physics, observer: EngineObserver, adapters: Adapters | None = None) -> None:
+    def __init__(self, physics: Physics, observer: EngineObserver, adapters: Adapters | None = None,
+                 cache_when_scheduled: bool = True) -> None:
         self.physics = physics
+        self.cache_when_scheduled = cache_when_scheduled  # vLLM: True; SGLang: False (see above)
         self.cache = KVCache(physics.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -113,6 +124,7 @@ class Engine:
                 continue
             batch.append((seq, chunk))
             budget -= chunk
+            self._scheduled(seq, chunk)
         running_adapters = {s.adapter for s in self.running if s.adapter}
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.physics.max_num_seqs:
@@ -130,7 +142,12 @@ class Engine:
                 running_adapters.add(seq.adapter)
             batch.append((seq, admitted))
             budget -= admitted
+            self._scheduled(seq, admitted)
         return batch
+
+    def _scheduled(self, seq: Sequence, chunk: int) -> None:
+        if self.cache_when_scheduled:
+            self._publish(seq, seq.computed + chunk)
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Reserve blocks for the sequence's first chunk; 0 when the cache is full."""
@@ -202,10 +219,10 @@ class Engine:
                 if seq.events is not None:
                     seq.events.put_nowait(None)
 
-    def _publish(self, seq: Sequence) -> None:
-        """Share the sequence's newly completed full blocks through the prefix cache."""
+    def _publish(self, seq: Sequence, upto: int | None = None) -> None:
+        """Share the sequence's full blocks up to token `upto` (default: those computed) through the prefix cache."""
         self._extend_chain(seq)
-        full = min(seq.computed // self.physics.block_size, len(seq.chain))
+        full = min((seq.computed if upto is None else upto) // self.physics.block_size, len(seq.chain))
         fresh = seq.chain[len(seq.shared) : full]
         if fresh:
             seq.private -= self.cache.publish(fresh)

@@ -77,7 +77,7 @@ class SimulatedPod:
         )
         self.adapters = Adapters(spec.max_loras, spec.max_cpu_loras or spec.max_loras, physics.lora_load_s,
                                  physics.lora_activate_s, dict(spec.lora_modules)) if spec.enable_lora else None
-        self.engine = Engine(physics, self.metrics, self.adapters)
+        self.engine = Engine(physics, self.metrics, self.adapters, cache_when_scheduled=spec.runtime != "sglang")
         self._synthetic: list[Sequence] = []
         self.bootstrap = BootstrapServer(spec.bootstrap_timeout_s) if spec.disaggregation == "prefill" else None
         self.receiver = KVReceiver(spec.bootstrap_timeout_s, physics.kv_transfer_token_s,

@@ -33,9 +33,10 @@ class Recorder:
 async def engine_factory() -> AsyncIterator[object]:
     tasks: list[asyncio.Task[None]] = []
 
-    def make(**physics: object) -> tuple[Engine, Recorder]:
+    def make(cache_when_scheduled: bool = True, **physics: object) -> tuple[Engine, Recorder]:
         recorder = Recorder()
-        engine = Engine(Physics(time_scale=0.05, **physics), recorder)  # type: ignore[arg-type]
+        engine = Engine(Physics(time_scale=0.05, **physics), recorder,  # type: ignore[arg-type]
+                        cache_when_scheduled=cache_when_scheduled)
         tasks.append(asyncio.create_task(engine.run()))
         return engine, recorder
 
@@ -73,6 +74,27 @@ async def test_a_repeated_prompt_hits_the_prefix_cache(engine_factory) -> None: 
     await complete(engine, second)
     assert first.cached_tokens == 0
     assert second.cached_tokens >= (first.num_prompt // 16) * 16 - 16
+
+
+@pytest.mark.parametrize("cache_when_scheduled", [True, False], ids=["vllm", "sglang"])
+async def test_requests_scheduled_together_share_a_prefix_only_as_vllm_does(  # type: ignore[no-untyped-def]
+        engine_factory, cache_when_scheduled: bool) -> None:
+    """vLLM V1 commits a chunk's blocks to the prefix cache as it schedules them, so a request admitted in the
+    same step as another with its prefix reuses it; SGLang caches after the forward pass, so both compute it."""
+    engine, recorder = engine_factory(cache_when_scheduled)
+    prompt = "a long shared system prompt " * 60
+    leader, follower = request(prompt + "first question"), request(prompt + "second question")
+    engine.submit(leader)
+    engine.submit(follower)  # both wait for the same first step
+    async with asyncio.timeout(30):
+        while len(recorder.finished) < 2:
+            await asyncio.sleep(0.005)
+    assert leader.cached_tokens == 0
+    shared_blocks = len(tokenize(prompt)) // 16
+    if cache_when_scheduled:
+        assert follower.cached_tokens >= (shared_blocks - 1) * 16
+    else:
+        assert follower.cached_tokens == 0
 
 
 async def test_batch_size_is_bounded_by_max_num_seqs(engine_factory) -> None:  # type: ignore[no-untyped-def]
