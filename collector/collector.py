@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 
 import aiohttp
@@ -57,6 +58,8 @@ class Collector:
         self._config: Config | None = None
         self._config_read_at = 0.0
         self._last: dict[str, LoadSample] = {}  # endpoint -> last sample, to carry figures over failures
+        # endpoint -> (scraped at ms, uncached prompt tokens) over the last PREFILL_WINDOW_MS
+        self._prefill_history: dict[str, deque[tuple[int, float]]] = {}
         self.members: list[str] = []  # live collectors, this one included; empty while unknown
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -168,7 +171,9 @@ class Collector:
                 if response.status != 200:
                     raise GarbledMetrics(f"HTTP {response.status}")
                 text = await response.text(errors="replace")
-            sample = with_batch_limit(to_load_sample(text, now_ms), self._last.get(endpoint.key))
+            previous = self._last.get(endpoint.key)
+            sample = with_prefill_rate(with_batch_limit(to_load_sample(text, now_ms), previous), previous,
+                                       self._prefill_history.setdefault(endpoint.key, deque()))
             self._metrics.scrapes.labels("ok").inc()
         except (aiohttp.ClientError, TimeoutError, GarbledMetrics, UnicodeDecodeError) as exc:
             self._metrics.scrapes.labels("failed").inc()
@@ -198,6 +203,38 @@ def with_batch_limit(sample: LoadSample, previous: LoadSample | None) -> LoadSam
             or sample.scraped_at_ms - previous.batch_limit_at_ms > BATCH_LIMIT_KEEP_MS):
         return replace(sample, batch_limit=0.0, batch_limit_at_ms=0)
     return replace(sample, batch_limit=previous.batch_limit, batch_limit_at_ms=previous.batch_limit_at_ms)
+
+
+# A server's prefill speed is measured over this long: long enough that the prompts it counts at once
+# (a step takes up to its token budget, 8,192 tokens by default) are a small part of what it computes,
+# short enough that a few seconds of cold prompts show it. Under PREFILL_MIN_SPAN_MS nothing is said.
+PREFILL_WINDOW_MS = 8000
+PREFILL_MIN_SPAN_MS = 2000
+
+
+def with_prefill_rate(sample: LoadSample, previous: LoadSample | None,
+                      history: deque[tuple[int, float]]) -> LoadSample:
+    """The sample with the fastest its server was seen computing uncached prompt tokens since it started.
+
+    No metric of vLLM or SGLang says how fast a server prefills, but its prompt and prefix-cache-hit
+    counters say how many uncached prompt tokens it computed. Over a window in which it was busy that
+    is its speed; over one in which it idled, less. So the highest rate over any window is the best
+    estimate, and it only grows until the server restarts (its prompt counter falls) and measuring
+    starts over. `history` holds this endpoint's recent counter readings; updated here.
+    """
+    now, uncached = sample.scraped_at_ms, sample.prompt_tokens - sample.cached_prompt_tokens
+    if previous is None or not previous.prefill_rate_at_ms or sample.prompt_tokens < previous.prompt_tokens:
+        history.clear()
+        rate, since = 0.0, now
+    else:
+        rate, since = previous.prefill_tokens_per_s, previous.prefill_rate_at_ms
+    history.append((now, uncached))
+    while len(history) > 1 and now - history[1][0] >= PREFILL_WINDOW_MS:
+        history.popleft()
+    oldest_ms, oldest = history[0]
+    if now - oldest_ms >= PREFILL_MIN_SPAN_MS:
+        rate = max(rate, (uncached - oldest) * 1000 / (now - oldest_ms))
+    return replace(sample, prefill_tokens_per_s=rate, prefill_rate_at_ms=since)
 
 
 def _reason(exc: BaseException) -> str:

@@ -21,8 +21,10 @@ class GarbledMetrics(ValueError):
 READ = frozenset({
     "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
     "vllm:gpu_cache_usage_perc", "vllm:lora_requests_info", "vllm:cache_config_info", "vllm:prompt_tokens_total",
+    "vllm:prefix_cache_hits_total",
     "sglang:num_queue_reqs", "sglang:num_running_reqs", "sglang:token_usage", "sglang:cache_config_info",
     "sglang:page_size", "sglang:num_pages", "sglang:max_total_num_tokens", "sglang:prompt_tokens_total",
+    "sglang:cached_tokens_total",
 })
 
 
@@ -92,6 +94,7 @@ def to_load_sample(text: str, now_ms: int) -> LoadSample:
             block_size=_int(cache.get("block_size")),
             num_blocks=_int(cache.get("num_gpu_blocks")),
             prompt_tokens=_total(series, "vllm:prompt_tokens_total") or 0.0,
+            cached_prompt_tokens=_total(series, "vllm:prefix_cache_hits_total") or 0.0,
         )
     if "sglang:num_queue_reqs" in series:
         # SGLang: tensor-parallel ranks report the same scheduler, so take one figure.
@@ -105,6 +108,7 @@ def to_load_sample(text: str, now_ms: int) -> LoadSample:
             block_size=block_size,
             num_blocks=num_blocks,
             prompt_tokens=_highest(series, "sglang:prompt_tokens_total") or 0.0,
+            cached_prompt_tokens=_highest(series, "sglang:cached_tokens_total") or 0.0,
         )
     raise GarbledMetrics("neither vLLM nor SGLang queue metrics found")
 

@@ -186,6 +186,11 @@ class LoadSample:
     block_size: int = 0  # tokens per KV block (vLLM block_size, SGLang page_size)
     num_blocks: int = 0  # KV blocks on the device (vLLM num_gpu_blocks)
     prompt_tokens: float = 0.0  # the server's prefill-token counter: when it falls, the server restarted
+    cached_prompt_tokens: float = 0.0  # the server's counter of prompt tokens served from its prefix cache
+    # The fastest the server was seen computing uncached prompt tokens (tokens per second, over a few
+    # seconds); 0 unknown. Kept by the collector since the server started (collector.with_prefill_rate).
+    prefill_tokens_per_s: float = 0.0
+    prefill_rate_at_ms: int = 0  # when the collector began measuring this server (its first sample)
     # The batch the server was last seen full at: its running count when requests were waiting there
     # and no LoRA adapter was waiting for a slot; 0 unknown. The collector keeps it a few seconds,
     # unless the server runs more without queueing. No metric of vLLM or SGLang says how many

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,11 +15,17 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from collector.collector import Collector, CollectorSettings
+from collector.collector import (
+    PREFILL_MIN_SPAN_MS,
+    PREFILL_WINDOW_MS,
+    Collector,
+    CollectorSettings,
+    with_prefill_rate,
+)
 from collector.metrics import CollectorMetrics
 from collector.metrics_map import READ, GarbledMetrics, parse_series, to_load_sample
 from gateway_state import keys
-from gateway_state.records import Config, Endpoint, FlowControl, Pool
+from gateway_state.records import Config, Endpoint, FlowControl, LoadSample, Pool
 from gateway_state.store import StateStore
 from picker.plugins.filters import estimated_waiting, has_room
 from simulator.metrics import SGLangMetrics, VLLMMetrics
@@ -270,3 +277,64 @@ def test_sglang_token_capacity_alone_gives_pages_of_one_token() -> None:
                             if not line.startswith(("sglang:page_size", "sglang:num_pages"))) + "\n"
     sample = to_load_sample(tokens_only, 0)
     assert (sample.block_size, sample.num_blocks) == (1, 155520)
+
+
+def test_the_prefill_speed_is_the_fastest_seen_over_a_window_and_starts_over_with_the_server() -> None:
+    """Uncached prompt tokens (prompt less cache hits) per second, over windows of at least
+    PREFILL_MIN_SPAN_MS: the busiest window so far, whatever idle windows follow."""
+    history: deque[tuple[int, float]] = deque()
+    sample: LoadSample | None = None
+
+    def scrape(at_ms: int, prompt: float, cached: float) -> LoadSample:
+        nonlocal sample
+        sample = with_prefill_rate(LoadSample(at_ms, True, prompt_tokens=prompt, cached_prompt_tokens=cached),
+                                   sample, history)
+        return sample
+
+    assert scrape(1_000, 100, 0).prefill_tokens_per_s == 0  # one reading says nothing
+    assert scrape(1_000 + PREFILL_MIN_SPAN_MS - 100, 5_000, 0).prefill_tokens_per_s == 0  # too short a span
+    busy = scrape(1_000 + PREFILL_MIN_SPAN_MS, 8_100, 4_000)  # 4,000 of the 8,000 tokens since came from cache
+    assert busy.prefill_tokens_per_s == pytest.approx(4_000 * 1000 / PREFILL_MIN_SPAN_MS)
+    t = 1_000 + PREFILL_MIN_SPAN_MS
+    for _ in range(3):  # idle for longer than the window: the speed seen stays
+        t += PREFILL_WINDOW_MS
+        assert scrape(t, 8_100, 4_000).prefill_tokens_per_s == busy.prefill_tokens_per_s
+    assert len(history) <= 2
+    restarted = scrape(t + 100, 50, 0)  # the counter fell: a new server, measured afresh
+    assert restarted.prefill_tokens_per_s == 0 and restarted.prefill_rate_at_ms == t + 100
+
+
+@pytest.mark.parametrize("runtime", ["vllm", "sglang"])
+async def test_the_collector_measures_how_fast_a_pod_prefills(redis_client: Redis, runtime: str) -> None:
+    """Cold prompts kept coming for a few seconds: the published speed is the simulated GPU's, within the
+    step overhead and the prompts a step counts at once."""
+    physics = Physics(num_blocks=4000, time_scale=10.0)  # 4,000 uncached tokens a second, less step overhead
+    spec = PodSpec("pod-0", "127.0.4.7", free_port(), runtime, "m")
+    runner, engine = await _serve(SimulatedPod(spec, physics))
+    endpoint = Endpoint("pod-0", spec.host, spec.port)
+    store = StateStore(redis_client)
+    await publish(store, Config(1, {"p": Pool("p", (8000,), endpoints=(endpoint,))}, {}))
+    collector = Collector(store, CollectorSettings(scrape_interval_ms=100, scrape_timeout_ms=500), CollectorMetrics())
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def cold(i: int) -> None:
+                async with http.post(f"http://{spec.host}:{spec.port}/v1/completions",
+                                     json={"model": "m", "prompt": f"prompt {i} " + "word " * 1500,
+                                           "max_tokens": 1}) as r:
+                    assert r.status == 200
+
+            await asyncio.gather(*(cold(i) for i in range(12)))  # 18,000 tokens: about 4.5 s of prefill
+
+            async def speed() -> float:
+                sample = (await store.read_snapshot(["p"])).load.get("p", {}).get(endpoint.key)
+                return sample.prefill_tokens_per_s if sample is not None else 0.0
+
+            await wait_for(speed, 3.0)
+        assert 0.6 * 4_000 <= await speed() <= 1.3 * 4_000
+    finally:
+        stop.set()
+        await task
+        await runner.cleanup()
+        engine.cancel()
