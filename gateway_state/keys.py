@@ -40,6 +40,12 @@ def inflight(pool: str, replica: str) -> str:
     return pool_prefix(pool) + "inflight:" + replica
 
 
+def prefill_backlog(pool: str) -> str:
+    """Hash endpoint -> "blocks|ms": the uncached prompt blocks the endpoint had still to compute at
+    that time (Redis's clock), by the fleet's admissions and the endpoint's measured speed."""
+    return pool_prefix(pool) + "prefill"
+
+
 def prefix_block(pool: str, block_hash: str) -> str:
     """Hash endpoint -> last use (ms) for one chained prefix block."""
     return pool_prefix(pool) + "pfx:" + block_hash

@@ -15,10 +15,11 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica to leave out ("" for
 # none), the block hashes joined by spaces (one argument packs and parses in half
-# the time of 256). Returns {inflight_flat, matched_flat, live replicas}:
+# the time of 256). Returns {inflight_flat, matched_flat, live replicas, backlog_flat}:
 # in-flight figures summed over the other live picker replicas (fields "<endpoint>"
 # count requests, "<endpoint>|work" their uncached prompt blocks; a replica knows
-# its own exactly), and per endpoint the number of leading prompt blocks it holds.
+# its own exactly), per endpoint the number of leading prompt blocks it holds, and
+# per endpoint its prefill backlog as recorded by ADMIT: blocks, then their age in ms.
 #
 # Block hashes are chained, and each endpoint's recorded blocks are prefix-closed:
 # INDEX writes every block of a prompt with the same expiry, and eviction takes
@@ -72,13 +73,28 @@ for e, n in pairs(matched) do
   table.insert(out_matched, e)
   table.insert(out_matched, tostring(n))
 end
-return {out_inflight, out_matched, replicas}
+local out_backlog = {}
+local recorded = redis.call('HGETALL', prefix .. 'prefill')
+for i = 1, #recorded, 2 do
+  local blocks, at = string.match(recorded[i + 1], '^([^|]+)|(%d+)$')
+  if blocks then
+    table.insert(out_backlog, recorded[i])
+    table.insert(out_backlog, blocks)
+    table.insert(out_backlog, tostring(now - tonumber(at)))
+  end
+end
+return {out_inflight, out_matched, replicas, out_backlog}
 """
 
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, lease_ms,
-# uncached prompt blocks, others seen (-1: no check), model ("" for none). Counts one
+# uncached prompt blocks, others seen (-1: no check), model ("" for none), the
+# endpoint's prefill speed in blocks per second (0: unknown). Counts one
 # request, its uncached prompt blocks and one for its model ("<endpoint>@<model>") in
-# flight at the endpoint; returns 1. With a check, it
+# flight at the endpoint, and adds the blocks to the endpoint's prefill backlog
+# (the "prefill" hash: "blocks|ms"), first draining what the endpoint computed since
+# the last admission at its speed (a fluid queue: the backlog falls at the speed
+# while it lasts). At an unknown speed the backlog is the request's blocks alone:
+# nothing is known of what drained. Returns 1. With a check, it
 # first compares the other replicas' requests at the endpoint with what the
 # caller's lookup saw: more means another replica chose it meanwhile, and the
 # script writes nothing and returns 0, so the caller decides again on fresh
@@ -97,6 +113,17 @@ local ik = prefix .. 'inflight:' .. replica
 redis.call('HINCRBY', ik, endpoint, 1)
 if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', ik, endpoint .. '|work', ARGV[5]) end
 if ARGV[7] ~= '' then redis.call('HINCRBY', ik, endpoint .. '@' .. ARGV[7], 1) end
+local work, speed = tonumber(ARGV[5]), tonumber(ARGV[8])
+if work > 0 then
+  local pk = prefix .. 'prefill'
+  local backlog = 0
+  if speed > 0 then
+    local blocks, at = string.match(redis.call('HGET', pk, endpoint) or '', '^([^|]+)|(%d+)$')
+    if blocks then backlog = math.max(0, tonumber(blocks) - speed * (now - tonumber(at)) / 1000) end
+  end
+  redis.call('HSET', pk, endpoint, string.format('%.1f|%d', backlog + work, now))
+  redis.call('PEXPIRE', pk, lease * 10)
+end
 redis.call('PEXPIRE', ik, lease)
 redis.call('ZADD', KEYS[1], now + lease, replica)
 return 1

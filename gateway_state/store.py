@@ -43,6 +43,9 @@ class SharedView:
     replicas: tuple[str, ...] = ()  # the live picker replicas of the pool, sorted
     # model_field(endpoint, model) -> requests for that model (a LoRA adapter, say) in flight there
     inflight_models: dict[str, int] = field(default_factory=dict)
+    # endpoint -> (uncached prompt blocks it had still to compute, how long ago in ms) at the last
+    # admission there (keys.prefill_backlog); the reader drains it at the endpoint's speed since
+    prefill_backlog: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,12 @@ def model_figures(figures: Mapping[str, int]) -> dict[str, int]:
 
 def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
     return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def prefill_left(blocks: float, age_ms: int, blocks_per_s: float) -> float | None:
+    """What remains of a prefill backlog of `blocks` recorded `age_ms` ago, at the endpoint's speed: a fluid
+    queue drains at its speed while it lasts. None at an unknown speed (0). scripts.ADMIT does the same."""
+    return max(0.0, blocks - blocks_per_s * age_ms / 1000) if blocks_per_s > 0 else None
 
 
 def redis_time_ms(reply: tuple[int, int]) -> int:
@@ -198,22 +207,26 @@ class StateStore:
 
         Block hashes are hex digests: the scripts take them as one space-separated argument.
         """
-        inflight, matched, replicas = await self._lookup(
+        inflight, matched, replicas, backlog = await self._lookup(
             keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), leave_out, " ".join(block_hashes)])
         figures = _pairs(inflight)
         counts, work = split_figures(figures)
         return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)),
-                          model_figures(figures))
+                          model_figures(figures),
+                          {backlog[i].decode(): (float(backlog[i + 1]), int(backlog[i + 2]))
+                           for i in range(0, len(backlog), 3)})
 
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1, model: str = "") -> bool:
-        """Count a request (and its `work_blocks` of uncached prompt, and one for its `model`) in flight at `endpoint`.
+                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0) -> bool:
+        """Count a request (and its `work_blocks` of uncached prompt, and one for its `model`) in flight at `endpoint`,
+        and add its blocks to the endpoint's prefill backlog, drained at `prefill_blocks_per_s` (0: unknown).
 
         False, with nothing written, when `others_seen` (0 or more) is below the other
         replicas' requests there now: one of them chose the endpoint since the caller's lookup.
         """
         return bool(await self._admit(keys=[keys.pickers(pool)], args=[
-            keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen, model]))
+            keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen, model,
+            f"{prefill_blocks_per_s:.3f}"]))
 
     async def write(self, pool: str, writes: Sequence[Write]) -> int:
         """Apply `writes` in order in one round trip; returns how many prefix blocks the index writes evicted."""

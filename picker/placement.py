@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
@@ -29,6 +29,7 @@ from gateway_state.store import (
     Write,
     model_field,
     model_figures,
+    prefill_left,
     split_figures,
 )
 from picker.errors import GatewayError, Shed
@@ -205,7 +206,7 @@ class Placement:
         else:
             view = SharedView(dict(Counter(others.inflight) + Counter(own_requests)), others.matched_blocks,
                               dict(Counter(others.inflight_work) + Counter(own_work)), others.replicas,
-                              dict(Counter(others.inflight_models) + Counter(own_models)))
+                              dict(Counter(others.inflight_models) + Counter(own_models)), others.prefill_backlog)
         scheduling = replace(request.scheduling, preferred=replica_share(
             [e.key for e in pool.endpoints], view.replicas, self._me))
         candidates = self._candidates(pool, samples, view, drained, scheduling.model)
@@ -256,7 +257,8 @@ class Placement:
             self._check_state()
             async with asyncio.timeout(self._settings.state.redis_timeout_ms / 1000):
                 admitted = await self._state.admit(pool, self._me, endpoint, self._settings.state.inflight_lease_ms,
-                                                   plan.work_blocks, plan.others_seen, model)
+                                                   plan.work_blocks, plan.others_seen, model,
+                                                   plan.chosen.prefill_blocks_per_s)
         except _STATE_ERRORS as exc:
             # The state may have counted it or not; the next heartbeat replaces the record either way.
             self._state_failed("admit", exc)
@@ -295,15 +297,18 @@ class Placement:
     def _candidates(self, pool: Pool, samples: dict[str, LoadSample], view: SharedView,
                     drained: frozenset[str], model: str) -> list[Candidate]:
         now_ms = self._clock.now_ms()
+        p = self._settings.prefix
+        speeds = prefill_speeds(pool, samples, p.block_chars / p.chars_per_token,
+                                self._settings.scheduling.prefill_tokens_per_s_prior)
         out = []
         for e in pool.endpoints:
             sample = samples.get(e.key)
             load, inflight = self._fresh(sample, now_ms), view.inflight.get(e.key, 0)
             out.append(Candidate(e, load, sample.consecutive_failures if sample else 0,
                                  inflight, view.matched_blocks.get(e.key, 0),
-                                 view.inflight_work.get(e.key, 0), e.key in drained,
+                                 pending_prefill(view, e.key, speeds[e.key]), e.key in drained,
                                  view.inflight_models.get(model_field(e.key, model), 0),
-                                 has_room(load, inflight, pool.flow)))
+                                 has_room(load, inflight, pool.flow), speeds[e.key]))
         return out
 
     def capacity_blocks(self, load: LoadSample | None) -> int:
@@ -380,6 +385,28 @@ class Placement:
         """Wait for the writes still under way after their requests (shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def prefill_speeds(pool: Pool, samples: Mapping[str, LoadSample], tokens_per_block: float,
+                   prior_tokens_per_s: float) -> dict[str, float]:
+    """Per endpoint, the uncached prompt blocks per second it computes, as its collector measured them
+    (LoadSample.prefill_tokens_per_s). One not measured yet takes the slowest measured speed of its pool,
+    whose servers are alike, or the prior while none is measured (0: unknown)."""
+    measured = {e.key: samples[e.key].prefill_tokens_per_s / tokens_per_block for e in pool.endpoints
+                if e.key in samples and samples[e.key].prefill_tokens_per_s > 0}
+    slowest = min(measured.values(), default=prior_tokens_per_s / tokens_per_block)
+    return {e.key: measured.get(e.key, slowest) for e in pool.endpoints}
+
+
+def pending_prefill(view: SharedView, endpoint: str, blocks_per_s: float) -> float:
+    """The uncached prompt blocks `endpoint` has still to compute: those of the requests in flight there,
+    less what it computed since they came at its speed (the backlog ADMIT recorded, drained since). At an
+    unknown speed, or with no backlog recorded, all of the requests' blocks in flight. A request's blocks
+    stay in flight until it ends, long after its prefill, so the in-flight figure alone overstates."""
+    work = float(view.inflight_work.get(endpoint, 0))
+    recorded = view.prefill_backlog.get(endpoint)
+    left = prefill_left(recorded[0], recorded[1], blocks_per_s) if recorded else None
+    return work if left is None else min(work, left)
 
 
 def write_batches(writes: list[Write]) -> list[list[Write]]:

@@ -23,6 +23,7 @@ from gateway_state.store import (
     Write,
     model_field,
     model_figures,
+    prefill_left,
     split_figures,
 )
 
@@ -33,8 +34,10 @@ class PlacementState(Protocol):
         ...
 
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1, model: str = "") -> bool:
-        """Count a request in flight; False (nothing written) if the others' count there passed `others_seen`."""
+                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0) -> bool:
+        """Count a request in flight and add its blocks to the endpoint's prefill backlog (drained at
+        `prefill_blocks_per_s`, 0 unknown); False (nothing written) if the others' count there passed
+        `others_seen`."""
         ...
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
@@ -85,6 +88,7 @@ class MemoryState:
         self._expiry: dict[str, dict[str, float]] = {}  # pool -> replica -> lease end (monotonic s)
         self._holders: dict[str, dict[str, set[str]]] = {}  # pool -> block hash -> endpoints holding it
         self._lru: dict[tuple[str, str], OrderedDict[str, None]] = {}  # (pool, endpoint) -> blocks, oldest first
+        self._backlog: dict[str, dict[str, tuple[float, float]]] = {}  # pool -> endpoint -> (blocks, monotonic s)
 
     def _live(self, pool: str) -> list[str]:
         now = time.monotonic()
@@ -101,7 +105,10 @@ class MemoryState:
             if replica != leave_out:
                 total.update(self._figures.get(pool, {}).get(replica, {}))
         requests, work = split_figures(total)
-        return SharedView(requests, self.matched(pool, block_hashes), work, tuple(replicas), model_figures(total))
+        now = time.monotonic()
+        backlog = {e: (blocks, int((now - at) * 1000)) for e, (blocks, at) in self._backlog.get(pool, {}).items()}
+        return SharedView(requests, self.matched(pool, block_hashes), work, tuple(replicas), model_figures(total),
+                          backlog)
 
     def matched(self, pool: str, block_hashes: Sequence[str]) -> dict[str, int]:
         matched: dict[str, int] = {}
@@ -115,14 +122,20 @@ class MemoryState:
         return matched
 
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1, model: str = "") -> bool:
+                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0) -> bool:
         if others_seen >= 0:
             records = self._figures.get(pool, {})
             others = sum(records[r][endpoint] for r in self._live(pool) if r != replica and r in records)
             if others > others_seen:
                 return False
         _count(self._figures.setdefault(pool, {}).setdefault(replica, Counter()), endpoint, work_blocks, model)
-        self._expiry.setdefault(pool, {})[replica] = time.monotonic() + lease_ms / 1000
+        now = time.monotonic()
+        self._expiry.setdefault(pool, {})[replica] = now + lease_ms / 1000
+        if work_blocks > 0:
+            backlogs = self._backlog.setdefault(pool, {})
+            blocks, at = backlogs.get(endpoint, (0.0, now))
+            left = prefill_left(blocks, int((now - at) * 1000), prefill_blocks_per_s)
+            backlogs[endpoint] = ((0.0 if left is None else left) + work_blocks, now)
         return True
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,

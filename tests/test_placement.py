@@ -7,16 +7,17 @@ import asyncio
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway_state.clock import FleetClock
-from gateway_state.records import Config, Endpoint, Model, Pool, Strategy, TargetModel
+from gateway_state.records import Config, Endpoint, LoadSample, Model, Pool, Strategy, TargetModel
 from gateway_state.store import IndexWrite, ReleaseWrite, SharedView, Write
 from picker.intake import Intake, PlacementRequest
 from picker.metrics import PickerMetrics
-from picker.placement import Placement, write_batches
+from picker.placement import Placement, pending_prefill, prefill_speeds, write_batches
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, ServerSettings, StateSettings
 from picker.state import MemoryState, PlacementState
@@ -32,10 +33,11 @@ def request(text: str = "shared system prompt " * 40) -> PlacementRequest:
     return Intake(SETTINGS.prefix, 1 << 20, random.Random(1)).read(CONFIG, "p", "/v1/chat/completions", body)
 
 
-def placement(state: PlacementState, fallback: MemoryState | None = None) -> tuple[Placement, PickerMetrics]:
+def placement(state: PlacementState, fallback: MemoryState | None = None,
+              settings: PickerSettings = SETTINGS) -> tuple[Placement, PickerMetrics]:
     metrics = PickerMetrics()
     rng = random.Random(2)
-    return Placement(state, fallback, Scheduler(build_profiles(SETTINGS.scheduling, rng)), SETTINGS, metrics,
+    return Placement(state, fallback, Scheduler(build_profiles(settings.scheduling, rng)), settings, metrics,
                      FleetClock()), metrics
 
 
@@ -181,3 +183,47 @@ def test_a_burst_of_writes_is_cut_into_calls_of_bounded_lua_work() -> None:
     batches = write_batches(writes)
     assert [len(b) for b in batches] == [3, 1, 1]  # 201, then 100, then one alone past the bound
     assert [w for b in batches for w in b] == writes
+
+
+def test_an_endpoint_not_measured_yet_takes_the_slowest_measured_speed_of_its_pool() -> None:
+    pool = CONFIG.pools["p"]
+    samples = {ENDPOINTS[0].key: LoadSample(0, True, prefill_tokens_per_s=32_000),
+               ENDPOINTS[1].key: LoadSample(0, True, prefill_tokens_per_s=16_000),
+               ENDPOINTS[2].key: LoadSample(0, True)}
+    assert prefill_speeds(pool, samples, 16.0, 1600.0) == {ENDPOINTS[0].key: 2000.0, ENDPOINTS[1].key: 1000.0,
+                                                   ENDPOINTS[2].key: 1000.0, ENDPOINTS[3].key: 1000.0}
+    assert set(prefill_speeds(pool, {}, 16.0, 1600.0).values()) == {100.0}  # none measured: the prior
+    assert set(prefill_speeds(pool, {}, 16.0, 0.0).values()) == {0.0}  # no prior: unknown
+
+
+def test_pending_prefill_is_the_work_in_flight_less_what_drained_at_the_endpoints_speed() -> None:
+    view = SharedView({"a": 2, "b": 1, "c": 1}, {}, {"a": 300, "b": 100, "c": 50},
+                      prefill_backlog={"a": (300.0, 100), "b": (100.0, 500)})
+    assert pending_prefill(view, "a", 1000.0) == 200.0  # 100 of 300 drained in 100 ms
+    assert pending_prefill(view, "b", 1000.0) == 0.0  # done, though its request is still in flight
+    assert pending_prefill(view, "a", 0.0) == 300.0  # unknown speed: all of the work in flight
+    assert pending_prefill(view, "c", 1000.0) == 50.0  # no backlog recorded (the state was flushed)
+    # Never more than the work in flight: a request that ended takes its blocks with it.
+    assert pending_prefill(replace(view, inflight_work={"a": 40}), "a", 1000.0) == 40.0
+
+
+async def test_a_cold_prompt_goes_where_the_prefill_is_done_though_its_request_is_still_in_flight() -> None:
+    """Every endpoint has a cold prompt in flight; pod-0's came first and, at the speed its collector
+    measured, is computed by now: the next cold prompt goes there, whatever its prefix home."""
+    state = MemoryState()
+    p, _ = placement(state)
+    now = FleetClock().now_ms()
+    samples = {e.key: LoadSample(now, True, prefill_tokens_per_s=64_000) for e in ENDPOINTS}  # 4,000 blocks/s
+    await state.admit("p", "other", ENDPOINTS[0].key, 5_000, 400, prefill_blocks_per_s=4000.0)
+    await asyncio.sleep(0.15)
+    for e in ENDPOINTS[1:]:
+        await state.admit("p", "other", e.key, 5_000, 400, prefill_blocks_per_s=4000.0)
+    chosen = {(await p.plan(request(f"cold prompt {i} " * 60), samples)).chosen.endpoint.key for i in range(6)}
+    assert chosen == {ENDPOINTS[0].key}
+    # Of unknown speed (no prior), the endpoints' backlogs look alike (400 blocks each): the prompts spread
+    # by prefix home.
+    p, _ = placement(state, settings=replace(SETTINGS, scheduling=replace(SETTINGS.scheduling,
+                                                                          prefill_tokens_per_s_prior=0.0)))
+    unmeasured = {e.key: LoadSample(now, True) for e in ENDPOINTS}
+    assert len({(await p.plan(request(f"cold prompt {i} " * 60), unmeasured)).chosen.endpoint.key
+                for i in range(6)}) > 1

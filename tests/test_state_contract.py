@@ -63,6 +63,27 @@ async def test_uncached_prompt_work_adds_up_apart_from_the_counts_and_releases(s
     assert view.inflight == {} and view.inflight_work == {}
 
 
+async def test_the_prefill_backlog_drains_at_the_endpoints_speed_between_admissions(state: PlacementState) -> None:
+    """Each admission adds its blocks to the endpoint's backlog after draining it at the speed given; the
+    lookup says what was recorded and how long ago, and the reader drains it from there."""
+    assert await state.admit("pool", "r", "a", LEASE_MS, 300, prefill_blocks_per_s=1000.0)
+    assert await state.admit("pool", "r", "b", LEASE_MS, 0, prefill_blocks_per_s=1000.0)  # no work: no backlog
+    view = await state.lookup("pool", [])
+    assert set(view.prefill_backlog) == {"a"}
+    blocks, age_ms = view.prefill_backlog["a"]
+    assert blocks == 300 and 0 <= age_ms < 1000
+    await asyncio.sleep(0.1)  # about 100 blocks drain at 1,000 a second
+    assert await state.admit("pool", "other", "a", LEASE_MS, 50, prefill_blocks_per_s=1000.0)
+    blocks, age_ms = (await state.lookup("pool", [])).prefill_backlog["a"]
+    assert 150 <= blocks <= 252 and age_ms < 1000  # 300 less what drained, plus 50; recorded anew
+    await asyncio.sleep(0.3)  # more than the rest drains
+    assert await state.admit("pool", "r", "a", LEASE_MS, 20, prefill_blocks_per_s=1000.0)
+    assert (await state.lookup("pool", [])).prefill_backlog["a"][0] == 20
+    # At an unknown speed nothing is known to have drained: the backlog restarts from the request's blocks.
+    assert await state.admit("pool", "r", "a", LEASE_MS, 70)
+    assert (await state.lookup("pool", [])).prefill_backlog["a"][0] == 70
+
+
 async def test_capacity_evicts_leaves_of_the_oldest_prompt_first(state: PlacementState) -> None:
     await record(state, "a", ["p1", "p2", "p3"], 4)
     await asyncio.sleep(0.002)  # a newer millisecond on Redis's clock

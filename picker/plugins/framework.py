@@ -16,10 +16,13 @@ class Candidate:
     scrape_failures: int  # consecutive failed scrapes of the endpoint
     inflight: int  # requests in flight there, over every picker replica
     matched_blocks: int  # leading prompt blocks the endpoint holds
-    inflight_work: int = 0  # uncached prompt blocks of the requests in flight there, over every replica
+    # Uncached prompt blocks the endpoint has still to compute: those of the requests in flight there over
+    # every replica, less what it computed since they came at its measured speed (Placement._candidates).
+    pending_prefill: float = 0.0
     draining: bool = False  # an operator drained it: no new requests, running ones finish
     model_inflight: int = 0  # requests for the request's model (a LoRA adapter, say) in flight there, every replica
     room: bool = True  # below the pool's saturation thresholds (filters.has_room)
+    prefill_blocks_per_s: float = 0.0  # how fast it computes uncached prompt, as measured; 0 unknown
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,8 @@ class InflightScorer:
 
 @dataclass(frozen=True)
 class PrefillWorkScorer:
-    """Less prefill before this request's first token is better: the uncached prompt
-    already in flight at the endpoint plus this prompt's own uncached part there.
+    """Less prefill before this request's first token is better: the uncached prompt the
+    endpoint has still to compute plus this prompt's own uncached part there.
 
     A request count says nothing of size: a cold 4,000-token prompt holds the batch
     for hundreds of milliseconds while a cached follow-up costs a few. So a new long
@@ -75,7 +75,7 @@ class PrefillWorkScorer:
     name: str = "prefill-work"
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
-        return _relative([float(c.inflight_work + max(0, request.work_blocks - c.matched_blocks))
+        return _relative([c.pending_prefill + max(0, request.work_blocks - c.matched_blocks)
                           for c in candidates], self.scale)
 
 
