@@ -115,7 +115,7 @@ def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[str, Profi
             Weighted(InflightScorer(s.inflight_scale), s.inflight_weight),
             Weighted(LoraAffinityScorer(), s.lora_affinity_weight),
             Weighted(AdapterHomeScorer(), s.adapter_home_weight),
-            Weighted(PrefillWorkScorer(s.prefill_work_scale), s.prefill_work_weight))
+            Weighted(PrefillWorkScorer(s.prefill_work_scale, s.prefill_work_cold_scale), s.prefill_work_weight))
     picker = MaxScorePicker(s.fallbacks, rng, s.tie_margin)
     return {
         Profile.DEFAULT: ProfileSpec(filters, load, picker),

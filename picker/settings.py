@@ -100,13 +100,16 @@ class SchedulingSettings:
     # saturated at 5 waiting requests.
     queue_scale: float = 5.0
     inflight_scale: float = 16.0
-    # In blocks of `block_chars` (about 16 tokens): 512 blocks are two cold 4,000-token prompts,
-    # about 0.2 s of prefill on an H100 at 8B (docs/simulator.md). One cold prompt still to compute
-    # then weighs 1: a new cold prompt goes where the prefill ahead ends first, over its prefix home.
-    # A cached follow-up still stays with its prefix: elsewhere it would compute the prefix itself,
-    # and that counts here too. (1,024 let cold prompts queue behind others on workload (a); 256,
-    # while finished prefills still counted until the answer ended, cost 2 points of hit rate.)
-    prefill_work_scale: float = 512.0
+    # In blocks of `block_chars` (about 16 tokens): 1,024 blocks are four cold 4,000-token
+    # prompts, about 0.4 s of prefill on an H100 at 8B (docs/simulator.md). One cold prompt
+    # then weighs 0.5: enough to steer other cold prompts away, not enough to pull a cached
+    # follow-up off its prefix (benchmark: 512 cost 1 to 2 points of hit rate on workload (a)).
+    prefill_work_scale: float = 1024.0
+    # For a prompt no endpoint holds any of, nothing is lost wherever it goes: 256 blocks (one cold
+    # 4,000-token prompt still to compute weighs 2) send it where the prefill ahead ends first, over
+    # its prefix home and a request or two more in flight (with 1,024 for these too, cold first
+    # turns on workload (a) queued behind other cold prompts, setting its p99).
+    prefill_work_cold_scale: float = 256.0
     # A server's prefill speed assumed until its collector measured one of the pool's servers busy
     # (LoadSample.prefill_tokens_per_s): slower than a GPU serving a model computes (an 8B model on an
     # H100 takes about 40,000 tokens a second), so the estimate never drains a backlog faster than the
@@ -181,7 +184,8 @@ class PickerSettings:
                    sc.lora_affinity_weight, sc.adapter_home_weight)
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError("scheduling weights must be non-negative and not all zero")
-        if sc.queue_scale <= 0 or sc.inflight_scale <= 0 or sc.prefill_work_scale <= 0 or sc.fallbacks < 0:
+        scales = (sc.queue_scale, sc.inflight_scale, sc.prefill_work_scale, sc.prefill_work_cold_scale)
+        if min(scales) <= 0 or sc.fallbacks < 0:
             raise ValueError("scheduling scales must be positive and fallbacks non-negative")
         if sc.prefill_tokens_per_s_prior < 0:
             raise ValueError("prefill_tokens_per_s_prior must be 0 (unknown) or more")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -73,6 +74,20 @@ def test_a_cold_prompt_goes_where_its_prefill_waits_least_even_with_more_request
         scheduler: Scheduler) -> None:
     pods = [candidate(0, inflight=1, work=250), candidate(1, inflight=3, work=15)]
     assert scheduler.schedule(Strategy.DEFAULT, req(200), pods).endpoints[0].endpoint.name == "pod-1"
+
+
+def test_a_prompt_nobody_holds_goes_where_the_prefill_ahead_ends_first_over_its_prefix_home(
+        scheduler: Scheduler) -> None:
+    """A third of a cold prompt still to compute at its home weighs more than the home: nothing is cached
+    anywhere, so only the wait differs. A prompt with its prefix there stays (the same backlog there)."""
+    for i in range(20):
+        cold = SchedulingRequest("m", 0, 200, first_block=f"prompt-{i}", work_blocks=200)
+        pods = [candidate(n, inflight=1, work=100) for n in range(4)]
+        home = pods[[round(s) for s in PrefixHomeScorer().score(cold, pods)].index(1)]
+        pods = [replace(p, pending_prefill=0.0) if p is not home else p for p in pods]
+        assert scheduler.schedule(Strategy.PREFIX_CACHE, cold, pods).endpoints[0].endpoint != home.endpoint
+        pods = [replace(p, matched_blocks=150) if p is home else p for p in pods]
+        assert scheduler.schedule(Strategy.PREFIX_CACHE, cold, pods).endpoints[0].endpoint == home.endpoint
 
 
 def test_ties_go_to_this_replicas_share_of_the_pool_first(scheduler: Scheduler) -> None:

@@ -72,11 +72,15 @@ class PrefillWorkScorer:
     """
 
     scale: float
+    # For a prompt no candidate holds any of, where every placement computes it all: only the prefill
+    # ahead of it differs, so it decides, over the prefix home and small differences of load.
+    cold_scale: float
     name: str = "prefill-work"
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        scale = self.scale if any(c.matched_blocks for c in candidates) else self.cold_scale
         return _relative([c.pending_prefill + max(0, request.work_blocks - c.matched_blocks)
-                          for c in candidates], self.scale)
+                          for c in candidates], scale)
 
 
 @dataclass(frozen=True)
