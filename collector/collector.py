@@ -131,9 +131,10 @@ class Collector:
         return self._config
 
     async def _prune(self, config: Config) -> None:
-        """Drop the samples of endpoints that left their pool, here and in Redis."""
+        """Drop the samples (and prefill counter readings) of endpoints that left their pool, here and in Redis."""
         current = {e.key for pool in config.pools.values() for e in pool.endpoints}
         self._last = {e: s for e, s in self._last.items() if e in current}
+        self._prefill_history = {e: h for e, h in self._prefill_history.items() if e in current}
         try:
             for pool in config.pools.values():
                 await self._store.prune_load(pool.name, {e.key for e in pool.endpoints})

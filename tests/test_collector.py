@@ -332,3 +332,34 @@ async def test_the_collector_measures_how_fast_a_pod_prefills(redis_client: Redi
         await task
         await runner.cleanup()
         engine.cancel()
+
+
+async def test_an_endpoint_that_leaves_its_pool_leaves_the_collectors_memory(
+        redis_client: Redis, pods: dict[str, SimulatedPod]) -> None:
+    """Its last sample and its prefill counter readings go with it, here and in Redis: pod churn over
+    weeks must not grow the collector."""
+    vllm, sglang = pods["vllm"], pods["sglang"]
+    staying, leaving = (Endpoint("sglang-0", sglang.spec.host, sglang.spec.port),
+                        Endpoint("vllm-0", vllm.spec.host, vllm.spec.port))
+    store = StateStore(redis_client)
+    await publish(store, Config(1, {"p": Pool("p", (8000,), endpoints=(staying, leaving))}, {}))
+    collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300,
+                                                   config_refresh_ms=100), CollectorMetrics())
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    try:
+        async def both_scraped() -> bool:
+            return len((await store.read_snapshot(["p"])).load.get("p", {})) == 2
+
+        await wait_for(both_scraped, 5.0)
+        assert set(collector._prefill_history) == {staying.key, leaving.key}
+        await publish(store, Config(2, {"p": Pool("p", (8000,), endpoints=(staying,))}, {}))
+
+        async def forgotten() -> bool:
+            return set((await store.read_snapshot(["p"])).load.get("p", {})) == {staying.key}
+
+        await wait_for(forgotten, 5.0)
+        assert set(collector._prefill_history) == {staying.key} and set(collector._last) == {staying.key}
+    finally:
+        stop.set()
+        await task
