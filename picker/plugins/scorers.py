@@ -23,6 +23,11 @@ def _relative(values: Sequence[float | None], scale: float) -> list[float]:
     return [0.5 if v is None else max(0.0, 1.0 - (v - low) / scale) for v in values]
 
 
+def _nobody_holds(candidates: Sequence[Candidate]) -> bool:
+    """No candidate holds any of the prompt: a cold prompt, computed whole wherever it goes."""
+    return not any(c.matched_blocks for c in candidates)
+
+
 @dataclass(frozen=True)
 class QueueScorer:
     """Fewer requests waiting in the model server's queue is better."""
@@ -78,7 +83,7 @@ class PrefillWorkScorer:
     name: str = "prefill-work"
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
-        scale = self.scale if any(c.matched_blocks for c in candidates) else self.cold_scale
+        scale = self.cold_scale if _nobody_holds(candidates) else self.scale
         return _relative([c.pending_prefill + max(0, request.work_blocks - c.matched_blocks)
                           for c in candidates], scale)
 
@@ -96,7 +101,7 @@ class PrefixHomeScorer:
     name: str = "prefix-home"
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
-        if not request.first_block or any(c.matched_blocks for c in candidates):
+        if not request.first_block or not _nobody_holds(candidates):
             return [0.0] * len(candidates)
         home = max(candidates, key=lambda c: mmh3.hash64(f"{request.first_block}|{c.endpoint.key}",
                                                          signed=False)[0])
