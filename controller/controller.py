@@ -49,6 +49,9 @@ class ControllerSettings:
     leader_lease_ms: int = 3000
     envoy_admin_address: str = "127.0.0.1"
     envoy_admin_port: int = 9901
+    # Envoy's listener for the platform (`/ready` while some picker is healthy, `/stats/prometheus`);
+    # 0: none. It binds the listeners' address.
+    envoy_health_port: int = 0
     envoy: envoy_config.EnvoySettings = field(default_factory=envoy_config.EnvoySettings)
     # False: only render Envoy's files, as a gateway pod's own renderer does beside its Envoy;
     # no leadership, no Redis, no status (the publishing controllers do those).
@@ -97,7 +100,8 @@ class Controller:
         s.envoy_config_dir.mkdir(parents=True, exist_ok=True)
         path = s.envoy_config_dir / "bootstrap.json"
         write_atomically(path, envoy_config.bootstrap(str(s.envoy_config_dir.resolve()), s.envoy_admin_address,
-                                                      s.envoy_admin_port))
+                                                      s.envoy_admin_port, s.envoy.listen_address,
+                                                      s.envoy_health_port))
         return path
 
     async def run(self, stop: asyncio.Event) -> None:

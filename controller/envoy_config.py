@@ -31,10 +31,13 @@ from gateway_state.protocol import (
     MIRROR_FRACTION_METADATA_KEY,
     MIRROR_POOL_METADATA_KEY,
     POOL_METADATA_KEY,
+    POOL_STATS_TAG,
     PREFILL_ENDPOINT_HEADER,
     ROUTING_HEADERS,
     openai_error,
     pool_cluster,
+    pool_filter,
+    pool_filter_stat_prefix,
 )
 from gateway_state.records import Endpoint, FailureMode, Pool
 
@@ -47,6 +50,7 @@ T_CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 T_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 T_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 T_EXT_PROC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+T_FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 T_HEADER_MUTATION = "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 T_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 T_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -258,8 +262,6 @@ def _routes_for_rule(rule: RouteRule, state: DesiredState, s: EnvoySettings) -> 
             if mirrors:
                 action["request_mirror_policies"] = mirrors
             route["route"] = action
-            route["typed_per_filter_config"] = {"envoy.filters.http.ext_proc": {"@type": T_EXT_PROC_ROUTE,
-                                                                                "disabled": True}}
         out.append((kind, value, route))
     return out
 
@@ -272,8 +274,9 @@ def _pool_routes(match: dict[str, Any], pool: Pool | None, name: str, mirrors: l
     if pool_mirror is not None:
         metadata += [{"key": MIRROR_POOL_METADATA_KEY, "value": pool_mirror.backend.id},
                      {"key": MIRROR_FRACTION_METADATA_KEY, "value": f"{pool_mirror.fraction:g}"}]
-    per_filter = {"envoy.filters.http.ext_proc": {"@type": T_EXT_PROC_ROUTE, "overrides": {
-        "grpc_initial_metadata": metadata}}}
+    # The pool's own ext_proc filter, off by default in the chain, runs on the pool's routes only.
+    per_filter = {pool_filter(name): {"@type": T_FILTER_CONFIG, "config": {
+        "@type": T_EXT_PROC_ROUTE, "overrides": {"grpc_initial_metadata": metadata}}}}
     picked: dict[str, Any] = {"cluster": pool_cluster(name), "timeout": f"{s.request_timeout_s}s"}
     if mirrors:
         picked["request_mirror_policies"] = mirrors
@@ -338,22 +341,23 @@ def _listener(gateway: str, listener: str, port: int, routes: list[HTTPRouteSpec
     name = f"{gateway}/{listener}"
     filters: list[dict[str, Any]] = [{"name": "envoy.filters.http.header_mutation", "typed_config": {
         "@type": T_HEADER_MUTATION, "mutations": {"request_mutations": [{"remove": h} for h in ROUTING_HEADERS]}}}]
-    if any(b.kind == "InferencePool" for r in routes for rule in r.rules for b in rule.backends):
-        filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": {
-            "@type": T_EXT_PROC,
-            "grpc_service": {"envoy_grpc": {"cluster_name": PICKER_CLUSTER}, "retry_policy": _PICKER_RETRY},
-            # A failed picker call continues without a destination; the route without
-            # one then applies the pool's failure mode (round robin, or an OpenAI 503).
-            "failure_mode_allow": True,
-            "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
-                                "request_body_mode": "BUFFERED", "response_body_mode": "NONE",
-                                "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
-            # A request may wait in the pickers' queue for room: the answer may take its whole TTL.
-            "message_timeout": _duration(s.picker_message_timeout_ms + _longest_queue_ttl_ms(state)),
-            "mutation_rules": {"allow_all_routing": True},
-            # The picker's ordered endpoint list, which the pool cluster's override-host policy reads.
-            "metadata_options": {"receiving_namespaces": {"untyped": [LB_METADATA_NAMESPACE]}},
-        }})
+    pools = sorted({b.id for r in routes for rule in r.rules for b in rule.backends if b.kind == "InferencePool"})
+    # One ext_proc filter per pool, so that Envoy counts each pool's picker calls apart (POOL_STATS_TAG).
+    filters.extend({"name": pool_filter(pool), "disabled": True, "typed_config": {
+        "@type": T_EXT_PROC, "stat_prefix": pool_filter_stat_prefix(pool),
+        "grpc_service": {"envoy_grpc": {"cluster_name": PICKER_CLUSTER}, "retry_policy": _PICKER_RETRY},
+        # A failed picker call continues without a destination; the route without
+        # one then applies the pool's failure mode (round robin, or an OpenAI 503).
+        "failure_mode_allow": True,
+        "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
+                            "request_body_mode": "BUFFERED", "response_body_mode": "NONE",
+                            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+        # A request may wait in the pickers' queue for room: the answer may take its whole TTL.
+        "message_timeout": _duration(s.picker_message_timeout_ms + _longest_queue_ttl_ms(state)),
+        "mutation_rules": {"allow_all_routing": True},
+        # The picker's ordered endpoint list, which the pool cluster's override-host policy reads.
+        "metadata_options": {"receiving_namespaces": {"untyped": [LB_METADATA_NAMESPACE]}},
+    }} for pool in pools)
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": T_ROUTER}})
     too_large = _error_json(413, f"Request body exceeds the gateway limit of {s.max_request_body_bytes} bytes.",
                             "BadRequestError")
@@ -403,11 +407,51 @@ def _file_source(config_dir: str, file: str) -> dict[str, Any]:
             "resource_api_version": "V3"}
 
 
-def bootstrap(config_dir: str, admin_address: str, admin_port: int) -> dict[str, Any]:
-    """Envoy's static bootstrap: listeners and clusters come from files the controller rewrites."""
+ADMIN_CLUSTER = "envoy-admin"
+T_HEALTH_CHECK = "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck"
+
+
+def _health_listener(address: str, port: int, admin_address: str, admin_port: int) -> dict[str, Any]:
+    """A listener for the platform, apart from the traffic's: `/ready` answers 200 only while some picker
+    passes Envoy's health checks (a gateway pod's startup probe), `/live` is Envoy's own readiness, and
+    `/stats/prometheus` Envoy's Prometheus page, read-only, for the collectors and Prometheus (the admin
+    port itself stays on loopback)."""
+    ready = {"name": "envoy.filters.http.health_check", "typed_config": {
+        "@type": T_HEALTH_CHECK, "pass_through_mode": False,
+        "headers": [{"name": ":path", "string_match": {"exact": "/ready"}}],
+        # Below 1% healthy (no picker at all), or before the picker cluster exists: 503.
+        "cluster_min_healthy_percentages": {PICKER_CLUSTER: {"value": 1.0}}}}
+    routes = [{"match": {"path": "/stats/prometheus"}, "route": {"cluster": ADMIN_CLUSTER}},
+              # Envoy's own readiness (initialized, not draining), for a readiness probe.
+              {"match": {"path": "/live"}, "route": {"cluster": ADMIN_CLUSTER, "prefix_rewrite": "/ready"}},
+              {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]
+    hcm = {"@type": T_HCM, "stat_prefix": "gateway_health", "codec_type": "AUTO",
+           "route_config": {"name": "gateway-health", "virtual_hosts": [
+               {"name": "gateway-health", "domains": ["*"], "routes": routes}]},
+           "http_filters": [ready, {"name": "envoy.filters.http.router", "typed_config": {"@type": T_ROUTER}}]}
+    return {"name": "gateway-health", "address": {"socket_address": {"address": address, "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}
+
+
+def bootstrap(config_dir: str, admin_address: str, admin_port: int, health_address: str = "127.0.0.1",
+              health_port: int = 0) -> dict[str, Any]:
+    """Envoy's static bootstrap: listeners and clusters come from files the controller rewrites; with a
+    `health_port`, also the platform's listener (see _health_listener)."""
+    static: dict[str, Any] = {}
+    if health_port:
+        static = {"listeners": [_health_listener(health_address, health_port, admin_address, admin_port)],
+                  "clusters": [{k: v for k, v in _static_cluster(ADMIN_CLUSTER, ((admin_address, admin_port),)).items()
+                                if k != "@type"}]}  # a bootstrap's resources are typed by their place
     return {
         "node": {"id": "inference-gateway", "cluster": "inference-gateway"},
         "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
+        # Each pool's ext_proc counters carry the pool as a tag: `http.<listener>.ext_proc.inference_pool.
+        # <namespace/name>.<counter>` reads `envoy_http_ext_proc_<counter>{inference_pool="namespace/name"}`.
+        "stats_config": {"stats_tags": [{
+            "tag_name": POOL_STATS_TAG,
+            "regex": r"^http\.[^.]+\.ext_proc\.(" + POOL_STATS_TAG + r"\.(.+)\.)[a-z_]+$"}]},
+        "static_resources": static,
         "dynamic_resources": {"lds_config": _file_source(config_dir, "lds.json"),
                               "cds_config": _file_source(config_dir, "cds.json")},
     }

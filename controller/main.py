@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-address", default=e.listen_address, help="address Envoy's listeners bind")
     p.add_argument("--max-request-body-bytes", type=int, default=e.max_request_body_bytes)
     p.add_argument("--envoy-admin-port", type=int, default=d.envoy_admin_port)
+    p.add_argument("--envoy-health-port", type=int, default=d.envoy_health_port,
+                   help="serve /ready (200 while some picker is healthy) and /stats/prometheus here (default: none)")
     return p
 
 
@@ -73,7 +75,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ControllerSe
     if a.render_envoy_only and a.envoy_config_dir is None:
         _parser().error("--render-envoy-only needs --envoy-config-dir")
     return a, ControllerSettings(a.envoy_config_dir, a.redis_url, a.resync_interval_ms, controller_id,
-                                 a.leader_lease_ms, envoy_admin_port=a.envoy_admin_port, envoy=envoy,
+                                 a.leader_lease_ms, envoy_admin_port=a.envoy_admin_port,
+                                 envoy_health_port=a.envoy_health_port, envoy=envoy,
                                  publish=not a.render_envoy_only)
 
 

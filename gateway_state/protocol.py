@@ -38,6 +38,23 @@ OBJECTIVE_HEADERS = ("x-gateway-inference-objective", "x-llm-d-inference-objecti
 FAIRNESS_HEADERS = ("x-gateway-inference-fairness-id", "x-llm-d-inference-fairness-id")
 
 
+# Each pool's routes run an ext_proc filter of their own, whose counters Envoy tags with the pool:
+# `envoy_http_ext_proc_failure_mode_allowed{inference_pool="namespace/name"}` on its Prometheus page,
+# so requests served without a picker's decision are counted per pool (the collector reads them).
+POOL_STATS_TAG = "inference_pool"
+
+
+def pool_filter(pool: str) -> str:
+    """The name of a pool's ext_proc filter in Envoy's HTTP filter chain."""
+    return f"envoy.filters.http.ext_proc/{pool}"
+
+
+def pool_filter_stat_prefix(pool: str) -> str:
+    """The stat prefix of a pool's ext_proc filter: Envoy names its counters
+    `http.<listener>.ext_proc.<this><counter>`, and the bootstrap's POOL_STATS_TAG takes the pool from it."""
+    return f"{POOL_STATS_TAG}.{pool}."
+
+
 def pool_cluster(pool: str, role: str = "") -> str:
     """Envoy's cluster for a pool (`namespace/name`): the primary one, or a copy's (`mirror`, `prefill`)."""
     return f"pool/{pool}/{role}" if role else f"pool/{pool}"

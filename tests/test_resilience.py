@@ -118,7 +118,7 @@ async def test_a_crashed_picker_costs_only_the_streams_it_was_serving(http: aioh
     # failure mode. Envoy then takes it out on its first failure (outlier detection ejects on one
     # local-origin failure: a reset stream or a refused connection), and a stream it opens to it
     # meanwhile is refused and retried on the other replica, before the health checks notice.
-    counters = ("ext_proc.failure_mode_allowed", "cluster.picker.upstream_rq_retry_success",
+    counters = (r"ext_proc\..*failure_mode_allowed", "cluster.picker.upstream_rq_retry_success",
                 "cluster.picker.outlier_detection.ejections_enforced_total")
     before: list[int] = []
     await wait_for(lambda: envoy_sees_every_picker_healthy(http, fleet), 10.0)  # the other must take over
