@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import aiohttp
 from redis.exceptions import RedisError
 
+from collector.gateway_stats import GatewayScraper, GatewayTarget
 from collector.metrics import CollectorMetrics
 from collector.metrics_map import GarbledMetrics, to_load_sample
 from gateway_state.clock import FleetClock
@@ -39,6 +40,12 @@ class CollectorSettings:
     # plus one scrape stays under the 3 s a dead collector's endpoints may go stale.
     membership_heartbeat_ms: int = 500
     membership_lease_ms: int = 1500
+    # Gateways whose Envoy counters say how many requests were served without a picker (gateway_stats).
+    gateway_targets: tuple[GatewayTarget, ...] = ()
+    # Envoy's counters move per request, not per step: a second is fine-grained for a ratio over a minute.
+    gateway_scrape_interval_ms: int = 1000
+    # The status page's bypass ratio spans this long: a minute, as the alert's rate does at its shortest.
+    bypass_window_ms: int = 60_000
 
     def __post_init__(self) -> None:
         if not 10 <= self.scrape_interval_ms <= 60_000:
@@ -47,6 +54,10 @@ class CollectorSettings:
             raise ValueError("scrape_timeout_ms and config_refresh_ms must be positive")
         if self.membership_lease_ms < 2 * self.membership_heartbeat_ms:
             raise ValueError("membership_lease_ms must cover at least two heartbeats")
+        if not 100 <= self.gateway_scrape_interval_ms <= self.bypass_window_ms:
+            raise ValueError("gateway_scrape_interval_ms must be at least 100 and within bypass_window_ms")
+        if len({t.name for t in self.gateway_targets}) != len(self.gateway_targets):
+            raise ValueError("gateway targets need distinct names")
 
 
 class Collector:
@@ -61,6 +72,9 @@ class Collector:
         # endpoint -> (scraped at ms, uncached prompt tokens) over the last PREFILL_WINDOW_MS
         self._prefill_history: dict[str, deque[tuple[int, float]]] = {}
         self.members: list[str] = []  # live collectors, this one included; empty while unknown
+        # A sample no collector has refreshed for three intervals is from a gateway nobody reads any more.
+        self._gateways = GatewayScraper(settings.gateway_targets, store, metrics.gateways, settings.bypass_window_ms,
+                                        keep_ms=max(3 * settings.gateway_scrape_interval_ms, 5000))
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -68,10 +82,13 @@ class Collector:
         headers = {"User-Agent": f"inference-picker-collector/{s.collector_id}"}
         async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
             membership = asyncio.create_task(every(s.membership_heartbeat_ms / 1000, stop, self.renew_membership))
+            gateways = asyncio.create_task(every(s.gateway_scrape_interval_ms / 1000, stop,
+                                                 lambda: self.scrape_gateways(session)))
             try:
                 await every(s.scrape_interval_ms / 1000, stop, lambda: self.scrape_once(session))
             finally:
                 membership.cancel()
+                gateways.cancel()
                 try:
                     await self._store.leave_collectors(s.collector_id)  # the others take over at once
                 except RedisError as exc:
@@ -89,6 +106,12 @@ class Collector:
             log.info("collectors: %s", ", ".join(members))
             self.members = members
         self._metrics.members.set(len(members))
+
+    async def scrape_gateways(self, session: aiohttp.ClientSession) -> None:
+        targets = self._gateways.targets
+        if targets:
+            mine = owned([t.name for t in targets], self.members, self._settings.collector_id)
+            await self._gateways.scrape_once(session, mine, self._clock.now_ms())
 
     async def scrape_once(self, session: aiohttp.ClientSession) -> None:
         config = await self._current_config()

@@ -56,6 +56,12 @@ def endpoint_lru(pool: str, endpoint: str) -> str:
     return pool_prefix(pool) + "lru:" + endpoint
 
 
+def bypass(pool: str) -> str:
+    """Hash gateway instance -> encoded BypassSample: what the gateway did with the pool's requests over
+    the collector's trailing window (how many it served without a picker's decision)."""
+    return pool_prefix(pool) + "bypass"
+
+
 def drained(pool: str) -> str:
     """Hash endpoint -> when an operator drained it (ms): pickers send it no new requests."""
     return pool_prefix(pool) + "drained"

@@ -204,6 +204,24 @@ class LoadSample:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class BypassSample:
+    """What one gateway instance did with a pool's requests over a trailing window, from its own ext_proc
+    counters: how many went to the pool's picker filter, and how many of those it served without a
+    picker's decision (the filter's failure mode let them through: round robin, or a FailClose 503)."""
+
+    at_ms: int  # when read (Redis's clock)
+    window_ms: int  # what the figures span: the collector's window, less while it is young
+    requests: int
+    bypassed: int
+    requests_total: int = 0  # the gateway's counters as read, since it started
+    bypassed_total: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.bypassed / self.requests if self.requests else 0.0
+
+
 def _endpoint(d: dict[str, Any]) -> Endpoint:
     return Endpoint(d["name"], d["address"], int(d["port"]), dict(d.get("labels", {})))
 
@@ -259,3 +277,11 @@ def decode_load(raw: bytes) -> LoadSample:
     d["running_adapters"] = tuple(d.get("running_adapters", ()))
     d["waiting_adapters"] = tuple(d.get("waiting_adapters", ()))
     return LoadSample(**d)
+
+
+def encode_bypass(sample: BypassSample) -> bytes:
+    return json.dumps(asdict(sample), separators=(",", ":")).encode()
+
+
+def decode_bypass(raw: bytes) -> BypassSample:
+    return BypassSample(**json.loads(raw))

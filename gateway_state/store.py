@@ -8,7 +8,17 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis, RedisCluster
 
 from gateway_state import keys, scripts
-from gateway_state.records import Config, LoadSample, decode_config, decode_load, encode_config, encode_load
+from gateway_state.records import (
+    BypassSample,
+    Config,
+    LoadSample,
+    decode_bypass,
+    decode_config,
+    decode_load,
+    encode_bypass,
+    encode_config,
+    encode_load,
+)
 from gateway_state.script_link import ScriptLink
 
 
@@ -153,6 +163,23 @@ class StateStore:
     async def write_load(self, pool: str, samples: Mapping[str, LoadSample]) -> None:
         if samples:
             await self.redis.hset(keys.load(pool), mapping={e: encode_load(s) for e, s in samples.items()})
+
+    async def write_bypass(self, samples: Mapping[str, Mapping[str, BypassSample]], keep_ms: int) -> None:
+        """pool -> gateway instance -> its sample; a pool no gateway reports on any more expires after `keep_ms`."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pool, by_gateway in samples.items():
+                pipe.hset(keys.bypass(pool), mapping={g: encode_bypass(s) for g, s in by_gateway.items()})
+                pipe.pexpire(keys.bypass(pool), keep_ms)
+            await pipe.execute()
+
+    async def read_bypass(self, pools: Sequence[str]) -> dict[str, dict[str, BypassSample]]:
+        """pool -> gateway instance -> the last sample its collector wrote (judge its age by `at_ms`)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pool in pools:
+                pipe.hgetall(keys.bypass(pool))
+            replies = await pipe.execute()
+        return {pool: {g.decode(): decode_bypass(v) for g, v in reply.items()}
+                for pool, reply in zip(pools, replies, strict=True) if reply}
 
     async def read_snapshot(self, pools: Sequence[str]) -> SnapshotReply:
         """The encoded config and the load samples of `pools`, in one round trip."""

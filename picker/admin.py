@@ -22,7 +22,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway_state.records import Pool
+from gateway_state.records import BypassSample, Pool
 from gateway_state.sharding import owner
 from gateway_state.store import StateStore
 from picker.errors import GatewayError
@@ -36,6 +36,9 @@ from picker.snapshot import SnapshotSource
 
 STATUS_PAGE = Path(__file__).with_name("status_page.html")
 HIT_WINDOWS_MIN = (1, 5, 60)
+# Collectors refresh a gateway's figures every second by default: ten seconds without one means no
+# collector reads that gateway any more, and its figures no longer say anything.
+BYPASS_FRESH_MS = 10_000
 READ, ADMIN = "read", "admin"
 
 
@@ -80,6 +83,21 @@ def _sample(load: Any, now_ms: int) -> dict[str, Any] | None:
             "age_ms": max(0, now_ms - load.scraped_at_ms) if load.scraped_at_ms > 0 else None,
             "num_blocks": load.num_blocks, "block_size": load.block_size,
             "prefill_tokens_per_s": load.prefill_tokens_per_s or None}
+
+
+def _bypass(samples: dict[str, BypassSample], now_ms: int) -> dict[str, Any] | None:
+    """Requests the gateways served without a picker's decision over their collectors' window, summed over
+    the gateway instances read lately; None when no gateway's counters are read for the pool."""
+    fresh = {g: s for g, s in samples.items() if now_ms - s.at_ms <= BYPASS_FRESH_MS}
+    if not fresh:
+        return None
+    requests, bypassed = sum(s.requests for s in fresh.values()), sum(s.bypassed for s in fresh.values())
+    window_s = max(s.window_ms for s in fresh.values()) / 1000
+    return {"requests": requests, "bypassed": bypassed, "ratio": bypassed / requests if requests else None,
+            "bypassed_per_s": bypassed / window_s if window_s else None, "window_s": window_s,
+            "gateways": {g: {"requests": s.requests, "bypassed": s.bypassed, "window_s": s.window_ms / 1000,
+                             "requests_total": s.requests_total, "bypassed_total": s.bypassed_total}
+                         for g, s in sorted(fresh.items())}}
 
 
 def _trace_json(trace: Trace) -> dict[str, Any]:
@@ -148,9 +166,12 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
         config = ctx.snapshots.current.config
         if config is None:
             return []
+        bypass = await ctx.store.read_bypass(list(config.pools))
+        now_ms = ctx.placement.now_ms()
         return [{"pool": p.name, "strategy": p.strategy.value, "runtime": p.runtime.value,
                  "failure_mode": p.failure_mode.value, "target_ports": list(p.target_ports),
                  "pd": None if p.pd is None else {"role_label": p.pd.role_label, "bootstrap_port": p.pd.bootstrap_port},
+                 "bypass": _bypass(bypass.get(p.name, {}), now_ms),
                  "endpoints": await endpoints_view(p)} for p in config.pools.values()]
 
     @app.get("/admin/pools/{namespace}/{name}/prefix", summary="The prefix index: blocks held, hit ratios")
