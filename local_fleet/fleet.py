@@ -44,11 +44,14 @@ class FleetSettings:
     collector_metrics_ports: tuple[int, ...] = ()
     controller_metrics_ports: tuple[int, ...] = ()
     envoy_admin_port: int = 9901
+    # Envoy's listener for the platform (`/ready` while a picker is healthy, `/stats/prometheus`); 0: none.
+    envoy_health_port: int = 0
     listen_address: str = "127.0.0.1"
     scrape_interval_ms: int = 100
     resync_interval_ms: int = 500
     simulator_args: tuple[str, ...] = ()  # physics flags, e.g. ("--time-scale", "0.5")
     picker_args: tuple[str, ...] = ()
+    collector_args: tuple[str, ...] = ()
     collectors: int = 1
     controllers: int = 1  # one leads, the others stand by
     pod_per_process: bool = False  # each simulated pod in its own process, so one can be killed
@@ -194,14 +197,16 @@ class Fleet:
             self._spawn(f"controller-{i}", [
                 binary("controller"), "--controller-id", f"controller-{i}", *source, *metrics,
                 "--envoy-config-dir", str(self.envoy_dir), "--listen-address", s.listen_address,
-                "--envoy-admin-port", str(s.envoy_admin_port), "--resync-interval-ms", str(s.resync_interval_ms),
-                *pickers], env)
+                "--envoy-admin-port", str(s.envoy_admin_port), "--envoy-health-port", str(s.envoy_health_port),
+                "--resync-interval-ms", str(s.resync_interval_ms), *pickers], env)
         self._wait("controller", lambda: (self.envoy_dir / "lds.json").exists(), timeout_s)
         for i in range(s.collectors):
             metrics = ["--metrics-address", f"127.0.0.1:{s.collector_metrics_ports[i]}"] \
                 if i < len(s.collector_metrics_ports) else []
+            # The embedded Envoy's per-pool ext_proc counters: requests served without a picker.
             self._spawn(f"collector-{i}", [binary("collector"), "--collector-id", f"collector-{i}",
-                                           "--scrape-interval-ms", str(s.scrape_interval_ms), *metrics], env)
+                                           "--scrape-interval-ms", str(s.scrape_interval_ms), *metrics,
+                                           "--gateway-stats", f"envoy={self.envoy_stats_url}", *s.collector_args], env)
         tokens = self._write_admin_tokens() if s.picker_admin_ports else None
         for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports, strict=True)):
             admin = ["--admin-address", f"127.0.0.1:{s.picker_admin_ports[i]}",
@@ -210,6 +215,10 @@ class Fleet:
             self._spawn(f"picker-{i}", [binary("picker"), "--no-secure-serving", "--grpc-address", f"127.0.0.1:{port}",
                                         "--metrics-address", f"127.0.0.1:{metrics_port}",
                                         "--replica-id", f"picker-{i}", *admin, *s.picker_args], env)
+        # Envoy last, once every picker serves: its first health checks then pass before its listeners
+        # open (Envoy initializes its clusters, health checks included, before it listens), so no request
+        # reaches :8080 while the picker cluster has no healthy host and the pool fails open.
+        self.wait_pickers_ready(timeout_s)
         self._spawn("envoy", [binary("envoy"), "-c", str(self.envoy_dir / "bootstrap.json"), "--disable-hot-restart",
                               "--log-level", "warn", "--concurrency", "2"])
         self.wait_pickers_routable(timeout_s)
@@ -221,11 +230,20 @@ class Fleet:
             if name not in absent:
                 self._wait("simulated pods", lambda key=key: _http_ok(f"http://{key}/health"), timeout_s)
 
-    def wait_pickers_routable(self, timeout_s: float = 30.0) -> None:
-        """Until every picker replica is ready and Envoy's health checks route to it."""
+    def wait_pickers_ready(self, timeout_s: float = 30.0) -> None:
+        """Until every picker replica has a config and serves."""
         for metrics_port in self.settings.picker_metrics_ports:
             self._wait("pickers", lambda p=metrics_port: _http_ok(f"http://127.0.0.1:{p}/healthz"), timeout_s)
+
+    def wait_pickers_routable(self, timeout_s: float = 30.0) -> None:
+        """Until every picker replica is ready and Envoy's health checks route to it."""
+        self.wait_pickers_ready(timeout_s)
         self.wait_envoy_routes_to_pickers(timeout_s)
+
+    @property
+    def envoy_stats_url(self) -> str:
+        """Envoy's Prometheus page, its ext_proc counters only."""
+        return f"http://127.0.0.1:{self.settings.envoy_admin_port}/stats/prometheus?filter=ext_proc"
 
     def envoy_counter(self, name: str) -> int:
         """An Envoy statistic summed over the names its admin `filter` (a regex) matches: a counter
