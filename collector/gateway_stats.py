@@ -123,7 +123,7 @@ class GatewayScraper:
         self._failing: set[str] = set()
 
     async def scrape_once(self, session: aiohttp.ClientSession, mine: set[str], now_ms: int) -> None:
-        found = await asyncio.gather(*(_instances(t) for t in self.targets if t.name in mine))
+        found = await asyncio.gather(*(resolve_instances(t) for t in self.targets if t.name in mine))
         instances = [i for listed in found for i in listed]
         texts = await asyncio.gather(*(self._fetch(session, name, url) for name, url, _ in instances))
         samples: dict[str, dict[str, BypassSample]] = {}
@@ -159,7 +159,7 @@ class GatewayScraper:
         return text
 
 
-async def _instances(target: GatewayTarget) -> list[tuple[str, str, GatewayTarget]]:
+async def resolve_instances(target: GatewayTarget) -> list[tuple[str, str, GatewayTarget]]:
     """(instance name, URL, target) for each address the target's host stands for: an IP is one instance;
     a name, every address it resolves to now (a headless Service lists each gateway replica)."""
     parts = urlsplit(target.url)

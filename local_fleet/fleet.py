@@ -242,8 +242,10 @@ class Fleet:
 
     @property
     def envoy_stats_url(self) -> str:
-        """Envoy's Prometheus page, its ext_proc counters only."""
-        return f"http://127.0.0.1:{self.settings.envoy_admin_port}/stats/prometheus?filter=ext_proc"
+        """Envoy's Prometheus page, its ext_proc counters only: on the platform listener when there is one
+        (as the chart's collectors read it), else from the admin port."""
+        port = self.settings.envoy_health_port or self.settings.envoy_admin_port
+        return f"http://127.0.0.1:{port}/stats/prometheus?filter=ext_proc"
 
     def envoy_counter(self, name: str) -> int:
         """An Envoy statistic summed over the names its admin `filter` (a regex) matches: a counter

@@ -215,3 +215,30 @@ async def test_the_controller_runs_with_only_the_charts_rbac(chart_namespace: Ku
         proc.terminate()
         proc.wait(10)
         await redis.aclose()
+
+
+def test_the_collectors_read_every_gateway_replica_and_the_listed_gateways() -> None:
+    from collector.main import parse_settings
+
+    external = {"name": "eg", "url": "http://eg-stats.envoy-gateway-system.svc:19001/stats/prometheus",
+                "listeners": {"http-10080": f"{NAMESPACE}/qwen-inference-pool"}}
+    docs = render({"standalone": {"enabled": True}, "collector": {"gatewayStats": [external]}})
+    for doc in docs:
+        _validate(yaml.safe_dump(doc))
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    collector = next(d for (kind, name), d in by_name.items() if kind == "Deployment" and name.endswith("-collector"))
+    args = collector["spec"]["template"]["spec"]["containers"][0]["args"]
+    _, settings = parse_settings(args)
+    targets = {t.name: t for t in settings.gateway_targets}
+    assert targets["eg"].listeners == {"http-10080": f"{NAMESPACE}/qwen-inference-pool"}
+    # The standalone gateway's replicas, ready or not, through a headless Service on their platform port.
+    stats_host = targets["standalone"].url.split("//")[1].split(".")[0]
+    stats = by_name[("Service", stats_host)]["spec"]
+    assert stats["clusterIP"] == "None" and stats["publishNotReadyAddresses"] is True
+    gateway = next(d for (kind, name), d in by_name.items() if kind == "Deployment" and name.endswith("-gateway"))
+    renderer, envoy = gateway["spec"]["template"]["spec"]["containers"]
+    assert "--envoy-health-port=9902" in renderer["args"] and stats["ports"][0]["port"] == 9902
+    # Traffic only once a picker routes; after that Envoy's own readiness, so a picker outage leaves the
+    # pools' failure modes to apply.
+    assert envoy["startupProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
+    assert envoy["readinessProbe"]["httpGet"] == {"path": "/live", "port": "health"}

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 
+from collector.gateway_stats import GatewayTarget, ext_proc_counters
 from testbed.build import binary
 from tests.client import chat, wait_for
 from tests.conftest import BIN, POD_NET
@@ -144,3 +147,43 @@ async def test_bad_input_through_envoy_gateway(envoy_gateway: PickerForAGateway,
     got, pod, text = await post(envoy_gateway.port, None, raw=raw)
     assert got == status and not pod, text
     assert json.loads(text)["error"]["code"] == status
+
+
+def _eg_envoy_admin(envoy_gateway: PickerForAGateway) -> str:
+    """The admin address of the Envoy that Envoy Gateway runs (host mode: Envoy Gateway's own servers hold
+    19000 and 19001, so its Envoy's stats listener cannot bind there; its admin takes a free port and
+    writes it to the file its `--admin-address-path` names)."""
+    eg = str(envoy_gateway.processes[-1].pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # Go starts children from any thread: look for the parent, not in the main thread's children
+            parent = stat.read_text().rsplit(")", 1)[1].split()[1]
+            argv = stat.with_name("cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if parent == eg and b"--admin-address-path" in argv:
+            return Path(argv[argv.index(b"--admin-address-path") + 1].decode()).read_text().strip()
+    raise AssertionError("no Envoy under Envoy Gateway")
+
+
+async def test_the_collector_counts_envoy_gateways_picker_calls_by_listener(envoy_gateway: PickerForAGateway) -> None:
+    """Envoy Gateway's ext_proc counters name no pool, only the listener (`http-PORT`): the target maps it."""
+    async def serving() -> bool:
+        try:
+            return (await post(envoy_gateway.port, chat("up?", max_tokens=1)))[0] == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(serving, 60.0)
+    target = GatewayTarget.parse(f"eg=http://{_eg_envoy_admin(envoy_gateway)}/stats/prometheus"
+                                 f"?filter=ext_proc,http-{envoy_gateway.port}={NAMESPACE}/{POOL}")
+
+    def counters() -> tuple[int, int]:
+        with urllib.request.urlopen(target.url, timeout=5) as r:
+            return ext_proc_counters(r.read().decode(), target.listeners).get(f"{NAMESPACE}/{POOL}", (0, 0))
+
+    before = counters()
+    for i in range(3):
+        status, _, text = await post(envoy_gateway.port, chat(f"counted {i}", max_tokens=2))
+        assert status == 200, text
+    requests, bypassed = counters()
+    assert (requests - before[0], bypassed - before[1]) == (3, 0)

@@ -2,12 +2,14 @@
 admin API and the status page, alerted on; and no such request while the fleet starts.
 
 The fleet here is its own (both pickers are stopped under traffic), with a short bypass window so that a
-restart clears the figures within the test.
+restart clears the figures within the test, and Envoy's platform listener, through which its collector
+reads the counters as the chart's collectors do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import socket
 import subprocess
@@ -20,7 +22,7 @@ import aiohttp
 import pytest
 import yaml
 
-from collector.gateway_stats import BypassWindow, GatewayTarget, ext_proc_counters
+from collector.gateway_stats import BypassWindow, GatewayTarget, ext_proc_counters, resolve_instances
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import chat, wait_for
 from tests.conftest import FIXTURES, free_port, relocated
@@ -28,6 +30,9 @@ from tests.test_make_up import MakeUp
 from tests.test_monitoring import RULES, promtool
 
 POOL = "default/prefix-pool"
+# Its own pods' network: not the suite fleet's (POD_NET), nor the chaos fleet's (140 and up); the PD
+# simulator test's 127.120-139.0.x stays apart by its third octet.
+NET = f"127.{random.randrange(120, 140)}."
 WINDOW_MS = 15_000
 
 
@@ -50,6 +55,15 @@ def test_ext_proc_counters_map_each_series_to_its_pool() -> None:
             GatewayTarget.parse(bad)
 
 
+async def test_a_target_named_by_host_stands_for_every_address_it_resolves_to() -> None:
+    # A headless Service's name resolves to each gateway replica; here the machine's own resolver.
+    named = GatewayTarget.parse("gw=http://localhost:9902/stats/prometheus?filter=ext_proc")
+    found = await resolve_instances(named)
+    assert ("gw/127.0.0.1", "http://127.0.0.1:9902/stats/prometheus?filter=ext_proc", named) in found
+    literal = GatewayTarget.parse("gw=http://127.0.0.1:9902/stats/prometheus")
+    assert await resolve_instances(literal) == [("gw", literal.url, literal)]
+
+
 def test_the_bypass_window_covers_the_last_window_and_starts_over_when_the_gateway_restarts() -> None:
     window = BypassWindow(10_000)
     assert window.observe(0, {"p": (100, 40)})["p"].requests == 0  # what came before is in no window
@@ -68,10 +82,10 @@ def bypass_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     manifests = tmp_path_factory.mktemp("bypass-manifests")
     listeners = {18080: free_port()}
     for name in ("pods.yaml", "pools.yaml"):
-        (manifests / name).write_text(relocated((FIXTURES / "fleet" / name).read_text(), listeners))
+        (manifests / name).write_text(relocated((FIXTURES / "fleet" / name).read_text(), listeners, NET))
     gateway = [d for d in yaml.safe_load_all((FIXTURES / "fleet" / "gateway.yaml").read_text()) if d]
     kept = [d for d in gateway if d["kind"] != "HTTPRoute" or d["metadata"]["name"] == "prefix-route"]
-    (manifests / "gateway.yaml").write_text(relocated(yaml.safe_dump_all(kept), listeners))
+    (manifests / "gateway.yaml").write_text(relocated(yaml.safe_dump_all(kept), listeners, NET))
     settings = FleetSettings(
         manifests_dir=manifests, work_dir=tmp_path_factory.mktemp("bypass-fleet"), redis_port=free_port(),
         picker_ports=(free_port(), free_port()), picker_metrics_ports=(free_port(), free_port()),
@@ -155,7 +169,8 @@ async def test_stopped_pickers_show_as_bypass_until_they_return(bypass_fleet: Fl
                 await asyncio.sleep(0.05)
             return statuses
 
-        assert _get(health + "/ready")[0] == 200
+        assert _get(health + "/ready")[0] == 200 and _get(health + "/live") == (200, b"LIVE\n")
+        assert _get(health + "/clusters")[0] == 404  # the platform listener is not the admin port
         recording = asyncio.create_task(record())
         healthy = await traffic(3.0)
         await wait_for(lambda: _collector_counters(fleet)[0] >= len(healthy), 5.0)
@@ -170,6 +185,7 @@ async def test_stopped_pickers_show_as_bypass_until_they_return(bypass_fleet: Fl
         assert bypassed and set(bypassed) == {200}, bypassed
         await wait_for(lambda: _collector_counters(fleet)[1] >= len(bypassed) - 2, 5.0)
         assert _get(health + "/ready")[0] == 503  # the gateway pod's startup probe would hold it back
+        assert _get(health + "/live")[0] == 200  # its readiness would not: the failure mode applies
 
         fleet.restart("picker-1")  # a replica to read the admin API from
         admin = f"http://127.0.0.1:{fleet.settings.picker_admin_ports[1]}/docs"
