@@ -79,12 +79,13 @@ def build(m: Manifests) -> DesiredState:
             warnings.append(f"{policy.meta.where}: spec.poolRef.name: no InferencePool {policy.pool!r}")
 
     models: dict[str, dict[str, Model]] = {name: {} for name in pools}
-    for spec in sorted(m.models, key=lambda s: s.meta.created):
-        if spec.pool not in pools:
-            warnings.append(f"{spec.meta.where}: spec.poolRef.name: no InferencePool {spec.pool!r}")
+    for model in sorted(m.models, key=lambda s: s.meta.created):
+        if model.pool not in pools:
+            warnings.append(f"{model.meta.where}: spec.poolRef.name: no InferencePool {model.pool!r}")
             continue
-        models[spec.pool].setdefault(spec.model_name, Model(spec.model_name, spec.pool, Criticality(spec.criticality),
-                                                            _targets(spec.targets), spec.queue_ttl_ms))
+        models[model.pool].setdefault(model.model_name, Model(model.model_name, model.pool,
+                                                              Criticality(model.criticality),
+                                                              _targets(model.targets), model.queue_ttl_ms))
     # Rewrites: the oldest resource first, the first matching rule within one; an exact
     # match wins over a rule for every model, and an InferenceModel over both.
     for rewrite in sorted(m.rewrites, key=lambda r: r.meta.created):
@@ -116,8 +117,8 @@ def build(m: Manifests) -> DesiredState:
         for gateway, _ in route.parents:
             if gateway not in gateways:
                 warnings.append(f"{route.meta.where}: spec.parentRefs: no Gateway {gateway!r}")
-        for rule in route.rules:
-            for ref in (*rule.backends, *(m.backend for m in rule.mirrors)):
+        for route_rule in route.rules:
+            for ref in (*route_rule.backends, *(mirror.backend for mirror in route_rule.mirrors)):
                 known = ref.id in pools if ref.kind == "InferencePool" else (ref.id, ref.port) in services
                 if not known:
                     warnings.append(f"{route.meta.where}: backendRef {ref.kind} {ref.id!r}"

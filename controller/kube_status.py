@@ -99,7 +99,7 @@ class StatusWriter:
         others = [p for p in old if p.get("controllerName") != self._controller_name]
         refs = [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": g.split("/")[0],
                  "name": g.split("/")[1]} for g in gateways] or [_STATUS_PARENT]
-        wanted = []
+        wanted: list[dict[str, Any]] = []
         for ref in refs:
             before = ours.get(_parent_id(ref), {}).get("conditions", [])
             wanted.append({"parentRef": ref, "controllerName": self._controller_name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from controller.manifests import (
     ANNOTATION_LB_POLICY,
@@ -216,13 +217,13 @@ def _mirror_fraction(doc: Document, mirror: Document, where: str) -> float:
     if percent is not None:
         if not 0 <= percent <= 100:
             raise ManifestError(doc.where, f"{where}.percent", f"must be 0-100, got {percent}")
-        return percent / 100
+        return float(percent) / 100
     if fraction is not None:
         f = Document(fraction, doc.where)
         numerator, denominator = f.get("numerator", int, required=True), f.get("denominator", int, 100)
         if denominator < 1 or not 0 <= numerator <= denominator:
             raise ManifestError(doc.where, f"{where}.fraction", "needs 0 <= numerator <= denominator, denominator >= 1")
-        return numerator / denominator
+        return float(numerator / denominator)
     return 1.0
 
 
@@ -252,12 +253,13 @@ def _route(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
             if ftype != "RequestMirror":
                 raise ManifestError(doc.where, f"{path}.filters[{k}].type", f"filter {ftype!r} is not supported")
             where = f"{path}.filters[{k}].requestMirror"
-            ref = _backend(doc, meta, fdoc.get("requestMirror.backendRef", dict, required=True), f"{where}.backendRef")
-            if ref.kind == "InferencePool" and not any(b.kind == "InferencePool" for b in backends):
+            target = _backend(doc, meta, fdoc.get("requestMirror.backendRef", dict, required=True),
+                              f"{where}.backendRef")
+            if target.kind == "InferencePool" and not any(b.kind == "InferencePool" for b in backends):
                 raise ManifestError(doc.where, f"{where}.backendRef", "mirroring to an InferencePool needs an "
                                     "InferencePool backend: its picker places the copy")
-            mirrors.append(MirrorSpec(ref, _mirror_fraction(doc, Document(fdoc.get("requestMirror", dict), doc.where),
-                                                            where)))
+            fraction = _mirror_fraction(doc, Document(fdoc.get("requestMirror", dict), doc.where), where)
+            mirrors.append(MirrorSpec(target, fraction))
         rules.append(RouteRule(tuple(matches) or (("PathPrefix", "/"),), backends, tuple(mirrors)))
     out.routes.append(HTTPRouteSpec(meta, tuple(parents), tuple(doc.get("spec.hostnames", list, [])),
                                     tuple(rules)))
@@ -329,7 +331,9 @@ def load_directory(directory: Path) -> Manifests:
 
 def find_conflicts(out: Manifests) -> list[ManifestError]:
     """Objects that clash with an earlier (older) one: same kind and identity, or a model served twice."""
-    conflicts, seen = [], {}
+    conflicts: list[ManifestError] = []
+    seen: dict[tuple[str, str], str] = {}
+    item: Any
     for item in (*out.pools, *out.models, *out.objectives, *out.rewrites, *out.gateways, *out.routes,
                  *out.services, *out.pods):
         key = (item.meta.kind, item.meta.id)

@@ -80,7 +80,8 @@ def binary(name: str) -> str:
 def _http_ok(url: str, timeout: float = 0.5) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return 200 <= response.status < 300
+            status: int = response.status
+            return 200 <= status < 300
     except OSError:
         return False
 

@@ -117,7 +117,7 @@ class SimulatedPod:
     @web.middleware
     async def _tag_pod(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            response = await handler(request)
+            response: web.StreamResponse = await handler(request)
         except web.HTTPException as exc:
             kind = "BadRequestError" if exc.status < 500 else "InternalServerError"
             response = openai_error(exc.status, exc.reason, kind)

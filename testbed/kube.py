@@ -175,7 +175,7 @@ class KubeAPIServer:
         while time.monotonic() < deadline:
             for process in self._processes:
                 if process.poll() is not None:
-                    raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; "
+                    raise RuntimeError(f"{process.args!s} exited with {process.returncode}; "
                                        f"see {self.work_dir / 'logs'}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", context=context, timeout=2) as reply:

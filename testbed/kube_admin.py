@@ -99,7 +99,8 @@ class Kube:
         return names
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        return self.resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+        found: dict[str, Any] = self.resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+        return found
 
     def events(self, namespace: str) -> list[Any]:
         return list(self.core.list_namespaced_event(namespace).items)
