@@ -1,8 +1,9 @@
 """The admin API: what the fleet knows, why a request would go where, and drains.
 
 Served by every picker replica on its own port (FastAPI on uvicorn), so
-`POST /admin/explain` runs this replica's own placement code on its own
-snapshot: the explanation cannot drift from the decisions. It reads the shared
+`POST /admin/explain` runs the director's own sequence (intake, roles, flow
+control's verdict, each role's schedule) on this replica's snapshot, admitting
+nothing: the explanation cannot drift from the decisions. It reads the shared
 state and writes only drains. Every route but the status page's HTML needs a
 bearer token (read, or admin for drains), and no response holds prompt text:
 prompts appear as the counts of their blocks, as in Redis.
@@ -22,15 +23,17 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from gateway_state.protocol import FAIRNESS_HEADERS, OBJECTIVE_HEADERS
 from gateway_state.records import BypassSample, Pool
 from gateway_state.sharding import owner
 from gateway_state.store import StateStore
+from picker.director import Arrival, Director
 from picker.errors import GatewayError
 from picker.flow_control import FlowController
-from picker.intake import Intake, PlacementRequest
+from picker.intake import PlacementRequest
 from picker.placement import Placement, Plan
 from picker.plugins.framework import SchedulingRequest
-from picker.roles import ProfileHandler, RoleRequest
+from picker.roles import Mirror, RoleRequest
 from picker.scheduler import Trace
 from picker.snapshot import SnapshotSource
 
@@ -66,8 +69,7 @@ class Tokens:
 class AdminContext:
     snapshots: SnapshotSource
     placement: Placement
-    intake: Intake
-    roles: ProfileHandler
+    director: Director
     store: StateStore
     tokens: Tokens
     replica: str
@@ -260,34 +262,43 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
     async def explain(request: Request, _: Reader,
                       pool: Annotated[str | None, Query(description="namespace/name; default: by the model")] = None,
                       path: Annotated[str, Query(description="the OpenAI endpoint")] = "/v1/chat/completions",
+                      subset: Annotated[str | None, Query(
+                          description="the gateway's subset hint: the only endpoints (ip:port, comma-separated) "
+                                      "the request may go to")] = None,
+                      mirror_pool: Annotated[str | None, Query(
+                          description="the pool the route mirrors to (namespace/name)")] = None,
+                      mirror_fraction: Annotated[float, Query(ge=0, le=1)] = 1.0,
                       ) -> dict[str, Any]:
-        snapshot = ctx.snapshots.current
-        raw = await request.body()
+        """The request as the gateway would hand it over: the objective and tenant headers
+        (`x-gateway-inference-objective`, `x-gateway-inference-fairness-id`) count as they do on the route."""
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        arrival = Arrival(pool, path, await request.body(),
+                          frozenset(e.strip() for e in subset.split(",") if e.strip()) if subset is not None else None,
+                          Mirror(mirror_pool, mirror_fraction) if mirror_pool else None,
+                          next((headers[h] for h in OBJECTIVE_HEADERS if h in headers), None),
+                          next((headers[h] for h in FAIRNESS_HEADERS if h in headers), ""))
         try:
-            placement_request = ctx.intake.read(snapshot.config, pool, path, raw)
-            plans = []
-            for role in ctx.roles.roles(placement_request, snapshot.config):
-                trace = Trace()
-                target = role.request.pool.name
-                plan = await ctx.placement.plan(role.request, snapshot.load.get(target, {}), False,
-                                                snapshot.drained.get(target, frozenset()), trace, role.profile)
-                plans.append((role, plan, trace))
+            explained = await ctx.director.explain(arrival)
         except GatewayError as err:
             return JSONResponse(err.body(), status_code=err.status)  # type: ignore[return-value]
 
         def decision(role: RoleRequest, plan: Plan, trace: Trace) -> dict[str, Any]:
             chosen = plan.decision.endpoints
-            return {"role": role.role.value, "profile": role.profile.value,
+            return {"role": role.role.value, "profile": role.profile.value, "pool": role.request.pool.name,
                     "prompt_blocks": len(role.request.block_hashes),
                     "matched_blocks": {c.endpoint.key: c.matched_blocks for c in chosen},
                     "pick": chosen[0].endpoint.key, "pick_name": chosen[0].endpoint.name,
                     "fallbacks": [c.endpoint.key for c in chosen[1:]], **_trace_json(trace)}
 
-        # The primary's decision at the top level; every role's (an SGLang PD pool's prefill too) under `roles`.
+        placement_request = explained.request
+        # The primary's decision at the top level; every role's (an SGLang PD pool's prefill, a mirror) under
+        # `roles`; `flow`: placed now, or queued or shed by flow control.
         return {"model": placement_request.model, "target_model": placement_request.target_model,
                 "pool": placement_request.pool.name, "strategy": placement_request.pool.strategy.value,
-                **{k: v for k, v in decision(*plans[0]).items() if k not in ("role", "profile")},
-                "roles": [decision(*p) for p in plans]}
+                "priority": placement_request.priority, "tenant": placement_request.tenant,
+                "flow": explained.flow, "dropped": [r.value for r in explained.dropped],
+                **{k: v for k, v in decision(*explained.plans[0]).items() if k not in ("role", "profile", "pool")},
+                "roles": [decision(*p) for p in explained.plans]}
 
     @app.post("/admin/pools/{namespace}/{name}/endpoints/{endpoint}/drain", status_code=204,
               summary="Drain an endpoint: no new requests within one snapshot refresh; running ones finish")

@@ -13,19 +13,20 @@ The gateway may narrow the candidates (`envoy.lb.subset_hint`) and reports the
 endpoint that served the request (`envoy.lb`, `...-served`), both per the
 upstream endpoint-picker protocol.
 
-This is the edge: GatewayErrors become OpenAI-shaped immediate responses here
-and nowhere else, and it is the one guard around the request path: any other
-exception is logged with its traceback and answered with an OpenAI-shaped 500,
-so no input can break the stream and send the request past the picker. Envoy
-keeps the stream open until the HTTP exchange ends, so the stream's end is the
-request's end and the placement is released then.
+This is the edge: it speaks the protocol and hands the request to the director
+(`picker/director.py`), which runs its sequence. GatewayErrors become
+OpenAI-shaped immediate responses here and nowhere else, and it is the one
+guard around the request path: any other exception is logged with its traceback
+and answered with an OpenAI-shaped 500, so no input can break the stream and
+send the request past the picker. Envoy keeps the stream open until the HTTP
+exchange ends, so the stream's end is the request's end: the director finishes
+it then.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -41,30 +42,22 @@ from gateway_state.protocol import (
     DESTINATION_HEADER,
     FAIRNESS_HEADERS,
     LB_METADATA_NAMESPACE,
-    MIRROR_CLUSTER_HEADER,
-    MIRROR_ENDPOINT_HEADER,
     MIRROR_FRACTION_METADATA_KEY,
     MIRROR_POOL_METADATA_KEY,
     OBJECTIVE_HEADERS,
     POOL_METADATA_KEY,
-    PREFILL_ENDPOINT_HEADER,
     SERVED_ENDPOINT_KEY,
     SUBSET_HINT_KEY,
     SUBSET_HINT_NAMESPACE,
-    pool_cluster,
 )
+from picker.director import Answer, Arrival, Director
 from picker.errors import BadRequest, GatewayError, InternalError, MethodNotAllowed, PickerUnavailable
-from picker.flow_control import FlowController
-from picker.hit_counts import HitCounts
-from picker.intake import Intake, models
+from picker.intake import models
 from picker.metrics import PickerMetrics
-from picker.placement import Placement, Placements
-from picker.roles import Mirror, ProfileHandler, Role
+from picker.roles import Mirror
 from picker.snapshot import SnapshotSource
 
 log = logging.getLogger("picker")
-# The model label of requests for a model the pool does not list: clients choose those names.
-UNLISTED = "(unlisted)"
 
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 _DUPLEX = processing_mode_pb2.ProcessingMode.BodySendMode.FULL_DUPLEX_STREAMED
@@ -80,7 +73,7 @@ class _Stream:
     method: str = ""
     path: str = ""
     body: bytearray = field(default_factory=bytearray)
-    placements: Placements | None = None
+    answer: Answer | None = None  # the director's, once placed
     duplex_request: bool = False  # FULL_DUPLEX_STREAMED: headers answered after the body, body sent back
     duplex_response: bool = False
     subset: frozenset[str] | None = None  # the gateway's candidate endpoints, when it narrows them
@@ -106,16 +99,12 @@ def _immediate(status: int, body: dict[str, object], details: str,
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated code, untyped
-    def __init__(self, snapshots: SnapshotSource, intake: Intake, roles: ProfileHandler, placement: Placement,
-                 flow: FlowController, metrics: PickerMetrics, hits: HitCounts,
+    def __init__(self, snapshots: SnapshotSource, director: Director, metrics: PickerMetrics,
                  default_pool: str | None = None) -> None:
+        """`snapshots`: for `GET /v1/models`, which lists the route's models without placing anything."""
         self._snapshots = snapshots
-        self._intake = intake
-        self._roles = roles
-        self._placement = placement
-        self._flow = flow
+        self._director = director
         self._metrics = metrics
-        self._hits = hits
         # The pool of a picker deployed for one InferencePool, when the gateway names none.
         self._default_pool = default_pool
 
@@ -161,10 +150,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 elif kind == "response_trailers":
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
         finally:
-            # Every role ends with the client's exchange: the copies' own ends are not visible here.
-            if stream.placements is not None:
-                for placed in stream.placements.placed.values():
-                    self._placement.release(placed)
+            if stream.answer is not None:
+                self._director.finish(stream.answer)
 
     async def _decide(self, stream: _Stream, context: grpc.aio.ServicerContext) -> list[pb.ProcessingResponse]:
         stream.decided = True
@@ -178,13 +165,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 
     def _served(self, stream: _Stream, context: base_pb2.Metadata) -> None:
         """Count which endpoint the gateway reports served the request: the picked one, or a fallback."""
-        if stream.placements is None or LB_METADATA_NAMESPACE not in context.filter_metadata:
+        if stream.answer is None or LB_METADATA_NAMESPACE not in context.filter_metadata:
             return
         field = context.filter_metadata[LB_METADATA_NAMESPACE].fields.get(SERVED_ENDPOINT_KEY)
         if field is None:
             return
         served = field.string_value
-        primary = stream.placements.primary
+        primary = stream.answer.placements.primary
         keys = [c.endpoint.key for c in primary.endpoints]
         outcome = "picked" if served == keys[0] else "fallback" if served in keys else "other"
         self._metrics.served_endpoints.labels(primary.pool, outcome).inc()
@@ -227,61 +214,24 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         return _immediate(200, {"object": "list", "data": data}, "models_listed_by_picker")
 
     async def _on_body(self, stream: _Stream) -> list[pb.ProcessingResponse]:
-        snapshot = self._snapshots.current
+        arrival = Arrival(stream.pool, stream.path, bytes(stream.body), stream.subset, stream.mirror,
+                          stream.objective, stream.tenant, stream.request_id)
         try:
-            request = self._intake.read(snapshot.config, stream.pool, stream.path, bytes(stream.body), stream.subset,
-                                        stream.mirror.pool if stream.mirror else None, stream.objective, stream.tenant)
-            roles = self._roles.roles(request, snapshot.config, stream.mirror)
-            stream.placements = placements = await self._flow.place(roles)
+            stream.answer = answer = await self._director.decide(arrival)
         except GatewayError as err:
             return [self._reject(stream, err)]
-        placed, holder = placements.primary, placements.prefix_holder
-        chosen = placed.chosen.endpoint
-        model, target = (request.model, request.target_model) if request.listed else (UNLISTED, UNLISTED)
-        self._metrics.requests.labels(model, placed.pool, chosen.name, "routed").inc()
-        self._metrics.objective_requests.labels(model, target).inc()
-        self._metrics.decision_seconds.labels(placed.pool, request.pool.strategy.value).observe(
-            max(p.decision_seconds for p in placements.placed.values()))
-        prompt_blocks, matched = len(holder.request.block_hashes), holder.chosen.matched_blocks
-        if prompt_blocks:
-            self._metrics.prefix_blocks_queried.labels(holder.pool).inc(prompt_blocks)
-            self._metrics.prefix_blocks_matched.labels(holder.pool).inc(matched)
-            self._hits.add(holder.pool, model, prompt_blocks, matched)
-        set_headers = [_header(DESTINATION_HEADER, chosen.key)]
-        body = request.body
-        copies = []
-        mirror = placements.placed.get(Role.MIRROR)
-        if mirror is not None:
-            self._metrics.mirrors.labels(mirror.pool, "mirrored").inc()
-            set_headers += [_header(MIRROR_CLUSTER_HEADER, pool_cluster(mirror.pool, "mirror")),
-                            _header(MIRROR_ENDPOINT_HEADER, mirror.chosen.endpoint.key)]
-            copies.append(f"mirror={mirror.chosen.endpoint.key}")
-        for role, reason in placements.dropped:
-            self._metrics.mirrors.labels(role.request.pool.name, "dropped").inc()
-            copies.append(f"mirror=dropped({reason.status})")
-        prefill = placements.placed.get(Role.PREFILL)
-        if prefill is not None and request.pool.pd is not None:
-            set_headers.append(_header(PREFILL_ENDPOINT_HEADER, prefill.chosen.endpoint.key))
-            body = with_bootstrap(body if body is not None else bytes(stream.body), prefill.chosen.endpoint.address,
-                                  request.pool.pd.bootstrap_port, secrets.randbits(63))
-            copies.append(f"prefill={prefill.chosen.endpoint.key}")
-        log.info("Request Handled request_id=%s model=%s target_model=%s pool=%s pod=%s endpoint=%s strategy=%s "
-                 "prefix_blocks=%d/%d fallbacks=%s copies=%s decision_ms=%.3f schedule_ms=%.3f",
-                 stream.request_id or "-", request.model, request.target_model, placed.pool, chosen.name,
-                 chosen.key, request.pool.strategy.value, matched, prompt_blocks,
-                 ",".join(c.endpoint.key for c in placed.endpoints[1:]) or "-", ",".join(copies) or "-",
-                 placed.decision_seconds * 1000, placed.schedule_seconds * 1000)
+        set_headers = [_header(key, value) for key, value in answer.headers]
         metadata = struct_pb2.Struct()
         # The upstream endpoint-picker protocol: the ordered list, chosen endpoint first.
-        metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: ",".join(c.endpoint.key
-                                                                             for c in placed.endpoints)}})
+        metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: answer.destinations}})
+        body = answer.body
         if stream.duplex_request:
             # The destination rides on the held headers' answer; the body, rewritten or not, goes back whole.
             headers = pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(response=pb.CommonResponse(
                     header_mutation=pb.HeaderMutation(set_headers=set_headers), clear_route_cache=True)),
                 dynamic_metadata=metadata)
-            return [headers, *_streamed_body(body if body is not None else bytes(stream.body))]
+            return [headers, *_streamed_body(body if body is not None else arrival.body)]
         body_mutation = None
         if body is not None:
             set_headers.append(_header("content-length", str(len(body))))
@@ -329,15 +279,6 @@ def _mirror(metadata: dict[str, str | bytes]) -> Mirror | None:
     except ValueError:
         fraction = 1.0
     return Mirror(pool, min(1.0, max(0.0, fraction)))
-
-
-def with_bootstrap(body: bytes, host: str, port: int, room: int) -> bytes:
-    """The JSON object with SGLang's bootstrap fields added (they win over any the client sent: the
-    last duplicate key counts). The body was parsed as an object, so it ends with its closing brace."""
-    end = body.rstrip().rfind(b"}")
-    fields = json.dumps({"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": room})[1:-1]
-    separator = b"," if body[:end].strip() != b"{" else b""
-    return body[:end] + separator + fields.encode() + b"}"
 
 
 def _subset_hint(context: base_pb2.Metadata) -> frozenset[str] | None:

@@ -21,31 +21,34 @@ its lease ends, and a grant it never used lapses, so nobody else loses a place.
 If Redis cannot answer, new requests wait in this replica's own queue (the same
 order, over this replica's requests only) until it can. With `--state local`
 (the upstream baseline) that per-replica queue is the only one.
+
+It is a gate the director passes a request through (`picker/director.py`): placed
+at once while the pool has room and nobody waits, else it waits for its `turn`;
+the director tells it when a request ends (`released`), as room may have freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from redis.exceptions import RedisError
-
 from gateway_state.store import StateStore
 from picker.errors import GatewayError, QueueFull, QueueTimeout, Shed
+from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
-from picker.placement import Placement, Placements, Saturated
-from picker.roles import RoleRequest
+from picker.placement import Placement
 from picker.settings import PickerSettings
 from picker.snapshot import SnapshotSource
+from picker.state_guard import STATE_ERRORS, StateGuard
 
 log = logging.getLogger("picker.flow")
-_STATE_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 class Queue(Protocol):
@@ -177,7 +180,9 @@ class _Waiter:
 
 class FlowController:
     def __init__(self, fleet: StateStore | None, placement: Placement, snapshots: SnapshotSource,
-                 settings: PickerSettings, metrics: PickerMetrics) -> None:
+                 settings: PickerSettings, metrics: PickerMetrics, guard: StateGuard) -> None:
+        """`placement`: asked how much room a pool has (its view of every replica's requests in flight);
+        `guard`: this queue's own, apart from placement's (a failed queue call holds back queue calls)."""
         self._fleet = fleet  # None: per-replica queues only (state mode "local")
         self._local = MemoryQueue()
         self._placement = placement
@@ -188,30 +193,26 @@ class FlowController:
         self._waiters: dict[tuple[str, str], _Waiter] = {}  # (pool, ticket) -> this replica's waiting request
         self._dispatching: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()  # pools whose room changed while a dispatch was under way
-        self._fleet_down_until = 0.0  # monotonic; before it, new requests queue locally
+        self._guard = guard
         self._orphans: list[tuple[str, str]] = []  # (pool, ticket) left in Redis by requests moved here
-        self._background: set[asyncio.Task[object]] = set()
-        placement.on_release = self._released
 
     # -- the request path ---------------------------------------------------------
 
-    async def place(self, roles: list[RoleRequest]) -> Placements:
-        """Place the request now if its pool has room and nobody waits; else wait for room, in order."""
-        request = roles[0].request
+    @property
+    def enabled(self) -> bool:
+        return self._settings.flow.enabled
+
+    def shed(self, request: PlacementRequest) -> None:
+        """A request of negative priority refused on a saturated pool (429), counted."""
+        self._count(request.pool.name, request.priority, "shed", 0.0)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, request: PlacementRequest) -> AsyncIterator[None]:
+        """Wait for the request's turn in its pool's queue, then let the director place it inside the block.
+        Raises Shed (a negative priority is never queued), QueueFull, or QueueTimeout past its TTL."""
         pool, priority = request.pool, request.priority
-        snapshot = self._snapshots.current
-        if not self._settings.flow.enabled:
-            return await self._placement.place_roles(roles, snapshot.load, snapshot.drained)
-        if not self._someone_waits(pool.name):
-            try:
-                return await self._placement.place_roles(roles, snapshot.load, snapshot.drained, gate=True)
-            except Saturated:
-                pass
-            except Shed:
-                self._count(pool.name, priority, "shed", 0.0)
-                raise
         if priority < 0:
-            self._count(pool.name, priority, "shed", 0.0)
+            self.shed(request)
             raise Shed(f"Pool {pool.name} is saturated; requests of negative priority (Sheddable) are refused "
                        "until load drops.")
         ttl_ms = request.queue_ttl_ms or pool.flow.queue_ttl_ms
@@ -220,8 +221,7 @@ class FlowController:
         started = time.monotonic()
         try:
             await self._wait(waiter, ttl_ms)
-            snapshot = self._snapshots.current
-            placements = await self._placement.place_roles(roles, snapshot.load, snapshot.drained, released=True)
+            yield
         except QueueTimeout:
             self._count(pool.name, priority, "expired", time.monotonic() - started)
             raise
@@ -234,11 +234,11 @@ class FlowController:
         finally:
             self._waiters.pop((waiter.pool, waiter.ticket), None)
             if not waiter.left:  # drops the grant (its request is counted in flight now) or the ticket
-                self._later(self._leave(waiter))
+                self._guard.later(self._leave(waiter))
         self._count(pool.name, priority, "dispatched", time.monotonic() - started)
-        return placements
 
-    def _someone_waits(self, pool: str) -> bool:
+    def someone_waits(self, pool: str) -> bool:
+        """Requests of `pool` wait for room already (here or at another replica): a new one queues behind."""
         return self._snapshots.current.queued.get(pool, 0) > 0 or self._local.waiting(pool) > 0 or any(
             w.pool == pool for w in self._waiters.values())
 
@@ -254,7 +254,7 @@ class FlowController:
                 if ticket is None:
                     self._count(pool, priority, "rejected", 0.0)
                     raise QueueFull(f"Pool {pool} is saturated and {max_queued} requests already wait; retry later.")
-            except _STATE_ERRORS as exc:
+            except STATE_ERRORS as exc:
                 self._fleet_failed("enqueue", exc)
         if queue is self._local:
             ticket = await self._local.enqueue(pool, self._me, priority, tenant, ttl_ms, max_queued)
@@ -288,7 +288,7 @@ class FlowController:
         try:
             async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
                 return await waiter.queue.leave(waiter.pool, waiter.ticket)
-        except _STATE_ERRORS as exc:  # the grant lapses, the ticket is dropped when it surfaces
+        except STATE_ERRORS as exc:  # the grant lapses, the ticket is dropped when it surfaces
             self._fleet_failed("leave", exc)
             return "gone"
 
@@ -303,8 +303,9 @@ class FlowController:
         task = asyncio.get_running_loop().create_task(self._dispatch(pool))
         self._dispatching[pool] = task
 
-    def _released(self, pool: str) -> None:
-        if self._someone_waits(pool):
+    def released(self, pool: str) -> None:
+        """A request placed in `pool` ended (or its placement failed): room may have freed."""
+        if self.someone_waits(pool):
             self.kick(pool)
 
     async def _dispatch(self, pool_name: str) -> None:
@@ -338,7 +339,7 @@ class FlowController:
                     fleet_granted, fleet_dropped = await self._fleet.dispatch(pool_name, self._me, room, grant_ms,
                                                                               reserve)
                 granted, dropped = granted + fleet_granted, dropped + fleet_dropped
-            except _STATE_ERRORS as exc:
+            except STATE_ERRORS as exc:
                 self._fleet_failed("dispatch", exc)
         if dropped:
             self._metrics.flow_dropped.labels(pool_name).inc(dropped)
@@ -363,7 +364,7 @@ class FlowController:
                 async for pool, ticket in self._fleet.grants(self._me):
                     self._grant(pool, ticket)
                     backoff = 0.1
-            except _STATE_ERRORS as exc:
+            except STATE_ERRORS as exc:
                 log.debug("grant channel lost, reconnecting: %s", exc)
             await asyncio.sleep(backoff)
             backoff = min(2.0, backoff * 2)
@@ -400,7 +401,7 @@ class FlowController:
             pool, ticket = self._orphans[-1]
             try:
                 await self._fleet.leave(pool, ticket)
-            except _STATE_ERRORS as exc:
+            except STATE_ERRORS as exc:
                 self._fleet_failed("leave", exc)
                 return
             self._orphans.pop()
@@ -411,7 +412,7 @@ class FlowController:
         for pool, tickets in mine.items():
             try:
                 states = await self._fleet.ticket_states(pool, tickets)
-            except _STATE_ERRORS as exc:
+            except STATE_ERRORS as exc:
                 self._fleet_failed("poll", exc)
                 return
             for ticket, state in states.items():
@@ -421,25 +422,15 @@ class FlowController:
 
     def _fleet_usable(self) -> bool:
         """The shared queue is worth asking: Redis answered the last snapshot and no queue call just failed."""
-        return (self._fleet is not None and self._snapshots.redis_ok
-                and time.monotonic() >= self._fleet_down_until)
+        return self._fleet is not None and self._snapshots.redis_ok and self._guard.usable
 
     def _fleet_failed(self, op: str, exc: BaseException) -> None:
-        self._metrics.redis_fallbacks.labels("queue-" + op).inc()
-        now = time.monotonic()
-        if now >= self._fleet_down_until:
-            self._fleet_down_until = now + self._settings.state.redis_backoff_ms / 1000
-            log.warning("the shared queue failed (%s), queueing in this replica meanwhile: %s", op, exc)
+        self._guard.failed(op, exc)  # new requests queue in this replica meanwhile
 
     def _count(self, pool: str, priority: int, outcome: str, waited_s: float) -> None:
         self._metrics.flow_requests.labels(pool, str(priority), outcome).inc()
         if outcome not in ("shed", "rejected"):
             self._metrics.flow_wait_seconds.labels(pool, str(priority), outcome).observe(waited_s)
-
-    def _later(self, work: Coroutine[None, None, object]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def waiting_here(self) -> list[dict[str, object]]:
         """This replica's waiting requests, for the admin API."""

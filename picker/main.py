@@ -29,6 +29,7 @@ from gateway_state.records import pool_id
 from gateway_state.script_link import ScriptLink
 from gateway_state.store import StateStore, split_figures
 from picker.admin import AdminContext, Tokens, build_admin_app
+from picker.director import Director
 from picker.extproc import ExternalProcessor
 from picker.flow_control import FlowController
 from picker.hit_counts import HitCounts
@@ -40,7 +41,9 @@ from picker.scheduler import Scheduler, build_profiles
 from picker.settings import FlowSettings, PickerSettings, SchedulingSettings, ServerSettings, StateSettings
 from picker.snapshot import SnapshotSource
 from picker.state import MemoryState, PlacementState
+from picker.state_guard import StateGuard
 from picker.tls import self_signed_certificate
+from picker.writes import WriteBatcher
 
 log = logging.getLogger("picker")
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -125,15 +128,21 @@ async def serve(settings: PickerSettings) -> None:
     # Local mode (the upstream baseline): this replica's memory is the whole state.
     state: PlacementState = store if settings.state.mode == "redis" else MemoryState()
     fallback = MemoryState() if settings.state.mode == "redis" else None
+    state_settings = settings.state
+    guard = StateGuard(metrics, state_settings.redis_timeout_ms, state_settings.redis_backoff_ms)
     placement = Placement(state, fallback, Scheduler(build_profiles(settings.scheduling, rng)), settings, metrics,
-                          clock)
+                          clock, guard, WriteBatcher(state, fallback, guard))
     intake = Intake(settings.prefix, settings.server.max_request_body_bytes, rng)
     hits = HitCounts()
     roles = ProfileHandler(rng)
-    # Flow control's queue is the fleet's (Redis) in Redis mode, each replica's own in local mode.
-    flow = FlowController(store if settings.state.mode == "redis" else None, placement, snapshots, settings, metrics)
-    processor = ExternalProcessor(snapshots, intake, roles, placement, flow, metrics, hits,
-                                  settings.server.default_pool)
+    # Flow control's queue is the fleet's (Redis) in Redis mode, each replica's own in local mode; its calls
+    # have a guard of their own, so a failed queue call does not hold back the decisions' calls.
+    queue_guard = StateGuard(metrics, state_settings.redis_timeout_ms, state_settings.redis_backoff_ms, "queue-",
+                             logging.WARNING)
+    flow = FlowController(store if state_settings.mode == "redis" else None, placement, snapshots, settings, metrics,
+                          queue_guard)
+    director = Director(snapshots, intake, roles, flow, placement, metrics, hits)
+    processor = ExternalProcessor(snapshots, director, metrics, settings.server.default_pool)
 
     async def heartbeat() -> None:
         config = snapshots.current.config
@@ -186,7 +195,7 @@ async def serve(settings: PickerSettings) -> None:
     admin = None
     if settings.server.admin_address:
         tokens = Tokens(Path(settings.server.admin_tokens_file) if settings.server.admin_tokens_file else None)
-        admin_app = build_admin_app(AdminContext(snapshots, placement, intake, roles, store, tokens,
+        admin_app = build_admin_app(AdminContext(snapshots, placement, director, store, tokens,
                                                  settings.server.replica_id, flow))
         host, port = _split(settings.server.admin_address)
         admin = _EmbeddedServer(uvicorn.Config(admin_app, host=host, port=port, log_level="warning",
@@ -227,6 +236,7 @@ async def serve(settings: PickerSettings) -> None:
         if health_server is not None:
             await health_server.stop(grace=1)
         await placement.drain()
+        await queue_guard.drain()
         if admin is not None:
             admin.should_exit = True
         for t in tasks:

@@ -21,7 +21,7 @@ from collector.metrics_map import READ, GarbledMetrics, parse_series, to_load_sa
 from gateway_state import keys
 from gateway_state.records import Config, Endpoint, FlowControl, LoadSample, Pool
 from gateway_state.store import StateStore
-from picker.plugins.filters import estimated_waiting, has_room
+from picker.saturation import estimated_waiting, has_room
 from simulator.metrics import SGLangMetrics, VLLMMetrics
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod

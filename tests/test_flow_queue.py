@@ -20,16 +20,20 @@ from gateway_state import keys
 from gateway_state.clock import FleetClock
 from gateway_state.records import Config, Criticality, Endpoint, FlowControl, LoadSample, Model, Pool, TargetModel
 from gateway_state.store import StateStore
+from picker.director import Answer, Arrival, Director
 from picker.flow_control import FlowController, MemoryQueue, Queue
+from picker.hit_counts import HitCounts
 from picker.intake import Intake
 from picker.metrics import PickerMetrics
-from picker.placement import Placement, Placements
-from picker.plugins.filters import estimated_waiting, free_slots, has_room
-from picker.roles import ProfileHandler, RoleRequest
+from picker.placement import Placement
+from picker.roles import ProfileHandler
+from picker.saturation import estimated_waiting, free_slots, has_room
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, ServerSettings, StateSettings
 from picker.snapshot import Snapshot, SnapshotSource
 from picker.state import MemoryState
+from picker.state_guard import StateGuard
+from picker.writes import WriteBatcher
 from tests.conftest import free_port
 
 POOL = "ns/pool"
@@ -156,27 +160,27 @@ class OneReplica:
                                                                                 ("s", Criticality.STANDARD))}})
         clock = FleetClock()
         self.metrics, rng = PickerMetrics(), random.Random(1)
-        self.placement = Placement(MemoryState(), None, Scheduler(build_profiles(settings.scheduling, rng)),
-                                   settings, self.metrics, clock)
+        state, guard = MemoryState(), StateGuard(self.metrics, 50, settings.state.redis_backoff_ms)
+        self.placement = Placement(state, None, Scheduler(build_profiles(settings.scheduling, rng)),
+                                   settings, self.metrics, clock, guard, WriteBatcher(state, None, guard))
         self.snapshots = SnapshotSource(store, settings.state, clock)
         self.snapshots.current = Snapshot(self.config, {"p": {endpoint.key: LoadSample(clock.now_ms(), True,
                                                                                          running=1)}})
-        self.flow = FlowController(store, self.placement, self.snapshots, settings, self.metrics)
-        self.intake, self.roles = Intake(settings.prefix, 1 << 20, rng), ProfileHandler(rng)
-        self.running: list[Placements] = []
+        self.flow = FlowController(store, self.placement, self.snapshots, settings, self.metrics,
+                                   StateGuard(self.metrics, 50, settings.state.redis_backoff_ms, "queue-"))
+        self.director = Director(self.snapshots, Intake(settings.prefix, 1 << 20, rng), ProfileHandler(rng),
+                                 self.flow, self.placement, self.metrics, HitCounts())
+        self.running: list[Answer] = []
         self.order: list[str] = []
 
-    def roles_for(self, model: str) -> list[RoleRequest]:
-        body = json.dumps({"model": model, "prompt": "hello"}).encode()
-        return self.roles.roles(self.intake.read(self.config, "p", "/v1/completions", body), self.config)
-
     async def place(self, model: str) -> None:
-        placed = await self.flow.place(self.roles_for(model))
+        body = json.dumps({"model": model, "prompt": "hello"}).encode()
+        answer = await self.director.decide(Arrival("p", "/v1/completions", body))
         self.order.append(model)
-        self.running.append(placed)
+        self.running.append(answer)
 
     async def end_one(self) -> None:
-        self.placement.release(self.running.pop(0).primary)
+        self.director.finish(self.running.pop(0))
         await asyncio.sleep(0.05)
 
 

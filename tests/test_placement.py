@@ -15,12 +15,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway_state.clock import FleetClock
 from gateway_state.records import Config, Endpoint, LoadSample, Model, Pool, Strategy, TargetModel
 from gateway_state.store import IndexWrite, ReleaseWrite, SharedView, Write
+from picker.candidates import pending_prefill, prefill_speeds
 from picker.intake import Intake, PlacementRequest
 from picker.metrics import PickerMetrics
-from picker.placement import Placement, pending_prefill, prefill_speeds, write_batches
+from picker.placement import Placement
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, ServerSettings, StateSettings
 from picker.state import MemoryState, PlacementState
+from picker.state_guard import StateGuard
+from picker.writes import WriteBatcher, write_batches
 
 ENDPOINTS = tuple(Endpoint(f"pod-{i}", f"10.0.0.{i}", 8000) for i in range(4))
 CONFIG = Config(1, {"p": Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=ENDPOINTS)},
@@ -37,8 +40,9 @@ def placement(state: PlacementState, fallback: MemoryState | None = None,
               settings: PickerSettings = SETTINGS) -> tuple[Placement, PickerMetrics]:
     metrics = PickerMetrics()
     rng = random.Random(2)
+    guard = StateGuard(metrics, settings.state.redis_timeout_ms, settings.state.redis_backoff_ms)
     return Placement(state, fallback, Scheduler(build_profiles(settings.scheduling, rng)), settings, metrics,
-                     FleetClock()), metrics
+                     FleetClock(), guard, WriteBatcher(state, fallback, guard)), metrics
 
 
 class Interleaved(MemoryState):

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from gateway_state.records import Config, Endpoint, PDProfile, Pool, Strategy
+from picker.director import with_bootstrap
 from picker.errors import NoEndpoint
-from picker.extproc import with_bootstrap
 from picker.intake import Intake
 from picker.roles import Mirror, ProfileHandler, Role
 from picker.scheduler import Profile

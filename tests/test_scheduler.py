@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 
 from gateway_state.records import Endpoint, FlowControl, LoadSample, Strategy
+from picker.candidates import replica_share
 from picker.errors import Shed
-from picker.plugins.filters import has_room
 from picker.plugins.framework import Candidate, SchedulingRequest
-from picker.plugins.pickers import replica_share
 from picker.plugins.scorers import PrefixHomeScorer
+from picker.saturation import has_room
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import SchedulingSettings
 

@@ -9,19 +9,6 @@ from dataclasses import dataclass
 from picker.plugins.framework import Candidate, SchedulingRequest
 
 
-def replica_share(endpoints: Sequence[str], live_replicas: Sequence[str], me: str) -> frozenset[str]:
-    """The endpoints `me` takes first among ties: every n-th of the sorted pool, n the live replicas.
-
-    Every replica computes the same split from the same Redis lookup, without
-    coordinating. Alone, a replica prefers nothing (plain random ties).
-    """
-    live = sorted({*live_replicas, me})
-    if len(live) == 1:
-        return frozenset()
-    rank = live.index(me)
-    return frozenset(e for i, e in enumerate(sorted(endpoints)) if i % len(live) == rank)
-
-
 @dataclass(frozen=True)
 class MaxScorePicker:
     """Highest score first; candidates within `tie_margin` of the best count as tied.
