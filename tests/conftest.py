@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 from redis.asyncio import Redis
 
 from gateway_state.records import Config
@@ -59,6 +60,18 @@ def relocated(text: str, listeners: dict[int, int] | None = None, net: str = POD
     for old, new in (listeners or _LISTENERS).items():
         text = text.replace(f"port: {old}", f"port: {new}")
     return re.sub(r"\b127\.0\.(\d+\.\d+)", lambda m: net + m.group(1), text)
+
+
+def prefix_pool_manifests(directory: Path, listen_port: int, net: str) -> Path:
+    """The test fleet's prefix pool alone (its four pods, the InferencePool and the route to it), its
+    listener on `listen_port` and its pods on the loopback network `net` ("127.N.")."""
+    listeners = {18080: listen_port}
+    for name in ("pods.yaml", "pools.yaml"):
+        (directory / name).write_text(relocated((FIXTURES / "fleet" / name).read_text(), listeners, net))
+    gateway = [d for d in yaml.safe_load_all((FIXTURES / "fleet" / "gateway.yaml").read_text()) if d]
+    kept = [d for d in gateway if d["kind"] != "HTTPRoute" or d["metadata"]["name"] == "prefix-route"]
+    (directory / "gateway.yaml").write_text(relocated(yaml.safe_dump_all(kept), listeners, net))
+    return directory
 
 
 async def publish(store: StateStore, config: Config) -> None:

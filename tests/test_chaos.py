@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -191,3 +192,28 @@ async def test_chaos(chaos_fleet: Fleet, load: Load) -> None:
     # routed to it before it left the candidates is refused and retried on the picker's fallback
     # (how many were depends on timing; some runs route none there in that window).
     assert all(t <= killed_at for t in load.failures), (killed_at, load.failures)
+
+
+async def test_a_dead_pod_the_pickers_still_choose_costs_no_request(chaos_fleet: Fleet) -> None:
+    """With the collectors stopped, nothing tells the pickers that a pod died, so they keep choosing it:
+    each such request is refused before any byte and Envoy retries it on the next endpoint of the
+    picker's list. None fails, and Envoy's retry counter shows the retries."""
+    fleet = chaos_fleet
+    collectors = [name for name in fleet.processes if name.startswith("collector-")]
+    retries = "prefix-pool.upstream_rq_retry_success"
+    before = fleet.envoy_counter(retries)
+    for name in collectors:
+        fleet.processes[name].send_signal(signal.SIGSTOP)
+    fleet.kill("pod-prefix-1")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            url = f"http://127.0.0.1:{PORT}/v1/chat/completions"
+            # Distinct prompts spread over the four pods by their prefix homes: a quarter go to the dead one.
+            results = [await chat_once(http, url, QWEN, Conversation(0, i, f"conversation {i} " * 40, []), 2)
+                       for i in range(40)]
+    finally:
+        for name in collectors:
+            fleet.processes[name].send_signal(signal.SIGCONT)
+        fleet.restart("pod-prefix-1")
+    assert [r for r in results if not r.ok] == []
+    assert fleet.envoy_counter(retries) - before > 0

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from controller import envoy_config
 from controller.desired import build
@@ -32,9 +33,19 @@ def test_every_seed_manifest_loads_unchanged(seed: Path, tmp_path: Path) -> None
     shutil.copy(seed, tmp_path / seed.name)
     manifests = load_directory(tmp_path)
     state = build(manifests)
+    # The strategy each pool declares, read from the documents as written: its routing-strategy annotation,
+    # or an InferenceTrafficPolicy with a prefixCache profile naming it; DEFAULT otherwise.
+    docs = [d for d in yaml.safe_load_all(seed.read_text()) if d]
+    prefix_policies = {d["spec"]["poolRef"]["name"] for d in docs
+                       if d["kind"] == "InferenceTrafficPolicy" and "prefixCache" in json.dumps(d["spec"])}
+    declared = {f"{d['metadata'].get('namespace', 'default')}/{d['metadata']['name']}": Strategy(
+        (d["metadata"].get("annotations") or {}).get("inference.networking.x-k8s.io/routing-strategy")
+        or ("PREFIX_CACHE" if d["metadata"]["name"] in prefix_policies else "DEFAULT"))
+        for d in docs if d["kind"] == "InferencePool"}
+    assert {spec.meta.id for spec in manifests.pools} == set(declared)
     for spec in manifests.pools:
         assert spec.target_ports == (8000,)
-        assert state.pools[spec.meta.id].strategy in (Strategy.DEFAULT, Strategy.PREFIX_CACHE)
+        assert state.pools[spec.meta.id].strategy == declared[spec.meta.id], spec.meta.id
 
 
 def test_seed_annotations_and_traffic_policies_take_effect(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import yaml
 from collector.gateway_stats import BypassWindow, GatewayTarget, ext_proc_counters, resolve_instances
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import chat, wait_for
-from tests.conftest import FIXTURES, free_port, relocated
+from tests.conftest import FIXTURES, free_port, prefix_pool_manifests
 from tests.test_make_up import MakeUp
 from tests.test_monitoring import RULES, promtool
 
@@ -79,13 +79,8 @@ def test_the_bypass_window_covers_the_last_window_and_starts_over_when_the_gatew
 
 @pytest.fixture(scope="module")
 def bypass_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    manifests = tmp_path_factory.mktemp("bypass-manifests")
-    listeners = {18080: free_port()}
-    for name in ("pods.yaml", "pools.yaml"):
-        (manifests / name).write_text(relocated((FIXTURES / "fleet" / name).read_text(), listeners, NET))
-    gateway = [d for d in yaml.safe_load_all((FIXTURES / "fleet" / "gateway.yaml").read_text()) if d]
-    kept = [d for d in gateway if d["kind"] != "HTTPRoute" or d["metadata"]["name"] == "prefix-route"]
-    (manifests / "gateway.yaml").write_text(relocated(yaml.safe_dump_all(kept), listeners, NET))
+    port = free_port()
+    manifests = prefix_pool_manifests(tmp_path_factory.mktemp("bypass-manifests"), port, NET)
     settings = FleetSettings(
         manifests_dir=manifests, work_dir=tmp_path_factory.mktemp("bypass-fleet"), redis_port=free_port(),
         picker_ports=(free_port(), free_port()), picker_metrics_ports=(free_port(), free_port()),
@@ -94,7 +89,7 @@ def bypass_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         collector_args=("--gateway-scrape-interval-ms", "200", "--bypass-window-ms", str(WINDOW_MS)),
         simulator_args=("--time-scale", "0.1"))
     fleet = Fleet(settings)
-    fleet.listen_port = listeners[18080]  # type: ignore[attr-defined]
+    fleet.listen_port = port  # type: ignore[attr-defined]
     try:
         fleet.start()
         yield fleet

@@ -19,7 +19,7 @@ from local_fleet.fleet import Fleet
 from picker.intake import Intake
 from picker.plugins.filters import LoraSlotFilter
 from picker.plugins.framework import Candidate, SchedulingRequest
-from picker.plugins.scorers import LoraAffinityScorer, adapter_state
+from picker.plugins.scorers import AdapterHomeScorer, LoraAffinityScorer, adapter_state
 from picker.settings import PrefixSettings
 from simulator.engine import Engine, Sequence
 from simulator.lora import Adapters
@@ -156,7 +156,12 @@ def test_a_running_adapter_is_worth_a_few_requests_in_flight_then_its_burst_spre
 async def test_through_the_gateway_an_adapters_requests_go_where_it_runs_and_a_cold_burst_spreads(
         fleet: Fleet) -> None:
     pods = {name: key for key, (name, _) in fleet.pods().items() if name.startswith("default-")}
-    holder = sorted(pods)[2]
+    # Not the adapter's rendezvous home, where its requests would go without any LoRA affinity.
+    addresses = {name: key.rsplit(":", 1) for name, key in pods.items()}
+    listed = [Candidate(Endpoint(name, host, int(port)), LoadSample(0, True, running_adapters=("x",), base_model=QWEN),
+                        0, 0, 0) for name, (host, port) in sorted(addresses.items())]
+    home = listed[AdapterHomeScorer().score(request("sql-lora"), listed).index(1.0)].endpoint.name
+    holder = next(name for name in sorted(pods) if name != home)
     redis = connect(fleet.redis_url)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         async with http.post(f"http://{pods[holder]}/sim/load", json={"requests": 2, "prompt_tokens": 16,
@@ -192,13 +197,16 @@ def test_an_adapter_in_flight_at_a_pod_counts_as_waiting_there_but_the_base_mode
 
 
 def test_each_adapter_has_one_home_on_every_replica_and_the_base_model_none() -> None:
-    from picker.plugins.scorers import AdapterHomeScorer
-
     pods = [candidate(f"pod-{i}", running=("x",)) for i in range(4)]
     pods = [replace(c, endpoint=Endpoint(c.endpoint.name, f"10.0.0.{i}", 8000)) for i, c in enumerate(pods)]
-    homes = {a: AdapterHomeScorer().score(request(a), pods).index(1.0) for a in (f"adapter-{i}" for i in range(16))}
-    assert homes == {a: AdapterHomeScorer().score(request(a), pods).index(1.0) for a in homes}
-    assert len(set(homes.values())) >= 3  # the adapters spread over the pods
+    def homes(candidates: list[Candidate]) -> dict[str, str]:
+        return {a: candidates[AdapterHomeScorer().score(request(a), candidates).index(1.0)].endpoint.key
+                for a in (f"adapter-{i}" for i in range(16))}
+
+    # Every replica lists the pool's endpoints in its own order (a config generation, a subset hint):
+    # the home is the endpoint's, not a position.
+    assert homes(pods) == homes(pods[::-1]) == homes([pods[2], pods[0], pods[3], pods[1]])
+    assert len(set(homes(pods).values())) >= 3  # the adapters spread over the pods
     assert AdapterHomeScorer().score(request(QWEN), pods) == [0.0] * 4
 
 

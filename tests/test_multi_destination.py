@@ -349,7 +349,7 @@ async def test_a_pd_pool_answers_a_plain_request_and_streams(http: aiohttp.Clien
 
 @pytest.mark.parametrize(("listener", "message"), [
     ("pd-no-prefill", "KV cache transfer failed"),
-    ("pd-no-decode", ""),
+    ("pd-no-decode", "The model server did not answer"),
 ])
 async def test_a_missing_side_of_a_pd_pool_gives_a_clear_error_and_releases_both_counts(
         http: aiohttp.ClientSession, multi_fleet: Fleet, listener: str, message: str) -> None:
