@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test bench venv clean debian-tools testbed
+.PHONY: up test check lint bench venv clean debian-tools testbed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,18 @@ up: $(STAMP)
 	$(BIN)/local-fleet --manifests examples/fleet $(FLEET_ARGS)
 
 ## Run the test suite against real Redis, Envoy and simulated pods, after the linters:
-## ruff, the import layers (import-linter) and strict types on gateway_state and picker (mypy).
-test: $(STAMP) debian-tools testbed
+## ruff, the import layers (import-linter) and strict types on every product package (mypy).
+test: lint debian-tools testbed
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## The quick loop: the linters and the tests that start no fleet, gateway or API server (a minute or two).
+check: lint debian-tools
+	$(BIN)/python -m pytest -q -m "not e2e and not kube and not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## Build the Go programs the tests run (kube-apiserver, etcd) once per version, into a cache
 ## outside the checkout (TESTBED_CACHE, default ~/.cache/inference-picker-fleet/go-tools).

@@ -1,4 +1,4 @@
-"""Map vLLM's or SGLang's Prometheus text to one LoadSample (names as in DESIGN.md)."""
+"""Map vLLM's or SGLang's Prometheus text to one LoadSample (the metric names as the servers emit them)."""
 
 from __future__ import annotations
 

@@ -58,14 +58,17 @@ POOLS_V1ALPHA2 = Resource("inference.networking.x-k8s.io", "v1alpha2", "inferenc
 MODELS = Resource("inference.networking.x-k8s.io", "v1alpha2", "inferencemodels", "InferenceModel")
 OBJECTIVES = Resource("inference.networking.x-k8s.io", "v1alpha2", "inferenceobjectives", "InferenceObjective")
 REWRITES = Resource("inference.networking.x-k8s.io", "v1alpha2", "inferencemodelrewrites", "InferenceModelRewrite")
+# The same kinds as the llm-d router serves them, under its own group.
+LLMD_OBJECTIVES = Resource("llm-d.ai", "v1alpha2", "inferenceobjectives", "InferenceObjective")
+LLMD_REWRITES = Resource("llm-d.ai", "v1alpha2", "inferencemodelrewrites", "InferenceModelRewrite")
 TRAFFIC_POLICIES = Resource("inferenceextension.alibabacloud.com", "v1alpha1", "inferencetrafficpolicies",
                             "InferenceTrafficPolicy")
 GATEWAYS = Resource("gateway.networking.k8s.io", "v1", "gateways", "Gateway")
 HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 
 # Everything the controller reads; a kind whose CRD is not installed reads as empty.
-WATCHED = (POOLS_V1, POOLS_V1ALPHA2, MODELS, OBJECTIVES, REWRITES, TRAFFIC_POLICIES, GATEWAYS, HTTPROUTES,
-           SERVICES, PODS)
+WATCHED = (POOLS_V1, POOLS_V1ALPHA2, MODELS, OBJECTIVES, REWRITES, LLMD_OBJECTIVES, LLMD_REWRITES, TRAFFIC_POLICIES,
+           GATEWAYS, HTTPROUTES, SERVICES, PODS)
 
 
 class KubeAPI:

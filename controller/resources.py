@@ -291,6 +291,9 @@ PARSERS: dict[tuple[str, str], Parser] = {
     ("inference.networking.x-k8s.io", "InferenceModel"): _model,
     ("inference.networking.x-k8s.io", "InferenceObjective"): _objective,
     ("inference.networking.x-k8s.io", "InferenceModelRewrite"): _rewrite,
+    # The llm-d router serves the same two kinds under its own group.
+    ("llm-d.ai", "InferenceObjective"): _objective,
+    ("llm-d.ai", "InferenceModelRewrite"): _rewrite,
     ("inferenceextension.alibabacloud.com", "InferenceTrafficPolicy"): _policy,
     ("gateway.networking.k8s.io", "Gateway"): _gateway,
     ("gateway.networking.k8s.io", "HTTPRoute"): _route,

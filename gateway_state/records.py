@@ -157,7 +157,7 @@ class Config:
     generation: int
     pools: dict[str, Pool]
     models: dict[str, dict[str, Model]]  # pool -> model name -> model
-    # Keys every prefix hash of the deployment (DESIGN.md rule 10); chosen once by the controller.
+    # Keys every prefix hash of the deployment (Redis holds hashes, never prompt text); chosen once by the controller.
     prefix_seed: int = 0
     objectives: dict[str, dict[str, Objective]] = field(default_factory=dict)  # pool -> name -> objective
 

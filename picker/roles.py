@@ -1,6 +1,6 @@
 """The profile handler: which placements one request needs, each over its own candidates.
 
-A decision is a set of placements by role (DESIGN.md rule 12), each scheduled by
+A decision is a set of placements by role (docs/architecture.md), each scheduled by
 its own profile and admitted and released on its own:
   - primary: answers the client, with ordered fallbacks Envoy retries in turn
     (in an SGLang prefill/decode pool, a decode endpoint);

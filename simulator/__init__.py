@@ -1,2 +1,2 @@
 """A model-server simulator that speaks vLLM's and SGLang's HTTP APIs and metrics
-and schedules requests with vLLM's physics (see DESIGN.md, section 3)."""
+and schedules requests with vLLM's physics (see docs/simulator.md)."""

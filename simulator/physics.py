@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Physics:
-    # Published fits for an 8B model on one H100 (DESIGN.md section 3): fixed cost
+    # Published fits for an 8B model on one H100 (docs/simulator.md): fixed cost
     # per forward pass of about 6 ms.
     step_overhead_s: float = 0.006
     # 17-35 us per uncached prefill token; the middle of that range.

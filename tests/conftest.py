@@ -79,6 +79,21 @@ async def publish(store: StateStore, config: Config) -> None:
     await store.write_config(config, await store.lead("test-controller", 60_000))
 
 
+# Fixtures that start the fleet's processes or a gateway (`e2e`), or that need the API server (`kube`).
+E2E_FIXTURES = {"fleet", "chaos_fleet", "multi_fleet", "bypass_fleet", "affinity_fleet", "fc_fleet", "envoy_gateway",
+                "drop_in", "make_up", "two_namespaces"}
+KUBE_FIXTURES = {"kube", "kube_server", "chart_namespace", "two_namespaces"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+        if used & KUBE_FIXTURES:
+            item.add_marker(pytest.mark.kube)
+
+
 def _bindable(port: int) -> bool:
     with socket.socket() as s:
         try:

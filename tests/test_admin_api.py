@@ -51,9 +51,10 @@ async def test_explain_names_the_pod_the_next_request_gets(http: aiohttp.ClientS
     first = await post(http, PREFIX_PORT, None, raw=round1)
     assert first.status == 200
     await asyncio.sleep(0.2)  # the index write follows the answer
-    for index in (0, 1):  # every replica explains the same decision
+    for index in (0, 1):  # every replica explains the same decision, from the shared index
         explained = await explain(http, fleet, round2, index)
         assert explained["pick_name"] == first.pod
+        assert explained["matched_blocks"][explained["pick"]] > 0, index
     served = await post(http, PREFIX_PORT, None, raw=round2)
     assert served.pod == explained["pick_name"]
     # The figures are the scheduler's: each total is the sum of the weighted scores, and the pick leads.

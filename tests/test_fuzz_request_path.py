@@ -75,13 +75,14 @@ def test_kept_inputs_route_or_get_a_gateway_error(case: Path) -> None:
     RequestPath().route(case.read_bytes())
 
 
+@pytest.mark.slow
 def test_a_hundred_thousand_fuzzed_inputs_raise_nothing_else(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     shutil.copytree(CORPUS, corpus)
     started = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "tests.fuzz_request_path", f"-runs={RUNS}", "-max_total_time=900",
+    run = subprocess.run([sys.executable, "-m", "tests.fuzz_request_path", f"-runs={RUNS}", "-max_total_time=240",
                           "-max_len=4096", "-seed=1", f"-artifact_prefix={tmp_path}/", str(corpus)],
-                         capture_output=True, text=True, timeout=1000, cwd=Path(__file__).parent.parent)
+                         capture_output=True, text=True, timeout=270, cwd=Path(__file__).parent.parent)
     done = re.search(r"Done (\d+) runs in (\d+) second", run.stderr)
     print(f"\nfuzz: {done.group(1) if done else '?'} inputs in {time.monotonic() - started:.0f} s, "
           f"corpus {len(list(corpus.iterdir()))} files")

@@ -244,6 +244,7 @@ def _envoy_fail_open_count(admin_port: int) -> int:
         return sum(int(line.rsplit(":", 1)[1]) for line in r.read().decode().splitlines() if line.strip())
 
 
+@pytest.mark.e2e
 async def test_a_client_that_starts_at_envoys_first_answer_is_routed_by_a_picker(tmp_path: Path) -> None:
     """Ten fresh `make up`s; each time round1 then round2 the moment :8080 accepts a connection."""
     if shutil.which("make") is None:

@@ -249,3 +249,32 @@ async def test_a_gateway_pods_renderer_writes_envoys_files_without_leading(two_n
         proc.wait(10)
     text = log_path.read_text()
     assert "Redis" not in text and "lead" not in text, text[-2000:]  # it never tried to publish
+
+
+@pytest.mark.parametrize("group", ["inference.networking.x-k8s.io", "llm-d.ai"])
+async def test_objectives_and_rewrites_are_read_from_both_api_groups(two_namespaces, kube: Kube, group: str) -> None:
+    """The seeds' group and the one the llm-d router serves the same kinds from; each object accepted."""
+    fleet, _ = two_namespaces
+    name = "batch-" + group.split(".")[0]
+    kube.apply({"apiVersion": f"{group}/v1alpha2", "kind": "InferenceObjective",
+                "metadata": {"name": name, "namespace": "team-a"},
+                "spec": {"priority": -3, "poolRef": {"name": "qwen-inference-pool"}}}, "team-a")
+    kube.apply({"apiVersion": f"{group}/v1alpha2", "kind": "InferenceModelRewrite",
+                "metadata": {"name": name, "namespace": "team-a"},
+                "spec": {"poolRef": {"name": "qwen-inference-pool"},
+                         "rules": [{"matches": [{"model": {"value": name}}],
+                                    "targets": [{"modelRewrite": "/models/Qwen3-32B"}]}]}}, "team-a")
+
+    async def loaded() -> bool:
+        config = await config_of(fleet)
+        pool = "team-a/qwen-inference-pool"
+        objective = config.objectives.get(pool, {}).get(name)
+        return objective is not None and objective.priority == -3 and name in config.models.get(pool, {})
+
+    await wait_for(loaded, 10.0)
+
+    def accepted() -> bool:
+        conditions = kube.get(f"{group}/v1alpha2", "InferenceObjective", "team-a", name).get("status") or {}
+        return any(c["type"] == "Accepted" and c["status"] == "True" for c in conditions.get("conditions", []))
+
+    await wait_for(accepted, 10.0)

@@ -158,7 +158,8 @@ async def test_through_the_gateway_an_adapters_requests_go_where_it_runs_and_a_c
     pods = {name: key for key, (name, _) in fleet.pods().items() if name.startswith("default-")}
     # Not the adapter's rendezvous home, where its requests would go without any LoRA affinity.
     addresses = {name: key.rsplit(":", 1) for name, key in pods.items()}
-    listed = [Candidate(Endpoint(name, host, int(port)), LoadSample(0, True, running_adapters=("x",), base_model=QWEN),
+    listed = [Candidate(Endpoint(name, host, int(port)), LoadSample(0, True, running_adapters=("x",), max_adapters=2,
+                                                                    base_model=QWEN),
                         0, 0, 0) for name, (host, port) in sorted(addresses.items())]
     home = listed[AdapterHomeScorer().score(request("sql-lora"), listed).index(1.0)].endpoint.name
     holder = next(name for name in sorted(pods) if name != home)

@@ -99,8 +99,15 @@ def test_same_named_pools_in_two_namespaces_stay_apart(tmp_path: Path) -> None:
     assert "typed_extension_protocol_options" not in by_name["pool/team-b/qwen-inference-pool"]
 
 
-def test_objectives_rewrites_and_which_models_a_pool_serves(tmp_path: Path) -> None:
-    _, state = load(tmp_path, POOLS + KINDS)
+@pytest.mark.parametrize("group", ["inference.networking.x-k8s.io", "llm-d.ai"])
+def test_objectives_rewrites_and_which_models_a_pool_serves(tmp_path: Path, group: str) -> None:
+    """As the seeds write them, and as the llm-d router serves the same kinds under its own group."""
+    kinds = KINDS
+    for kind in ("InferenceObjective", "InferenceModelRewrite"):
+        kinds = kinds.replace(f"inference.networking.x-k8s.io/v1alpha2\nkind: {kind}",
+                              f"{group}/v1alpha2\nkind: {kind}")
+    assert kinds.count(f"{group}/v1alpha2") >= 3
+    _, state = load(tmp_path, POOLS + kinds)
     config = Config(1, state.pools, state.models, objectives=state.objectives)
     a, b = config.pools["team-a/qwen-inference-pool"], config.pools["team-b/qwen-inference-pool"]
     assert config.objectives["team-a/qwen-inference-pool"]["batch"].priority == -5

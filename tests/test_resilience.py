@@ -46,9 +46,9 @@ async def steady_load(http: aiohttp.ClientSession, seconds: float, fault: Callab
     return replies
 
 
-def standalone_only(fleet: Fleet) -> None:
-    if fleet.settings.redis_cluster_ports:
-        pytest.skip("stops the one Redis process; a cluster without replicas has no failover to test")
+def redis_processes(fleet: Fleet) -> list[str]:
+    """The fleet's Redis processes: the one standalone server, or every Cluster node."""
+    return [f"redis-{p}" for p in fleet.settings.redis_cluster_ports] or ["redis"]
 
 
 def controller_log(fleet: Fleet) -> str:
@@ -203,12 +203,14 @@ spec:
 
 
 async def test_redis_dying_under_load_breaks_no_request(http: aiohttp.ClientSession, fleet: Fleet) -> None:
-    standalone_only(fleet)
-    replies = await steady_load(http, 3.0, lambda: fleet.kill("redis"))
+    # A Cluster without replicas: one master dies, its slots go, and the cluster stops answering after its
+    # node timeout (2 s) until the node is back.
+    victim = redis_processes(fleet)[0]
+    replies = await steady_load(http, 3.0, lambda: fleet.kill(victim))
     assert len(replies) > 20
     assert [r.status for r in replies if r.status != 200] == []
     # Redis comes back empty; the controller and collector refill it and pickers resume shared scoring.
-    fleet.restart("redis")
+    fleet.restart(victim)
     redis = connect(fleet.redis_url)
     try:
         async def refilled() -> bool:
@@ -217,7 +219,7 @@ async def test_redis_dying_under_load_breaks_no_request(http: aiohttp.ClientSess
             except RedisError:
                 return False
 
-        await wait_for(refilled, 5.0)
+        await wait_for(refilled, 15.0 if fleet.settings.redis_cluster_ports else 5.0)
         reply = await post(http, PREFIX_PORT, chat("after the outage"))
         assert reply.status == 200
         await wait_for(lambda: redis.exists(keys.pickers("default/prefix-pool")), 5.0)
@@ -247,11 +249,11 @@ async def test_with_every_picker_down_pools_fail_open_or_closed(http: aiohttp.Cl
 
 
 async def test_a_stalled_redis_does_not_stall_decisions(http: aiohttp.ClientSession, fleet: Fleet) -> None:
-    standalone_only(fleet)
-    redis = connect(fleet.redis_url)
+    nodes = [connect(f"redis://127.0.0.1:{p}/0") for p in fleet.settings.redis_cluster_ports] or \
+        [connect(fleet.redis_url)]
     try:
-        async def stall() -> None:
-            await redis.execute_command("DEBUG", "SLEEP", "1.5")  # Redis answers nothing for 1.5 s
+        async def stall() -> None:  # Redis (every node of a Cluster) answers nothing for 1.5 s
+            await asyncio.gather(*(node.execute_command("DEBUG", "SLEEP", "1.5") for node in nodes))
 
         started = time.monotonic()
         replies, latencies = [], []
@@ -264,7 +266,8 @@ async def test_a_stalled_redis_does_not_stall_decisions(http: aiohttp.ClientSess
 
         await asyncio.gather(stall(), *(timed() for _ in range(4)))
     finally:
-        await redis.aclose()
+        for node in nodes:
+            await node.aclose()
     assert [r.status for r in replies if r.status != 200] == []
     # Deadlines of 20 ms per request-path call: no request waits out the 1.5 s stall.
     assert max(latencies) < 0.75, max(latencies)
