@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 
 import aiohttp
@@ -81,11 +82,12 @@ class Collector:
         timeout = aiohttp.ClientTimeout(total=s.scrape_timeout_ms / 1000)
         headers = {"User-Agent": f"inference-picker-collector/{s.collector_id}"}
         async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
-            membership = asyncio.create_task(every(s.membership_heartbeat_ms / 1000, stop, self.renew_membership))
+            membership = asyncio.create_task(every(s.membership_heartbeat_ms / 1000, stop,
+                                                   lambda: _round("membership", self.renew_membership())))
             gateways = asyncio.create_task(every(s.gateway_scrape_interval_ms / 1000, stop,
-                                                 lambda: self.scrape_gateways(session)))
+                                                 lambda: _round("gateway scrape", self.scrape_gateways(session))))
             try:
-                await every(s.scrape_interval_ms / 1000, stop, lambda: self.scrape_once(session))
+                await every(s.scrape_interval_ms / 1000, stop, lambda: _round("scrape", self.scrape_once(session)))
             finally:
                 membership.cancel()
                 gateways.cancel()
@@ -210,6 +212,16 @@ class Collector:
         finally:
             self._metrics.scrape_seconds.observe(time.perf_counter() - started)
         return sample
+
+
+async def _round(what: str, work: Awaitable[None]) -> None:
+    """One round of a loop: a fault in it is logged and the next round tries again, so a Redis client that
+    fails in an unexpected way (redis-py's cluster client raised AttributeError while a node restarted)
+    never stops the collector."""
+    try:
+        await work
+    except Exception:  # noqa: BLE001 (the loop's guard: see above)
+        log.exception("%s round failed; the next one tries again", what)
 
 
 # How long a server's batch limit is trusted after it was seen: a limit the cache imposed passes as

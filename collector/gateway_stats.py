@@ -33,9 +33,9 @@ import aiohttp
 from redis.exceptions import RedisError
 
 from collector.metrics import GatewayCounters
+from gateway_state.load_store import LoadStore
 from gateway_state.protocol import POOL_STATS_TAG
 from gateway_state.records import BypassSample
-from gateway_state.store import StateStore
 
 log = logging.getLogger("collector")
 
@@ -112,7 +112,7 @@ class GatewayScraper:
     """Reads the gateways' pages each round: the figures go to Redis (status page, admin API) and to this
     collector's /metrics (alerts). Each target is read by one collector, as each pod is."""
 
-    def __init__(self, targets: Sequence[GatewayTarget], store: StateStore, counters: GatewayCounters,
+    def __init__(self, targets: Sequence[GatewayTarget], store: LoadStore, counters: GatewayCounters,
                  window_ms: int, keep_ms: int) -> None:
         self.targets = tuple(targets)
         self._store = store

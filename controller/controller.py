@@ -27,8 +27,9 @@ from controller.kube_status import StatusWriter
 from controller.manifests import ManifestError, Manifests
 from controller.metrics import ControllerMetrics
 from controller.sources import ManifestSource
+from gateway_state.config_store import Deposed
 from gateway_state.records import Config
-from gateway_state.store import Deposed, StateStore
+from gateway_state.store import StateStore
 
 log = logging.getLogger("controller")
 

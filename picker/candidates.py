@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from gateway_state.placement_store import SharedView, model_field, prefill_left
 from gateway_state.records import LoadSample, Pool
-from gateway_state.store import SharedView, model_field, prefill_left
 from picker.plugins.framework import Candidate
 from picker.saturation import has_room
 from picker.settings import PickerSettings

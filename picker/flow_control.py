@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway_state.store import StateStore
+from gateway_state.queue_store import QueueStore
 from picker.errors import GatewayError, QueueFull, QueueTimeout, Shed
 from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
@@ -179,7 +179,7 @@ class _Waiter:
 
 
 class FlowController:
-    def __init__(self, fleet: StateStore | None, placement: Placement, snapshots: SnapshotSource,
+    def __init__(self, fleet: QueueStore | None, placement: Placement, snapshots: SnapshotSource,
                  settings: PickerSettings, metrics: PickerMetrics, guard: StateGuard) -> None:
         """`placement`: asked how much room a pool has (its view of every replica's requests in flight);
         `guard`: this queue's own, apart from placement's (a failed queue call holds back queue calls)."""

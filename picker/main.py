@@ -25,9 +25,10 @@ from redis.exceptions import RedisError
 
 from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import configure_logging, connect, every, stop_on_signals
+from gateway_state.placement_store import split_figures
 from gateway_state.records import pool_id
 from gateway_state.script_link import ScriptLink
-from gateway_state.store import StateStore, split_figures
+from gateway_state.store import StateStore
 from picker.admin import AdminContext, Tokens, build_admin_app
 from picker.director import Director
 from picker.extproc import ExternalProcessor

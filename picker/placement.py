@@ -18,8 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from gateway_state.clock import FleetClock
+from gateway_state.placement_store import IndexWrite, ReleaseWrite, SharedView, model_figures, split_figures
 from gateway_state.records import LoadSample, Pool
-from gateway_state.store import IndexWrite, ReleaseWrite, SharedView, model_figures, split_figures
 from picker.candidates import build_candidates, fresh, replica_share
 from picker.errors import GatewayError, Shed
 from picker.intake import PlacementRequest

@@ -16,7 +16,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from gateway_state.store import (
+from gateway_state.placement_store import (
     WORK_SUFFIX,
     IndexWrite,
     SharedView,

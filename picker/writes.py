@@ -6,7 +6,7 @@ decisions share a call, and at rest each write goes at once.
 
 from __future__ import annotations
 
-from gateway_state.store import IndexWrite, Write
+from gateway_state.placement_store import IndexWrite, Write
 from picker.state import MemoryState, PlacementState
 from picker.state_guard import StateGuard
 

@@ -14,6 +14,7 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.client import QWEN
 from tests.conftest import BIN, FIXTURES, free_port
 
 
@@ -47,16 +48,29 @@ async def round1_round2(port: int) -> tuple[str, str]:
     return pods[0], pods[1]
 
 
+async def prefixes_twice(port: int, label: str) -> tuple[list[str], list[str]]:
+    """The pods that served 8 distinct long prompts, then the same 8 again, through the gateway at `port`."""
+    async def pods() -> list[str]:
+        replies = [await post(port, {"model": QWEN, "max_tokens": 2, "messages": [
+            {"role": "user", "content": f"{label} conversation {i} " * 40}]}) for i in range(8)]
+        assert all(status == 200 for status, _, _ in replies), replies
+        return [pod for _, pod, _ in replies]
+
+    return await pods(), await pods()
+
+
 class PickerForAGateway:
     def __init__(self, work: Path, redis_url: str, pods: dict[str, str], pool: str, namespace: str) -> None:
         self.work, self.redis_url, self.pods, self.pool, self.namespace = work, redis_url, pods, pool, namespace
         self.picker, self.health, self.metrics = free_port(), free_port(), free_port()
         self.port = free_port()  # where the test's gateway listens
         self.processes: list[subprocess.Popen[bytes]] = []
+        self._named: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, name: str, argv: list[str]) -> None:
-        with (self.work / f"{name}.log").open("wb") as log:
-            self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        with (self.work / f"{name}.log").open("ab") as log:
+            self._named[name] = process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.processes.append(process)
 
     def pool_manifest(self) -> str:
         """The pool (InferencePool v1, prefix-aware, the picker as its endpoint picker) and its Ready pods."""
@@ -93,15 +107,31 @@ class PickerForAGateway:
                                   self.redis_url, "--controller-id", self.work.name])
         self.spawn("collector", [str(BIN / "collector"), "--redis-url", self.redis_url,
                                  "--collector-id", self.work.name])
+        self.start_picker()
+
+    def start_picker(self, *scheduling: str) -> None:
+        """The picker, with the rendezvous home off: a prefix returns to its pod only through the prefix
+        index, so the gateways' affinity tests test the index. `scheduling`: more NAME=VALUE overrides."""
         self.spawn("picker", [str(BIN / "picker"), "--pool-name", self.pool, "--pool-namespace", self.namespace,
                               "--grpc-address", f"127.0.0.1:{self.picker}",
                               "--grpc-health-address", f"127.0.0.1:{self.health}",
                               "--metrics-address", f"127.0.0.1:{self.metrics}", "--redis-url", self.redis_url,
-                              "--replica-id", self.work.name])
+                              "--replica-id", self.work.name,
+                              *(a for o in ("prefix_home_weight=0", *scheduling) for a in ("--scheduling", o))])
         deadline = time.monotonic() + 60
         while health(self.health, "readiness") != health_pb2.HealthCheckResponse.SERVING:
             assert time.monotonic() < deadline, (self.work / "picker.log").read_text()[-3000:]
             time.sleep(0.1)
+
+    def pid(self, name: str) -> int:
+        """The process id of what was spawned as `name` (its latest start)."""
+        return self._named[name].pid
+
+    def restart_picker(self, *scheduling: str) -> None:
+        picker = self._named["picker"]
+        picker.terminate()
+        picker.wait(15)
+        self.start_picker(*scheduling)
 
     def stop(self) -> None:
         for proc in reversed(self.processes):

@@ -13,8 +13,9 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway_state import keys
+from gateway_state.config_store import Deposed
 from gateway_state.records import Config
-from gateway_state.store import Deposed, StateStore
+from gateway_state.store import StateStore
 from tests.client import wait_for
 from tests.conftest import BIN, FIXTURES
 

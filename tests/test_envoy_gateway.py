@@ -21,7 +21,7 @@ from collector.gateway_stats import GatewayTarget, ext_proc_counters
 from testbed.build import binary
 from tests.client import chat, wait_for
 from tests.conftest import BIN, POD_NET
-from tests.picker_for_a_gateway import PickerForAGateway, post, round1_round2
+from tests.picker_for_a_gateway import PickerForAGateway, post, prefixes_twice, round1_round2
 from tests.test_drop_in_picker import MODEL
 
 PODS = {f"eg-vllm-{i}": f"{POD_NET}222.{i + 1}" for i in range(4)}
@@ -135,10 +135,22 @@ async def test_streaming_with_usage_through_envoy_gateway(envoy_gateway: PickerF
 async def test_round1_round2_affinity_through_envoy_gateway(envoy_gateway: PickerForAGateway) -> None:
     first, second = await round1_round2(envoy_gateway.port)
     assert first == second
-    # And the picker's choice, not Envoy's round robin, placed them: 8 distinct prefixes, then each again.
-    firsts = [(await post(envoy_gateway.port, chat(f"conversation {i} " * 40, max_tokens=2)))[1] for i in range(8)]
-    again = [(await post(envoy_gateway.port, chat(f"conversation {i} " * 40, max_tokens=2)))[1] for i in range(8)]
-    assert firsts == again
+
+
+@pytest.mark.parametrize("prefix_scoring", [True, False], ids=["affinity", "control-without-prefix-scoring"])
+async def test_prompts_return_to_their_pods_through_envoy_gateway(envoy_gateway: PickerForAGateway,
+                                                                  prefix_scoring: bool) -> None:
+    """The picker's choice, not Envoy's round robin, places them, through the prefix index (the rendezvous
+    home is off). The control turns prefix scoring off as well: the same prompts then scatter."""
+    if not prefix_scoring:
+        envoy_gateway.restart_picker("prefix_weight=0")
+    try:
+        firsts, again = await prefixes_twice(envoy_gateway.port, "eg" if prefix_scoring else "eg control")
+    finally:
+        if not prefix_scoring:
+            envoy_gateway.restart_picker()
+    assert len(set(firsts)) >= 2, firsts
+    assert (firsts == again) is prefix_scoring, (firsts, again)
 
 
 @pytest.mark.parametrize(("raw", "status"), [(b"{not json", 400), (json.dumps({"model": MODEL}).encode(), 400),
@@ -153,7 +165,7 @@ def _eg_envoy_admin(envoy_gateway: PickerForAGateway) -> str:
     """The admin address of the Envoy that Envoy Gateway runs (host mode: Envoy Gateway's own servers hold
     19000 and 19001, so its Envoy's stats listener cannot bind there; its admin takes a free port and
     writes it to the file its `--admin-address-path` names)."""
-    eg = str(envoy_gateway.processes[-1].pid)
+    eg = str(envoy_gateway.pid("envoy-gateway"))
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:  # Go starts children from any thread: look for the parent, not in the main thread's children
             parent = stat.read_text().rsplit(")", 1)[1].split()[1]

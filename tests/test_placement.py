@@ -13,8 +13,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway_state.clock import FleetClock
+from gateway_state.placement_store import IndexWrite, ReleaseWrite, SharedView, Write
 from gateway_state.records import Config, Endpoint, LoadSample, Model, Pool, Strategy, TargetModel
-from gateway_state.store import IndexWrite, ReleaseWrite, SharedView, Write
 from picker.candidates import pending_prefill, prefill_speeds
 from picker.intake import Intake, PlacementRequest
 from picker.metrics import PickerMetrics

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from gateway_state.placement_store import IndexWrite, ReleaseWrite
 from gateway_state.script_link import ScriptLink
-from gateway_state.store import IndexWrite, ReleaseWrite, StateStore
+from gateway_state.store import StateStore
 from picker.state import MemoryState, PlacementState
 
 LEASE_MS = 5_000

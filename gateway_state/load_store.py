@@ -1,0 +1,81 @@
+"""Load samples, drains and the gateways' bypass figures: written by collectors (drains by the admin API),
+read by pickers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gateway_state import keys
+from gateway_state.records import (
+    BypassSample,
+    LoadSample,
+    decode_bypass,
+    decode_load,
+    encode_bypass,
+    encode_load,
+)
+from gateway_state.redis_state import RedisState
+
+
+@dataclass(frozen=True)
+class SnapshotReply:
+    """What a picker refreshes from Redis in one round trip."""
+
+    config: bytes | None  # encoded; None when Redis holds none
+    load: dict[str, dict[str, LoadSample]]  # pool -> endpoint -> sample
+    drained: dict[str, frozenset[str]]  # pool -> endpoints an operator drained
+    queued: dict[str, int] = field(default_factory=dict)  # pool -> requests waiting in its queue
+
+
+class LoadStore(RedisState):
+    async def write_load(self, pool: str, samples: Mapping[str, LoadSample]) -> None:
+        if samples:
+            await self.redis.hset(keys.load(pool), mapping={e: encode_load(s) for e, s in samples.items()})
+
+    async def write_bypass(self, samples: Mapping[str, Mapping[str, BypassSample]], keep_ms: int) -> None:
+        """pool -> gateway instance -> its sample; a pool no gateway reports on any more expires after `keep_ms`."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pool, by_gateway in samples.items():
+                pipe.hset(keys.bypass(pool), mapping={g: encode_bypass(s) for g, s in by_gateway.items()})
+                pipe.pexpire(keys.bypass(pool), keep_ms)
+            await pipe.execute()
+
+    async def read_bypass(self, pools: Sequence[str]) -> dict[str, dict[str, BypassSample]]:
+        """pool -> gateway instance -> the last sample its collector wrote (judge its age by `at_ms`)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pool in pools:
+                pipe.hgetall(keys.bypass(pool))
+            replies = await pipe.execute()
+        return {pool: {g.decode(): decode_bypass(v) for g, v in reply.items()}
+                for pool, reply in zip(pools, replies, strict=True) if reply}
+
+    async def read_snapshot(self, pools: Sequence[str]) -> SnapshotReply:
+        """The encoded config and the load samples of `pools`, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.CONFIG)
+            for pool in pools:
+                pipe.hgetall(keys.load(pool))
+                pipe.hkeys(keys.drained(pool))
+                pipe.zcard(keys.queue(pool))
+            raw, *replies = await pipe.execute()
+        loads, drains, queued = replies[0::3], replies[1::3], replies[2::3]
+        return SnapshotReply(raw, {
+            pool: {e.decode(): decode_load(v) for e, v in reply.items()}
+            for pool, reply in zip(pools, loads, strict=True)
+        }, {pool: frozenset(e.decode() for e in reply) for pool, reply in zip(pools, drains, strict=True) if reply},
+            {pool: int(n) for pool, n in zip(pools, queued, strict=True) if n})
+
+    async def set_drained(self, pool: str, endpoint: str, draining: bool) -> None:
+        """Drain an endpoint (pickers send it no new requests), or undo it."""
+        if draining:
+            await self.redis.hset(keys.drained(pool), endpoint, await self.now_ms())
+        else:
+            await self.redis.hdel(keys.drained(pool), endpoint)
+
+    async def prune_load(self, pool: str, keep: set[str]) -> None:
+        """Drop samples of endpoints that left the pool."""
+        fields: list[bytes] = await self.redis.hkeys(keys.load(pool))  # type: ignore[assignment]  # bytes, as above
+        stale = [e for e in fields if e.decode() not in keep]
+        if stale:
+            await self.redis.hdel(keys.load(pool), *stale)
