@@ -48,17 +48,6 @@ async def round1_round2(port: int) -> tuple[str, str]:
     return pods[0], pods[1]
 
 
-async def prefixes_twice(port: int, label: str) -> tuple[list[str], list[str]]:
-    """The pods that served 8 distinct long prompts, then the same 8 again, through the gateway at `port`."""
-    async def pods() -> list[str]:
-        replies = [await post(port, {"model": QWEN, "max_tokens": 2, "messages": [
-            {"role": "user", "content": f"{label} conversation {i} " * 40}]}) for i in range(8)]
-        assert all(status == 200 for status, _, _ in replies), replies
-        return [pod for _, pod, _ in replies]
-
-    return await pods(), await pods()
-
-
 class PickerForAGateway:
     def __init__(self, work: Path, redis_url: str, pods: dict[str, str], pool: str, namespace: str) -> None:
         self.work, self.redis_url, self.pods, self.pool, self.namespace = work, redis_url, pods, pool, namespace
@@ -132,6 +121,26 @@ class PickerForAGateway:
         picker.terminate()
         picker.wait(15)
         self.start_picker(*scheduling)
+
+    async def assert_prompts_return(self, prefix_scoring: bool, label: str) -> None:
+        """8 distinct long prompts, then the same 8 again, through the gateway: they return to their pods
+        through the prefix index (the rendezvous home is off here); the control turns prefix scoring off as
+        well (`prefix_scoring` False), and the same prompts then scatter."""
+        async def pods() -> list[str]:
+            replies = [await post(self.port, {"model": QWEN, "max_tokens": 2, "messages": [
+                {"role": "user", "content": f"{label} conversation {i} " * 40}]}) for i in range(8)]
+            assert all(status == 200 for status, _, _ in replies), replies
+            return [pod for _, pod, _ in replies]
+
+        if not prefix_scoring:
+            self.restart_picker("prefix_weight=0")
+        try:
+            firsts, again = await pods(), await pods()
+        finally:
+            if not prefix_scoring:
+                self.restart_picker()
+        assert len(set(firsts)) >= 2, firsts  # spread: one pod taking everything would prove nothing
+        assert (firsts == again) is prefix_scoring, (firsts, again)
 
     def stop(self) -> None:
         for proc in reversed(self.processes):

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.client import chat, wait_for
 from tests.conftest import BIN, POD_NET, free_port
-from tests.picker_for_a_gateway import PickerForAGateway, health, post, prefixes_twice, round1_round2
+from tests.picker_for_a_gateway import PickerForAGateway, health, post, round1_round2
 
 NAMESPACE, POOL = "inference", "vllm-pool"
 PODS = {f"vllm-{i}": f"{POD_NET}220.{i + 1}" for i in range(4)}
@@ -187,17 +187,7 @@ async def test_round1_then_round2_land_on_one_pod(drop_in: PickerForAGateway) ->
 @pytest.mark.parametrize("prefix_scoring", [True, False], ids=["affinity", "control-without-prefix-scoring"])
 async def test_prompts_return_to_their_pods_by_the_prefix_index(drop_in: PickerForAGateway,
                                                                 prefix_scoring: bool) -> None:
-    """The picker runs with the rendezvous home off, so a prompt returns to its pod only through the prefix
-    index. The control turns prefix scoring off as well: the same prompts then scatter."""
-    if not prefix_scoring:
-        drop_in.restart_picker("prefix_weight=0")
-    try:
-        firsts, again = await prefixes_twice(drop_in.port, "drop-in" if prefix_scoring else "drop-in control")
-    finally:
-        if not prefix_scoring:
-            drop_in.restart_picker()
-    assert len(set(firsts)) >= 2, firsts  # spread: one pod taking everything would prove nothing
-    assert (firsts == again) is prefix_scoring, (firsts, again)
+    await drop_in.assert_prompts_return(prefix_scoring, f"drop-in {prefix_scoring}")
 
 
 @pytest.mark.parametrize(("raw", "method", "status", "param"), [

@@ -21,7 +21,7 @@ from collector.gateway_stats import GatewayTarget, ext_proc_counters
 from testbed.build import binary
 from tests.client import chat, wait_for
 from tests.conftest import BIN, POD_NET
-from tests.picker_for_a_gateway import PickerForAGateway, post, prefixes_twice, round1_round2
+from tests.picker_for_a_gateway import PickerForAGateway, post, round1_round2
 from tests.test_drop_in_picker import MODEL
 
 PODS = {f"eg-vllm-{i}": f"{POD_NET}222.{i + 1}" for i in range(4)}
@@ -140,17 +140,8 @@ async def test_round1_round2_affinity_through_envoy_gateway(envoy_gateway: Picke
 @pytest.mark.parametrize("prefix_scoring", [True, False], ids=["affinity", "control-without-prefix-scoring"])
 async def test_prompts_return_to_their_pods_through_envoy_gateway(envoy_gateway: PickerForAGateway,
                                                                   prefix_scoring: bool) -> None:
-    """The picker's choice, not Envoy's round robin, places them, through the prefix index (the rendezvous
-    home is off). The control turns prefix scoring off as well: the same prompts then scatter."""
-    if not prefix_scoring:
-        envoy_gateway.restart_picker("prefix_weight=0")
-    try:
-        firsts, again = await prefixes_twice(envoy_gateway.port, "eg" if prefix_scoring else "eg control")
-    finally:
-        if not prefix_scoring:
-            envoy_gateway.restart_picker()
-    assert len(set(firsts)) >= 2, firsts
-    assert (firsts == again) is prefix_scoring, (firsts, again)
+    """The picker's choice, not Envoy's round robin, places them (see assert_prompts_return)."""
+    await envoy_gateway.assert_prompts_return(prefix_scoring, f"eg {prefix_scoring}")
 
 
 @pytest.mark.parametrize(("raw", "status"), [(b"{not json", 400), (json.dumps({"model": MODEL}).encode(), 400),

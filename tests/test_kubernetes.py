@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 from redis.asyncio import Redis
@@ -22,9 +23,10 @@ from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings
 from testbed.kube import KubeAPIServer
 from testbed.kube_admin import Kube
-from tests.client import wait_for
+from tests.client import QWEN, wait_for
 from tests.conftest import BIN, free_port, pod_address
-from tests.picker_for_a_gateway import round1_round2
+from tests.picker_for_a_gateway import post, round1_round2
+from tests.test_resilience import envoy_sends_to_every_picker
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "fleet"
 POOL_V1ALPHA2 = ("inference.networking.x-k8s.io/v1alpha2", "InferencePool")
@@ -278,3 +280,40 @@ async def test_objectives_and_rewrites_are_read_from_both_api_groups(two_namespa
         return any(c["type"] == "Accepted" and c["status"] == "True" for c in conditions.get("conditions", []))
 
     await wait_for(accepted, 10.0)
+
+
+@pytest.mark.parametrize("state", ["redis", "local"], ids=["shared", "control-per-replica"])
+async def test_both_replicas_send_a_prefix_to_its_pod_only_from_the_shared_index(two_namespaces, state: str) -> None:
+    """The rendezvous home off, two replicas (Envoy spreads the streams over them): a prompt one replica
+    placed returns to its pod through either only when they share the index. The control runs them on
+    per-replica state, where the other replica does not know the prompt: they disagree."""
+    fleet, spaces = two_namespaces
+    port, pickers = spaces["team-a"]["ports"][0], ("picker-0", "picker-1")
+    for name in pickers:
+        fleet.restart(name, ("--scheduling", "prefix_home_weight=0", *(("--state", "local") if state == "local"
+                                                                      else ())))
+    fleet.wait_pickers_routable(30.0)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            # Envoy sends every stream to one replica for a few seconds after a restart (test_resilience).
+            await wait_for(lambda: envoy_sends_to_every_picker(http, fleet, port, QWEN), 30.0)
+        prompts = [f"team-a conversation {i} " + " ".join(f"w{i}x{j}" for j in range(100)) for i in range(15)]
+
+        async def pods(turn: str) -> list[str]:
+            out = []
+            for prompt in prompts:
+                status, pod, text = await post(port, {"model": QWEN, "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": f"{prompt} {turn}"}]})
+                assert status == 200, text
+                out.append(pod)
+            return out
+
+        # Each prompt twice more: one of the two goes through the replica that did not place it.
+        before, after, again = await pods("turn 1"), await pods("turn 2"), await pods("turn 3")
+    finally:
+        for name in pickers:
+            fleet.restart(name)
+        fleet.wait_pickers_routable(30.0)
+    assert len(set(before)) >= 2, before
+    kept = sum(a == b == c for a, b, c in zip(before, after, again, strict=True))
+    assert kept == len(prompts) if state == "redis" else kept < len(prompts), (kept, before, after, again)

@@ -169,16 +169,20 @@ async def test_through_the_gateway_an_adapters_requests_go_where_it_runs_and_a_c
                                                                        "adapter": "sql-lora"}) as r:
             assert r.status == 200
         try:
-            async def running_there() -> bool:
+            async def running_there() -> bool:  # the latest sample shows the adapter running there
                 raw = await redis.hget(keys.load("default/default-pool"), pods[holder])
-                return raw is not None and "sql-lora" in decode_load(raw).running_adapters
+                sample = decode_load(raw) if raw is not None else None
+                return sample is not None and sample.ok and "sql-lora" in sample.running_adapters
 
-            await wait_for(running_there, 5.0)
-            await asyncio.sleep(0.2)  # the pickers' next snapshot
-            served = [(await post(http, DEFAULT_PORT, chat(f"sql {i}", model="sql-lora", max_tokens=2))).pod
-                      for i in range(6)]
-            # On a loaded machine one scrape of the busy pod can fail, and for that moment its adapters
-            # are unknown and the adapter's home decides; without affinity none would go there.
+            served = []
+            for i in range(6):
+                # On a loaded machine a scrape of the busy pod can fail or lag, and for that moment its
+                # adapters are unknown and the adapter's home decides: each request goes once the pickers'
+                # snapshot (refreshed every 50 ms) holds a good sample showing the adapter running there.
+                await wait_for(running_there, 5.0)
+                await asyncio.sleep(0.1)
+                served.append((await post(http, DEFAULT_PORT, chat(f"sql {i}", model="sql-lora", max_tokens=2))).pod)
+            # Without LoRA affinity they would go to the adapter's home, which is another pod.
             assert served.count(holder) >= 5, served
         finally:
             async with http.delete(f"http://{pods[holder]}/sim/load") as r:
