@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 
 from local_fleet.fleet import Fleet
-from tests.client import QWEN, post
+from tests.client import QWEN, post, wait_for
 from tests.conftest import PREFIX_PORT
+from tests.test_resilience import envoy_sends_to_every_picker
 
 IDS = list(range(1000, 1160))  # ten blocks of sixteen token ids
 
@@ -104,3 +105,38 @@ async def test_shared_token_id_prefixes_stay_on_one_pod(http: aiohttp.ClientSess
         cached = reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
         assert suffix == 0 or cached >= 144, cached  # the pod's own cache held the shared ids
     assert len(pods) == 1
+
+
+@pytest.mark.parametrize("state", ["redis", "local"], ids=["shared", "control-per-replica"])
+async def test_token_id_prefixes_return_to_their_pods_through_either_replica_only_when_shared(
+        http: aiohttp.ClientSession, fleet: Fleet, state: str) -> None:
+    """The test above passes on the rendezvous home alone (every replica computes it, with no shared state).
+    Here the home is off: 15 distinct token-id prefixes, each sent three times (one of them through the
+    replica that did not place it), return to their pods only from the shared index. The control runs the
+    replicas on per-replica state: they disagree."""
+    pickers = ("picker-0", "picker-1")
+    for name in pickers:
+        fleet.restart(name, ("--scheduling", "prefix_home_weight=0", *(("--state", "local") if state == "local"
+                                                                      else ())))
+    fleet.wait_pickers_routable(30.0)
+    try:
+        await wait_for(lambda: envoy_sends_to_every_picker(http, fleet), 30.0)
+
+        async def pods(turn: int) -> list[str | None]:
+            out = []
+            for p in range(15):
+                ids = [*range(20_000 + 1_000 * p, 20_160 + 1_000 * p), *range(90_000 + turn, 90_016 + turn)]
+                reply = await post(http, PREFIX_PORT, {"model": QWEN, "prompt": ids, "max_tokens": 2},
+                                   path="/v1/completions")
+                assert reply.status == 200, reply.text
+                out.append(reply.pod)
+            return out
+
+        runs = [await pods(turn) for turn in range(3)]
+    finally:
+        for name in pickers:
+            fleet.restart(name)
+        fleet.wait_pickers_routable(30.0)
+    assert len(set(runs[0])) >= 2, runs[0]
+    kept = sum(a == b == c for a, b, c in zip(*runs, strict=True))
+    assert kept == 15 if state == "redis" else kept < 15, (kept, runs)
