@@ -1,6 +1,6 @@
 """Flow control: while a pool is saturated, requests wait in the gateway, not on the pods.
 
-A pool is saturated when no endpoint has room (filters.has_room: the endpoint's
+A pool is saturated when no endpoint has room (saturation.has_room: the endpoint's
 waiting queue, as scraped or as estimated from the requests in flight there since,
 is below the pool's threshold, and so is its KV-cache use). A request that finds
 its pool saturated, or finds others already waiting, takes a ticket in the pool's

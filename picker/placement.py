@@ -53,7 +53,7 @@ class Plan:
 @dataclass(frozen=True)
 class EndpointRoom:
     inflight: int  # the fleet's requests there now
-    estimated_waiting: float | None  # its queue now (filters.estimated_waiting); None: no fresh sample
+    estimated_waiting: float | None  # its queue now (saturation.estimated_waiting); None: no fresh sample
     has_room: bool  # below the saturation thresholds: a request arriving while none waits goes there
     free_slots: int  # waiting requests the release rule lets through to it now
 
@@ -198,7 +198,7 @@ class Placement:
                     not any(c.room for c in candidates if not c.draining))
 
     async def room(self, pool: Pool, samples: dict[str, LoadSample], drained: frozenset[str] = frozenset()) -> int:
-        """How many waiting requests the pool can take now by flow control's release rule (filters.free_slots),
+        """How many waiting requests the pool can take now by flow control's release rule (saturation.free_slots),
         over every replica's in-flight requests (this replica's own alone while the state cannot answer)."""
         return sum(r.free_slots for r in (await self.room_by_endpoint(pool, samples, drained)).values())
 

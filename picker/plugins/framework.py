@@ -21,7 +21,7 @@ class Candidate:
     pending_prefill: float = 0.0
     draining: bool = False  # an operator drained it: no new requests, running ones finish
     model_inflight: int = 0  # requests for the request's model (a LoRA adapter, say) in flight there, every replica
-    room: bool = True  # below the pool's saturation thresholds (filters.has_room)
+    room: bool = True  # below the pool's saturation thresholds (picker.saturation.has_room)
     prefill_blocks_per_s: float = 0.0  # how fast it computes uncached prompt, as measured; 0 unknown
 
 
