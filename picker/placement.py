@@ -189,8 +189,11 @@ class Placement:
         candidates = build_candidates(pool, samples, view, drained, scheduling.model, self._clock.now_ms(),
                                       self._settings)
         if released:
+            # Where it can start now: an endpoint with free slots that is not drained (a drained one keeps
+            # its slots free, and alone among the candidates it would leave the drain filter nothing).
             unknown = self._settings.flow.unknown_endpoint_room
-            candidates = [c for c in candidates if free_slots(c.load, c.inflight, pool.flow, unknown) > 0] or candidates
+            candidates = [c for c in candidates if not c.draining
+                          and free_slots(c.load, c.inflight, pool.flow, unknown) > 0] or candidates
         decision = self._scheduler.schedule(profile or pool.strategy, scheduling, candidates, trace)
         chosen = decision.endpoints[0]
         seen = others.inflight.get(chosen.endpoint.key, 0) if check and others is not None else -1

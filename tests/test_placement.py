@@ -231,3 +231,15 @@ async def test_a_cold_prompt_goes_where_the_prefill_is_done_though_its_request_i
     unmeasured = {e.key: LoadSample(now, True) for e in ENDPOINTS}
     assert len({(await p.plan(request(f"cold prompt {i} " * 60), unmeasured)).chosen.endpoint.key
                 for i in range(6)}) > 1
+
+
+async def test_a_request_let_through_the_queue_never_lands_on_a_drained_endpoint_alone() -> None:
+    """Let through flow control's queue, a request goes where it can start now; the drained endpoint (whose
+    slots stay free) is no such place, or it alone would pass that rule and the drain filter would leave
+    nothing (a 503 seen once under load)."""
+    p, _ = placement(MemoryState())
+    busy = {e.key: LoadSample(FleetClock().now_ms(), True, running=8, waiting=3, gateway_inflight=0)
+            for e in ENDPOINTS[1:]}
+    drained = frozenset({ENDPOINTS[0].key})
+    placed = await p.place(request(), busy, drained, released=True)
+    assert placed.chosen.endpoint.key != ENDPOINTS[0].key
