@@ -95,9 +95,7 @@ class Director:
     async def decide(self, arrival: Arrival) -> Answer:
         """Steps 1 to 5; a GatewayError is the client's answer (the edge shapes it)."""
         snapshot = self._snapshots.current
-        request = self._intake.read(snapshot.config, arrival.pool, arrival.path, arrival.body, arrival.subset,
-                                    arrival.mirror.pool if arrival.mirror else None, arrival.objective,
-                                    arrival.tenant)
+        request = self._read(arrival)
         roles = self._roles.roles(request, snapshot.config, arrival.mirror)
         try:
             placements = await self._place(roles)
@@ -116,9 +114,7 @@ class Director:
     async def explain(self, arrival: Arrival) -> Explained:
         """Steps 1 to 4 on this replica's snapshot, scheduling each role but admitting nothing."""
         snapshot = self._snapshots.current
-        request = self._intake.read(snapshot.config, arrival.pool, arrival.path, arrival.body, arrival.subset,
-                                    arrival.mirror.pool if arrival.mirror else None, arrival.objective,
-                                    arrival.tenant)
+        request = self._read(arrival)
         plans, dropped = [], []
         for role in self._roles.roles(request, snapshot.config, arrival.mirror):
             pool = role.request.pool
@@ -133,6 +129,12 @@ class Director:
         if self._flow.enabled and (plans[0][1].saturated or self._flow.someone_waits(request.pool.name)):
             flow = "shed" if request.priority < 0 else "queued"
         return Explained(request, plans, flow, dropped)
+
+    def _read(self, arrival: Arrival) -> PlacementRequest:
+        """Step 1, the same for a decision and an explanation."""
+        return self._intake.read(self._snapshots.current.config, arrival.pool, arrival.path, arrival.body,
+                                 arrival.subset, arrival.mirror.pool if arrival.mirror else None, arrival.objective,
+                                 arrival.tenant)
 
     async def _place(self, roles: list[RoleRequest]) -> Placements:
         """Steps 3 and 4: through flow control's gate, then every role placed."""

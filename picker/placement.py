@@ -251,8 +251,8 @@ class Placement:
     def saturated(self, pool: Pool, samples: dict[str, LoadSample]) -> bool:
         """No endpoint of the pool has room by this replica's own figures (no state round trip): the
         Sheddable filter's rule, for a copy that is dropped rather than queued."""
-        own, now_ms, max_age = split_figures(self.own.figures(pool.name))[0], self._clock.now_ms(), \
-            self._settings.state.max_sample_age_ms
+        own, now_ms = split_figures(self.own.figures(pool.name))[0], self._clock.now_ms()
+        max_age = self._settings.state.max_sample_age_ms
         return not any(has_room(fresh(samples.get(e.key), now_ms, max_age), own.get(e.key, 0), pool.flow)
                        for e in pool.endpoints)
 

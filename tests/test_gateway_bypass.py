@@ -9,6 +9,7 @@ reads the counters as the chart's collectors do.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shutil
 import socket
@@ -121,8 +122,6 @@ def _collector_counters(fleet: Fleet) -> tuple[float, float]:
 
 
 def _pool_bypass(fleet: Fleet) -> dict[str, object] | None:
-    import json
-
     status, body = _get(f"http://127.0.0.1:{fleet.settings.picker_admin_ports[1]}/admin/pools",
                         fleet.admin_tokens["read"])
     assert status == 200, body
