@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
 from redis.exceptions import RedisError
@@ -17,7 +18,7 @@ from collector.metrics import CollectorMetrics
 from collector.metrics_map import GarbledMetrics, to_load_sample
 from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import every
-from gateway_state.records import Config, Endpoint, LoadSample
+from gateway_state.records import Config, Endpoint, LoadSample, Runtime
 from gateway_state.sharding import owned
 from gateway_state.store import StateStore
 
@@ -121,12 +122,13 @@ class Collector:
             return
         all_keys = [e.key for pool in config.pools.values() for e in pool.endpoints]
         mine = owned(all_keys, self.members, self._settings.collector_id)
-        pools = [(pool.name, tuple(e for e in pool.endpoints if e.key in mine)) for pool in config.pools.values()]
+        pools = [(pool.name, pool.runtime, tuple(e for e in pool.endpoints if e.key in mine))
+                 for pool in config.pools.values()]
         self._metrics.endpoints_owned.set(len(mine))
         before = dict(self._last)
-        results = await asyncio.gather(*(self._scrape_pool(session, name, eps) for name, eps in pools))
+        results = await asyncio.gather(*(self._scrape_pool(session, *pool) for pool in pools))
         now_ms = self._clock.now_ms()
-        for (name, _), samples in zip(pools, results, strict=True):
+        for (name, _, _), samples in zip(pools, results, strict=True):
             good = [s.scraped_at_ms for s in samples.values() if s.scraped_at_ms > 0]
             self._metrics.sample_age.labels(name).set(max(0, now_ms - min(good)) / 1000 if good else 0)
             # A counter that fell means a new process: the KV cache the index describes is gone.
@@ -166,7 +168,7 @@ class Collector:
         except RedisError as exc:
             log.warning("cannot prune load samples: %s", exc)
 
-    async def _scrape_pool(self, session: aiohttp.ClientSession, pool: str,
+    async def _scrape_pool(self, session: aiohttp.ClientSession, pool: str, runtime: Runtime,
                            endpoints: tuple[Endpoint, ...]) -> dict[str, LoadSample]:
         if not endpoints:
             return {}
@@ -177,7 +179,7 @@ class Collector:
             before: dict[str, int] | None = (await self._store.lookup(pool, [])).inflight
         except RedisError:
             before = None
-        samples = await asyncio.gather(*(self._scrape(session, e) for e in endpoints))
+        samples = await asyncio.gather(*(self._scrape(session, e, runtime) for e in endpoints))
         if before is not None:
             try:
                 after = (await self._store.lookup(pool, [])).inflight
@@ -189,19 +191,20 @@ class Collector:
             self._last[e.key] = s
         return {e.key: s for e, s in zip(endpoints, samples, strict=True)}
 
-    async def _scrape(self, session: aiohttp.ClientSession, endpoint: Endpoint) -> LoadSample:
+    async def _scrape(self, session: aiohttp.ClientSession, endpoint: Endpoint, runtime: Runtime) -> LoadSample:
         now_ms = self._clock.now_ms()  # Redis's clock: pickers judge the sample's age by it
         started = time.perf_counter()
         try:
-            async with session.get(f"http://{endpoint.key}/metrics") as response:
-                if response.status != 200:
-                    raise GarbledMetrics(f"HTTP {response.status}")
-                text = await response.text(errors="replace")
+            if runtime is Runtime.LLAMA_CPP:  # both at once: llama.cpp answers each between two decode steps
+                text, slots = await asyncio.gather(_get_text(session, endpoint, "/metrics"),
+                                                   _get_slots(session, endpoint))
+            else:
+                text, slots = await _get_text(session, endpoint, "/metrics"), None
             previous = self._last.get(endpoint.key)
-            sample = with_prefill_rate(with_batch_limit(to_load_sample(text, now_ms), previous), previous,
+            sample = with_prefill_rate(with_batch_limit(to_load_sample(text, now_ms, slots), previous), previous,
                                        self._prefill_history.setdefault(endpoint.key, deque()))
             self._metrics.scrapes.labels("ok").inc()
-        except (aiohttp.ClientError, TimeoutError, GarbledMetrics, UnicodeDecodeError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: garbled text or JSON
             self._metrics.scrapes.labels("failed").inc()
             self._metrics.failures.labels(_reason(exc)).inc()
             previous = self._last.get(endpoint.key) or LoadSample(scraped_at_ms=0, ok=False)
@@ -212,6 +215,25 @@ class Collector:
         finally:
             self._metrics.scrape_seconds.observe(time.perf_counter() - started)
         return sample
+
+
+async def _get_text(session: aiohttp.ClientSession, endpoint: Endpoint, path: str) -> str:
+    async with session.get(f"http://{endpoint.key}{path}") as response:
+        if response.status != 200:
+            raise GarbledMetrics(f"HTTP {response.status}")
+        return await response.text(errors="replace")
+
+
+async def _get_slots(session: aiohttp.ClientSession, endpoint: Endpoint) -> list[dict[str, Any]] | None:
+    """llama.cpp's /slots, or None where the server does not serve it (`--no-slots`): then its sample
+    leaves out what only the slots tell (LoadSample.unreported)."""
+    async with session.get(f"http://{endpoint.key}/slots") as response:
+        if response.status != 200:
+            return None
+        slots = await response.json(content_type=None)
+    if not isinstance(slots, list) or not all(isinstance(slot, dict) for slot in slots):
+        raise GarbledMetrics("/slots is not a list of slots")
+    return slots
 
 
 async def _round(what: str, work: Awaitable[None]) -> None:
@@ -232,7 +254,9 @@ BATCH_LIMIT_KEEP_MS = 3000
 def with_batch_limit(sample: LoadSample, previous: LoadSample | None) -> LoadSample:
     """The sample with the batch its server was last seen full at: its running count now if requests
     wait there for a batch slot (not a LoRA slot); else the last one known, for a few seconds, unless
-    it now runs more than that."""
+    it now runs more than that. A limit the server reports itself (llama.cpp's slots) stands."""
+    if sample.batch_limit > 0:
+        return sample
     if sample.waiting > 0 and not sample.waiting_adapters:
         return replace(sample, batch_limit=sample.running, batch_limit_at_ms=sample.scraped_at_ms)
     if (previous is None or not previous.batch_limit or sample.running > previous.batch_limit

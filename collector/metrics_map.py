@@ -1,8 +1,11 @@
-"""Map vLLM's or SGLang's Prometheus text to one LoadSample (the metric names as the servers emit them)."""
+"""Map vLLM's, SGLang's or llama.cpp's Prometheus text (and llama.cpp's /slots) to one LoadSample, by the
+metric names as the servers emit them."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -12,7 +15,7 @@ Series = dict[str, list[tuple[dict[str, str], float]]]
 
 
 class GarbledMetrics(ValueError):
-    """The text is not Prometheus exposition format, or has neither server's metrics."""
+    """The text is not Prometheus exposition format, or has none of the servers' metrics."""
 
 
 # The series to_load_sample reads. A model server exports hundreds of others (histogram buckets
@@ -25,7 +28,18 @@ READ = frozenset({
     "sglang:num_queue_reqs", "sglang:num_running_reqs", "sglang:token_usage", "sglang:cache_config_info",
     "sglang:page_size", "sglang:num_pages", "sglang:max_total_num_tokens", "sglang:prompt_tokens_total",
     "sglang:cached_tokens_total",
+    "llamacpp:requests_processing", "llamacpp:requests_deferred", "llamacpp:prompt_tokens_total",
+    "llamacpp:prompt_tokens_cached_total",
 })
+
+# What llama.cpp's server does not report, for the scorers that would read it (LoadSample.unreported).
+LLAMA_CPP_UNREPORTED = ("block_size", "num_blocks", "adapters")
+LLAMA_CPP_WITHOUT_SLOTS = ("kv_cache_usage", "batch_limit")
+
+
+def is_llama_cpp(text: str) -> bool:
+    """A llama.cpp server's page: its load is completed from its /slots (kv_cache_usage, batch limit)."""
+    return "llamacpp:requests_processing" in text
 
 
 def _read_lines(text: str) -> str:
@@ -72,7 +86,8 @@ def _int(value: str | None) -> int:
         return 0
 
 
-def to_load_sample(text: str, now_ms: int) -> LoadSample:
+def to_load_sample(text: str, now_ms: int, slots: list[dict[str, Any]] | None = None) -> LoadSample:
+    """The load in a server's /metrics text; for llama.cpp, `slots` is its /slots answer (None: not read)."""
     series = parse_series(text)
     if "vllm:num_requests_waiting" in series:
         # vLLM: one series per engine (data-parallel ranks add up).
@@ -110,7 +125,40 @@ def to_load_sample(text: str, now_ms: int) -> LoadSample:
             prompt_tokens=_highest(series, "sglang:prompt_tokens_total") or 0.0,
             cached_prompt_tokens=_highest(series, "sglang:cached_tokens_total") or 0.0,
         )
-    raise GarbledMetrics("neither vLLM nor SGLang queue metrics found")
+    if "llamacpp:requests_processing" in series:
+        return _llama_cpp(series, slots, now_ms)
+    raise GarbledMetrics("no vLLM, SGLang or llama.cpp queue metrics found")
+
+
+def _llama_cpp(series: Series, slots: list[dict[str, Any]] | None, now_ms: int) -> LoadSample:
+    """llama.cpp's server: a fixed number of slots, each with its own context and prompt cache.
+
+    Its prompt-token counter excludes the tokens it reused from a slot's cache (vLLM's and SGLang's
+    count them), so the sample's `prompt_tokens` adds them back. It exports no KV-cache gauge; /slots
+    gives each slot's context and the tokens it holds, so the cache in use is the busy slots' tokens over
+    every slot's context (idle slots keep their prompt for reuse, as vLLM's freed blocks stay cached until
+    reallocated, and count as free). The slot count is the batch it runs without queueing (a request beyond
+    it is deferred). It has no KV blocks to count and reports no LoRA adapters."""
+    computed = _total(series, "llamacpp:prompt_tokens_total") or 0.0
+    cached = _total(series, "llamacpp:prompt_tokens_cached_total") or 0.0
+    sample = LoadSample(
+        scraped_at_ms=now_ms,
+        ok=True,
+        waiting=_total(series, "llamacpp:requests_deferred") or 0.0,
+        running=_total(series, "llamacpp:requests_processing") or 0.0,
+        prompt_tokens=computed + cached,
+        cached_prompt_tokens=cached,
+        unreported=LLAMA_CPP_UNREPORTED + (() if slots else LLAMA_CPP_WITHOUT_SLOTS),
+    )
+    if not slots:
+        return sample
+    try:
+        context = sum(int(slot["n_ctx"]) for slot in slots)
+        busy = sum(int(slot.get("n_prompt_tokens", 0)) for slot in slots if slot.get("is_processing"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GarbledMetrics(f"unreadable /slots: {exc!r}") from None
+    return replace(sample, kv_cache_usage=min(1.0, busy / context) if context > 0 else 0.0,
+                   batch_limit=float(len(slots)), batch_limit_at_ms=now_ms)
 
 
 def _sglang_capacity(series: Series) -> tuple[int, int]:

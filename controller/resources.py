@@ -37,10 +37,10 @@ from controller.manifests import (
     iter_documents,
 )
 from controller.selectors import LabelSelector, requirement
-from gateway_state.records import FlowControl, pool_id
+from gateway_state.records import FlowControl, Runtime, pool_id
 
 STRATEGIES = ("DEFAULT", "PREFIX_CACHE")
-RUNTIMES = ("vllm", "sglang")
+RUNTIMES = tuple(r.value for r in Runtime)
 FAILURE_MODES = ("FailOpen", "FailClose")
 CRITICALITIES = ("Critical", "Standard", "Sheddable")
 PATH_TYPES = ("PathPrefix", "Exact")

@@ -24,8 +24,11 @@ class Strategy(StrEnum):
 
 
 class Runtime(StrEnum):
+    """The model server a pool's pods run: what their metrics and caches look like."""
+
     VLLM = "vllm"
     SGLANG = "sglang"
+    LLAMA_CPP = "llama.cpp"  # llama.cpp's server: a prompt cache per slot, no KV-block metrics
 
 
 class Criticality(StrEnum):
@@ -172,7 +175,7 @@ class Config:
 
 @dataclass(frozen=True)
 class LoadSample:
-    """One endpoint's load, mapped from vLLM's or SGLang's metric names."""
+    """One endpoint's load, mapped from vLLM's, SGLang's or llama.cpp's metric names."""
 
     scraped_at_ms: int
     ok: bool  # False: the last scrape failed or was garbled, so the figures are stale
@@ -200,6 +203,9 @@ class LoadSample:
     # The fleet's requests in flight at the endpoint (every picker replica's) when it was scraped; -1
     # unknown. What it ran and queued beyond them came from elsewhere: other clients, synthetic load.
     gateway_inflight: int = -1
+    # Figures the server does not report (field names; "adapters" for the LoRA ones): their zeros mean
+    # unknown, and the scorers that read them do without (llama.cpp has no KV blocks, for one).
+    unreported: tuple[str, ...] = ()
     consecutive_failures: int = 0
     error: str = ""
 
@@ -272,10 +278,16 @@ def encode_load(sample: LoadSample) -> bytes:
     return json.dumps(asdict(sample), separators=(",", ":")).encode()
 
 
+_LOAD_FIELDS = frozenset(LoadSample.__dataclass_fields__)
+
+
 def decode_load(raw: bytes) -> LoadSample:
     d = json.loads(raw)
+    if not d.keys() <= _LOAD_FIELDS:  # from a newer collector, during a rolling upgrade: what this one knows
+        d = {k: v for k, v in d.items() if k in _LOAD_FIELDS}
     d["running_adapters"] = tuple(d.get("running_adapters", ()))
     d["waiting_adapters"] = tuple(d.get("waiting_adapters", ()))
+    d["unreported"] = tuple(d.get("unreported", ()))
     return LoadSample(**d)
 
 

@@ -83,8 +83,8 @@ def _sample(load: Any, now_ms: int) -> dict[str, Any] | None:
             "running_adapters": list(load.running_adapters), "ok": load.ok,
             "consecutive_failures": load.consecutive_failures,
             "age_ms": max(0, now_ms - load.scraped_at_ms) if load.scraped_at_ms > 0 else None,
-            "num_blocks": load.num_blocks, "block_size": load.block_size,
-            "prefill_tokens_per_s": load.prefill_tokens_per_s or None}
+            "num_blocks": load.num_blocks, "block_size": load.block_size, "batch_limit": load.batch_limit or None,
+            "prefill_tokens_per_s": load.prefill_tokens_per_s or None, "unreported": list(load.unreported)}
 
 
 def _bypass(samples: dict[str, BypassSample], now_ms: int) -> dict[str, Any] | None:

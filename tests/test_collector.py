@@ -63,14 +63,31 @@ def test_sglang_tensor_parallel_ranks_count_once() -> None:
     assert (s.waiting, s.running, s.kv_cache_usage) == (4.0, 9.0, 0.5)
 
 
+def test_llama_cpp_load_comes_from_its_metrics_and_slots() -> None:
+    """A llama.cpp server with its four slots busy and one request deferred (read from the real server)."""
+    text = (FIXTURES / "llama_cpp" / "metrics.txt").read_text()
+    slots = json.loads((FIXTURES / "llama_cpp" / "slots.json").read_text())
+    s = to_load_sample(text, 1, slots)
+    assert (s.waiting, s.running, s.batch_limit) == (1.0, 4.0, 4.0)
+    assert s.kv_cache_usage == pytest.approx(4 * 251 / (4 * 2048))  # busy slots' tokens over every slot's context
+    # Its prompt counter leaves out reused tokens; the sample counts every prompt token, as vLLM's does.
+    assert (s.prompt_tokens, s.cached_prompt_tokens) == (485 + 96, 96)
+    assert {"block_size", "num_blocks", "adapters"} <= set(s.unreported) and "kv_cache_usage" not in s.unreported
+    without = to_load_sample(text, 1, None)  # a server started with --no-slots
+    assert without.kv_cache_usage == 0 and without.batch_limit == 0
+    assert {"kv_cache_usage", "batch_limit"} <= set(without.unreported)
+    with pytest.raises(GarbledMetrics):
+        to_load_sample(text, 1, [{"id": 0}])
+
+
 def _pages() -> list[str]:
     physics = Physics(num_blocks=2000)
     return [VLLMMetrics("m", physics, 4).render().decode(), SGLangMetrics("m", physics).render().decode(),
-            OLD_VLLM, SGLANG_TP2, *((FIXTURES / "metrics").glob("*.txt"))]
+            OLD_VLLM, SGLANG_TP2, *sorted((FIXTURES / "metrics").glob("*.txt")), FIXTURES / "llama_cpp" / "metrics.txt"]
 
 
 @pytest.mark.parametrize("page", _pages(), ids=["vllm", "sglang", "old-vllm", "sglang-tp2", "sglang-cache-info",
-                                                "sglang-capacity"])
+                                                "sglang-capacity", "llama-cpp"])
 def test_only_the_series_read_are_parsed_and_they_parse_as_in_the_whole_page(page: str | Path) -> None:
     text = page.read_text() if isinstance(page, Path) else page
     whole = {}
