@@ -30,6 +30,14 @@ def estimated_waiting(load: LoadSample, inflight: int) -> float:
     return inflight + elsewhere - load.running
 
 
+def queue_for_new(load: LoadSample) -> float:
+    """How far a new request would be from starting at the endpoint when it was scraped: the requests
+    waiting there, and one more where every batch slot is taken (at its batch limit: llama.cpp's slots,
+    or the batch a vLLM or SGLang server was last seen full at), for the slot it must wait for."""
+    full = load.batch_limit > 0 and load.running + load.waiting >= load.batch_limit
+    return load.waiting + 1.0 if full else load.waiting
+
+
 def has_room(load: LoadSample | None, inflight: int, flow: FlowControl) -> bool:
     """Upstream's saturation rule, per endpoint, on the estimated queue: room unless its queue or its
     KV cache is at the pool's threshold (an endpoint without a fresh sample counts as having room)."""

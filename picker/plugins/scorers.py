@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import mmh3
 
 from picker.plugins.framework import Candidate, SchedulingRequest
+from picker.saturation import queue_for_new
 
 
 def _relative(values: Sequence[float | None], scale: float) -> list[float]:
@@ -30,13 +31,14 @@ def _nobody_holds(candidates: Sequence[Candidate]) -> bool:
 
 @dataclass(frozen=True)
 class QueueScorer:
-    """Fewer requests waiting in the model server's queue is better."""
+    """Fewer requests ahead in the model server's queue is better: those waiting there, and one more
+    where every batch slot is taken (picker.saturation.queue_for_new)."""
 
     scale: float
     name: str = "queue"
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
-        return _relative([c.load.waiting if c.load else None for c in candidates], self.scale)
+        return _relative([queue_for_new(c.load) if c.load else None for c in candidates], self.scale)
 
 
 @dataclass(frozen=True)
