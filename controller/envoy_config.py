@@ -314,8 +314,15 @@ def _virtual_hosts(routes: list[HTTPRouteSpec], state: DesiredState, s: EnvoySet
     for host in by_host:
         if host != "*":
             by_host[host].extend(by_host["*"])
-    return [{"name": host, "domains": [host], "routes": [r for _, _, r in sorted(entries, key=_precedence)]}
+    return [{"name": host, "domains": [host], "routes": [r for _, _, r in sorted(entries, key=_precedence)],
+             "response_headers_to_add": [SERVED_BY]}
             for host, entries in sorted(by_host.items())]
+
+
+# Every answer names the endpoint (ip:port) that served it, after any retry: which pod a request reached,
+# whatever the engine (left out of answers no pod gave: the gateway's own errors).
+SERVED_BY = {"header": {"key": "x-inference-endpoint", "value": "%UPSTREAM_HOST%"},
+             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
 # A stream that cannot reach a replica (a crashed one refuses the connection before the health

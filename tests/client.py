@@ -19,8 +19,9 @@ QWEN = "/models/Qwen3-32B"
 @dataclass
 class Reply:
     status: int
-    pod: str | None
+    pod: str | None  # the pod's name, as simulated pods say it (x-inference-pod)
     text: str
+    endpoint: str | None = None  # the address that served it, as Envoy says it for any engine (x-inference-endpoint)
 
     def json(self) -> Any:
         return json.loads(self.text)
@@ -31,7 +32,7 @@ async def post(session: aiohttp.ClientSession, port: int, body: Any, path: str =
     data = raw if raw is not None else json.dumps(body).encode()
     async with session.request(method, f"http://127.0.0.1:{port}{path}", data=data,
                                headers={"Content-Type": "application/json"}) as r:
-        return Reply(r.status, r.headers.get("x-inference-pod"), await r.text())
+        return Reply(r.status, r.headers.get("x-inference-pod"), await r.text(), r.headers.get("x-inference-endpoint"))
 
 
 def chat(content: str, model: str = QWEN, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
