@@ -1,0 +1,1 @@
+"""A model's own tokenizer and chat template, read from its GGUF file: the token ids an engine computes."""
