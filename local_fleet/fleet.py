@@ -1,8 +1,9 @@
-"""Run the whole fleet on loopback as real processes: Redis, simulated pods, controller,
-Envoy, collector and picker replicas. `make up` and the test suite both use it.
+"""Run the whole fleet on loopback as real processes: Redis, pods, controller, Envoy, collector
+and picker replicas. `make up` and the test suite both use it.
 
-The pods to simulate are the endpoints the manifests' pools and Services select,
-each on its own loopback address at its target port.
+The pods are the endpoints the manifests' pools and Services select, each on its own loopback
+address at its target port: llama.cpp's real server for a pool that declares the llama.cpp engine
+(local_fleet.llama_server), simulated vLLM or SGLang servers for the others.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import yaml
 
 from controller.desired import build
 from controller.resources import load_directory
+from gateway_state.records import Runtime
+from local_fleet import llama_server
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class FleetSettings:
     scrape_interval_ms: int = 100
     resync_interval_ms: int = 500
     simulator_args: tuple[str, ...] = ()  # physics flags, e.g. ("--time-scale", "0.5")
+    llama_args: tuple[str, ...] = ()  # more flags for llama.cpp pods (local_fleet.llama_server.command)
     picker_args: tuple[str, ...] = ()
     collector_args: tuple[str, ...] = ()
     collectors: int = 1
@@ -141,6 +145,23 @@ class Fleet:
                 pods.setdefault(e.key, (e.name, "vllm"))
         return pods
 
+    def first_pool(self) -> str:
+        """The name of the manifests' first pool (`namespace/name`), for examples."""
+        return next(iter(build(load_directory(self.settings.manifests_dir)).pools), "default/none")
+
+    def llama_cpp_pods(self) -> dict[str, str]:
+        """endpoint key -> the model name its llama.cpp server answers to (`--alias`), for every pod of a
+        pool that declares the llama.cpp engine: the first model the pool's InferenceModels route to,
+        else the pod's own name."""
+        state = build(load_directory(self.settings.manifests_dir))
+        aliases: dict[str, str] = {}
+        for pool in state.pools.values():
+            if pool.runtime is Runtime.LLAMA_CPP:
+                targets = sorted(t.name for m in state.models.get(pool.name, {}).values() for t in m.targets)
+                for e in pool.endpoints:
+                    aliases[e.key] = targets[0] if targets else e.name
+        return aliases
+
     def pod_roles(self) -> dict[str, tuple[str, ...]]:
         """endpoint key -> the simulator flags of an SGLang PD pool's pod: its side and bootstrap port."""
         state = build(load_directory(self.settings.manifests_dir))
@@ -173,10 +194,15 @@ class Fleet:
                                   "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data),
                                   "--protected-mode", "no"])
             self._wait("redis", lambda: _port_open("127.0.0.1", s.redis_port), timeout_s)
-        by_kind: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # (runtime, PD flags) -> pods
-        roles = self.pod_roles()
+        by_kind: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # (runtime, PD flags) -> simulated pods
+        roles, real = self.pod_roles(), self.llama_cpp_pods()
         for key, (name, runtime) in self.pods().items():
-            if name not in s.absent_pods:
+            if name in s.absent_pods:
+                continue
+            if key in real:  # a real engine: llama.cpp's server with a real model, one process a pod
+                host, port_text = key.rsplit(":", 1)
+                self._spawn(f"pod-{name}", llama_server.command(real[key], host, int(port_text), s.llama_args))
+            else:
                 by_kind.setdefault((runtime, roles.get(key, ())), []).append(f"{name}@{key}")
         simulator = binary("model-server-simulator")
         for (runtime, flags), specs in sorted(by_kind.items()):
@@ -225,11 +251,11 @@ class Fleet:
         self.wait_pickers_routable(timeout_s)
 
     def wait_pods(self, timeout_s: float = 30.0) -> None:
-        """Until every simulated pod answers /health."""
+        """Until every pod answers /health (llama.cpp's once its model is loaded)."""
         absent = self.settings.absent_pods
         for key, (name, _) in self.pods().items():
             if name not in absent:
-                self._wait("simulated pods", lambda key=key: _http_ok(f"http://{key}/health"), timeout_s)
+                self._wait("pods", lambda key=key: _http_ok(f"http://{key}/health"), timeout_s)
 
     def wait_pickers_ready(self, timeout_s: float = 30.0) -> None:
         """Until every picker replica has a config and serves."""

@@ -1,7 +1,7 @@
 """`make up`: run the fleet on loopback until Ctrl-C.
 
-Starts its own Redis unless REDIS_URL is set, then the simulated pods, the
-controller, Envoy, a collector and two picker replicas.
+Starts its own Redis unless REDIS_URL is set, then the pods (simulated, or llama.cpp's server for a
+pool that declares that engine), the controller, Envoy, a collector and two picker replicas.
 """
 
 from __future__ import annotations
@@ -48,13 +48,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _print_hints(fleet: Fleet) -> None:
-    pods = fleet.pods()
+    pods, real = fleet.pods(), fleet.llama_cpp_pods()
     tokens = fleet.admin_tokens
     admin = f"http://127.0.0.1:{fleet.settings.picker_admin_ports[0]}" if fleet.settings.picker_admin_ports else "-"
-    example = json.dumps({"model": "/models/Qwen3-32B", "max_tokens": 50,
+    model = next(iter(real.values()), "/models/Qwen3-32B")
+    example = json.dumps({"model": model, "max_tokens": 50,
                           "messages": [{"role": "user", "content": "Hello, this is a test"}]})
+    kinds = ", ".join(f"{n} {kind} pods" for n, kind in ((len(real), "llama.cpp"), (len(pods) - len(real), "simulated"))
+                      if n)
+    simulated = next((key for key in pods if key not in real), None)
+    load_hint = f"""  Load a pod artificially: curl -X POST http://{simulated}/sim/load -d '{{"requests": 64}}'
+""" if simulated else ""
     print(f"""
-The fleet is up: Redis at {fleet.redis_url}, {len(pods)} simulated pods, 2 pickers, Envoy.
+The fleet is up: Redis at {fleet.redis_url}, {kinds}, 2 pickers, Envoy.
 A process that exits is restarted; only Ctrl-C or SIGTERM stops the fleet.
 
   Through the picker (:8080):
@@ -64,13 +70,12 @@ A process that exits is restarted; only Ctrl-C or SIGTERM stops the fleet.
   Which pod served: the x-inference-pod response header (curl -i), and
     grep "Request Handled" {fleet.log_path('picker-0')} {fleet.log_path('picker-1')}
   Picker metrics: http://127.0.0.1:{fleet.settings.picker_metrics_ports[0]}/metrics   Envoy admin: http://127.0.0.1:{fleet.settings.envoy_admin_port}
-  Load a pod artificially: curl -X POST http://{next(iter(pods))}/sim/load -d '{{"requests": 64}}'
-
+{load_hint}
   Admin API and status page (tokens in {fleet.settings.work_dir / 'admin-tokens.yaml'}):
     status page:  {admin}/?token={tokens.get('read', '')}
     why a pod:    curl -H 'Authorization: Bearer {tokens.get('read', '')}' -X POST {admin}/admin/explain -d '{example}'
     drain a pod:  curl -H 'Authorization: Bearer {tokens.get('admin', '')}' -X POST \\
-                    {admin}/admin/pools/default/qwen-inference-pool/endpoints/{next(iter(pods))}/drain
+                    {admin}/admin/pools/{fleet.first_pool()}/endpoints/{next(iter(pods))}/drain
     API schema:   {admin}/docs   Runbook: docs/operations.md#runbook
 
 Logs: {fleet.settings.work_dir / 'logs'}. Ctrl-C stops everything.

