@@ -81,7 +81,7 @@ async def publish(store: StateStore, config: Config) -> None:
 
 # Fixtures that start the fleet's processes or a gateway (`e2e`), or that need the API server (`kube`).
 E2E_FIXTURES = {"fleet", "chaos_fleet", "multi_fleet", "bypass_fleet", "affinity_fleet", "fc_fleet", "envoy_gateway",
-                "drop_in", "make_up", "two_namespaces"}
+                "drop_in", "make_up", "two_namespaces", "llama_fleet"}
 KUBE_FIXTURES = {"kube", "kube_server", "chart_namespace", "two_namespaces"}
 
 
