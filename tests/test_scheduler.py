@@ -41,6 +41,17 @@ def test_default_avoids_queues_and_full_caches(scheduler: Scheduler) -> None:
     assert picks == {"pod-2": 50}
 
 
+def test_a_pod_with_every_batch_slot_taken_loses_a_new_prompt_to_one_with_a_free_slot(scheduler: Scheduler) -> None:
+    """Busy slots taken by clients other than the gateway (no in-flight count shows them): a llama.cpp pod
+    at its slot count, nobody deferred yet, against an idle one. The new request would wait for a slot."""
+    full = replace(candidate(0), load=LoadSample(0, True, running=4, batch_limit=4, kv_cache_usage=0.1))
+    free = replace(candidate(1), load=LoadSample(0, True, running=3, batch_limit=4, kv_cache_usage=0.1))
+    for strategy in (Strategy.DEFAULT, Strategy.PREFIX_CACHE):
+        picks = Counter(scheduler.schedule(strategy, req(), [full, free]).endpoints[0].endpoint.name
+                        for _ in range(50))
+        assert picks == {"pod-1": 50}
+
+
 def test_equal_endpoints_share_the_load(scheduler: Scheduler) -> None:
     pods = [candidate(i) for i in range(4)]
     picks = Counter(scheduler.schedule(Strategy.DEFAULT, req(), pods).endpoints[0].endpoint.name for _ in range(400))
