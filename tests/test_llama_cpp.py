@@ -224,9 +224,10 @@ async def test_a_busy_pods_slots_reach_the_scorers(llama_fleet: Fleet, http: aio
             sample = next(e for e in found["endpoints"] if e["name"] == busy_name)["load"]
             return bool(sample and sample["running"] == 4 and sample["kv_cache_usage"] > 0)
         await wait_for(seen_busy, 60)
+        # One after another: each sees the busy slots alone, not also the gateway's own requests in flight.
         served = await send_groups(http, PREFIX_PORT, [[
-            {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": f"Quick question {i}?"}]}]
-            for i in range(4)])
+            {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": f"Quick question {i}?"}]}
+            for i in range(4)]])
         assert set(served) == {pods(llama_fleet)[PODS[1]]}, served
     finally:
         for hog in hogs:
