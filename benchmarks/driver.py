@@ -33,7 +33,7 @@ async def chat_once(http: aiohttp.ClientSession, url: str, model: str, conv: Con
             "stream_options": {"include_usage": True}}
     try:
         async with http.post(url, json=body) as r:
-            pod = r.headers.get("x-inference-pod")
+            pod = r.headers.get("x-inference-pod") or r.headers.get("x-inference-endpoint")
             if r.status != 200:
                 text = (await r.read()).decode("utf-8", "replace")
                 return Result(False, 0.0, time.monotonic() - started, 0, pod, time.monotonic(),

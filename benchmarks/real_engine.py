@@ -118,7 +118,7 @@ def restart_pods(fleet: Fleet) -> None:
 
 def run_engine(engine: str, workload: SharedPrefixWorkload, rate: float, work_dir: Path) -> dict[str, Any]:
     fleet = Fleet(FleetSettings(manifests_dir=manifests(engine), work_dir=work_dir, picker_admin_ports=(),
-                                simulator_args=("--time-scale", "1")))
+                                simulator_args=("--time-scale", "1", "--model", MODEL)))
     rows: dict[str, Any] = {}
     try:
         fleet.start(timeout_s=180)
@@ -157,13 +157,13 @@ def _gain(rows: dict[str, Any], router: str, field: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(prog="benchmarks.real_engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", type=int, default=4)
-    p.add_argument("--users", type=int, default=3)
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--users", type=int, default=2)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--system-words", type=int, default=220, help="each group's shared system prompt")
     p.add_argument("--question-words", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--rate", type=float, default=0.5, help="conversations starting per second")
+    p.add_argument("--rate", type=float, default=0.15, help="conversations starting per second")
     p.add_argument("--no-simulated", action="store_true", help="skip the simulator's prediction")
     a = p.parse_args()
     workload = SharedPrefixWorkload(groups=a.groups, users=a.users, turns=a.turns, system_words=a.system_words,
