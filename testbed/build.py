@@ -9,7 +9,6 @@ a fresh machine builds each once. `python -m testbed.build` builds them all.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import os
 import shutil
@@ -18,6 +17,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from local_fleet.build_cache import build_once, cache_root
 
 GO_DIR = Path(__file__).parent / "go"
 
@@ -51,23 +52,15 @@ TESTS_NEED = ("kube-apiserver", "etcd", "envoy-gateway")
 
 def cache_dir() -> Path:
     """Outside the checkout, so every clone on the machine (CI's too) shares the builds."""
-    root = os.environ.get("TESTBED_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inference-picker-fleet", "go-tools")
-    return Path(root)
+    given = os.environ.get("TESTBED_CACHE")
+    return Path(given) if given else cache_root() / "go-tools"
 
 
 def binary(name: str) -> Path:
     """The built binary of one program, building it first if this version is not cached."""
     program = PROGRAMS[name]
-    target = cache_dir() / f"{program.name}-{program.key()}" / program.name
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:  # parallel test workers build once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.exists():
-            _build(program, target)
-    return target
+    return build_once(cache_dir() / f"{program.name}-{program.key()}" / program.name,
+                      lambda target: _build(program, target))
 
 
 def _go() -> str:
