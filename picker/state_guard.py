@@ -21,7 +21,10 @@ from redis.exceptions import RedisError
 from picker.metrics import PickerMetrics
 
 log = logging.getLogger("picker")
-STATE_ERRORS = (RedisError, OSError, TimeoutError)
+# What a failing Redis raises. RuntimeError too: redis-py's cluster client, on uvloop, raised "unable to
+# perform operation on <TCPTransport closed=True>; the handler is closed" for a command sent as a node
+# died (seen once in a full run: a client got a 500 where the pickers fall back to their own state).
+STATE_ERRORS = (RedisError, OSError, TimeoutError, RuntimeError)
 T = TypeVar("T")
 
 

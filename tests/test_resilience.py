@@ -206,11 +206,13 @@ async def test_redis_dying_under_load_breaks_no_request(http: aiohttp.ClientSess
     # A Cluster without replicas: one master dies, its slots go, and the cluster stops answering after its
     # node timeout (2 s) until the node is back.
     victim = redis_processes(fleet)[-1]
-    replies = await steady_load(http, 3.0, lambda: fleet.kill(victim))
+    try:
+        replies = await steady_load(http, 3.0, lambda: fleet.kill(victim))
+    finally:  # back for the tests after this one, whatever this one finds
+        # Redis comes back empty; the controller and collector refill it and pickers resume shared scoring.
+        fleet.restart(victim)
     assert len(replies) > 20
     assert [r.status for r in replies if r.status != 200] == []
-    # Redis comes back empty; the controller and collector refill it and pickers resume shared scoring.
-    fleet.restart(victim)
     redis = connect(fleet.redis_url)
     try:
         async def refilled() -> bool:
