@@ -195,7 +195,7 @@ class Collector:
         now_ms = self._clock.now_ms()  # Redis's clock: pickers judge the sample's age by it
         started = time.perf_counter()
         try:
-            if runtime is Runtime.LLAMA_CPP:  # both at once: llama.cpp answers each between two decode steps
+            if runtime is Runtime.LLAMA_CPP:  # both at once, so the sample's figures are of one moment
                 text, slots = await asyncio.gather(_get_text(session, endpoint, "/metrics"),
                                                    _get_slots(session, endpoint))
             else:

@@ -170,11 +170,13 @@ async def test_shared_prefix_groups_compute_fewer_prompt_tokens_through_the_pick
     before = counters(llama_fleet)
     await send_groups(http, PLAIN_PORT, group_bodies("plain", groups=4, per_group=4))
     middle = counters(llama_fleet)
-    await send_groups(http, PREFIX_PORT, group_bodies("picker", groups=4, per_group=4))
+    served = await send_groups(http, PREFIX_PORT, group_bodies("picker", groups=4, per_group=4))
     after = counters(llama_fleet)
     round_robin, picker = computed(before, middle), computed(middle, after)
     # Each group's prefix: computed once through the picker, on both pods through round robin.
-    assert picker < 0.7 * round_robin, (picker, round_robin)
+    # On failure, where each group's requests went (4 a group, in order) and what each pod computed.
+    assert picker < 0.7 * round_robin, (picker, round_robin, served, {
+        p: (after[p]["prompt_tokens_total"] - middle[p]["prompt_tokens_total"]) for p in after})
 
 
 async def test_bad_inputs_are_answered_in_openai_shape(llama_fleet: Fleet, http: aiohttp.ClientSession) -> None:

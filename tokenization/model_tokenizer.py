@@ -2,8 +2,8 @@
 
 Byte-level BPE models (GGUF `tokenizer.ggml.model` "gpt2": SmolLM, Qwen, Llama 3 and most others) are
 built with Hugging Face's `tokenizers` from the file's vocabulary and merges, with the pre-tokenizer
-llama.cpp uses for the file's `tokenizer.ggml.pre`. Control tokens (`<|im_start|>`) are special: parsed
-from text where the engine parses them (rendered chat prompts), not elsewhere. The chat template is the
+llama.cpp uses for the file's `tokenizer.ggml.pre`. Control tokens (`<|im_start|>`) written out in a
+prompt are parsed as such, as llama.cpp parses them. The chat template is the
 file's own Jinja template, rendered in a sandbox with what engines give it (`messages`,
 `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`).
 
@@ -75,15 +75,13 @@ class ModelTokenizer:
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        self._plain = _bpe(tokens, merges, _PRE[pre])
-        self._special = _bpe(tokens, merges, _PRE[pre])
-        # Control tokens match as whole strings where special tokens are parsed; user-defined ones always.
-        users = [AddedToken(t, special=False, normalized=False)
-                 for t, kind in zip(tokens, types, strict=True) if kind == _USER_DEFINED]
-        self._special.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                          for t, kind in zip(tokens, types, strict=True) if kind == _CONTROL])
-        for tokenizer in (self._plain, self._special):
-            tokenizer.add_tokens(users)
+        self._bpe = _bpe(tokens, merges, _PRE[pre])
+        # Control tokens written out in a prompt match as whole strings, as llama.cpp parses them in every
+        # prompt it computes (rendered chats and completion prompts alike); user-defined tokens too.
+        self._bpe.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                      for t, kind in zip(tokens, types, strict=True) if kind == _CONTROL])
+        self._bpe.add_tokens([AddedToken(t, special=False, normalized=False)
+                              for t, kind in zip(tokens, types, strict=True) if kind == _USER_DEFINED])
         self.bos_id: int | None = meta.get("tokenizer.ggml.bos_token_id")
         self.eos_id: int | None = meta.get("tokenizer.ggml.eos_token_id")
         self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
@@ -91,16 +89,10 @@ class ModelTokenizer:
         template = meta.get("tokenizer.chat_template")
         self._template = _environment().from_string(template) if template else None
 
-    def encode(self, text: str, parse_special: bool = False) -> list[int]:
-        """The text's token ids (no BOS): control tokens written out in it count as such only if
-        `parse_special` (engines parse them in rendered chat prompts, not in raw completion text)."""
-        tokenizer = self._special if parse_special else self._plain
-        return list(tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def prompt_ids(self, text: str, parse_special: bool = True) -> list[int]:
-        """What the engine computes for a prompt: BOS first where the model asks for it, then the text
-        (llama.cpp parses control tokens written out in completion prompts too)."""
-        ids = self.encode(text, parse_special)
+    def prompt_ids(self, text: str) -> list[int]:
+        """What the engine computes for a prompt: BOS first where the model asks for it, then the text's
+        token ids, control tokens written out in it parsed as such."""
+        ids = list(self._bpe.encode(text, add_special_tokens=False).ids)
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
