@@ -12,7 +12,7 @@ import aiohttp
 
 from benchmarks.driver import Result, chat_once
 from benchmarks.workloads import Conversation
-from simulator.kv_cache import extend_chain
+from simulator.block_hashes import VllmHashes, extend_chain
 from simulator.tokenizer import render_chat, tokenize
 
 
@@ -87,13 +87,14 @@ async def concurrent(base_url: str, model: str, conversations: list[Conversation
 def oracle_hit_rate(prompts: list[str], block_size: int = 16) -> float:
     """The hit rate an unlimited cache with perfect affinity would reach: the fraction of prompt
     tokens in full blocks that repeat an earlier prompt's prefix (the last token is always computed)."""
-    seen: set[int] = set()
+    seen: set[bytes] = set()
     hits = total = 0
+    hasher = VllmHashes(seed="0")
     for prompt in prompts:
         tokens = tokenize(prompt)
         total += len(tokens)
         matched, chain = 0, []
-        extend_chain(chain, tokens, block_size)
+        extend_chain(chain, tokens, block_size, hasher)
         for h in chain[: (len(tokens) - 1) // block_size]:
             if h not in seen:
                 break

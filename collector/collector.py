@@ -14,6 +14,7 @@ import aiohttp
 from redis.exceptions import RedisError
 
 from collector.gateway_stats import GatewayScraper, GatewayTarget
+from collector.kv_streams import KvStreams
 from collector.metrics import CollectorMetrics
 from collector.metrics_map import GarbledMetrics, to_load_sample
 from gateway_state.clock import FleetClock
@@ -74,6 +75,7 @@ class Collector:
         # endpoint -> (scraped at ms, uncached prompt tokens) over the last PREFILL_WINDOW_MS
         self._prefill_history: dict[str, deque[tuple[int, float]]] = {}
         self.members: list[str] = []  # live collectors, this one included; empty while unknown
+        self._kv = KvStreams(store, settings.collector_id, metrics, self._clock)  # engines' KV-cache events
         # A sample no collector has refreshed for three intervals is from a gateway nobody reads any more.
         self._gateways = GatewayScraper(settings.gateway_targets, store, metrics.gateways, settings.bypass_window_ms,
                                         keep_ms=max(3 * settings.gateway_scrape_interval_ms, 5000))
@@ -92,6 +94,7 @@ class Collector:
             finally:
                 membership.cancel()
                 gateways.cancel()
+                await self._kv.close()
                 try:
                     await self._store.leave_collectors(s.collector_id)  # the others take over at once
                 except RedisError as exc:
@@ -125,10 +128,12 @@ class Collector:
         pools = [(pool.name, pool.runtime, tuple(e for e in pool.endpoints if e.key in mine))
                  for pool in config.pools.values()]
         self._metrics.endpoints_owned.set(len(mine))
+        self._kv.reconcile(config, set(mine))
         before = dict(self._last)
         results = await asyncio.gather(*(self._scrape_pool(session, *pool) for pool in pools))
         now_ms = self._clock.now_ms()
         for (name, _, _), samples in zip(pools, results, strict=True):
+            self._kv.observe(name, samples)
             good = [s.scraped_at_ms for s in samples.values() if s.scraped_at_ms > 0]
             self._metrics.sample_age.labels(name).set(max(0, now_ms - min(good)) / 1000 if good else 0)
             # A counter that fell means a new process: the KV cache the index describes is gone.
@@ -137,6 +142,7 @@ class Collector:
             try:
                 await self._store.write_load(name, samples)
                 for key in restarted:
+                    self._kv.restarted(name, key)
                     await self._store.forget_endpoint(name, key)
                     log.info("endpoint %s restarted (its prompt-token counter fell): "
                              "forgot its prefix-index entries in pool %s", key, name)
@@ -152,19 +158,26 @@ class Collector:
                 log.warning("cannot read config, keeping the last one: %s", exc)
                 return self._config
             if config is not None and config != self._config:  # none: Redis lost it; keep what we knew
-                self._config = config
-                await self._prune(config)
+                previous, self._config = self._config, config
+                await self._prune(config, previous)
             self._config_read_at = now
         return self._config
 
-    async def _prune(self, config: Config) -> None:
-        """Drop the samples (and prefill counter readings) of endpoints that left their pool, here and in Redis."""
+    async def _prune(self, config: Config, previous: Config | None) -> None:
+        """Drop the samples (and prefill counter readings) of endpoints that left their pool, here and in Redis,
+        and their blocks from an index built from engine events (any collector that sees it go does it)."""
         current = {e.key for pool in config.pools.values() for e in pool.endpoints}
         self._last = {e: s for e, s in self._last.items() if e in current}
         self._prefill_history = {e: h for e, h in self._prefill_history.items() if e in current}
         try:
             for pool in config.pools.values():
                 await self._store.prune_load(pool.name, {e.key for e in pool.endpoints})
+            for pool in (previous.pools.values() if previous else ()):
+                now = config.pools.get(pool.name)
+                if pool.kv_events is not None:
+                    kept = {e.key for e in now.endpoints} if now is not None and now.kv_events is not None else set()
+                    for gone in {e.key for e in pool.endpoints} - kept:
+                        await self._store.drop_kv_endpoint(pool.name, gone)
         except RedisError as exc:
             log.warning("cannot prune load samples: %s", exc)
 

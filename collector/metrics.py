@@ -50,3 +50,29 @@ class CollectorMetrics:
         self.endpoints_owned = Gauge("collector_endpoints_owned", "Endpoints this collector scrapes.", registry=r)
         self.members = Gauge("collector_members", "Live collectors sharing the scrape work, as this one sees them.",
                              registry=r)
+        # KV-cache events (pools whose prefix index comes from the engines), per endpoint this collector owns.
+        kv = ["pool", "endpoint"]
+        self.kv_streams = Gauge("collector_kv_streams", "KV-event streams this collector follows.", registry=r)
+        self.kv_live = Gauge("collector_kv_stream_live", "1 while the endpoint's KV-event stream is live; 0 while "
+                             "connecting, or silent (the engine computes prompts and no event arrives).", kv,
+                             registry=r)
+        self.kv_silent = Gauge("collector_kv_stream_silent", "1 while the endpoint's engine computes prompts and its "
+                               "KV events do not arrive (the pickers keep their placements there meanwhile).", kv,
+                               registry=r)
+        self.kv_sequence = Gauge("collector_kv_stream_sequence", "The last batch of the endpoint's KV events applied.",
+                                 kv, registry=r)
+        self.kv_lag = Gauge("collector_kv_stream_lag_seconds", "From the engine's timestamp of the last batch to its "
+                            "being applied to the index.", kv, registry=r)
+        self.kv_blocks = Gauge("collector_kv_stream_blocks", "The endpoint's blocks in the prefix index, as its "
+                               "engine reported them.", kv, registry=r)
+        self.kv_batches = Counter("collector_kv_event_batches", "KV-event batches applied to the index.", ["pool"],
+                                  registry=r)
+        self.kv_gaps = Counter("collector_kv_stream_gaps", "Times a batch was missed and asked again from the "
+                               "engine's replay buffer.", kv, registry=r)
+        self.kv_resyncs = Counter("collector_kv_stream_resyncs", "Times the endpoint's entries were dropped and "
+                                  "rebuilt: its engine restarted, or missed batches were gone from its buffer.", kv,
+                                  registry=r)
+        self.kv_garbage = Counter("collector_kv_stream_garbage", "Messages that were not KV-event batches, skipped.",
+                                  kv, registry=r)
+        self.kv_orphans = Counter("collector_kv_stream_orphans", "Blocks stored under a parent the index never saw "
+                                  "(before the stream was followed), left out.", kv, registry=r)

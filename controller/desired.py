@@ -73,7 +73,8 @@ def build(m: Manifests) -> DesiredState:
                 pd = PDProfile(policy.pd_role_label, policy.bootstrap_port or 8998)
         endpoints = _endpoints(_members(m.pods, spec.meta.namespace, spec.selector), spec.target_ports)
         pools[spec.meta.id] = Pool(spec.meta.id, spec.target_ports, strategy, runtime, FailureMode(spec.failure_mode),
-                                   endpoints, pd, spec.meta.id in listed, spec.app_protocol, spec.flow)
+                                   endpoints, pd, spec.meta.id in listed, spec.app_protocol, spec.flow,
+                                   spec.kv_events)
     for policy in m.policies:
         if policy.pool not in pools:
             warnings.append(f"{policy.meta.where}: spec.poolRef.name: no InferencePool {policy.pool!r}")

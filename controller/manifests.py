@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from controller.selectors import LabelSelector
-from gateway_state.records import FlowControl
+from gateway_state.records import FlowControl, KvEvents
 
 ANNOTATION_STRATEGY = "inference.networking.x-k8s.io/routing-strategy"
 ANNOTATION_RUNTIME = "inference.networking.x-k8s.io/model-server-runtime"
@@ -30,6 +30,12 @@ ANNOTATION_RELEASE_WAITING = "inference-gateway.io/release-waiting"
 ANNOTATION_PRIORITY_RESERVE = "inference-gateway.io/priority-reserve"
 ANNOTATION_QUEUE_TTL = "inference-gateway.io/queue-ttl"
 ANNOTATION_MAX_QUEUED = "inference-gateway.io/max-queued"
+# The pool's prefix index: "approximate" (the pickers' placements, the default) or "events" (the engines'
+# own KV-cache events, published on these ports of each pod).
+ANNOTATION_PREFIX_INDEX = "inference-gateway.io/prefix-index"
+ANNOTATION_KV_EVENTS_PORT = "inference-gateway.io/kv-events-port"
+ANNOTATION_KV_EVENTS_REPLAY_PORT = "inference-gateway.io/kv-events-replay-port"
+PREFIX_INDEXES = ("approximate", "events")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -74,6 +80,7 @@ class InferencePoolSpec:
     failure_mode: str
     app_protocol: str = "http"
     flow: FlowControl = FlowControl()
+    kv_events: KvEvents | None = None
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from controller.manifests import (
+    ANNOTATION_KV_EVENTS_PORT,
+    ANNOTATION_KV_EVENTS_REPLAY_PORT,
     ANNOTATION_LB_POLICY,
     ANNOTATION_MAX_QUEUED,
+    ANNOTATION_PREFIX_INDEX,
     ANNOTATION_PRIORITY_RESERVE,
     ANNOTATION_QUEUE_TTL,
     ANNOTATION_RELEASE_WAITING,
@@ -16,6 +19,7 @@ from controller.manifests import (
     ANNOTATION_SATURATION_KV_CACHE,
     ANNOTATION_SATURATION_WAITING,
     ANNOTATION_STRATEGY,
+    PREFIX_INDEXES,
     BackendRef,
     Document,
     GatewaySpec,
@@ -37,7 +41,7 @@ from controller.manifests import (
     iter_documents,
 )
 from controller.selectors import LabelSelector, requirement
-from gateway_state.records import FlowControl, Runtime, pool_id
+from gateway_state.records import FlowControl, KvEvents, Runtime, pool_id
 
 STRATEGIES = ("DEFAULT", "PREFIX_CACHE")
 RUNTIMES = tuple(r.value for r in Runtime)
@@ -93,7 +97,18 @@ def _pool(doc: Document, meta: Meta, api: str, out: Manifests) -> None:
         doc.enum(failure_path, failure, FAILURE_MODES),
         protocol,
         _flow(doc, meta),
+        _kv_events(doc, meta),
     ))
+
+
+def _kv_events(doc: Document, meta: Meta) -> KvEvents | None:
+    index = doc.enum(f"metadata.annotations[{ANNOTATION_PREFIX_INDEX}]",
+                     meta.annotations.get(ANNOTATION_PREFIX_INDEX, "approximate"), PREFIX_INDEXES)
+    if index != "events":
+        return None
+    d = KvEvents()
+    return KvEvents(int(doc.annotation_number(meta, ANNOTATION_KV_EVENTS_PORT, d.port, 1, 65535)),
+                    int(doc.annotation_number(meta, ANNOTATION_KV_EVENTS_REPLAY_PORT, d.replay_port, 0, 65535)))
 
 
 def _flow(doc: Document, meta: Meta) -> FlowControl:

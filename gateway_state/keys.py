@@ -47,8 +47,26 @@ def prefill_backlog(pool: str) -> str:
 
 
 def prefix_block(pool: str, block_hash: str) -> str:
-    """Hash endpoint -> last use (ms) for one chained prefix block."""
+    """Hash endpoint -> last use (ms) for one chained prefix block (block_keys); in a pool whose index
+    comes from engine events, the endpoints whose engine reported the block cached."""
     return pool_prefix(pool) + "pfx:" + block_hash
+
+
+def speculative_block(pool: str, block_hash: str) -> str:
+    """Hash endpoint -> until when (ms) a picker's placement there stands for the block, in a pool whose
+    index comes from engine events, until the engine's own event confirms it (or the time passes)."""
+    return pool_prefix(pool) + "spec:" + block_hash
+
+
+def kv_blocks(pool: str, endpoint: str) -> str:
+    """Hash engine block hash -> our block key, for the blocks the endpoint's engine reported cached
+    (its events name parents and removals by the engine's hash)."""
+    return pool_prefix(pool) + "kvmap:" + endpoint
+
+
+def kv_streams(pool: str) -> str:
+    """Hash endpoint -> encoded KvStreamStatus: each endpoint's KV-event stream, as its collector sees it."""
+    return pool_prefix(pool) + "kvstreams"
 
 
 def endpoint_lru(pool: str, endpoint: str) -> str:

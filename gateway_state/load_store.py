@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from gateway_state import keys
 from gateway_state.records import (
     BypassSample,
+    KvStreamStatus,
     LoadSample,
     decode_bypass,
+    decode_kv_status,
     decode_load,
     encode_bypass,
     encode_load,
@@ -26,6 +28,8 @@ class SnapshotReply:
     load: dict[str, dict[str, LoadSample]]  # pool -> endpoint -> sample
     drained: dict[str, frozenset[str]]  # pool -> endpoints an operator drained
     queued: dict[str, int] = field(default_factory=dict)  # pool -> requests waiting in its queue
+    # pool -> endpoint -> its KV-event stream, for pools whose index comes from engine events
+    kv_streams: dict[str, dict[str, KvStreamStatus]] = field(default_factory=dict)
 
 
 class LoadStore(RedisState):
@@ -58,13 +62,16 @@ class LoadStore(RedisState):
                 pipe.hgetall(keys.load(pool))
                 pipe.hkeys(keys.drained(pool))
                 pipe.zcard(keys.queue(pool))
+                pipe.hgetall(keys.kv_streams(pool))
             raw, *replies = await pipe.execute()
-        loads, drains, queued = replies[0::3], replies[1::3], replies[2::3]
+        loads, drains, queued, streams = replies[0::4], replies[1::4], replies[2::4], replies[3::4]
         return SnapshotReply(raw, {
             pool: {e.decode(): decode_load(v) for e, v in reply.items()}
             for pool, reply in zip(pools, loads, strict=True)
         }, {pool: frozenset(e.decode() for e in reply) for pool, reply in zip(pools, drains, strict=True) if reply},
-            {pool: int(n) for pool, n in zip(pools, queued, strict=True) if n})
+            {pool: int(n) for pool, n in zip(pools, queued, strict=True) if n},
+            {pool: {e.decode(): decode_kv_status(v) for e, v in reply.items()}
+             for pool, reply in zip(pools, streams, strict=True) if reply})
 
     async def set_drained(self, pool: str, endpoint: str, draining: bool) -> None:
         """Drain an endpoint (pickers send it no new requests), or undo it."""

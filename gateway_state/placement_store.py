@@ -38,6 +38,16 @@ class IndexWrite:
 
 
 @dataclass(frozen=True)
+class SpeculativeWrite:
+    """In a pool indexed from engine events: `endpoint` is taken to hold the blocks for `ttl_ms`, until its
+    engine's event confirms them (or the time passes)."""
+
+    endpoint: str
+    block_hashes: Sequence[str]
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
 class ReleaseWrite:
     """One of `replica`'s requests at `endpoint` ended (with its uncached prompt blocks and model)."""
 
@@ -47,7 +57,7 @@ class ReleaseWrite:
     model: str = ""
 
 
-Write = IndexWrite | ReleaseWrite  # what follows a decision, off the request path (scripts.WRITES)
+Write = IndexWrite | SpeculativeWrite | ReleaseWrite  # what follows a decision, off the request path (scripts.WRITES)
 
 WORK_SUFFIX = "|work"  # in-flight hash field of an endpoint's uncached prompt blocks
 MODEL_SEPARATOR = "@"  # in-flight hash field "endpoint@model": the requests for that model there
@@ -94,13 +104,16 @@ class PlacementStore(RedisState):
         self._forget = redis.register_script(scripts.FORGET)
         self._publish = redis.register_script(scripts.PUBLISH)
 
-    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
+                     speculative: bool = False) -> SharedView:
         """In-flight figures over the live replicas but `leave_out`, prefix holders, live replicas.
+        `speculative`: the pool's index comes from engine events, and pickers' speculative entries count.
 
         Block hashes are hex digests: the scripts take them as one space-separated argument.
         """
         inflight, matched, replicas, backlog = await self._lookup(
-            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), leave_out, " ".join(block_hashes)])
+            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), leave_out, " ".join(block_hashes),
+                                             "1" if speculative else ""])
         figures = _pairs(inflight)
         counts, work = split_figures(figures)
         return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)),
@@ -126,6 +139,8 @@ class PlacementStore(RedisState):
         for w in writes:
             if isinstance(w, IndexWrite):
                 args += ["i", w.endpoint, w.prefix_ttl_ms, w.capacity_blocks, " ".join(w.block_hashes)]
+            elif isinstance(w, SpeculativeWrite):
+                args += ["s", w.endpoint, w.ttl_ms, "", " ".join(w.block_hashes)]
             else:
                 args += ["r", w.replica, w.endpoint, w.work_blocks, w.model]
         return int(await self._writes(keys=[keys.pickers(pool)], args=args))

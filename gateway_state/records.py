@@ -98,6 +98,15 @@ class FlowControl:
 
 
 @dataclass(frozen=True)
+class KvEvents:
+    """Where a pool's pods publish their KV-cache events (vLLM's and SGLang's `--kv-events-config`), each
+    on its own address: the pool's prefix index is then what the engines report (prefix-index: events)."""
+
+    port: int = 5557
+    replay_port: int = 5558  # 0: the engines keep no replay buffer
+
+
+@dataclass(frozen=True)
 class Pool:
     name: str  # pool_id(namespace, name)
     target_ports: tuple[int, ...]  # each ready pod is one endpoint per port
@@ -111,6 +120,7 @@ class Pool:
     lists_models: bool = False
     app_protocol: str = "http"  # or "kubernetes.io/h2c"
     flow: FlowControl = field(default_factory=FlowControl)
+    kv_events: KvEvents | None = None  # None: the prefix index records the pickers' placements (approximate)
 
     def side(self, side: str) -> tuple[Endpoint, ...]:
         """An SGLang PD pool's `prefill` or `decode` endpoints (by the pod label its profile names);
@@ -211,6 +221,29 @@ class LoadSample:
 
 
 @dataclass(frozen=True)
+class KvStreamStatus:
+    """One endpoint's KV-event stream as the collector that owns the endpoint sees it."""
+
+    collector: str
+    state: str  # "live", "silent" (it serves, its stream says nothing), "connecting", "down"
+    updated_ms: int  # Redis's clock
+    seq: int = -1  # the last batch applied; -1 none yet
+    blocks: int = 0  # blocks of the endpoint in the index
+    block_size: int = 0  # tokens per engine block, from its events; 0 unknown yet
+    last_event_ms: int = 0  # when the last batch was applied (Redis's clock)
+    lag_ms: float = 0.0  # from the engine's timestamp of the last batch to its being applied
+    batches: int = 0
+    gaps: int = 0  # sequence numbers missed and asked again from the replay buffer
+    resyncs: int = 0  # times the endpoint's entries were dropped and rebuilt (a restart, a gap not replayable)
+    garbage: int = 0  # messages that did not decode, skipped
+    orphans: int = 0  # blocks whose parent the index did not know (stored before the stream was followed)
+
+    @property
+    def live(self) -> bool:
+        return self.state == "live"
+
+
+@dataclass(frozen=True)
 class BypassSample:
     """What one gateway instance did with a pool's requests over a trailing window, from its own ext_proc
     counters: how many went to the pool's picker filter, and how many of those it served without a
@@ -245,6 +278,7 @@ def _pool(d: dict[str, Any]) -> Pool:
         lists_models=bool(d.get("lists_models", False)),
         app_protocol=d.get("app_protocol", "http"),
         flow=FlowControl(**d["flow"]) if "flow" in d else FlowControl(),
+        kv_events=KvEvents(**d["kv_events"]) if d.get("kv_events") else None,
     )
 
 
@@ -297,3 +331,15 @@ def encode_bypass(sample: BypassSample) -> bytes:
 
 def decode_bypass(raw: bytes) -> BypassSample:
     return BypassSample(**json.loads(raw))
+
+
+def encode_kv_status(status: KvStreamStatus) -> bytes:
+    return json.dumps(asdict(status), separators=(",", ":")).encode()
+
+
+def decode_kv_status(raw: bytes | str) -> KvStreamStatus:
+    d = json.loads(raw)
+    return KvStreamStatus(**{k: v for k, v in d.items() if k in _KV_STATUS_FIELDS})
+
+
+_KV_STATUS_FIELDS = frozenset(KvStreamStatus.__dataclass_fields__)

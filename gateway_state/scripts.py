@@ -15,7 +15,9 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica to leave out ("" for
 # none), the block hashes joined by spaces (one argument packs and parses in half
-# the time of 256). Returns {inflight_flat, matched_flat, live replicas, backlog_flat}:
+# the time of 256), "1" when the pool's index comes from engine events (then a
+# block's holders also count the pickers' speculative entries not yet expired).
+# Returns {inflight_flat, matched_flat, live replicas, backlog_flat}:
 # in-flight figures summed over the other live picker replicas (fields "<endpoint>"
 # count requests, "<endpoint>|work" their uncached prompt blocks; a replica knows
 # its own exactly), per endpoint the number of leading prompt blocks it holds, and
@@ -42,10 +44,21 @@ end
 local blocks = {}
 for h in string.gmatch(ARGV[3], '%S+') do table.insert(blocks, h) end
 local matched = {}
+local speculative = ARGV[4] == '1'
 local function unmatched_holders(i)
-  local out = {}
+  local out, seen = {}, {}
   for _, e in ipairs(redis.call('HKEYS', prefix .. 'pfx:' .. blocks[i])) do
-    if not matched[e] then table.insert(out, e) end
+    if not matched[e] then
+      table.insert(out, e)
+      seen[e] = true
+    end
+  end
+  if speculative then
+    local kv = redis.call('HGETALL', prefix .. 'spec:' .. blocks[i])
+    for j = 1, #kv, 2 do
+      local e = kv[j]
+      if not matched[e] and not seen[e] and tonumber(kv[j + 1]) > now then table.insert(out, e) end
+    end
   end
   return out
 end
@@ -141,9 +154,20 @@ return 1
 # - "r", replica, endpoint, uncached prompt blocks, model ("" for none): one
 #   in-flight request ended; figures lost to a Redis flush never go negative.
 #
+# - "s", endpoint, ttl_ms, "", the block hashes joined by spaces: in a pool whose
+#   index comes from engine events, the endpoint is taken to hold the blocks for
+#   ttl_ms (speculative entries), until its engine's event says so.
+#
 # Returns how many blocks the index writes evicted.
 WRITES = _NOW_MS + """
 local prefix = ARGV[1]
+local function speculate(endpoint, ttl, hashes)
+  for h in string.gmatch(hashes, '%S+') do
+    local sk = prefix .. 'spec:' .. h
+    redis.call('HSET', sk, endpoint, now + ttl)
+    if redis.call('PTTL', sk) < ttl then redis.call('PEXPIRE', sk, ttl) end
+  end
+end
 local function index(endpoint, ttl, cap, hashes)
   local lru = prefix .. 'lru:' .. endpoint
   local i = 0
@@ -185,11 +209,51 @@ for w = 2, #ARGV, 5 do
     evicted = evicted + index(ARGV[w + 1], tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), ARGV[w + 4])
   elseif ARGV[w] == 'r' then
     release(ARGV[w + 1], ARGV[w + 2], tonumber(ARGV[w + 3]), ARGV[w + 4])
+  elseif ARGV[w] == 's' then
+    speculate(ARGV[w + 1], tonumber(ARGV[w + 2]), ARGV[w + 4])
   else
     return redis.error_reply('unknown write ' .. ARGV[w])
   end
 end
 return evicted
+"""
+
+# One batch of an endpoint's KV-cache events, applied by the collector that owns
+# the endpoint. KEYS[1] = the pool's stream statuses (keys.kv_streams). ARGV = pool
+# prefix, endpoint, the stream's encoded status after the batch, then the
+# operations in order, three arguments each:
+# - "c", "", "": the engine's cache is empty (AllBlocksCleared, a restart, a resync):
+#   every block of the endpoint leaves the index;
+# - "s", engine hash, our key: the engine cached the block;
+# - "r", engine hash, "": the engine reused the block's space.
+# The engine's hash names the block per endpoint (kvmap:ENDPOINT), so removals and
+# clears find our key. Returns the endpoint's blocks in the index.
+KV_APPLY = """
+local prefix, endpoint = ARGV[1], ARGV[2]
+local map = prefix .. 'kvmap:' .. endpoint
+for w = 4, #ARGV, 3 do
+  local op = ARGV[w]
+  if op == 's' then
+    local old = redis.call('HGET', map, ARGV[w + 1])
+    if old and old ~= ARGV[w + 2] then redis.call('HDEL', prefix .. 'pfx:' .. old, endpoint) end
+    redis.call('HSET', map, ARGV[w + 1], ARGV[w + 2])
+    redis.call('HSET', prefix .. 'pfx:' .. ARGV[w + 2], endpoint, '1')
+  elseif op == 'r' then
+    local ours = redis.call('HGET', map, ARGV[w + 1])
+    if ours then
+      redis.call('HDEL', prefix .. 'pfx:' .. ours, endpoint)
+      redis.call('HDEL', map, ARGV[w + 1])
+    end
+  elseif op == 'c' then
+    local all = redis.call('HVALS', map)
+    for _, ours in ipairs(all) do redis.call('HDEL', prefix .. 'pfx:' .. ours, endpoint) end
+    redis.call('DEL', map)
+  else
+    return redis.error_reply('unknown operation ' .. op)
+  end
+end
+redis.call('HSET', KEYS[1], endpoint, ARGV[3])
+return redis.call('HLEN', map)
 """
 
 # KEYS[1] = the endpoint's LRU. ARGV = pool prefix, endpoint, batch size.

@@ -29,6 +29,7 @@ from controller.desired import build
 from controller.resources import load_directory
 from gateway_state.records import Runtime
 from local_fleet import llama_server
+from tokenization.model_tokenizer import bundled_model
 
 
 @dataclass(frozen=True)
@@ -163,17 +164,28 @@ class Fleet:
         return aliases
 
     def pod_roles(self) -> dict[str, tuple[str, ...]]:
-        """endpoint key -> the simulator flags of an SGLang PD pool's pod: its side and bootstrap port."""
+        """endpoint key -> the simulator flags of an SGLang PD pool's pod (its side and bootstrap port), and of
+        a pool indexed from engine events (its engine's `--kv-events-config`, on the pool's ports)."""
         state = build(load_directory(self.settings.manifests_dir))
         roles: dict[str, tuple[str, ...]] = {}
         for pool in state.pools.values():
+            if pool.kv_events is not None:
+                config = {"enable_kv_cache_events": True, "publisher": "zmq",
+                          "endpoint": f"tcp://*:{pool.kv_events.port}",
+                          "replay_endpoint": f"tcp://*:{pool.kv_events.replay_port}" if pool.kv_events.replay_port
+                          else None}
+                for e in pool.endpoints:
+                    roles[e.key] = ("--kv-events-config", json.dumps(config))
             if pool.pd is None:
                 continue
             for side in ("prefill", "decode"):
                 for e in pool.side(side):
-                    roles[e.key] = ("--disaggregation-mode", side,
+                    roles[e.key] = (*roles.get(e.key, ()), "--disaggregation-mode", side,
                                     "--disaggregation-bootstrap-port", str(pool.pd.bootstrap_port))
         return roles
+
+    def uses_engine_events(self) -> bool:
+        return any(p.kv_events is not None for p in build(load_directory(self.settings.manifests_dir)).pools.values())
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -211,7 +223,9 @@ class Fleet:
                     self._spawn(f"pod-{spec.split('@')[0]}", [simulator, "--runtime", runtime, "--pod", spec,
                                                              *flags, *s.simulator_args])
             else:
-                name = f"pods-{runtime}" + (f"-{flags[1]}" if flags else "")
+                side = [flags[i + 1] for i, f in enumerate(flags) if f == "--disaggregation-mode"]
+                events = "-events" if "--kv-events-config" in flags else ""
+                name = f"pods-{runtime}" + (f"-{side[0]}" if side else "") + events
                 self._spawn(name, [simulator, "--runtime", runtime, *[a for spec in specs for a in ("--pod", spec)],
                                    *flags, *s.simulator_args])
         self.wait_pods(timeout_s)
@@ -235,13 +249,15 @@ class Fleet:
                                            "--scrape-interval-ms", str(s.scrape_interval_ms), *metrics,
                                            "--gateway-stats", f"envoy={self.envoy_stats_url}", *s.collector_args], env)
         tokens = self._write_admin_tokens() if s.picker_admin_ports else None
+        # Pools indexed from engine events need the engines' tokenizer: the simulated pods' model's.
+        tokenizer = ("--tokenizer", str(bundled_model())) if self.uses_engine_events() else ()
         for i, (port, metrics_port) in enumerate(zip(s.picker_ports, s.picker_metrics_ports, strict=True)):
             admin = ["--admin-address", f"127.0.0.1:{s.picker_admin_ports[i]}",
                      "--admin-tokens-file", str(tokens)] if tokens else []
             # Plaintext on loopback: the embedded Envoy talks to its pickers on this machine only.
             self._spawn(f"picker-{i}", [binary("picker"), "--no-secure-serving", "--grpc-address", f"127.0.0.1:{port}",
                                         "--metrics-address", f"127.0.0.1:{metrics_port}",
-                                        "--replica-id", f"picker-{i}", *admin, *s.picker_args], env)
+                                        "--replica-id", f"picker-{i}", *admin, *tokenizer, *s.picker_args], env)
         # Envoy last, once every picker serves: its first health checks then pass before its listeners
         # open (Envoy initializes its clusters, health checks included, before it listens), so no request
         # reaches :8080 while the picker cluster has no healthy host and the pool fails open.

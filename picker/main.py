@@ -39,11 +39,19 @@ from picker.metrics import PickerMetrics
 from picker.placement import Placement
 from picker.roles import ProfileHandler
 from picker.scheduler import Scheduler, build_profiles
-from picker.settings import FlowSettings, PickerSettings, SchedulingSettings, ServerSettings, StateSettings
+from picker.settings import (
+    FlowSettings,
+    PickerSettings,
+    PrefixSettings,
+    SchedulingSettings,
+    ServerSettings,
+    StateSettings,
+)
 from picker.snapshot import SnapshotSource
 from picker.state import MemoryState, PlacementState
 from picker.state_guard import StateGuard
 from picker.tls import self_signed_certificate
+from picker.tokens import EngineTokens
 from picker.writes import WriteBatcher
 
 log = logging.getLogger("picker")
@@ -84,6 +92,9 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
                         "the names and their reasons are in picker/settings.py")
     p.add_argument("--flow-control", default=True, action=argparse.BooleanOptionalAction,
                    help="hold requests in a queue while their pool is saturated (--no-flow-control: send them on)")
+    p.add_argument("--tokenizer", action="append", default=[], metavar="[MODEL=]PATH",
+                   help="a model's tokenizer and chat template (its GGUF file), for pools indexed from engine "
+                        "events; without MODEL= every model's (repeatable)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     try:
@@ -101,7 +112,13 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
         state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms),
         scheduling=scheduling,
         flow=FlowSettings(enabled=a.flow_control),
+        prefix=PrefixSettings(tokenizers=tuple(_tokenizer(t) for t in a.tokenizer)),
     )
+
+
+def _tokenizer(value: str) -> tuple[str, str]:
+    model, sep, path = value.rpartition("=")
+    return (model, path) if sep and not value.startswith(("/", ".")) else ("", value)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -133,7 +150,9 @@ async def serve(settings: PickerSettings) -> None:
     guard = StateGuard(metrics, state_settings.redis_timeout_ms, state_settings.redis_backoff_ms)
     placement = Placement(state, fallback, Scheduler(build_profiles(settings.scheduling, rng)), settings, metrics,
                           clock, guard, WriteBatcher(state, fallback, guard))
-    intake = Intake(settings.prefix, settings.server.max_request_body_bytes, rng)
+    intake = Intake(settings.prefix, settings.server.max_request_body_bytes, rng,
+                    EngineTokens(dict(settings.prefix.tokenizers)),
+                    lambda pool: metrics.prompt_untokenized.labels(pool).inc())
     hits = HitCounts()
     roles = ProfileHandler(rng)
     # Flow control's queue is the fleet's (Redis) in Redis mode, each replica's own in local mode; its calls

@@ -31,6 +31,9 @@ class PickerMetrics:
         self.prefix_blocks_matched = Counter("picker_prefix_blocks_matched",
                                              "Prompt prefix blocks the chosen endpoint already held.", ["pool"],
                                              registry=r)
+        self.prompt_untokenized = Counter("picker_prompt_untokenized", "Requests to a pool indexed from engine "
+                                          "events whose token ids could not be known (no tokenizer for the model, "
+                                          "a part it cannot take): placed by load alone.", ["pool"], registry=r)
         self.inflight = Gauge("picker_inflight_requests", "Requests this replica routed that are still running.",
                               ["pool"], registry=r)
         self.redis_fallbacks = Counter("picker_redis_fallbacks",

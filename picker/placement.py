@@ -18,7 +18,14 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from gateway_state.clock import FleetClock
-from gateway_state.placement_store import IndexWrite, ReleaseWrite, SharedView, model_figures, split_figures
+from gateway_state.placement_store import (
+    IndexWrite,
+    ReleaseWrite,
+    SharedView,
+    SpeculativeWrite,
+    model_figures,
+    split_figures,
+)
 from gateway_state.records import LoadSample, Pool
 from picker.candidates import build_candidates, fresh, replica_share
 from picker.errors import GatewayError, Shed
@@ -163,17 +170,27 @@ class Placement:
             self._metrics.placement_conflicts.labels(request.pool.name).inc()
         assert placed is not None  # an unchecked commit always admits
         if request.block_hashes:
-            self._writes.add(request.pool.name, IndexWrite(
-                plan.chosen.endpoint.key, request.block_hashes, self._settings.prefix.ttl_ms,
-                self.capacity_blocks(plan.chosen.load)))
+            self._writes.add(request.pool.name, self._index_write(request, plan))
         return placed
+
+    def _index_write(self, request: PlacementRequest, plan: Plan) -> IndexWrite | SpeculativeWrite:
+        """What the index notes of a placement: in the approximate index, that the endpoint holds the prompt;
+        in an index built from engine events, that it will hold the blocks it does not yet, until its
+        engine says so (an endpoint whose stream is not live keeps them for the approximate lifetime)."""
+        key, prefix = plan.chosen.endpoint.key, self._settings.prefix
+        if not request.speculative:
+            return IndexWrite(key, request.block_hashes, prefix.ttl_ms, self.capacity_blocks(plan.chosen.load))
+        if key in request.live_streams:
+            return SpeculativeWrite(key, request.block_hashes[plan.chosen.matched_blocks:], prefix.speculative_ttl_ms)
+        return SpeculativeWrite(key, request.block_hashes, prefix.ttl_ms)
 
     async def plan(self, request: PlacementRequest, samples: dict[str, LoadSample], check: bool = True,
                    drained: frozenset[str] = frozenset(), trace: Trace | None = None,
                    profile: str | None = None, released: bool = False) -> Plan:
         """The decision the state supports now; reads only (so it also explains decisions)."""
         pool = request.pool
-        others = await self._guard.call("lookup", self._state.lookup(pool.name, request.block_hashes, self._me))
+        others = await self._guard.call("lookup", self._state.lookup(pool.name, request.block_hashes, self._me,
+                                                                     request.speculative))
         # Read after the await: decisions this replica made meanwhile must count.
         own = self.own.figures(pool.name)
         (own_requests, own_work), own_models = split_figures(own), model_figures(own)

@@ -10,28 +10,19 @@ a token prefix share blocks; a marker byte keeps the two kinds from colliding.
 
 from __future__ import annotations
 
-import struct
-
 import mmh3
 
+from gateway_state.block_keys import text_root, token_keys
 from picker.request import Prompt
-
-_TOKENS = b"\x01"  # marks a block of token ids
 
 
 def block_hashes(prompt: Prompt, model: str, seed: int, block_chars: int, block_tokens: int,
                  max_blocks: int) -> list[str]:
     """Hashes of the prompt's leading full blocks, as 16 hex digits each."""
-    parent = mmh3.hash64(model.encode("utf-8", "surrogatepass"), seed=seed, signed=False)[0]
-    out: list[str] = []
+    parent = text_root(model, seed)
     if prompt.tokens:
-        ids = prompt.tokens
-        for i in range(min(len(ids) // block_tokens, max_blocks)):
-            chunk = ids[i * block_tokens: (i + 1) * block_tokens]
-            block = _TOKENS + struct.pack(f"<{block_tokens}I", *chunk)
-            parent = mmh3.hash64(parent.to_bytes(8, "little") + block, seed=seed, signed=False)[0]
-            out.append(f"{parent:016x}")
-        return out
+        return token_keys(parent, prompt.tokens, block_tokens, max_blocks, seed)
+    out: list[str] = []
     text = prompt.text
     for i in range(min(len(text) // block_chars, max_blocks)):
         block = text[i * block_chars: (i + 1) * block_chars].encode("utf-8", "surrogatepass")

@@ -69,6 +69,14 @@ class PrefixSettings:
     default_capacity_blocks: int = 31_250
     # Converting the pod's KV tokens to characters of prompt text.
     chars_per_token: float = 4.0
+    # In a pool indexed from engine events: how long a placement stands for the blocks its endpoint
+    # will cache, until the engine's own event says so. Events arrive within milliseconds of the
+    # engine scheduling the request (the collector's lag is measured per endpoint); 2 s covers a queue
+    # wait, as the llm-d router's speculative entries do.
+    speculative_ttl_ms: int = 2000
+    # Model name -> the path of its tokenizer (its GGUF file); "" for every other model. Needed by pools
+    # indexed from engine events.
+    tokenizers: tuple[tuple[str, str], ...] = ()
 
     @property
     def block_tokens(self) -> int:

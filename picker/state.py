@@ -20,6 +20,7 @@ from gateway_state.placement_store import (
     WORK_SUFFIX,
     IndexWrite,
     SharedView,
+    SpeculativeWrite,
     Write,
     model_field,
     model_figures,
@@ -27,9 +28,13 @@ from gateway_state.placement_store import (
     split_figures,
 )
 
+# A replica's own record of its speculative placements, while Redis cannot be reached, is bounded so.
+SPECULATIVE_CAPACITY = 100_000
+
 
 class PlacementState(Protocol):
-    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
+                     speculative: bool = False) -> SharedView:
         """In-flight figures of the live replicas but `leave_out`, each endpoint's matched blocks, live replicas."""
         ...
 
@@ -98,7 +103,8 @@ class MemoryState:
             self._figures.get(pool, {}).pop(replica, None)
         return sorted(expiry)
 
-    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
+                     speculative: bool = False) -> SharedView:
         replicas = self._live(pool)
         total: Counter[str] = Counter()
         for replica in replicas:
@@ -166,6 +172,8 @@ class MemoryState:
         for w in writes:
             if isinstance(w, IndexWrite):
                 evicted += await self.index(pool, w.endpoint, w.block_hashes, w.prefix_ttl_ms, w.capacity_blocks)
+            elif isinstance(w, SpeculativeWrite):  # held here until its time passes: no engine event comes here
+                evicted += await self.index(pool, w.endpoint, w.block_hashes, w.ttl_ms, SPECULATIVE_CAPACITY)
             else:
                 await self.release(pool, w.replica, w.endpoint, w.work_blocks, w.model)
         return evicted

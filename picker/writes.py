@@ -6,7 +6,7 @@ decisions share a call, and at rest each write goes at once.
 
 from __future__ import annotations
 
-from gateway_state.placement_store import IndexWrite, Write
+from gateway_state.placement_store import IndexWrite, SpeculativeWrite, Write
 from picker.state import MemoryState, PlacementState
 from picker.state_guard import StateGuard
 
@@ -35,7 +35,7 @@ class WriteBatcher:
         try:
             while pending := self._pending.pop(pool, None):
                 for batch in write_batches(pending):
-                    indexed = [w for w in batch if isinstance(w, IndexWrite)]
+                    indexed = [w for w in batch if isinstance(w, IndexWrite | SpeculativeWrite)]
                     if self._fallback is not None and indexed:
                         await self._fallback.write(pool, indexed)
                     await self._guard.call("write", self._state.write(pool, batch), WRITE_SLACK)
@@ -48,7 +48,7 @@ def write_batches(writes: list[Write]) -> list[list[Write]]:
     out: list[list[Write]] = [[]]
     size = 0
     for w in writes:
-        cost = len(w.block_hashes) if isinstance(w, IndexWrite) else 1
+        cost = len(w.block_hashes) if isinstance(w, IndexWrite | SpeculativeWrite) else 1
         if out[-1] and size + cost > MAX_WRITE_BATCH:
             out.append([])
             size = 0

@@ -19,11 +19,14 @@ whose prefix another in the batch is computing: both compute it.
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from simulator.kv_cache import KVCache, extend_chain
+from simulator.block_hashes import BlockHasher, VllmHashes, extend_chain, extra_keys
+from simulator.kv_cache import KVCache
+from simulator.kv_events import KvEventPublisher
 from simulator.lora import Adapters
 from simulator.physics import Physics
 from simulator.tokenizer import output_piece, tokenize
@@ -43,15 +46,16 @@ class Sequence:
     max_tokens: int
     finish_reason: str  # "length" when max_tokens was asked for, else "stop"
     adapter: str | None = None
+    salt: str | None = None  # the request's cache_salt: its blocks are its own
     transferred: int = 0  # prompt tokens whose KV cache arrived from a prefill pod (SGLang PD decode)
     events: asyncio.Queue[str | None] | None = None  # generated pieces, then None; None for synthetic load
     arrival_s: float = 0.0
     computed: int = 0  # tokens whose KV is in the cache
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted_once: bool = False
-    shared: list[int] = field(default_factory=list)  # cached block hashes referenced
+    shared: list[bytes] = field(default_factory=list)  # cached block hashes referenced
     private: int = 0  # blocks held that are not shared (partial, or not yet published)
-    chain: list[int] = field(default_factory=list)  # chained hashes of this sequence's full blocks
+    chain: list[bytes] = field(default_factory=list)  # chained hashes of this sequence's full blocks
     first_token_s: float | None = None
     state: str = "new"  # new -> waiting -> running (-> waiting when preempted) -> done
 
@@ -70,10 +74,13 @@ def _blocks(tokens: int, block_size: int) -> int:
 
 class Engine:
     def __init__(self, physics: Physics, observer: EngineObserver, adapters: Adapters | None = None,
-                 cache_when_scheduled: bool = True) -> None:
+                 cache_when_scheduled: bool = True, hasher: BlockHasher | None = None,
+                 events: KvEventPublisher | None = None) -> None:
         self.physics = physics
         self.cache_when_scheduled = cache_when_scheduled  # vLLM: True; SGLang: False (see above)
-        self.cache = KVCache(physics.num_blocks)
+        self.hasher: BlockHasher = hasher or VllmHashes()
+        self.events = events  # None: the engine publishes no KV-cache events
+        self.cache = KVCache(physics.num_blocks, self._evicted if events is not None else None)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.adapters = adapters  # None: LoRA disabled
@@ -109,6 +116,18 @@ class Engine:
             self._load_s = 0.0
             await asyncio.sleep(step * self.physics.time_scale)
             self._advance(batch, loop.time())
+            if self.events is not None:
+                self.events.flush()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block (vLLM's /reset_prefix_cache, SGLang's /flush_cache); refused while
+        sequences hold blocks, as the engines refuse it."""
+        if not self.cache.reset():
+            return False
+        if self.events is not None:
+            self.events.cleared()
+            self.events.flush()
+        return True
 
     # -- scheduling -------------------------------------------------------------
 
@@ -223,13 +242,41 @@ class Engine:
         """Share the sequence's full blocks up to token `upto` (default: those computed) through the prefix cache."""
         self._extend_chain(seq)
         full = min((seq.computed if upto is None else upto) // self.physics.block_size, len(seq.chain))
-        fresh = seq.chain[len(seq.shared) : full]
-        if fresh:
-            seq.private -= self.cache.publish(fresh)
-            seq.shared.extend(fresh)
+        start = len(seq.shared)
+        fresh = seq.chain[start:full]
+        if not fresh:
+            return
+        new = [not self.cache.holds(h) for h in fresh] if self.events is not None else []
+        seq.private -= self.cache.publish(fresh)
+        seq.shared.extend(fresh)
+        i = 0
+        while i < len(new):  # announce each run of blocks the cache did not hold, as the engine does
+            if not new[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(new) and new[j]:
+                j += 1
+            self._announce(seq, start + i, start + j)
+            i = j
+
+    def _announce(self, seq: Sequence, first: int, end: int) -> None:
+        """BlockStored for the sequence's blocks [first, end): one event (vLLM) or one per page (SGLang)."""
+        assert self.events is not None
+        bs, wire = self.physics.block_size, self.hasher.wire
+        lora_id = zlib.crc32(seq.adapter.encode()) & 0x7FFFFFFF if seq.adapter else None
+        groups = [(i, i + 1) for i in range(first, end)] if self.events.runtime == "sglang" else [(first, end)]
+        for a, b in groups:
+            self.events.stored([wire(h) for h in seq.chain[a:b]], wire(seq.chain[a - 1]) if a else None,
+                               seq.tokens[a * bs: b * bs], bs, lora_id, seq.adapter,
+                               [extra_keys(i, seq.adapter, seq.salt) for i in range(a, b)])
+
+    def _evicted(self, h: object) -> None:
+        assert self.events is not None and isinstance(h, bytes)
+        self.events.removed([self.hasher.wire(h)])
 
     def _extend_chain(self, seq: Sequence) -> None:
-        extend_chain(seq.chain, seq.tokens, self.physics.block_size)
+        extend_chain(seq.chain, seq.tokens, self.physics.block_size, self.hasher, seq.adapter, seq.salt)
 
     def _finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

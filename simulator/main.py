@@ -14,9 +14,13 @@ import asyncio
 import logging
 import signal
 from dataclasses import fields
+from pathlib import Path
 
 from aiohttp import web
 
+from simulator import tokenizer
+from simulator.block_hashes import VLLM_ALGORITHMS
+from simulator.kv_events import ENCODINGS, KvEventsConfig
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
 
@@ -50,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapters served from the start (with --enable-lora)")
     p.add_argument("--max-loras", type=int, default=1, help="distinct adapters in one running batch")
     p.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory (default: max-loras)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="GGUF file whose tokenizer and chat template the pods use (default: the bundled SmolLM2's)")
+    p.add_argument("--kv-events-config", default=None, metavar="JSON",
+                   help="publish KV-cache events, as the engine's flag: vLLM's {\"enable_kv_cache_events\": true, "
+                        "\"publisher\": \"zmq\", \"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": ...}, SGLang's "
+                        "{\"publisher\": \"zmq\", ...}; `*` binds each pod's own address")
+    p.add_argument("--kv-events-encoding", choices=ENCODINGS, default="array",
+                   help="events as positional arrays (earlier vLLM releases, SGLang) or maps tagged by `type`")
+    p.add_argument("--data-parallel-rank", type=int, default=0, help="offsets the KV-events ports, as vLLM's DP ranks")
+    p.add_argument("--prefix-caching-hash-algo", choices=tuple(VLLM_ALGORITHMS), default="sha256",
+                   help="vLLM's block-hash algorithm (PYTHONHASHSEED seeds it; random per process otherwise)")
     p.add_argument("--disaggregation-mode", choices=("null", "prefill", "decode"), default="null",
                    help="SGLang prefill/decode disaggregation: the side these pods run")
     p.add_argument("--disaggregation-bootstrap-port", type=int, default=8998,
@@ -71,6 +86,8 @@ async def serve(pods: list[SimulatedPod]) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         for pod in pods:
+            if pod.events is not None:
+                pod.events.start()
             engines.append(asyncio.create_task(pod.engine.run(), name=f"engine-{pod.spec.name}"))
             runner = web.AppRunner(pod.app(), access_log=None, handle_signals=False)
             await runner.setup()
@@ -89,6 +106,8 @@ async def serve(pods: list[SimulatedPod]) -> None:
         for pod in pods:
             if pod.receiver is not None:
                 await pod.receiver.close()
+            if pod.events is not None:
+                await pod.events.close()
         for task in engines:
             task.cancel()
 
@@ -99,12 +118,22 @@ def main(argv: list[str] | None = None) -> None:
     physics = Physics(**{f.name: getattr(args, f.name) for f in fields(Physics)})
     if args.lora_modules and not args.enable_lora:
         build_parser().error("--lora-modules needs --enable-lora")
+    try:
+        kv_events = KvEventsConfig.parse(args.kv_events_config, args.runtime) if args.kv_events_config else None
+    except (ValueError, TypeError) as exc:
+        build_parser().error(f"--kv-events-config: {exc}")
+    if args.tokenizer is not None:
+        tokenizer.use(args.tokenizer)
+    tokenizer.model()  # loaded before the pods serve: a tenth of a second, once
     pods = [SimulatedPod(PodSpec(name, host, port, args.runtime, args.model, enable_lora=args.enable_lora,
                                  lora_modules=tuple(args.lora_modules), max_loras=args.max_loras,
                                  max_cpu_loras=args.max_cpu_loras,
                                  disaggregation=args.disaggregation_mode,
                                  bootstrap_port=args.disaggregation_bootstrap_port,
-                                 bootstrap_timeout_s=args.bootstrap_timeout_s), physics)
+                                 bootstrap_timeout_s=args.bootstrap_timeout_s, kv_events=kv_events,
+                                 kv_events_encoding=args.kv_events_encoding,
+                                 data_parallel_rank=args.data_parallel_rank,
+                                 hash_algorithm=args.prefix_caching_hash_algo), physics)
             for name, host, port in args.pod]
     asyncio.run(serve(pods))
 

@@ -13,8 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
+from simulator.block_hashes import SglangHashes, VllmHashes
 from simulator.disaggregation import Bootstrap, BootstrapServer, KVReceiver, TransferFailed, bootstrap_of
 from simulator.engine import Engine, Sequence
+from simulator.kv_events import KvEventPublisher, KvEventsConfig
 from simulator.lora import AdapterError, Adapters
 from simulator.metrics import SGLangMetrics, VLLMMetrics
 from simulator.physics import Physics
@@ -38,6 +40,12 @@ class PodSpec:
     disaggregation: str = "null"
     bootstrap_port: int = 8998  # SGLang's --disaggregation-bootstrap-port (a prefill pod serves it)
     bootstrap_timeout_s: float = 30.0  # how long a decode request waits for its prefill
+    # KV-cache events (`--kv-events-config`; None: none published), their encoding ("array" or "map", as
+    # vLLM releases differ), the data-parallel rank (offsets the ports) and vLLM's block-hash algorithm.
+    kv_events: KvEventsConfig | None = None
+    kv_events_encoding: str = "array"
+    data_parallel_rank: int = 0
+    hash_algorithm: str = "sha256"
 
 
 def openai_error(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
@@ -77,7 +85,11 @@ class SimulatedPod:
         )
         self.adapters = Adapters(spec.max_loras, spec.max_cpu_loras or spec.max_loras, physics.lora_load_s,
                                  physics.lora_activate_s, dict(spec.lora_modules)) if spec.enable_lora else None
-        self.engine = Engine(physics, self.metrics, self.adapters, cache_when_scheduled=spec.runtime != "sglang")
+        self.events = KvEventPublisher(spec.kv_events, spec.runtime, spec.host, spec.data_parallel_rank,
+                                       spec.kv_events_encoding) if spec.kv_events is not None else None
+        hasher = SglangHashes() if spec.runtime == "sglang" else VllmHashes(spec.hash_algorithm)
+        self.engine = Engine(physics, self.metrics, self.adapters, cache_when_scheduled=spec.runtime != "sglang",
+                             hasher=hasher, events=self.events)
         self._synthetic: list[Sequence] = []
         self.bootstrap = BootstrapServer(spec.bootstrap_timeout_s) if spec.disaggregation == "prefill" else None
         self.receiver = KVReceiver(spec.bootstrap_timeout_s, physics.kv_transfer_token_s,
@@ -102,6 +114,7 @@ class SimulatedPod:
             r.add_post("/v1/unload_lora_adapter", self._unload_adapter)
         r.add_get("/health", self._health)
         r.add_get("/metrics", self._metrics)
+        r.add_post("/reset_prefix_cache" if self.spec.runtime == "vllm" else "/flush_cache", self._reset_cache)
         r.add_post("/sim/load", self._add_load)
         r.add_get("/sim/rooms", self._rooms)
         r.add_get("/sim/lora", self._lora_counts)
@@ -155,6 +168,9 @@ class SimulatedPod:
         if longest + (max_tokens or 1) > self.physics.max_model_len:
             return openai_error(400, f"This model's maximum context length is {self.physics.max_model_len} tokens. "
                                 f"However, you requested {longest + (max_tokens or 1)} tokens.", "BadRequestError")
+        salt = body.get("cache_salt")
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            return openai_error(400, "`cache_salt` must be a non-empty string.", "BadRequestError", "cache_salt")
         try:
             bootstrap = bootstrap_of(body)
         except ValueError as exc:
@@ -189,7 +205,7 @@ class SimulatedPod:
             seqs.append(Sequence(
                 request_id=prefix + uuid.uuid4().hex, tokens=list(tokens), num_prompt=len(tokens), max_tokens=length,
                 finish_reason="length" if max_tokens else "stop",
-                adapter=body["model"] if body["model"] != self.spec.model else None, events=asyncio.Queue(),
+                adapter=body["model"] if body["model"] != self.spec.model else None, salt=salt, events=asyncio.Queue(),
                 transferred=transferred))
         for seq in seqs:
             self.engine.submit(seq)
@@ -431,6 +447,13 @@ class SimulatedPod:
             "internal_states": [{"last_gen_throughput": 0.0}], "version": "sim",
         })
 
+    async def _reset_cache(self, request: web.Request) -> web.Response:
+        """A prefix-cache reset: every cached block forgotten (AllBlocksCleared); refused while requests run."""
+        if not self.engine.reset_prefix_cache():
+            return openai_error(400, "The prefix cache cannot be reset while requests hold blocks.",
+                                "BadRequestError")
+        return web.Response(status=200)
+
     async def _add_load(self, request: web.Request) -> web.Response:
         """Artificial load: synthetic sequences that occupy batch slots and KV blocks for real."""
         try:
@@ -444,7 +467,7 @@ class SimulatedPod:
         if adapter is not None and adapter not in self.served_models[1:]:
             return openai_error(404, f"The adapter `{adapter}` is not served here.", "NotFoundError", "adapter")
         for _ in range(count):
-            tokens = tokenize(" ".join(f"load{len(self._synthetic)}x{j}" for j in range(prompt)))
+            tokens = tokenize(" ".join(f"load{len(self._synthetic)}x{j}" for j in range(prompt)))[:prompt]
             seq = Sequence(request_id=f"load-{uuid.uuid4().hex}", tokens=tokens, num_prompt=len(tokens),
                            max_tokens=output, finish_reason="length", adapter=adapter)
             self._synthetic.append(seq)

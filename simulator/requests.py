@@ -8,10 +8,9 @@ whose message names the field.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from simulator.tokenizer import render_chat, tokenize
+from simulator.tokenizer import render_chat, render_response, tokenize
 
 
 class BadShape(ValueError):
@@ -46,27 +45,19 @@ def prompt_prompts(value: Any, field: str) -> list[list[int]]:
 
 
 def response_prompts(body: dict[str, Any]) -> list[list[int]]:
-    messages: list[dict[str, Any]] = []
     instructions = body.get("instructions")
-    if instructions is not None:
-        if not isinstance(instructions, str):
-            raise BadShape("instructions", "`instructions` must be a string.")
-        messages.append({"role": "system", "content": instructions})
+    if instructions is not None and not isinstance(instructions, str):
+        raise BadShape("instructions", "`instructions` must be a string.")
     items = body.get("input")
-    if isinstance(items, str) and items:
-        messages.append({"role": "user", "content": items})
-    elif isinstance(items, list) and items:
+    if isinstance(items, list) and items:
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise BadShape(f"input[{i}]", f"`input[{i}]` must be an object.")
             if item.get("type", "message") == "message":
                 _check_content(item.get("content"), f"input[{i}].content")
-                messages.append({"role": str(item.get("role", "user")), "content": item.get("content")})
-            else:  # tool calls and their outputs reach the template as text
-                messages.append({"role": "tool", "content": json.dumps(item, sort_keys=True)})
-    else:
+    elif not (isinstance(items, str) and items):
         raise BadShape("input", "`input` must be a string or a non-empty list of items.")
-    return [tokenize(render_chat(messages))]
+    return [tokenize(render_response(body))]
 
 
 def _check_content(content: Any, field: str) -> None:

