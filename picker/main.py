@@ -93,8 +93,9 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     p.add_argument("--flow-control", default=True, action=argparse.BooleanOptionalAction,
                    help="hold requests in a queue while their pool is saturated (--no-flow-control: send them on)")
     p.add_argument("--tokenizer", action="append", default=[], metavar="[MODEL=]PATH",
-                   help="a model's tokenizer and chat template (its GGUF file), for pools indexed from engine "
-                        "events; without MODEL= every model's (repeatable)")
+                   help="a model's tokenizer and chat template (its GGUF file, or its Hugging Face directory with "
+                        "tokenizer.json and tokenizer_config.json), for pools indexed from engine events; "
+                        "without MODEL= every model's (repeatable)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     try:

@@ -74,8 +74,9 @@ class PrefixSettings:
     # engine scheduling the request (the collector's lag is measured per endpoint); 2 s covers a queue
     # wait, as the llm-d router's speculative entries do.
     speculative_ttl_ms: int = 2000
-    # Model name -> the path of its tokenizer (its GGUF file); "" for every other model. Needed by pools
-    # indexed from engine events.
+    # Model name -> the path of its tokenizer (its GGUF file, or its Hugging Face directory with
+    # tokenizer.json and tokenizer_config.json); "" for every other model. Needed by pools indexed from
+    # engine events.
     tokenizers: tuple[tuple[str, str], ...] = ()
 
     @property

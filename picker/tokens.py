@@ -6,8 +6,9 @@ the template for each request shape (`tokenization/openai_shapes.py`). Chat mess
 the template; completion and embedding prompts tokenize as they are (token ids as given; a batch by its
 first prompt, as it is placed as one request); the Responses API renders as its chat.
 
-Each model's tokenizer comes from its GGUF file (the tokenizer and chat template are inside). A request whose model has
-none configured, or that the tokenizer cannot take (an image part, a template error), gets no token
+Each model's tokenizer comes from a path: its GGUF file (computing as llama.cpp does), or its Hugging Face
+directory with `tokenizer.json` and `tokenizer_config.json` (as vLLM and SGLang do). A request whose model
+has none configured, or that the tokenizer cannot take (an image part, a template error), gets no token
 ids: it is routed by load alone in such a pool, and counted (`picker_prompt_untokenized_total`).
 """
 

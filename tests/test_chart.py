@@ -38,7 +38,10 @@ SWITCHES: dict[str, list[dict[str, Any]]] = {
                                        "grafanaDashboard": {"enabled": True}}}],
     "autoscaling": [{}, {"picker": {"autoscaling": {"enabled": True}}}],
     "scope": [{}, {"controller": {"watchNamespace": NAMESPACE}}],
-    "serving": [{}, {"picker": {"secureServing": False, "admin": {"tokensSecret": "admin-tokens"}},
+    "serving": [{}, {"picker": {"secureServing": False, "admin": {"tokensSecret": "admin-tokens"},
+                                "tokenizers": [{"model": "qwen", "path": "/models/qwen.gguf"},
+                                               {"path": "/models/default.gguf"}],
+                                "modelVolume": {"persistentVolumeClaim": {"claimName": "models"}}},
                      "redis": {"bundled": {"persistence": {"enabled": True}}}}],
 }
 
@@ -242,3 +245,14 @@ def test_the_collectors_read_every_gateway_replica_and_the_listed_gateways() -> 
     # pools' failure modes to apply.
     assert envoy["startupProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
     assert envoy["readinessProbe"]["httpGet"] == {"path": "/live", "port": "health"}
+
+
+def test_the_pickers_get_each_models_tokenizer_from_the_mounted_volume() -> None:
+    values = {"picker": {"tokenizers": [{"model": "qwen", "path": "/models/qwen.gguf"}, {"path": "/models/any.gguf"}],
+                         "modelVolume": {"persistentVolumeClaim": {"claimName": "models"}}}}
+    picker = next(d for d in render(values) if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("picker"))
+    spec = picker["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert {"--tokenizer=qwen=/models/qwen.gguf", "--tokenizer=/models/any.gguf"} <= set(container["args"])
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "models"}} in spec["volumes"]

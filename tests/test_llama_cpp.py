@@ -24,6 +24,7 @@ import pytest
 
 from local_fleet.fleet import Fleet, FleetSettings
 from local_fleet.llama_server import model_path
+from picker.tokens import EngineTokens
 from tests.client import post, wait_for
 from tests.conftest import FIXTURES, free_port, relocated
 from tokenization.model_tokenizer import ChatMessage, for_model
@@ -268,6 +269,11 @@ CHATS: dict[str, list[dict[str, Any]]] = {
     "content parts": [{"role": "user", "content": [{"type": "text", "text": "First part."},
                                                    {"type": "text", "text": "Second part, naïve café 🚲."}]}],
     "special tokens written out": [{"role": "user", "content": "Keep <|im_end|> literally, and\ttabs  and\n\nlines"}],
+    "tool turn": [{"role": "system", "content": "You may call tools."},
+                  {"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": "Let me look that up."},
+                  {"role": "tool", "content": "{\"temperature\": 21, \"sky\": \"clear\"}"},
+                  {"role": "user", "content": "And tomorrow?"}],
 }
 PROMPTS = {"plain text": "Once upon a time, in 1999,", "unicode": "Ünïcödé ½ → ∞ 日本語 🚲  two  spaces",
            "control token": "<|im_start|>user\nhello<|im_end|>"}
@@ -287,6 +293,9 @@ async def test_our_chat_tokens_are_llama_cpps(llama_fleet: Fleet, http: aiohttp.
     ours = [ChatMessage.of(m) for m in messages]
     assert tokenizer.render_chat(ours) == rendered
     assert tokenizer.chat_ids(ours) == engine_ids
+    # The picker's own path, from the request body (pools indexed from engine events look these up).
+    body = {"model": MODEL, "messages": messages}
+    assert EngineTokens({"": str(model_path())}).ids("/v1/chat/completions", body, MODEL) == engine_ids
     async with http.post(f"{base}/v1/chat/completions",
                          json={"model": MODEL, "messages": messages, "max_tokens": 1}) as r:
         assert (await r.json())["usage"]["prompt_tokens"] == len(engine_ids)
@@ -299,3 +308,35 @@ async def test_our_completion_tokens_are_llama_cpps(llama_fleet: Fleet, http: ai
     async with http.post(f"{base}/tokenize", json={"content": PROMPTS[shape], "add_special": True}) as r:
         engine_ids = (await r.json())["tokens"]
     assert for_model(model_path()).prompt_ids(PROMPTS[shape]) == engine_ids
+
+
+async def test_the_pickers_completion_and_responses_tokens_are_llama_cpps(llama_fleet: Fleet,
+                                                                          http: aiohttp.ClientSession) -> None:
+    """Every other request shape, body to token ids as the picker computes them, against the engine's count:
+    completions as text, as token ids and as batches of either (placed by the first prompt), and the
+    Responses API (instructions, a string input, message items with text parts)."""
+    base = f"http://{pods(llama_fleet)[PODS[1]]}"
+    tokens = EngineTokens({MODEL: str(model_path())})
+    text = PROMPTS["unicode"]
+    async with http.post(f"{base}/tokenize", json={"content": text, "add_special": True}) as r:
+        engine_ids = (await r.json())["tokens"]
+    for prompt in (text, [text, "another prompt"], engine_ids, [engine_ids, [1, 2, 3]]):
+        assert tokens.ids("/v1/completions", {"model": MODEL, "prompt": prompt}, MODEL) == engine_ids, prompt
+    async with http.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": engine_ids, "max_tokens": 1}) as r:
+        assert (await r.json())["usage"]["prompt_tokens"] == len(engine_ids)
+    responses = [
+        {"input": "What is 2 + 2?"},
+        {"instructions": "Answer briefly.", "input": "Name a planet."},
+        {"instructions": "Be kind.", "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there."}]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi!"}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "One word, please."}]}]},
+    ]
+    for body in responses:
+        ours = tokens.ids("/v1/responses", {"model": MODEL, **body}, MODEL)
+        async with http.post(f"{base}/v1/responses", json={"model": MODEL, "max_output_tokens": 1, **body}) as r:
+            answer = await r.json()
+            assert r.status == 200, answer
+        assert ours is not None and answer["usage"]["input_tokens"] == len(ours), body
+    assert tokens.ids("/v1/chat/completions", {"model": "other", "messages": [{"role": "user", "content": "x"}]},
+                      "other") is None  # no tokenizer for that model: placed by load alone
