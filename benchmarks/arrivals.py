@@ -93,7 +93,7 @@ def oracle_hit_rate(prompts: list[str], block_size: int = 16) -> float:
     for prompt in prompts:
         tokens = tokenize(prompt)
         total += len(tokens)
-        matched, chain = 0, []
+        matched, chain = 0, list[bytes]()
         extend_chain(chain, tokens, block_size, hasher)
         for h in chain[: (len(tokens) - 1) // block_size]:
             if h not in seen:

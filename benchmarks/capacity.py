@@ -3,9 +3,13 @@
 1. per decision on the real request path (the example fleet: Envoy-less gRPC straight to
    one picker, its collector, controller and the other picker running): Redis commands,
    Lua time, bytes in and out, and Redis CPU, net of the fleet's background traffic
-   measured idle for as long;
+   measured idle for as long; with `--manifests examples/kv-events` (a pool indexed from
+   the engines' KV-cache events) also the collectors' event writes over the same window,
+   per engine block, and the request path's share without them;
 2. per script (a standalone Redis, one pool of 8 endpoints, 2 picker replicas, a prompt
-   of 32 blocks): Lua time and bytes of LOOKUP, ADMIT, INDEX and RELEASE;
+   of 32 blocks): Lua time and bytes of LOOKUP, ADMIT, INDEX and RELEASE, and of the
+   index built from events: LOOKUP with speculative entries, the speculative write, and
+   KV_APPLY per batch and per block;
 3. the prefix index at full capacity: keys and memory per pod whose LRU is full (every
    block its own, the worst case), scaled to 1,000 pods;
 4. how many Redis Cluster shards carry 100,000 decisions per second.
@@ -21,10 +25,12 @@ import argparse
 import asyncio
 import json
 import math
+import re
 import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,15 +42,18 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from redis.asyncio import Redis
 
 from benchmarks.gateway_figures import cpu_seconds
-from gateway_state.records import Config, Endpoint, Pool
+from gateway_state.kv_index_store import Removed, Stored
+from gateway_state.placement_store import SpeculativeWrite
+from gateway_state.records import Config, Endpoint, KvStreamStatus, Pool
 from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings, binary
 from testbed.kube import free_port
 
-POOL = "default/qwen-inference-pool"
+POOL = "default/qwen-inference-pool"  # the per-script figures' pool
 MODEL = "/models/Qwen3-32B"
 # A typical chat request: a shared system prompt of about 1,500 characters and a question.
 SYSTEM = "You are a support assistant for an online shop. Answer briefly and politely. " * 20
+STATUS = KvStreamStatus("capacity", "live", 0)  # what each KV_APPLY writes beside its operations
 # The share of a Redis core a shard is planned at, leaving room for replication, persistence and bursts.
 SHARD_CORE_SHARE = 0.7
 
@@ -78,7 +87,7 @@ async def window(redis: Redis, pid: int, work: Any) -> tuple[dict[str, Any], flo
     return difference(await redis_figures(redis, pid), before), elapsed
 
 
-async def decisions(address: str, count: int, concurrency: int) -> None:
+async def decisions(address: str, count: int, concurrency: int, pool: str) -> None:
     """`count` ext_proc decisions straight to one picker, each a chat request whose question differs."""
     headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
         base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
@@ -93,7 +102,7 @@ async def decisions(address: str, count: int, concurrency: int) -> None:
                 body = json.dumps({"model": MODEL, "max_tokens": 32, "messages": [
                     {"role": "system", "content": SYSTEM},
                     {"role": "user", "content": f"[{tag}] Question {n}: where is my order number {n * 7919}?"}]})
-                call = stub.Process(metadata=((("x-inference-pool", POOL),)))
+                call = stub.Process(metadata=((("x-inference-pool", pool),)))
                 await call.write(headers)
                 await call.read()
                 await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=body.encode(),
@@ -106,15 +115,29 @@ async def decisions(address: str, count: int, concurrency: int) -> None:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+def event_counters(fleet: Fleet) -> tuple[float, float]:
+    """The collector's KV-event batches and blocks applied so far (0, 0 without a metrics port)."""
+    if not fleet.settings.collector_metrics_ports:
+        return 0.0, 0.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.settings.collector_metrics_ports[0]}/metrics") as r:
+        text = r.read().decode()
+    def total(name: str) -> float:
+        return sum(float(m) for m in re.findall(rf"^{name}_total{{[^}}]*}} (\S+)$", text, re.M))
+    return total("collector_kv_event_batches"), total("collector_kv_event_blocks")
+
+
 async def per_decision(fleet: Fleet, count: int) -> dict[str, Any]:
     redis = Redis.from_url(fleet.redis_url)
     pid = fleet.processes["redis"].pid
     address = f"127.0.0.1:{fleet.settings.picker_ports[0]}"
+    pool = fleet.first_pool()
     try:
-        await decisions(address, 200, 8)  # warm: the shared system prompt's blocks are indexed
+        await decisions(address, 200, 8, pool)  # warm: the shared system prompt's blocks are indexed
         await asyncio.sleep(1.0)
-        busy, busy_s = await window(redis, pid, lambda: decisions(address, count, 16))
+        events_before = event_counters(fleet)
+        busy, busy_s = await window(redis, pid, lambda: decisions(address, count, 16, pool))
         await asyncio.sleep(1.0)  # the last index writes land
+        events_after = event_counters(fleet)
         idle, idle_s = await window(redis, pid, lambda: asyncio.sleep(max(busy_s, 5.0)))
     finally:
         await redis.aclose()
@@ -135,6 +158,9 @@ async def per_decision(fleet: Fleet, count: int) -> dict[str, Any]:
         "redis_cpu_ms_per_decision": (busy["cpu_s"] - idle["cpu_s"] * scale) / count * 1000,
         "background": {"redis_cpu_ms_per_s": idle["cpu_s"] / idle_s * 1000,
                        "calls_per_s": sum(c for c, _ in idle["commands"].values()) / idle_s},
+        # The collectors' KV-event writes the decisions caused (their batches and blocks, from its metrics).
+        "kv_event_batches_per_decision": (events_after[0] - events_before[0]) / count,
+        "kv_event_blocks_per_decision": (events_after[1] - events_before[1]) / count,
     }
 
 
@@ -196,6 +222,19 @@ async def per_script(redis: Redis, pid: int, calls: int, pods: int) -> dict[str,
     await run("admit", lambda n: store.admit(POOL, "picker-a", key, 60_000, 4, -1, MODEL, 2500.0))
     await run("release", lambda n: store.release(POOL, "picker-a", key, 4, MODEL))
     await run("index (32 blocks)", lambda n: store.index(POOL, key, prompt, 600_000, 29_000))
+    # The index built from engine events: three endpoints hold the prompt by their engines' word.
+    events = hashes(32, "e")
+    for i, e in enumerate(endpoints[:3]):
+        await store.kv_apply(POOL, e.key, [Stored(f"{i}-{j}", h) for j, h in enumerate(events)], STATUS)
+    await run("lookup, events (32 blocks, 3 holders)", lambda n: store.lookup(POOL, events, "picker-a", True))
+    await run("speculative write (4 blocks)",
+              lambda n: store.write(POOL, [SpeculativeWrite(key, events[28:], 2000)]))
+    await run("kv_apply (1 block stored)",
+              lambda n: store.kv_apply(POOL, key, [Stored(f"x{n}", hashes(1, f"s{n}")[0])], STATUS))
+    await run("kv_apply (16 blocks stored)", lambda n: store.kv_apply(
+        POOL, key, [Stored(f"y{n}-{j}", h) for j, h in enumerate(hashes(16, f"t{n}"))], STATUS))
+    await run("kv_apply (16 blocks removed)", lambda n: store.kv_apply(
+        POOL, key, [Removed(f"y{n}-{j}") for j in range(16)], STATUS))
     return out
 
 
@@ -244,7 +283,7 @@ def main() -> None:
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="capacity-"))
     fleet = Fleet(FleetSettings(manifests_dir=a.manifests.resolve(), work_dir=work,
-                                simulator_args=("--time-scale", "0.01")))
+                                simulator_args=("--time-scale", "0.01"), collector_metrics_ports=(free_port(),)))
     try:
         fleet.start()
         result: dict[str, Any] = {"per_decision": asyncio.run(per_decision(fleet, a.decisions))}
@@ -253,6 +292,16 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     result.update(asyncio.run(standalone(a.script_calls, a.pods, a.capacity)))
     d = result["per_decision"]
+    if d["kv_event_batches_per_decision"]:  # the collectors' event writes, by the per-script figures
+        s = result["per_script"]
+        per_block = (s["kv_apply (16 blocks stored)"]["redis_cpu_usec"]
+                     - s["kv_apply (1 block stored)"]["redis_cpu_usec"]) / 15
+        per_batch = s["kv_apply (1 block stored)"]["redis_cpu_usec"] - per_block
+        events_ms = (d["kv_event_batches_per_decision"] * per_batch
+                     + d["kv_event_blocks_per_decision"] * per_block) / 1000
+        d["kv_event_writes"] = {"redis_cpu_usec_per_batch": per_batch, "redis_cpu_usec_per_block": per_block,
+                                "redis_cpu_ms_per_decision": events_ms}
+        d["request_path_redis_cpu_ms_per_decision"] = d["redis_cpu_ms_per_decision"] - events_ms
     per_shard = SHARD_CORE_SHARE / (d["redis_cpu_ms_per_decision"] / 1000)
     result["shards"] = {"decisions_per_s_per_shard": per_shard, "core_share": SHARD_CORE_SHARE,
                         "shards_for_100k_per_s": math.ceil(100_000 / per_shard)}
@@ -276,6 +325,13 @@ def print_tables(r: dict[str, Any]) -> None:
           f"{d['redis_cpu_ms_per_decision'] * 1000:.0f} us of Redis CPU")
     print(f"  background (idle fleet): {d['background']['calls_per_s']:.0f} commands/s, "
           f"{d['background']['redis_cpu_ms_per_s']:.1f} ms of Redis CPU per s")
+    if "kv_event_writes" in d:
+        k = d["kv_event_writes"]
+        print(f"  of which the collectors' KV-event writes: {d['kv_event_batches_per_decision']:.2f} batches and "
+              f"{d['kv_event_blocks_per_decision']:.1f} engine blocks per decision, "
+              f"{k['redis_cpu_usec_per_batch']:.0f} us per batch + {k['redis_cpu_usec_per_block']:.1f} us per block "
+              f"= {k['redis_cpu_ms_per_decision'] * 1000:.0f} us; the request path: "
+              f"{d['request_path_redis_cpu_ms_per_decision'] * 1000:.0f} us of Redis CPU per decision")
     print("\nper script (standalone Redis, 8 endpoints, 2 replicas):")
     print(f"  {'script':<30} {'Lua us':>7} {'CPU us':>7} {'B in':>6} {'B out':>6}")
     for name, s in r["per_script"].items():

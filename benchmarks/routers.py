@@ -43,21 +43,25 @@ def routers(peer_port: int = 30100, upstream_port: int = 30200) -> list[Router]:
         Router("upstream_epp_2_replicas", "upstream", upstream_port, replicas=2),
         Router("ours_default", "envoy", 8090, model="bench-default"),
         Router("ours_prefix_cache", "envoy", 8091, model="bench-prefix"),
+        Router("ours_events", "envoy", 8095, model="bench-events"),  # PREFIX_CACHE on the engines' KV events
         Router("ours_prefix_memory_2_replicas", "picker-local", 8091, model="bench-prefix"),
     ]
 
 
 def manifests(directory: Path, runtime: str, pods: list[str]) -> None:
-    """Pools, Services and listeners for every router of the fleet, over the same pods."""
+    """Pools, Services and listeners for every router of the fleet, over the same pods (which publish their
+    KV-cache events, as the events pool asks: the local fleet starts them so for every router)."""
     runtime_note = f'\n    inference.networking.x-k8s.io/model-server-runtime: "{runtime}"'
     docs = []
-    for name, strategy in (("bench-default", "DEFAULT"), ("bench-prefix", "PREFIX_CACHE")):
+    events_note = '\n    inference-gateway.io/prefix-index: "events"'
+    for name, strategy, note in (("bench-default", "DEFAULT", ""), ("bench-prefix", "PREFIX_CACHE", ""),
+                                 ("bench-events", "PREFIX_CACHE", events_note)):
         docs.append(f"""apiVersion: inference.networking.x-k8s.io/v1alpha2
 kind: InferencePool
 metadata:
   name: {name}
   annotations:
-    inference.networking.x-k8s.io/routing-strategy: "{strategy}"{runtime_note}
+    inference.networking.x-k8s.io/routing-strategy: "{strategy}"{runtime_note}{note}
 spec:
   targetPortNumber: 8000
   selector: {{app: bench}}
@@ -80,6 +84,7 @@ spec:
   selector: {{app: bench}}
   ports: [{{port: 8000}}]""")
     listeners = {8090: ("InferencePool", "bench-default"), 8091: ("InferencePool", "bench-prefix"),
+                 8095: ("InferencePool", "bench-events"),
                  8092: ("Service", "bench-rr"), 8093: ("Service", "bench-random"), 8094: ("Service", "bench-least")}
     docs.append("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: bench}\nspec:\n"
                 "  listeners:\n" + "".join(f"  - {{name: l{p}, protocol: HTTP, port: {p}}}\n" for p in listeners))

@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,13 @@ from benchmarks import arrivals
 from benchmarks.driver import idle_ttft_s, prefix_counters
 from benchmarks.routers import MODEL, PeerProcess, Router, manifests, routers
 from benchmarks.upstream_epp import UpstreamPicker
-from benchmarks.workloads import CachedWorkload, HotPrefixWorkload, SharedPrefixWorkload, StressWorkload
+from benchmarks.workloads import (
+    CachedWorkload,
+    CachePressureWorkload,
+    HotPrefixWorkload,
+    SharedPrefixWorkload,
+    StressWorkload,
+)
 from gateway_state.lifecycle import every
 from local_fleet.fleet import Fleet, FleetSettings
 
@@ -57,6 +64,11 @@ class Profile:
     cached_qps: float = 20.0
     cached_time_scale: float = 1.0
     cached_warm_up_s: float = 8.0
+    # (e): more distinct prefixes than the caches hold, sessions that come back, one pod restarted halfway.
+    pressure: CachePressureWorkload = CachePressureWorkload()
+    pressure_qps: float = 8.0
+    pressure_num_blocks: int = 1000
+    pressure_duration_s: float = 90.0
 
 
 # Time scale 10 makes every step ten times slower than the H100 fits, same ratios:
@@ -110,7 +122,8 @@ async def sample_pods(pods: list[str], stop: asyncio.Event, series: Samples) -> 
 
 
 async def measure(url: str, model: str, pods: list[str], workload: str, profile: Profile, qps: float,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, restart_one: Callable[[], None] | None = None) -> dict[str, Any]:
+    """`restart_one`: restarts one pod (workload (e) calls it halfway through, off the event loop)."""
     if workload == "cached":  # the caches fill through the router under test, then the counting starts
         warm = replace(profile.cached, seed=profile.cached.seed + 1)
         await arrivals.poisson(url, model, warm.conversations(), qps, profile.cached_warm_up_s, warm.max_tokens, seed)
@@ -128,6 +141,16 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
     elif workload == "cached":
         done = await arrivals.poisson(url, model, profile.cached.conversations(), qps, profile.duration_s,
                                       profile.cached.max_tokens, seed)
+    elif workload == "pressure":
+        async def restart_halfway() -> None:
+            await asyncio.sleep(profile.pressure_duration_s / 2)
+            if restart_one is not None:
+                await asyncio.to_thread(restart_one)
+
+        restarter = asyncio.create_task(restart_halfway())
+        done = await arrivals.poisson(url, model, profile.pressure.conversations(), qps, profile.pressure_duration_s,
+                                      profile.pressure.max_tokens, seed)
+        await restarter
     else:
         rng = random.Random(seed)
         done = await arrivals.concurrent(url, model, profile.stress.conversations(), profile.stress_concurrency,
@@ -163,7 +186,14 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
     }
 
 
-WORKLOADS = ("shared_prefix", "stress", "hot_prefix", "cached")
+WORKLOADS = ("shared_prefix", "stress", "hot_prefix", "cached", "pressure")
+
+
+def restart_pods(fleet: Fleet, extra: tuple[str, ...]) -> None:
+    """Every pod anew (empty caches, zeroed counters), with `extra` simulator flags for this workload."""
+    for name in sorted(n for n in fleet.processes if n.startswith("pod-")):
+        fleet.restart(name, extra)
+    fleet.wait_pods()
 
 
 def run_flavour(flavour: str, profile: Profile, selected: list[Router], workloads: tuple[str, ...],
@@ -176,32 +206,33 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
     pods = [f"{flavour}-{i}@127.0.{subnet}.{i + 1}:8000" for i in range(profile.pods)]
     (work / "manifests").mkdir()
     manifests(work / "manifests", flavour, pods)
+    # A process per pod, so one can restart alone (workload (e)).
     fleet = Fleet(FleetSettings(manifests_dir=work / "manifests", work_dir=work,
                                 simulator_args=("--time-scale", str(profile.time_scale),
                                                 "--num-blocks", str(profile.num_blocks)),
-                                picker_args=picker_args))
+                                picker_args=picker_args, pod_per_process=True))
     endpoints = [p.split("@")[1] for p in pods]
     upstream = UpstreamPicker(work, flavour, endpoints, next(r.port for r in routers() if r.kind == "upstream"))
     fleet.start()
     try:
         fleet.wait_pods()
         plan = [("shared_prefix", q) for q in profile.qps] + [("stress", 0.0), ("hot_prefix", profile.hot_qps),
-                                                              ("cached", profile.cached_qps)]
+                                                              ("cached", profile.cached_qps),
+                                                              ("pressure", profile.pressure_qps)]
         plan = [(w, q) for w, q in plan if w in workloads]
         direct_s: dict[tuple[str, ...], float] = {}  # per pod speed: a request straight to an idle pod
         for workload, qps in plan:
-            # Each workload's pods at its own speed; cold caches and zeroed counters for every router.
-            speed = ("--time-scale", str(profile.cached_time_scale)) if workload == "cached" else ()
+            # Each workload's pods at its own speed and cache size; cold caches and zeroed counters for every router.
+            speed = ("--time-scale", str(profile.cached_time_scale)) if workload == "cached" else \
+                ("--num-blocks", str(profile.pressure_num_blocks)) if workload == "pressure" else ()
             if speed not in direct_s:
-                fleet.restart(f"pods-{flavour}", speed)
-                fleet.wait_pods()
+                restart_pods(fleet, speed)
                 direct_s[speed] = asyncio.run(idle_ttft_s(f"http://{endpoints[0]}", MODEL))
             for run, router in ((run, router) for run in range(runs) for router in selected):
                 progress[0] += 1
                 print(f"[{progress[0]}/{total}] {flavour} {workload} qps={qps or '-'} {router.name}"
                       + (f" run {run + 1}" if runs > 1 else "") + " ...", flush=True)
-                fleet.restart(f"pods-{flavour}", speed)
-                fleet.wait_pods()
+                restart_pods(fleet, speed)
                 peer = None
                 if router.kind == "peer":
                     peer = PeerProcess(router, endpoints, work)
@@ -215,8 +246,10 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                 try:
                     added_ms = (asyncio.run(idle_ttft_s(f"http://127.0.0.1:{router.port}", router.model))
                                 - direct_s[speed]) * 1000
+                    one = f"pod-{pods[len(pods) // 2].split('@')[0]}"
                     result = asyncio.run(measure(f"http://127.0.0.1:{router.port}", router.model, endpoints,
-                                                 workload, profile, qps, seed=17 + run))
+                                                 workload, profile, qps, seed=17 + run,
+                                                 restart_one=lambda one=one, speed=speed: fleet.restart(one, speed)))
                 finally:
                     if peer is not None:
                         peer.stop()
@@ -346,7 +379,8 @@ def repeated(rows: list[dict[str, Any]]) -> list[str]:
     groups: dict[tuple[str, str, float], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         groups[(r["flavour"], r["workload"], r["qps"])][r["router"]].append(r)
-    if all(len(runs) < 2 for g in groups.values() for runs in g.values()):
+    if all(len(runs) < 2 for g in groups.values() for runs in g.values()) and \
+            not any("ours_events" in g for g in groups.values()):
         return []
     out = ["| flavour | workload | qps | router | runs | mean hit | mean p90 s | mean p99 s | worst p99 s |",
            "|" + "---|" * 9]
@@ -361,6 +395,29 @@ def repeated(rows: list[dict[str, Any]]) -> list[str]:
             m = means[router]
             out.append(f"| {flavour} | {workload} | {qps or '-'} | {router} | {m['n']:.0f} | {m['hit']:.3f} | "
                        f"{m['p90']:.3f} | {m['p99']:.3f} | {m['worst']:.3f} |")
+        events, approximate = means.get("ours_events"), means.get("ours_prefix_cache")
+        if workload == "pressure" and events:
+            where = f"| {flavour} | (e) {qps:g} QPS: ours_events"
+            if approximate:
+                met = events["hit"] >= approximate["hit"] + 0.05
+                checks.append(f"{where} mean hit >= ours_prefix_cache's + 0.05 | {events['hit']:.3f} / "
+                              f"{approximate['hit']:.3f} | {'yes' if met else 'no'} |")
+            for peer in ("ours_prefix_cache", "sglang_cache_aware", "upstream_epp"):
+                if peer in means:
+                    for key in ("p90", "p99"):
+                        met = events[key] < means[peer][key]
+                        checks.append(f"{where} mean {key} < {peer}'s | {events[key]:.3f} / {means[peer][key]:.3f} | "
+                                      f"{'yes' if met else 'no'} |")
+                    if peer != "ours_prefix_cache":
+                        met = events["hit"] > means[peer]["hit"]
+                        checks.append(f"{where} mean hit > {peer}'s | {events['hit']:.3f} / {means[peer]['hit']:.3f} "
+                                      f"| {'yes' if met else 'no'} |")
+        if workload == "shared_prefix" and events and approximate:
+            for key, met in (("hit", events["hit"] >= approximate["hit"]),
+                             ("p90", events["p90"] <= approximate["p90"])):
+                checks.append(f"| {flavour} | (a) {qps:g} QPS: ours_events mean {key} no worse than "
+                              f"ours_prefix_cache's | {events[key]:.3f} / {approximate[key]:.3f} | "
+                              f"{'yes' if met else 'no'} |")
         ours, sgl = means.get("ours_prefix_cache"), means.get("sglang_cache_aware")
         if workload == "shared_prefix" and ours and sgl:
             for name, key, better in (("mean p99 <=", "p99", min), ("worst p99 <=", "worst", min),
@@ -436,7 +493,7 @@ def main() -> None:
         profile = replace(profile, flavours=tuple(a.flavours))
     selected = [r for r in routers() if not a.routers or r.name in a.routers]
     runs_per_flavour = (len(profile.qps) * ("shared_prefix" in a.workloads) + ("stress" in a.workloads)
-                        + ("hot_prefix" in a.workloads) + ("cached" in a.workloads))
+                        + ("hot_prefix" in a.workloads) + ("cached" in a.workloads) + ("pressure" in a.workloads))
     total = len(profile.flavours) * runs_per_flavour * len(selected) * a.runs
     rows: list[dict[str, Any]] = []
     progress = [0]

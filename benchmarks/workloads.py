@@ -33,8 +33,8 @@ class Conversation:
 class SharedPrefixWorkload:
     """G groups x U users: a long system prompt per group, per-user questions, conversations that grow.
 
-    With the simulator's tokenizer a word is a token, so `system_words` is the
-    shared prefix in tokens.
+    Each of the workloads' words is one or two tokens of the simulator's tokenizer (SmolLM2's): about
+    1.3 tokens a word.
     """
 
     groups: int = 8
@@ -121,3 +121,30 @@ class CachedWorkload:
         rng = random.Random(self.seed)
         return [Conversation(i % self.groups, i, systems[i % self.groups],
                              [f"Question {i}: " + _text(rng, self.question_words)]) for i in range(self.requests)]
+
+
+@dataclass(frozen=True)
+class CachePressureWorkload:
+    """More distinct shared prefixes than the pool's KV caches hold: G groups of U users, each group's
+    long system prompt shared by its users, conversations that come back turn after turn. Turns arrive at
+    random among the idle conversations, so a session often returns after its prefix was evicted to make
+    room for others; the benchmark also restarts one pod mid-run (its cache emptied).
+
+    With the profile's caches (8 pods of 1,000 blocks of 16 tokens: 128k tokens) the 160 prefixes of about
+    1,000 tokens each (160k tokens, before the conversations grow) do not all fit.
+    """
+
+    groups: int = 160
+    users: int = 3
+    turns: int = 4
+    system_words: int = 760
+    question_words: int = 30
+    max_tokens: int = 16
+    seed: int = 29
+
+    def conversations(self) -> list[Conversation]:
+        rng = random.Random(self.seed)
+        systems = [f"Pressure group {g} rules. " + _text(rng, self.system_words) for g in range(self.groups)]
+        return [Conversation(g, u, systems[g],
+                             [f"User {g}.{u} turn {t}: " + _text(rng, self.question_words) for t in range(self.turns)])
+                for g in range(self.groups) for u in range(self.users)]

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from collector.kv_events import EndpointIndex, Undecodable, decode_batch
 from collector.metrics import CollectorMetrics
 from gateway_state.clock import FleetClock
-from gateway_state.kv_index_store import KvIndexStore, KvOp
+from gateway_state.kv_index_store import KvIndexStore, KvOp, Stored
 from gateway_state.records import Config, Endpoint, KvEvents, KvStreamStatus, LoadSample
 
 log = logging.getLogger("collector.kv")
@@ -201,6 +201,11 @@ class KvEventStream:
         self.last_event_ms = self._clock.now_ms()
         self._metrics.kv_lag.labels(self.pool, self.endpoint.key).set(self.lag_ms / 1000)
         self._metrics.kv_batches.labels(self.pool).inc()
+        stored = sum(1 for op in ops if isinstance(op, Stored))
+        if stored:
+            self._metrics.kv_blocks_applied.labels(self.pool, "stored").inc(stored)
+        if len(ops) > stored:
+            self._metrics.kv_blocks_applied.labels(self.pool, "removed").inc(len(ops) - stored)
         self._recent[seq] = _digest(payload)
         while len(self._recent) > _RECENT:
             self._recent.popitem(last=False)

@@ -67,6 +67,8 @@ class CollectorMetrics:
                                "engine reported them.", kv, registry=r)
         self.kv_batches = Counter("collector_kv_event_batches", "KV-event batches applied to the index.", ["pool"],
                                   registry=r)
+        self.kv_blocks_applied = Counter("collector_kv_event_blocks", "Blocks the index took from KV events, by "
+                                         "event (stored, removed).", ["pool", "event"], registry=r)
         self.kv_gaps = Counter("collector_kv_stream_gaps", "Times a batch was missed and asked again from the "
                                "engine's replay buffer.", kv, registry=r)
         self.kv_resyncs = Counter("collector_kv_stream_resyncs", "Times the endpoint's entries were dropped and "

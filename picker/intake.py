@@ -123,7 +123,7 @@ class Intake:
         """The prompt's blocks as the pool's engines cache them: their token ids, in blocks of the size their
         events report, under our keys chained from the adapter (a model other than the one the pods run)
         and the request's cache salt."""
-        ids = self._tokens.ids(path, {**parsed.body, "model": target}, target) if self._tokens else None
+        ids = self._tokens.ids(path, parsed.body, target) if self._tokens else None
         if ids is None:
             return []
         sizes = Counter(s.block_size for s in streams.values() if s.block_size > 0)

@@ -96,6 +96,9 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
                    help="a model's tokenizer and chat template (its GGUF file, or its Hugging Face directory with "
                         "tokenizer.json and tokenizer_config.json), for pools indexed from engine events; "
                         "without MODEL= every model's (repeatable)")
+    p.add_argument("--speculative-ttl-ms", type=int, default=PrefixSettings().speculative_ttl_ms,
+                   help="pools indexed from engine events: how long a placement stands for its blocks until the "
+                        "engine's event")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     try:
@@ -113,7 +116,8 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
         state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms),
         scheduling=scheduling,
         flow=FlowSettings(enabled=a.flow_control),
-        prefix=PrefixSettings(tokenizers=tuple(_tokenizer(t) for t in a.tokenizer)),
+        prefix=PrefixSettings(tokenizers=tuple(_tokenizer(t) for t in a.tokenizer),
+                              speculative_ttl_ms=a.speculative_ttl_ms),
     )
 
 

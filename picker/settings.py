@@ -79,6 +79,10 @@ class PrefixSettings:
     # engine events.
     tokenizers: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.speculative_ttl_ms <= 0:
+            raise ValueError("speculative_ttl_ms must be positive")
+
     @property
     def block_tokens(self) -> int:
         """Token ids per block of a token-id prompt: as many tokens as a text block holds (16)."""
