@@ -135,7 +135,10 @@ async def per_decision(fleet: Fleet, count: int) -> dict[str, Any]:
         await decisions(address, 200, 8, pool)  # warm: the shared system prompt's blocks are indexed
         await asyncio.sleep(1.0)
         events_before = event_counters(fleet)
+        lags: list[float] = []
+        sampling = asyncio.create_task(sample_lags(StateStore(redis), pool, lags))
         busy, busy_s = await window(redis, pid, lambda: decisions(address, count, 16, pool))
+        sampling.cancel()
         await asyncio.sleep(1.0)  # the last index writes land
         events_after = event_counters(fleet)
         idle, idle_s = await window(redis, pid, lambda: asyncio.sleep(max(busy_s, 5.0)))
@@ -161,7 +164,26 @@ async def per_decision(fleet: Fleet, count: int) -> dict[str, Any]:
         # The collectors' KV-event writes the decisions caused (their batches and blocks, from its metrics).
         "kv_event_batches_per_decision": (events_after[0] - events_before[0]) / count,
         "kv_event_blocks_per_decision": (events_after[1] - events_before[1]) / count,
+        # From an engine's timestamp on a batch to the collector's applying it (sampled every 50 ms).
+        "kv_event_lag_ms": {"samples": len(lags), "p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99),
+                            "max": max(lags, default=0.0)},
     }
+
+
+async def sample_lags(store: StateStore, pool: str, out: list[float]) -> None:
+    """Each new batch's lag, as the collectors record it in the streams' statuses."""
+    seen: dict[str, int] = {}
+    while True:
+        for endpoint, status in (await store.kv_statuses(pool)).items():
+            if status.seq != seen.get(endpoint, status.seq):
+                out.append(status.lag_ms)
+            seen[endpoint] = status.seq
+        await asyncio.sleep(0.05)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 class StandaloneRedis:
@@ -332,6 +354,9 @@ def print_tables(r: dict[str, Any]) -> None:
               f"{k['redis_cpu_usec_per_batch']:.0f} us per batch + {k['redis_cpu_usec_per_block']:.1f} us per block "
               f"= {k['redis_cpu_ms_per_decision'] * 1000:.0f} us; the request path: "
               f"{d['request_path_redis_cpu_ms_per_decision'] * 1000:.0f} us of Redis CPU per decision")
+        lag = d["kv_event_lag_ms"]
+        print(f"  KV-event lag (engine's timestamp to the index, {lag['samples']} batches sampled): "
+              f"p50 {lag['p50']:.1f} ms, p99 {lag['p99']:.1f} ms, max {lag['max']:.1f} ms")
     print("\nper script (standalone Redis, 8 endpoints, 2 replicas):")
     print(f"  {'script':<30} {'Lua us':>7} {'CPU us':>7} {'B in':>6} {'B out':>6}")
     for name, s in r["per_script"].items():

@@ -67,8 +67,8 @@ class Profile:
     # (e): more distinct prefixes than the caches hold, sessions that come back, one pod restarted halfway.
     pressure: CachePressureWorkload = CachePressureWorkload()
     pressure_qps: float = 8.0
-    pressure_num_blocks: int = 1000
-    pressure_duration_s: float = 90.0
+    pressure_num_blocks: int = 600
+    pressure_duration_s: float = 60.0
 
 
 # Time scale 10 makes every step ten times slower than the H100 fits, same ratios:

@@ -130,8 +130,8 @@ class CachePressureWorkload:
     random among the idle conversations, so a session often returns after its prefix was evicted to make
     room for others; the benchmark also restarts one pod mid-run (its cache emptied).
 
-    With the profile's caches (8 pods of 1,000 blocks of 16 tokens: 128k tokens) the 160 prefixes of about
-    1,000 tokens each (160k tokens, before the conversations grow) do not all fit.
+    With the profile's caches (8 pods of 600 blocks of 16 tokens: 76,800 tokens) the 160 prefixes of about
+    850 tokens each (136,000 tokens, before the conversations grow) do not all fit.
     """
 
     groups: int = 160

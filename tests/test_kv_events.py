@@ -27,7 +27,7 @@ from gateway_state.block_keys import engine_root, token_keys
 from gateway_state.records import Config, Endpoint, KvEvents, Pool, Runtime
 from gateway_state.store import StateStore
 from simulator.block_hashes import SglangHashes, VllmHashes
-from simulator.kv_events import KvEventsConfig
+from simulator.kv_events import KvEventsConfig, offset_endpoint
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
 from simulator.tokenizer import tokenize
@@ -54,6 +54,21 @@ def test_sglang_page_hashes_chain_sha256_over_little_endian_token_ids() -> None:
     assert page == hashlib.sha256(b"\x01\x00\x00\x00\x02\x00\x00\x00").digest()
     assert hasher.block(page, (3,), None) == hashlib.sha256(page + b"\x03\x00\x00\x00").digest()
     assert hasher.wire(page) == int.from_bytes(page[:8], "big", signed=True)
+
+
+def test_the_events_config_reads_as_the_engines_flag_and_ranks_offset_the_ports() -> None:
+    vllm = KvEventsConfig.parse('{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:6000", '
+                                '"replay_endpoint": "tcp://*:6001", "topic": "kv", "buffer_steps": 5}', "vllm")
+    assert vllm == KvEventsConfig("tcp://*:6000", "tcp://*:6001", "kv", 5)
+    assert KvEventsConfig.parse('{"publisher": "zmq"}', "vllm") is None  # vLLM needs enable_kv_cache_events
+    assert KvEventsConfig.parse('{"publisher": "zmq"}', "sglang") == KvEventsConfig()
+    assert KvEventsConfig.parse('{"enable_kv_cache_events": true, "publisher": "null"}', "vllm") is None
+    with pytest.raises(ValueError):
+        KvEventsConfig.parse('{"enable_kv_cache_events": true, "publisher": "kafka"}', "vllm")
+    # `*` is the pod's own address; a data-parallel rank moves the port up by its number.
+    assert offset_endpoint("tcp://*:5557", "127.0.0.9", 0) == "tcp://127.0.0.9:5557"
+    assert offset_endpoint("tcp://*:5557", "127.0.0.9", 2) == "tcp://127.0.0.9:5559"
+    assert offset_endpoint("tcp://10.0.0.1:5557", "127.0.0.9", 1) == "tcp://10.0.0.1:5558"
 
 
 def _stored(**overrides: object) -> dict[str, object]:
