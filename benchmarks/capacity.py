@@ -35,6 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -44,6 +45,7 @@ from redis.asyncio import Redis
 from benchmarks.gateway_figures import cpu_seconds
 from gateway_state.kv_index_store import Removed, Stored
 from gateway_state.placement_store import SpeculativeWrite
+from gateway_state.protocol import DESTINATION_HEADER
 from gateway_state.records import Config, Endpoint, KvStreamStatus, Pool
 from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings, binary
@@ -87,14 +89,16 @@ async def window(redis: Redis, pid: int, work: Any) -> tuple[dict[str, Any], flo
     return difference(await redis_figures(redis, pid), before), elapsed
 
 
-async def decisions(address: str, count: int, concurrency: int, pool: str) -> None:
-    """`count` ext_proc decisions straight to one picker, each a chat request whose question differs."""
+async def decisions(address: str, count: int, concurrency: int, pool: str, forward: bool = False) -> None:
+    """`count` ext_proc decisions straight to one picker, each a chat request whose question differs.
+    `forward`: each request then goes to the pod the picker named, as the gateway would send it (so the
+    engines cache its prompt and publish their KV-cache events)."""
     headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
         base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
         base_pb2.HeaderValue(key=":path", raw_value=b"/v1/chat/completions")])))
     tag = uuid.uuid4().hex
     left = iter(range(count))
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(address) as channel, aiohttp.ClientSession() as http:
         stub = pb_grpc.ExternalProcessorStub(channel)
 
         async def worker() -> None:
@@ -109,6 +113,13 @@ async def decisions(address: str, count: int, concurrency: int, pool: str) -> No
                                                                                end_of_stream=True)))
                 response = await call.read()
                 assert response.WhichOneof("response") == "request_body", response
+                if forward:
+                    headers_set = response.request_body.response.header_mutation.set_headers
+                    pod = next(h.header.raw_value.decode() for h in headers_set
+                               if h.header.key == DESTINATION_HEADER).split(",")[0]
+                    async with http.post(f"http://{pod}/v1/chat/completions", data=body,
+                                         headers={"content-type": "application/json"}) as answer:
+                        assert answer.status == 200, await answer.text()
                 await call.done_writing()
                 await call.read()  # the stream's end: the picker has released the request
 
@@ -126,18 +137,18 @@ def event_counters(fleet: Fleet) -> tuple[float, float]:
     return total("collector_kv_event_batches"), total("collector_kv_event_blocks")
 
 
-async def per_decision(fleet: Fleet, count: int) -> dict[str, Any]:
+async def per_decision(fleet: Fleet, count: int, forward: bool) -> dict[str, Any]:
     redis = Redis.from_url(fleet.redis_url)
     pid = fleet.processes["redis"].pid
     address = f"127.0.0.1:{fleet.settings.picker_ports[0]}"
     pool = fleet.first_pool()
     try:
-        await decisions(address, 200, 8, pool)  # warm: the shared system prompt's blocks are indexed
+        await decisions(address, 200, 8, pool, forward)  # warm: the shared system prompt's blocks are indexed
         await asyncio.sleep(1.0)
         events_before = event_counters(fleet)
         lags: list[float] = []
         sampling = asyncio.create_task(sample_lags(StateStore(redis), pool, lags))
-        busy, busy_s = await window(redis, pid, lambda: decisions(address, count, 16, pool))
+        busy, busy_s = await window(redis, pid, lambda: decisions(address, count, 16, pool, forward))
         sampling.cancel()
         await asyncio.sleep(1.0)  # the last index writes land
         events_after = event_counters(fleet)
@@ -302,13 +313,15 @@ def main() -> None:
                    help="prefix blocks per pod at full capacity (the simulator's 29,000 KV blocks of 16 tokens "
                         "hold 29,000 blocks of 64 characters)")
     p.add_argument("--manifests", type=Path, default=Path("examples/fleet"))
+    p.add_argument("--forward", action="store_true",
+                   help="send each request on to the pod the picker named (the engines then publish KV events)")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="capacity-"))
     fleet = Fleet(FleetSettings(manifests_dir=a.manifests.resolve(), work_dir=work,
                                 simulator_args=("--time-scale", "0.01"), collector_metrics_ports=(free_port(),)))
     try:
         fleet.start()
-        result: dict[str, Any] = {"per_decision": asyncio.run(per_decision(fleet, a.decisions))}
+        result: dict[str, Any] = {"per_decision": asyncio.run(per_decision(fleet, a.decisions, a.forward))}
     finally:
         fleet.stop()
         shutil.rmtree(work, ignore_errors=True)

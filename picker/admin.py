@@ -180,7 +180,6 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
     async def prefix(namespace: str, name: str, _: Reader) -> dict[str, Any]:
         pool = pool_of(namespace, name)
         samples = ctx.snapshots.current.load.get(pool.name, {})
-        held = await ctx.store.prefix_blocks_held(pool.name, [e.key for e in pool.endpoints])
         minute = int(time.time() // 60)
         counts = await ctx.store.hit_counts(pool.name, range(minute - max(HIT_WINDOWS_MIN) + 1, minute + 1))
         windows: dict[str, dict[str, dict[str, float | int | None]]] = {}
@@ -192,7 +191,14 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
                     t[0], t[1] = t[0] + queried, t[1] + matched
             windows[f"{window}m"] = {model: {"queried_blocks": q, "matched_blocks": m,
                                              "hit_ratio": m / q if q else None} for model, (q, m) in totals.items()}
-        return {"pool": pool.name, "endpoints": [
+        if pool.kv_events is not None:  # the engines' own word: each endpoint's KV-event stream
+            streams = await ctx.store.kv_statuses(pool.name)
+            endpoints = [{"name": e.name, "endpoint": e.key,
+                          "blocks_held": streams[e.key].blocks if e.key in streams else 0,
+                          "stream": asdict(streams[e.key]) if e.key in streams else None} for e in pool.endpoints]
+            return {"pool": pool.name, "prefix_index": "events", "endpoints": endpoints, "hit_ratios": windows}
+        held = await ctx.store.prefix_blocks_held(pool.name, [e.key for e in pool.endpoints])
+        return {"pool": pool.name, "prefix_index": "approximate", "endpoints": [
             {"name": e.name, "endpoint": e.key, "blocks_held": held.get(e.key, 0),
              "capacity_blocks": ctx.placement.capacity_blocks(samples.get(e.key))} for e in pool.endpoints],
             "hit_ratios": windows}

@@ -117,6 +117,13 @@ async def test_round2_lands_where_round1_is_cached_and_every_replica_sees_it(
     assert again["matched_blocks"][home] > views[1]["matched_blocks"][home]  # round2's own blocks, reported since
     status = (await store.kv_statuses(POOL))[home]
     assert status.blocks > 0 and status.block_size == 16 and (status.gaps, status.resyncs, status.garbage) == (0, 0, 0)
+    async with http.get(f"http://127.0.0.1:{events_fleet.settings.picker_admin_ports[0]}"
+                        "/admin/pools/default/events-pool/prefix",
+                        headers={"Authorization": f"Bearer {events_fleet.admin_tokens['read']}"}) as r:
+        prefix = await r.json()
+    assert prefix["prefix_index"] == "events"
+    shown = next(e for e in prefix["endpoints"] if e["endpoint"] == home)
+    assert shown["stream"]["state"] == "live" and shown["blocks_held"] >= status.blocks > 0
 
 
 async def test_a_placement_counts_speculatively_until_the_engine_reports_it(
