@@ -24,7 +24,9 @@ from collector.kv_events import BlockRemoved, BlockStored, EndpointIndex, Undeco
 from collector.metrics import CollectorMetrics
 from gateway_state import keys
 from gateway_state.block_keys import engine_root, token_keys
-from gateway_state.records import Config, Endpoint, KvEvents, Pool, Runtime
+from gateway_state.kv_index_store import Stored
+from gateway_state.placement_store import SpeculativeWrite
+from gateway_state.records import Config, Endpoint, KvEvents, KvStreamStatus, Pool, Runtime
 from gateway_state.store import StateStore
 from simulator.block_hashes import SglangHashes, VllmHashes
 from simulator.kv_events import KvEventsConfig, offset_endpoint
@@ -277,3 +279,19 @@ async def test_a_restarted_pod_drops_its_entries_and_a_replaced_collector_replay
         assert status.resyncs == 1 and status.blocks == len(cached(live))
     finally:
         await live.stop()
+
+
+async def test_speculative_entries_count_until_their_time_passes_and_events_stand_alone(redis_client: Redis) -> None:
+    """LOOKUP on an index built from events: a picker's speculative entry counts while it lives, only where
+    the caller asks for them; the engine's own entry stands without a lifetime."""
+    store = StateStore(redis_client)
+    blocks = token_keys(engine_root(None, None, SEED), list(range(64)), 16, 10, SEED)
+    await store.write("p", [SpeculativeWrite("10.0.0.1:8000", blocks, 300)])
+    assert await redis_client.hexists(keys.speculative_block("p", blocks[0]), "10.0.0.1:8000")
+    assert (await store.lookup("p", blocks, speculative=True)).matched_blocks == {"10.0.0.1:8000": 4}
+    assert (await store.lookup("p", blocks)).matched_blocks == {}  # an approximate pool reads none
+    await store.kv_apply("p", "10.0.0.2:8000", [Stored(f"e{i}", b) for i, b in enumerate(blocks[:2])],
+                         KvStreamStatus("c", "live", 0))
+    await asyncio.sleep(0.4)
+    assert (await store.lookup("p", blocks, speculative=True)).matched_blocks == {"10.0.0.2:8000": 2}
+    assert not await redis_client.exists(keys.speculative_block("p", blocks[0]))  # the key went with its entries
