@@ -102,10 +102,11 @@ class Intake:
         if Strategy.PREFIX_CACHE in (pool.strategy, mirror.strategy if mirror else None):
             if pool.kv_events is not None:
                 streams = (kv_streams or {}).get(pool.name, {})
-                hashes = self._engine_blocks(path, parsed, target, config.prefix_seed, streams,
+                engine = self._engine_blocks(path, parsed, target, config.prefix_seed, streams,
                                              (load or {}).get(pool.name, {}))
-                if not hashes and self._untokenized is not None:
+                if engine is None and self._untokenized is not None:
                     self._untokenized(pool.name)
+                hashes = engine or []
                 live = frozenset(e for e, s in streams.items() if s.live)
             else:
                 hashes = block_hashes(parsed.prompt, target, config.prefix_seed, p.block_chars, p.block_tokens,
@@ -119,13 +120,13 @@ class Intake:
                                 model.queue_ttl_ms or pool.flow.queue_ttl_ms, pool.kv_events is not None, live)
 
     def _engine_blocks(self, path: str, parsed: ParsedRequest, target: str, seed: int,
-                       streams: Mapping[str, KvStreamStatus], samples: Mapping[str, LoadSample]) -> list[str]:
+                       streams: Mapping[str, KvStreamStatus], samples: Mapping[str, LoadSample]) -> list[str] | None:
         """The prompt's blocks as the pool's engines cache them: their token ids, in blocks of the size their
         events report, under our keys chained from the adapter (a model other than the one the pods run)
-        and the request's cache salt."""
+        and the request's cache salt. None when its token ids cannot be known."""
         ids = self._tokens.ids(path, parsed.body, target) if self._tokens else None
         if ids is None:
-            return []
+            return None
         sizes = Counter(s.block_size for s in streams.values() if s.block_size > 0)
         block_size = sizes.most_common(1)[0][0] if sizes else self._prefix.block_tokens
         bases = Counter(s.base_model for s in samples.values() if s.base_model)
