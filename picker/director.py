@@ -135,7 +135,7 @@ class Director:
         snapshot = self._snapshots.current
         return self._intake.read(snapshot.config, arrival.pool, arrival.path, arrival.body,
                                  arrival.subset, arrival.mirror.pool if arrival.mirror else None, arrival.objective,
-                                 arrival.tenant, snapshot.kv_streams, snapshot.load)
+                                 arrival.tenant, snapshot.kv_events)
 
     async def _place(self, roles: list[RoleRequest]) -> Placements:
         """Steps 3 and 4: through flow control's gate, then every role placed."""

@@ -24,6 +24,24 @@ from picker.tokens import EngineTokens
 
 
 @dataclass(frozen=True)
+class PoolEvents:
+    """What a pool indexed from engine events tells intake, derived once per snapshot: its engines' block
+    size (0 unknown yet), the endpoints whose stream is live, and the model its pods run (a request for
+    another is for a LoRA adapter, whose blocks the engine keys apart)."""
+
+    block_size: int = 0
+    live: frozenset[str] = frozenset()
+    base_model: str = ""
+
+    @classmethod
+    def of(cls, streams: Mapping[str, KvStreamStatus], samples: Mapping[str, LoadSample]) -> PoolEvents:
+        sizes = Counter(s.block_size for s in streams.values() if s.block_size > 0)
+        bases = Counter(s.base_model for s in samples.values() if s.base_model)
+        return cls(sizes.most_common(1)[0][0] if sizes else 0, frozenset(e for e, s in streams.items() if s.live),
+                   bases.most_common(1)[0][0] if bases else "")
+
+
+@dataclass(frozen=True)
 class PlacementRequest:
     model: str  # as the client named it
     pool: Pool
@@ -64,13 +82,12 @@ class Intake:
     def read(self, config: Config | None, route_pool: str | None, path: str, raw: bytes,
              subset: frozenset[str] | None = None, mirror_pool: str | None = None,
              objective: str | None = None, tenant: str = "",
-             kv_streams: Mapping[str, Mapping[str, KvStreamStatus]] | None = None,
-             load: Mapping[str, Mapping[str, LoadSample]] | None = None) -> PlacementRequest:
+             events: Mapping[str, PoolEvents] | None = None) -> PlacementRequest:
         """`subset`: the gateway's hint, the only endpoints (`ip:port`) it may route this request to.
         `mirror_pool`: the pool the route mirrors to, whose strategy may need the prompt's blocks too.
         `objective`: the InferenceObjective the request names (a header); its priority wins over the
-        model's criticality. `tenant`: its fairness id. `kv_streams` and `load`: the snapshot's, for a
-        pool indexed from engine events (its block size, live streams and base model)."""
+        model's criticality. `tenant`: its fairness id. `events`: the snapshot's, per pool indexed from
+        engine events."""
         parsed = parse_request(path, raw, self._max_body_bytes)
         if config is None:
             raise PickerUnavailable("no configuration loaded from Redis yet")
@@ -101,13 +118,12 @@ class Intake:
         mirror = config.pools.get(mirror_pool) if mirror_pool else None
         if Strategy.PREFIX_CACHE in (pool.strategy, mirror.strategy if mirror else None):
             if pool.kv_events is not None:
-                streams = (kv_streams or {}).get(pool.name, {})
-                engine = self._engine_blocks(path, parsed, target, config.prefix_seed, streams,
-                                             (load or {}).get(pool.name, {}))
+                facts = (events or {}).get(pool.name, PoolEvents())
+                engine = self._engine_blocks(path, parsed, target, config.prefix_seed, facts)
                 if engine is None and self._untokenized is not None:
                     self._untokenized(pool.name)
                 hashes = engine or []
-                live = frozenset(e for e, s in streams.items() if s.live)
+                live = facts.live
             else:
                 hashes = block_hashes(parsed.prompt, target, config.prefix_seed, p.block_chars, p.block_tokens,
                                       p.max_blocks)
@@ -120,21 +136,17 @@ class Intake:
                                 model.queue_ttl_ms or pool.flow.queue_ttl_ms, pool.kv_events is not None, live)
 
     def _engine_blocks(self, path: str, parsed: ParsedRequest, target: str, seed: int,
-                       streams: Mapping[str, KvStreamStatus], samples: Mapping[str, LoadSample]) -> list[str] | None:
+                       facts: PoolEvents) -> list[str] | None:
         """The prompt's blocks as the pool's engines cache them: their token ids, in blocks of the size their
         events report, under our keys chained from the adapter (a model other than the one the pods run)
         and the request's cache salt. None when its token ids cannot be known."""
         ids = self._tokens.ids(path, parsed.body, target) if self._tokens else None
         if ids is None:
             return None
-        sizes = Counter(s.block_size for s in streams.values() if s.block_size > 0)
-        block_size = sizes.most_common(1)[0][0] if sizes else self._prefix.block_tokens
-        bases = Counter(s.base_model for s in samples.values() if s.base_model)
-        base = bases.most_common(1)[0][0] if bases else ""
-        salt = parsed.body.get("cache_salt")
+        base, salt = facts.base_model, parsed.body.get("cache_salt")
         root = engine_root(target if base and target != base else None, salt if isinstance(salt, str) else None,
                            seed)
-        return token_keys(root, ids, block_size, self._prefix.max_blocks, seed)
+        return token_keys(root, ids, facts.block_size or self._prefix.block_tokens, self._prefix.max_blocks, seed)
 
     def _target(self, model: Model) -> str:
         if len(model.targets) == 1:

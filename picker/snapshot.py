@@ -15,8 +15,9 @@ from redis.exceptions import RedisError
 
 from gateway_state.clock import FleetClock
 from gateway_state.lifecycle import every
-from gateway_state.records import Config, KvStreamStatus, LoadSample, decode_config
+from gateway_state.records import Config, LoadSample, decode_config
 from gateway_state.store import StateStore
+from picker.intake import PoolEvents
 from picker.metrics import PickerMetrics
 from picker.settings import StateSettings
 
@@ -30,8 +31,8 @@ class Snapshot:
     load: dict[str, dict[str, LoadSample]] = field(default_factory=dict)  # pool -> endpoint -> sample
     drained: dict[str, frozenset[str]] = field(default_factory=dict)  # pool -> endpoints drained by an operator
     queued: dict[str, int] = field(default_factory=dict)  # pool -> requests waiting in its fleet queue
-    # pool -> endpoint -> its KV-event stream (pools indexed from engine events)
-    kv_streams: dict[str, dict[str, KvStreamStatus]] = field(default_factory=dict)
+    # pool -> what its KV-event streams and samples tell intake (pools indexed from engine events)
+    kv_events: dict[str, PoolEvents] = field(default_factory=dict)
 
 
 class SnapshotSource:
@@ -82,7 +83,8 @@ class SnapshotSource:
             members = {e.key for e in config.pools[pool].endpoints} if config and pool in config.pools else set()
             previous = self.current.load.get(pool, {})
             merged[pool] = {e: s for e, s in {**previous, **samples}.items() if e in members}
-        self.current = Snapshot(config, merged, reply.drained, reply.queued, reply.kv_streams)
+        events = {pool: PoolEvents.of(streams, merged.get(pool, {})) for pool, streams in reply.kv_streams.items()}
+        self.current = Snapshot(config, merged, reply.drained, reply.queued, events)
 
     async def run(self, stop: asyncio.Event) -> None:
         await every(self._settings.snapshot_refresh_ms / 1000, stop, self.refresh_once)
