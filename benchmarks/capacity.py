@@ -255,6 +255,14 @@ async def per_script(redis: Redis, pid: int, calls: int, pods: int) -> dict[str,
     await run("admit", lambda n: store.admit(POOL, "picker-a", key, 60_000, 4, -1, MODEL, 2500.0))
     await run("release", lambda n: store.release(POOL, "picker-a", key, 4, MODEL))
     await run("index (32 blocks)", lambda n: store.index(POOL, key, prompt, 600_000, 29_000))
+    # What a decision writes now: a prompt the endpoint held (its recency young), and one grown by a turn.
+    await run("index, held (32 blocks)", lambda n: store.index(POOL, key, prompt, 600_000, 29_000, 32))
+    await run("index, 28 held + 4 new", lambda n: store.index(
+        POOL, key, prompt[:28] + hashes(4, f"n{n}-"), 600_000, 29_000, 28))
+    # A lookup's cost with 16 picker replicas instead of 2: it reads the pool's total, not their records.
+    for i in range(14):
+        await store.publish(POOL, f"picker-{i}", 60_000, {endpoints[i % pods].key: 1})
+    await run("lookup, 16 replicas", lambda n: store.lookup(POOL, prompt, "picker-a"))
     # The index built from engine events: three endpoints hold the prompt by their engines' word.
     events = hashes(32, "e")
     for i, e in enumerate(endpoints[:3]):

@@ -40,6 +40,13 @@ def inflight(pool: str, replica: str) -> str:
     return pool_prefix(pool) + "inflight:" + replica
 
 
+def inflight_total(pool: str) -> str:
+    """Hash endpoint -> requests in flight there over all the live picker replicas: the sum of their
+    records (`inflight`), kept beside them by every admission and release and rebuilt from them on every
+    heartbeat, so a decision reads one record however many replicas there are."""
+    return pool_prefix(pool) + "inflight"
+
+
 def prefill_backlog(pool: str) -> str:
     """Hash endpoint -> "blocks|ms": the uncached prompt blocks the endpoint had still to compute at
     that time (Redis's clock), by the fleet's admissions and the endpoint's measured speed."""

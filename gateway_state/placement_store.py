@@ -29,12 +29,14 @@ class SharedView:
 
 @dataclass(frozen=True)
 class IndexWrite:
-    """`endpoint` now holds the prompt's blocks, in an LRU of `capacity_blocks`."""
+    """`endpoint` now holds the prompt's blocks, in an LRU of `capacity_blocks`; it held the first
+    `held_blocks` at the decision (the lookup's match), so only the rest may need writing."""
 
     endpoint: str
     block_hashes: Sequence[str]
     prefix_ttl_ms: int
     capacity_blocks: int
+    held_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,17 +140,18 @@ class PlacementStore(RedisState):
         args: list[str | int] = [keys.pool_prefix(pool)]
         for w in writes:
             if isinstance(w, IndexWrite):
-                args += ["i", w.endpoint, w.prefix_ttl_ms, w.capacity_blocks, " ".join(w.block_hashes)]
+                args += ["i", w.endpoint, w.prefix_ttl_ms, w.capacity_blocks, w.held_blocks, " ".join(w.block_hashes)]
             elif isinstance(w, SpeculativeWrite):
-                args += ["s", w.endpoint, w.ttl_ms, "", " ".join(w.block_hashes)]
+                args += ["s", w.endpoint, w.ttl_ms, "", "", " ".join(w.block_hashes)]
             else:
-                args += ["r", w.replica, w.endpoint, w.work_blocks, w.model]
+                args += ["r", w.replica, w.endpoint, w.work_blocks, w.model, ""]
         return int(await self._writes(keys=[keys.pickers(pool)], args=args))
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
-                    capacity_blocks: int) -> int:
+                    capacity_blocks: int, held_blocks: int = 0) -> int:
         """Note that `endpoint` now holds the prompt's blocks; returns how many its LRU evicted."""
-        return await self.write(pool, [IndexWrite(endpoint, block_hashes, prefix_ttl_ms, capacity_blocks)])
+        return await self.write(pool, [IndexWrite(endpoint, block_hashes, prefix_ttl_ms, capacity_blocks,
+                                                  held_blocks)])
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0, model: str = "") -> None:
         await self.write(pool, [ReleaseWrite(replica, endpoint, work_blocks, model)])
@@ -156,7 +159,7 @@ class PlacementStore(RedisState):
     async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
         """Replace the replica's in-flight record with its own figures and renew its lease (its heartbeat)."""
         pairs = [x for name, n in figures.items() if n > 0 for x in (name, n)]
-        await self._publish(keys=[keys.pickers(pool), keys.inflight(pool, replica)], args=[replica, lease_ms, *pairs])
+        await self._publish(keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), replica, lease_ms, *pairs])
 
     async def forget_endpoint(self, pool: str, endpoint: str, batch: int = 1000) -> None:
         """Drop the endpoint from the prefix index: its KV cache is gone."""

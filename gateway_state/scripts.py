@@ -18,29 +18,29 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 # the time of 256), "1" when the pool's index comes from engine events (then a
 # block's holders also count the pickers' speculative entries not yet expired).
 # Returns {inflight_flat, matched_flat, live replicas, backlog_flat}:
-# in-flight figures summed over the other live picker replicas (fields "<endpoint>"
-# count requests, "<endpoint>|work" their uncached prompt blocks; a replica knows
-# its own exactly), per endpoint the number of leading prompt blocks it holds, and
-# per endpoint its prefill backlog as recorded by ADMIT: blocks, then their age in ms.
+# in-flight figures of the pool less the left-out replica's own record (fields
+# "<endpoint>" count requests, "<endpoint>|work" their uncached prompt blocks; a
+# replica knows its own exactly), per endpoint the number of leading prompt blocks
+# it holds, and per endpoint its prefill backlog as recorded by ADMIT: blocks, then
+# their age in ms. The pool's figures are one record (keys.inflight_total) that
+# every admission and release keeps beside the replica's own, so the cost does not
+# grow with the replicas: two records are read however many there are.
 #
 # Block hashes are chained, and each endpoint's recorded blocks are prefix-closed:
-# INDEX writes every block of a prompt with the same expiry, and eviction takes
-# the deepest first. So along the prompt the set of holders only shrinks, and a
+# INDEX gives a prompt's blocks recencies that fall with depth, and eviction takes
+# the least recent first. So along the prompt the set of holders only shrinks, and a
 # binary search finds the deepest block any endpoint not yet matched holds: one
 # search per distinct match length, a dozen reads for a 256-block prompt instead
 # of one per block. A prompt whose first block nobody holds matches nothing.
 LOOKUP = _NOW_MS + """
 local prefix = ARGV[1]
-local inflight = {}
-local replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
-for _, r in ipairs(replicas) do
-  if r ~= ARGV[2] then
-    local kv = redis.call('HGETALL', prefix .. 'inflight:' .. r)
-    for i = 1, #kv, 2 do
-      inflight[kv[i]] = (inflight[kv[i]] or 0) + tonumber(kv[i + 1])
-    end
-  end
+local own = {}
+if ARGV[2] ~= '' then
+  local kv = redis.call('HGETALL', prefix .. 'inflight:' .. ARGV[2])
+  for i = 1, #kv, 2 do own[kv[i]] = tonumber(kv[i + 1]) end
 end
+local replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+local total = redis.call('HGETALL', prefix .. 'inflight')
 local blocks = {}
 for h in string.gmatch(ARGV[3], '%S+') do table.insert(blocks, h) end
 local matched = {}
@@ -76,9 +76,10 @@ while hi >= first do
   hi = depth - 1
 end
 local out_inflight, out_matched = {}, {}
-for e, n in pairs(inflight) do
+for i = 1, #total, 2 do
+  local n = tonumber(total[i + 1]) - (own[total[i]] or 0)
   if n > 0 then
-    table.insert(out_inflight, e)
+    table.insert(out_inflight, total[i])
     table.insert(out_inflight, tostring(n))
   end
 end
@@ -99,33 +100,52 @@ end
 return {out_inflight, out_matched, replicas, out_backlog}
 """
 
+# Keeping a replica's in-flight record and the pool's total (keys.inflight_total) in
+# step: every change to one goes to the other in the same script, so the total is
+# the sum of the records (PUBLISH rebuilds it from them on every heartbeat, which
+# heals whatever a lost call or an ended lease left behind).
+_INFLIGHT_HELPERS = """
+local function count(prefix, record, field, amount)
+  redis.call('HINCRBY', record, field, amount)
+  redis.call('HINCRBY', prefix .. 'inflight', field, amount)
+end
+local function uncount(prefix, record, field, amount, all)
+  local have = tonumber(redis.call('HGET', record, field) or 0)
+  local gone = all and have or math.min(have, amount)
+  if gone <= 0 then return end
+  if have <= gone then redis.call('HDEL', record, field) else redis.call('HINCRBY', record, field, -gone) end
+  if redis.call('HINCRBY', prefix .. 'inflight', field, -gone) <= 0 then
+    redis.call('HDEL', prefix .. 'inflight', field)
+  end
+end
+"""
+
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, lease_ms,
 # uncached prompt blocks, others seen (-1: no check), model ("" for none), the
 # endpoint's prefill speed in blocks per second (0: unknown). Counts one
 # request, its uncached prompt blocks and one for its model ("<endpoint>@<model>") in
-# flight at the endpoint, and adds the blocks to the endpoint's prefill backlog
+# flight at the endpoint, in the replica's record and the pool's total, and adds the
+# blocks to the endpoint's prefill backlog
 # (the "prefill" hash: "blocks|ms"), first draining what the endpoint computed since
 # the last admission at its speed (a fluid queue: the backlog falls at the speed
 # while it lasts). At an unknown speed the backlog is the request's blocks alone:
 # nothing is known of what drained. Returns 1. With a check, it
-# first compares the other replicas' requests at the endpoint with what the
-# caller's lookup saw: more means another replica chose it meanwhile, and the
-# script writes nothing and returns 0, so the caller decides again on fresh
-# figures instead of doubling up.
-ADMIT = _NOW_MS + """
+# first compares the other replicas' requests at the endpoint (the total less the
+# replica's own) with what the caller's lookup saw: more means another replica chose
+# it meanwhile, and the script writes nothing and returns 0, so the caller decides
+# again on fresh figures instead of doubling up.
+ADMIT = _NOW_MS + _INFLIGHT_HELPERS + """
 local prefix, replica, endpoint = ARGV[1], ARGV[2], ARGV[3]
 local lease, seen = tonumber(ARGV[4]), tonumber(ARGV[6])
+local ik = prefix .. 'inflight:' .. replica
 if seen >= 0 then
-  local others = 0
-  for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
-    if r ~= replica then others = others + tonumber(redis.call('HGET', prefix .. 'inflight:' .. r, endpoint) or 0) end
-  end
+  local others = tonumber(redis.call('HGET', prefix .. 'inflight', endpoint) or 0)
+                 - tonumber(redis.call('HGET', ik, endpoint) or 0)
   if others > seen then return 0 end
 end
-local ik = prefix .. 'inflight:' .. replica
-redis.call('HINCRBY', ik, endpoint, 1)
-if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', ik, endpoint .. '|work', ARGV[5]) end
-if ARGV[7] ~= '' then redis.call('HINCRBY', ik, endpoint .. '@' .. ARGV[7], 1) end
+count(prefix, ik, endpoint, 1)
+if tonumber(ARGV[5]) > 0 then count(prefix, ik, endpoint .. '|work', ARGV[5]) end
+if ARGV[7] ~= '' then count(prefix, ik, endpoint .. '@' .. ARGV[7], 1) end
 local work, speed = tonumber(ARGV[5]), tonumber(ARGV[8])
 if work > 0 then
   local pk = prefix .. 'prefill'
@@ -138,28 +158,39 @@ if work > 0 then
   redis.call('PEXPIRE', pk, lease * 10)
 end
 redis.call('PEXPIRE', ik, lease)
+redis.call('PEXPIRE', prefix .. 'inflight', lease)
 redis.call('ZADD', KEYS[1], now + lease, replica)
 return 1
 """
 
+# A held block is written again only when its recency is older than this share of
+# the endpoint's turnover: how long its least recent block has gone unused (its
+# LRU is full), or the prefix lifetime (it is not). A block used more often than that
+# is rewritten at most once per share, and never reaches the eviction end.
+REFRESH_SHARE = 4
+
 # The writes that follow a decision, off the request path, as many as have
 # gathered in one call (a replica sends its next batch of a pool when the last
 # one is answered). KEYS[1] = any key of the pool (its slot). ARGV = pool prefix,
-# then the writes in order, five arguments each:
+# then the writes in order, six arguments each:
 #
-# - "i", endpoint, prefix ttl_ms, endpoint capacity in blocks, the block hashes
-#   joined by spaces: the endpoint now holds every block. The endpoint's blocks
-#   form an LRU bounded by capacity; within one request deeper blocks score lower,
-#   so eviction takes leaves first, as the model server's own cache does.
-# - "r", replica, endpoint, uncached prompt blocks, model ("" for none): one
+# - "i", endpoint, prefix ttl_ms, endpoint capacity in blocks, the blocks the
+#   endpoint held at the decision (the lookup's match), the block hashes joined by
+#   spaces: the endpoint now holds every block. The endpoint's blocks form an LRU
+#   bounded by capacity (scores ms * 1024 + a depth slot), and within one prompt
+#   deeper blocks score lower, so eviction takes leaves first, as the model
+#   server's own cache does. Only what changed is written: the held blocks keep
+#   their recency while it is younger than a share of the endpoint's turnover
+#   (REFRESH_SHARE), and the new blocks then take theirs below the deepest held
+#   one; otherwise the whole prompt is written at now.
+# - "r", replica, endpoint, uncached prompt blocks, model ("" for none), "": one
 #   in-flight request ended; figures lost to a Redis flush never go negative.
-#
-# - "s", endpoint, ttl_ms, "", the block hashes joined by spaces: in a pool whose
-#   index comes from engine events, the endpoint is taken to hold the blocks for
-#   ttl_ms (speculative entries), until its engine's event says so.
+# - "s", endpoint, ttl_ms, "", "", the block hashes joined by spaces: in a pool
+#   whose index comes from engine events, the endpoint is taken to hold the blocks
+#   for ttl_ms (speculative entries), until its engine's event says so.
 #
 # Returns how many blocks the index writes evicted.
-WRITES = _NOW_MS + """
+WRITES = _NOW_MS + _INFLIGHT_HELPERS + """
 local prefix = ARGV[1]
 local function speculate(endpoint, ttl, hashes)
   for h in string.gmatch(hashes, '%S+') do
@@ -168,18 +199,35 @@ local function speculate(endpoint, ttl, hashes)
     if redis.call('PTTL', sk) < ttl then redis.call('PEXPIRE', sk, ttl) end
   end
 end
-local function index(endpoint, ttl, cap, hashes)
+local function index(endpoint, ttl, cap, held, hashes)
   local lru = prefix .. 'lru:' .. endpoint
-  local i = 0
-  for h in string.gmatch(hashes, '%S+') do
-    local bk = prefix .. 'pfx:' .. h
-    redis.call('HSET', bk, endpoint, now)
-    redis.call('PEXPIRE', bk, ttl)
-    redis.call('ZADD', lru, now * 1024 + (1023 - math.min(i, 1023)), h)
-    i = i + 1
-  end
-  redis.call('PEXPIRE', lru, ttl)
+  local blocks = {}
+  for h in string.gmatch(hashes, '%S+') do table.insert(blocks, h) end
   local size = redis.call('ZCARD', lru)
+  local first, top = 1, now * 1024 + 1023  -- write blocks[first..], the first at score top
+  if held > 0 and held <= #blocks then
+    local score = redis.call('ZSCORE', lru, blocks[held])
+    if score then
+      local turnover = ttl
+      if size >= cap then
+        local oldest = redis.call('ZRANGE', lru, 0, 0, 'WITHSCORES')
+        turnover = math.min(ttl, now - math.floor(tonumber(oldest[2]) / 1024))
+      end
+      if (now - math.floor(tonumber(score) / 1024)) * """ + str(REFRESH_SHARE) + """ <= turnover then
+        first, top = held + 1, tonumber(score) - 1
+      end
+    end
+  end
+  for i = first, #blocks do
+    local bk = prefix .. 'pfx:' .. blocks[i]
+    local score = top - (i - first)
+    redis.call('HSET', bk, endpoint, math.floor(score / 1024))
+    redis.call('PEXPIRE', bk, ttl)
+    redis.call('ZADD', lru, score, blocks[i])
+  end
+  if first > #blocks then return 0 end
+  redis.call('PEXPIRE', lru, ttl)
+  size = redis.call('ZCARD', lru)
   local evicted = 0
   if size > cap then
     local gone = redis.call('ZPOPMIN', lru, size - cap)
@@ -192,25 +240,20 @@ local function index(endpoint, ttl, cap, hashes)
 end
 local function release(replica, endpoint, work, model)
   local ik = prefix .. 'inflight:' .. replica
-  local n = redis.call('HINCRBY', ik, endpoint, -1)
-  if n <= 0 then redis.call('HDEL', ik, endpoint) end
-  if work > 0 then
-    local wk = endpoint .. '|work'
-    if redis.call('HINCRBY', ik, wk, -work) <= 0 or n <= 0 then redis.call('HDEL', ik, wk) end
-  end
-  if model ~= '' then
-    local mk = endpoint .. '@' .. model
-    if redis.call('HINCRBY', ik, mk, -1) <= 0 or n <= 0 then redis.call('HDEL', ik, mk) end
-  end
+  local last = tonumber(redis.call('HGET', ik, endpoint) or 0) <= 1
+  uncount(prefix, ik, endpoint, 1, false)
+  if work > 0 then uncount(prefix, ik, endpoint .. '|work', work, last) end
+  if model ~= '' then uncount(prefix, ik, endpoint .. '@' .. model, 1, last) end
 end
 local evicted = 0
-for w = 2, #ARGV, 5 do
+for w = 2, #ARGV, 6 do
   if ARGV[w] == 'i' then
-    evicted = evicted + index(ARGV[w + 1], tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), ARGV[w + 4])
+    evicted = evicted + index(ARGV[w + 1], tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), tonumber(ARGV[w + 4]),
+                              ARGV[w + 5])
   elseif ARGV[w] == 'r' then
     release(ARGV[w + 1], ARGV[w + 2], tonumber(ARGV[w + 3]), ARGV[w + 4])
   elseif ARGV[w] == 's' then
-    speculate(ARGV[w + 1], tonumber(ARGV[w + 2]), ARGV[w + 4])
+    speculate(ARGV[w + 1], tonumber(ARGV[w + 2]), ARGV[w + 5])
   else
     return redis.error_reply('unknown write ' .. ARGV[w])
   end
@@ -304,18 +347,35 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return {now, redis.call('ZRANGE', KEYS[1], 0, -1)}
 """
 
-# KEYS[1] = pickers zset, KEYS[2] = the replica's in-flight hash. ARGV = replica,
-# lease_ms, then the replica's in-flight record as field, value pairs. The replica's
-# own figures are the truth: this replaces its record whole (an admission or release
-# cut off by a deadline or a cancelled request leaves nothing behind past the next
-# heartbeat), renews its lease, and drops replicas whose lease ended.
+# KEYS[1] = pickers zset. ARGV = pool prefix, replica, lease_ms, then the
+# replica's in-flight record as field, value pairs. The replica's own figures are
+# the truth: this replaces its record whole (an admission or release cut off by a
+# deadline or a cancelled request leaves nothing behind past the next heartbeat),
+# renews its lease, drops the replicas whose lease ended with their records, and
+# rebuilds the pool's total from the live records (a few small hashes, once a
+# heartbeat, off the request path). Returns 1.
 PUBLISH = _NOW_MS + """
-local lease = tonumber(ARGV[2])
-redis.call('DEL', KEYS[2])
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-if #ARGV > 2 then redis.call('PEXPIRE', KEYS[2], lease) end
-redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+local prefix, replica, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local own = prefix .. 'inflight:' .. replica
+redis.call('DEL', own)
+for i = 4, #ARGV, 2 do redis.call('HSET', own, ARGV[i], ARGV[i + 1]) end
+if #ARGV > 3 then redis.call('PEXPIRE', own, lease) end
+redis.call('ZADD', KEYS[1], now + lease, replica)
+for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+  redis.call('DEL', prefix .. 'inflight:' .. r)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local sum = {}
+for _, r in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local kv = redis.call('HGETALL', prefix .. 'inflight:' .. r)
+  for i = 1, #kv, 2 do sum[kv[i]] = (sum[kv[i]] or 0) + tonumber(kv[i + 1]) end
+end
+local total = prefix .. 'inflight'
+redis.call('DEL', total)
+for field, n in pairs(sum) do
+  if n > 0 then redis.call('HSET', total, field, n) end
+end
+redis.call('PEXPIRE', total, lease)
 return 1
 """
 

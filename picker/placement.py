@@ -179,7 +179,8 @@ class Placement:
         engine says so (an endpoint whose stream is not live keeps them for the approximate lifetime)."""
         key, prefix = plan.chosen.endpoint.key, self._settings.prefix
         if not request.speculative:
-            return IndexWrite(key, request.block_hashes, prefix.ttl_ms, self.capacity_blocks(plan.chosen.load))
+            return IndexWrite(key, request.block_hashes, prefix.ttl_ms, self.capacity_blocks(plan.chosen.load),
+                              plan.chosen.matched_blocks)
         if key in request.live_streams:
             return SpeculativeWrite(key, request.block_hashes[plan.chosen.matched_blocks:], prefix.speculative_ttl_ms)
         return SpeculativeWrite(key, request.block_hashes, prefix.ttl_ms)

@@ -46,8 +46,9 @@ class PlacementState(Protocol):
         ...
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
-                    capacity_blocks: int) -> int:
-        """`endpoint` holds the blocks now, in an LRU of `capacity_blocks`; returns how many were evicted."""
+                    capacity_blocks: int, held_blocks: int = 0) -> int:
+        """`endpoint` holds the blocks now, in an LRU of `capacity_blocks`, and held the first `held_blocks`
+        at the decision; returns how many were evicted."""
         ...
 
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0,
@@ -145,7 +146,8 @@ class MemoryState:
         return True
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
-                    capacity_blocks: int) -> int:
+                    capacity_blocks: int, held_blocks: int = 0) -> int:
+        """An exact LRU: in memory every block's recency is written, held or not."""
         holders = self._holders.setdefault(pool, {})
         lru = self._lru.setdefault((pool, endpoint), OrderedDict())
         # Deepest first, so the shallow blocks are the most recent and leaves are evicted first.

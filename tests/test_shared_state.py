@@ -162,3 +162,109 @@ async def test_a_checked_admission_refuses_an_endpoint_another_replica_took_mean
     assert await store.admit(*args)
     view = await store.lookup("pool", [])
     assert view.inflight == {"a:1": 3} and view.inflight_work == {"a:1": 14}
+
+
+async def test_the_pools_total_is_the_sum_of_the_live_replicas_records(redis_client: Redis) -> None:
+    # A decision reads the pool's total and its own record, not one record per replica: the total must stay
+    # the records' sum through admissions, releases, heartbeats and ended leases.
+    store = StateStore(redis_client)
+
+    async def records_sum() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in await redis_client.zrange(keys.pickers("pool"), 0, -1):
+            for k, v in (await redis_client.hgetall(keys.inflight("pool", r.decode()))).items():
+                out[k.decode()] = out.get(k.decode(), 0) + int(v)
+        return {k: v for k, v in out.items() if v > 0}
+
+    async def total() -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in (await redis_client.hgetall(keys.inflight_total("pool"))).items()}
+
+    rng = random.Random(3)
+    held: list[tuple[str, str, int, str]] = []
+    for step in range(300):
+        if held and rng.random() < 0.45:
+            replica, endpoint, work, model = held.pop(rng.randrange(len(held)))
+            await store.release("pool", replica, endpoint, work, model)
+        else:
+            args = (f"r{rng.randrange(6)}", f"e{rng.randrange(4)}", rng.choice([0, 3, 9]), rng.choice(["", "m"]))
+            assert await store.admit("pool", args[0], args[1], LEASE_MS, args[2], model=args[3])
+            held.append(args)
+        if step % 50 == 0:  # a stray release of a request no record holds changes nothing
+            await store.release("pool", "r0", "nowhere", 4, "m")
+        assert await total() == await records_sum(), step
+    view = await store.lookup("pool", [], leave_out="r1")
+    own = {k.decode(): int(v) for k, v in (await redis_client.hgetall(keys.inflight("pool", "r1"))).items()}
+    expected = {k: n - own.get(k, 0) for k, n in (await records_sum()).items()}
+    assert view.inflight == {k: n for k, n in expected.items() if n > 0 and "|" not in k and "@" not in k}
+    # A heartbeat that replaces a record whole moves the total with it.
+    await store.publish("pool", "r2", LEASE_MS, {"e0": 7})
+    assert await total() == await records_sum()
+    # A replica from before the total (a rolling upgrade): its record counts from the next heartbeat of anyone.
+    await redis_client.hset(keys.inflight("pool", "old"), "e3", 5)
+    await redis_client.zadd(keys.pickers("pool"), {"old": now_ms() + LEASE_MS})
+    await store.publish("pool", "r0", LEASE_MS, {})
+    assert (await total()).get("e3", 0) == (await records_sum())["e3"]
+
+
+async def test_a_lookups_work_does_not_grow_with_the_replicas(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+
+    async def lookup_commands() -> int:
+        await redis_client.config_resetstat()
+        await store.lookup("pool", ["h1"], leave_out="r0")
+        stats = await redis_client.info("commandstats")
+        return sum(int(v["calls"]) for name, v in stats.items() if name not in ("cmdstat_evalsha", "cmdstat_eval"))
+
+    await record(store, "a:1", ["h1"], replica="r0")
+    few = await lookup_commands()
+    for i in range(1, 40):
+        await record(store, f"e{i % 5}", [], replica=f"r{i}")
+    assert await lookup_commands() == few
+    expected = {f"e{k}": sum(1 for i in range(1, 40) if i % 5 == k) for k in range(5)}
+    assert (await store.lookup("pool", [], leave_out="r0")).inflight == expected
+
+
+async def test_an_index_write_rewrites_only_what_changed(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    lru = keys.endpoint_lru("pool", "a:1")
+    prompt = [f"p{i}" for i in range(8)]
+    await store.index("pool", "a:1", prompt[:5], 60_000, 1000)
+    first = dict(await redis_client.zrange(lru, 0, -1, withscores=True))
+    await asyncio.sleep(0.01)
+    # The same prompt grown by three blocks, the first five held: those keep their recency, the new ones
+    # rank just below the deepest held one, so the endpoint's blocks still fall in recency with depth.
+    await store.index("pool", "a:1", prompt, 60_000, 1000, held_blocks=5)
+    scores = dict(await redis_client.zrange(lru, 0, -1, withscores=True))
+    assert all(scores[k] == v for k, v in first.items())
+    assert [scores[p.encode()] for p in prompt] == sorted(scores.values(), reverse=True)
+    assert scores[b"p5"] < scores[b"p4"]
+    assert (await store.lookup("pool", prompt)).matched_blocks == {"a:1": 8}
+    # A held match that no longer stands (the block left the LRU meanwhile) writes the whole prompt.
+    await redis_client.zrem(lru, "p7")
+    await store.index("pool", "a:1", prompt, 60_000, 1000, held_blocks=8)
+    assert (await redis_client.zscore(lru, "p7")) is not None
+    assert (await redis_client.zscore(lru, "p0")) > first[b"p0"]
+
+
+async def test_a_held_prompt_is_written_again_when_its_recency_nears_the_endpoints_turnover(
+        redis_client: Redis) -> None:
+    # An endpoint whose cache turns over in about 100 ms: a prompt it holds, unused for more than a quarter of
+    # that, is written again at now; younger than that, it is left as it is.
+    store = StateStore(redis_client)
+    lru = keys.endpoint_lru("pool", "a:1")
+    hot = ["h0", "h1"]
+    await store.index("pool", "a:1", hot, 60_000, 6)
+    for i in range(5):  # other prompts fill the LRU over about 100 ms
+        await asyncio.sleep(0.025)
+        await store.index("pool", "a:1", [f"c{i}a", f"c{i}b"], 60_000, 6)
+    assert (await store.lookup("pool", hot)).matched_blocks == {}  # the hot prompt unused: gone
+    await store.index("pool", "a:1", hot, 60_000, 6)
+    before = await redis_client.zscore(lru, "h0")
+    await store.index("pool", "a:1", hot, 60_000, 6, held_blocks=2)  # young: nothing written
+    assert await redis_client.zscore(lru, "h0") == before
+    for i in range(5):  # used every 25 ms while the others turn the cache over: it stays
+        await asyncio.sleep(0.025)
+        await store.index("pool", "a:1", [f"d{i}a", f"d{i}b"], 60_000, 6)
+        await store.index("pool", "a:1", hot, 60_000, 6, held_blocks=len(hot))
+        assert (await store.lookup("pool", hot)).matched_blocks == {"a:1": 2}, i
+    assert await redis_client.zscore(lru, "h0") > before
