@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from redis.asyncio import Redis, RedisCluster
+
 from gateway_state import keys
 from gateway_state.records import (
     BypassSample,
@@ -18,6 +20,7 @@ from gateway_state.records import (
     encode_load,
 )
 from gateway_state.redis_state import RedisState
+from gateway_state.script_link import ScriptLink
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,15 @@ class SnapshotReply:
     kv_streams: dict[str, dict[str, KvStreamStatus]] = field(default_factory=dict)
 
 
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A hash as Redis sends it (field, value, ...) as a dict."""
+    return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+
 class LoadStore(RedisState):
+    def __init__(self, redis: Redis | RedisCluster, link: ScriptLink | None = None) -> None:
+        super().__init__(redis, link)
+        self._samples: dict[bytes, LoadSample] = {}  # the last snapshot read's samples, by their encoding
     async def write_load(self, pool: str, samples: Mapping[str, LoadSample]) -> None:
         if samples:
             await self.redis.hset(keys.load(pool), mapping={e: encode_load(s) for e, s in samples.items()})
@@ -55,20 +66,32 @@ class LoadStore(RedisState):
                 for pool, reply in zip(pools, replies, strict=True) if reply}
 
     async def read_snapshot(self, pools: Sequence[str]) -> SnapshotReply:
-        """The encoded config and the load samples of `pools`, in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.CONFIG)
-            for pool in pools:
-                pipe.hgetall(keys.load(pool))
-                pipe.hkeys(keys.drained(pool))
-                pipe.zcard(keys.queue(pool))
-                pipe.hgetall(keys.kv_streams(pool))
-            raw, *replies = await pipe.execute()
+        """The encoded config and the load samples of `pools`, in one round trip. A sample whose encoding is
+        the one read last time is not decoded again (collectors rewrite each at their scrape interval)."""
+        commands: list[tuple[str, ...]] = [("GET", keys.CONFIG)]
+        for pool in pools:
+            commands += [("HGETALL", keys.load(pool)), ("HKEYS", keys.drained(pool)), ("ZCARD", keys.queue(pool)),
+                         ("HGETALL", keys.kv_streams(pool))]
+        if self.link is not None:  # plain Redis: the lean connection's pipeline
+            raw, *replies = await self.link.commands(commands)
+            replies = [_pairs(r) if c[0] == "HGETALL" else r for c, r in zip(commands[1:], replies, strict=True)]
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                raw, *replies = await pipe.execute()
         loads, drains, queued, streams = replies[0::4], replies[1::4], replies[2::4], replies[3::4]
-        return SnapshotReply(raw, {
-            pool: {e.decode(): decode_load(v) for e, v in reply.items()}
-            for pool, reply in zip(pools, loads, strict=True)
-        }, {pool: frozenset(e.decode() for e in reply) for pool, reply in zip(pools, drains, strict=True) if reply},
+        decoded: dict[bytes, LoadSample] = {}
+        load: dict[str, dict[str, LoadSample]] = {}
+        for pool, reply in zip(pools, loads, strict=True):
+            load[pool] = {}
+            for e, v in reply.items():
+                sample = self._samples.get(v) or decode_load(v)
+                load[pool][e.decode()] = decoded[v] = sample
+        self._samples = decoded
+        return SnapshotReply(
+            raw, load,
+            {pool: frozenset(e.decode() for e in reply) for pool, reply in zip(pools, drains, strict=True) if reply},
             {pool: int(n) for pool, n in zip(pools, queued, strict=True) if n},
             {pool: {e.decode(): decode_kv_status(v) for e, v in reply.items()}
              for pool, reply in zip(pools, streams, strict=True) if reply})

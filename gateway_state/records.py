@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 
@@ -59,9 +60,9 @@ class Endpoint:
     port: int
     labels: dict[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """`ip:port`, the value Envoy's ORIGINAL_DST cluster routes to."""
+        """`ip:port`, the value Envoy's ORIGINAL_DST cluster routes to (asked dozens of times a decision)."""
         return f"{self.address}:{self.port}"
 
 

@@ -129,6 +129,24 @@ class ScriptLink:
         return LinkedScript(self, source)
 
     async def call(self, *args: bytes | str | int) -> Any:
+        return await (await self._send([args]))[0]
+
+    async def commands(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[Any]:
+        """Several commands in one write, their replies in order (a pipeline, without redis-py's cost per
+        command); the first error raises once every reply is in."""
+        results, error = [], None
+        for waiter in await self._send(commands):
+            try:
+                results.append(await waiter)
+            except Exception as exc:  # noqa: BLE001 (kept, raised after the rest are in)
+                error = error or exc
+                results.append(None)
+        if error is not None:
+            raise error
+        return results
+
+    async def _send(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[asyncio.Future[Any]]:
+        """Queue the commands on the connection (made first if need be): one future per reply."""
         replies = self._replies
         loop = asyncio.get_running_loop()
         if replies is None or replies.lost or self._loop is not loop:
@@ -136,10 +154,13 @@ class ScriptLink:
         elif replies.waiting and loop.time() - replies.waiting[0][1] > self._stale_s:
             self.close()  # Redis has not answered for too long: fail what waits, connect afresh
             raise ConnectionError(f"Redis did not answer within {self._stale_s} s")
-        waiter: asyncio.Future[Any] = loop.create_future()
-        replies.waiting.append((waiter, loop.time()))
-        replies.send(_pack(args))
-        return await waiter
+        waiters = []
+        for args in commands:
+            waiter: asyncio.Future[Any] = loop.create_future()
+            replies.waiting.append((waiter, loop.time()))
+            replies.send(_pack(args))
+            waiters.append(waiter)
+        return waiters
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Replies:
         if self._connecting is not None and self._loop is loop:

@@ -95,14 +95,14 @@ class Director:
     async def decide(self, arrival: Arrival) -> Answer:
         """Steps 1 to 5; a GatewayError is the client's answer (the edge shapes it)."""
         snapshot = self._snapshots.current
-        request = self._read(arrival)
+        request = self.read(arrival)
         roles = self._roles.roles(request, snapshot.config, arrival.mirror)
         try:
             placements = await self._place(roles)
         except BaseException:
             self._flow.released(request.pool.name)  # a failed placement released what it had admitted
             raise
-        return self._answer(arrival, request, placements)
+        return self.answer(arrival, request, placements)
 
     def finish(self, answer: Answer) -> None:
         """The exchange ended: every role with the client's (the copies' own ends are not visible)."""
@@ -114,7 +114,7 @@ class Director:
     async def explain(self, arrival: Arrival) -> Explained:
         """Steps 1 to 4 on this replica's snapshot, scheduling each role but admitting nothing."""
         snapshot = self._snapshots.current
-        request = self._read(arrival)
+        request = self.read(arrival)
         plans, dropped = [], []
         for role in self._roles.roles(request, snapshot.config, arrival.mirror):
             pool = role.request.pool
@@ -130,7 +130,7 @@ class Director:
             flow = "shed" if request.priority < 0 else "queued"
         return Explained(request, plans, flow, dropped)
 
-    def _read(self, arrival: Arrival) -> PlacementRequest:
+    def read(self, arrival: Arrival) -> PlacementRequest:
         """Step 1, the same for a decision and an explanation."""
         snapshot = self._snapshots.current
         return self._intake.read(snapshot.config, arrival.pool, arrival.path, arrival.body,
@@ -155,31 +155,31 @@ class Director:
             snapshot = self._snapshots.current
             return await self._placement.place_roles(roles, snapshot.load, snapshot.drained, released=True)
 
-    def _answer(self, arrival: Arrival, request: PlacementRequest, placements: Placements) -> Answer:
+    def answer(self, arrival: Arrival, request: PlacementRequest, placements: Placements) -> Answer:
         """Step 5: what the gateway is told, and the decision's metrics and log line."""
         placed, holder = placements.primary, placements.prefix_holder
         chosen = placed.chosen.endpoint
         model, target = (request.model, request.target_model) if request.listed else (UNLISTED, UNLISTED)
-        self._metrics.requests.labels(model, placed.pool, chosen.name, "routed").inc()
-        self._metrics.objective_requests.labels(model, target).inc()
-        self._metrics.decision_seconds.labels(placed.pool, request.pool.strategy.value).observe(
+        self._metrics.of(self._metrics.requests, model, placed.pool, chosen.name, "routed").inc()
+        self._metrics.of(self._metrics.objective_requests, model, target).inc()
+        self._metrics.of(self._metrics.decision_seconds, placed.pool, request.pool.strategy.value).observe(
             max(p.decision_seconds for p in placements.placed.values()))
         prompt_blocks, matched = len(holder.request.block_hashes), holder.chosen.matched_blocks
         if prompt_blocks:
-            self._metrics.prefix_blocks_queried.labels(holder.pool).inc(prompt_blocks)
-            self._metrics.prefix_blocks_matched.labels(holder.pool).inc(matched)
+            self._metrics.of(self._metrics.prefix_blocks_queried, holder.pool).inc(prompt_blocks)
+            self._metrics.of(self._metrics.prefix_blocks_matched, holder.pool).inc(matched)
             self._hits.add(holder.pool, model, prompt_blocks, matched)
         headers = [(DESTINATION_HEADER, chosen.key)]
         body = request.body
         copies = []
         mirror = placements.placed.get(Role.MIRROR)
         if mirror is not None:
-            self._metrics.mirrors.labels(mirror.pool, "mirrored").inc()
+            self._metrics.of(self._metrics.mirrors, mirror.pool, "mirrored").inc()
             headers += [(MIRROR_CLUSTER_HEADER, pool_cluster(mirror.pool, "mirror")),
                         (MIRROR_ENDPOINT_HEADER, mirror.chosen.endpoint.key)]
             copies.append(f"mirror={mirror.chosen.endpoint.key}")
         for role, reason in placements.dropped:
-            self._metrics.mirrors.labels(role.request.pool.name, "dropped").inc()
+            self._metrics.of(self._metrics.mirrors, role.request.pool.name, "dropped").inc()
             copies.append(f"mirror=dropped({reason.status})")
         prefill = placements.placed.get(Role.PREFILL)
         if prefill is not None and request.pool.pd is not None:

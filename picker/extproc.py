@@ -174,7 +174,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         primary = stream.answer.placements.primary
         keys = [c.endpoint.key for c in primary.endpoints]
         outcome = "picked" if served == keys[0] else "fallback" if served in keys else "other"
-        self._metrics.served_endpoints.labels(primary.pool, outcome).inc()
+        self._metrics.of(self._metrics.served_endpoints, primary.pool, outcome).inc()
 
     def _internal_error(self, stream: _Stream, exc: Exception) -> pb.ProcessingResponse:
         log.error("Request Failed request_id=%s pool=%s path=%s: internal error", stream.request_id or "-",
@@ -223,7 +223,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         set_headers = [_header(key, value) for key, value in answer.headers]
         metadata = struct_pb2.Struct()
         # The upstream endpoint-picker protocol: the ordered list, chosen endpoint first.
-        metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: answer.destinations}})
+        metadata.fields[LB_METADATA_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = \
+            answer.destinations
         body = answer.body
         if stream.duplex_request:
             # The destination rides on the held headers' answer; the body, rewritten or not, goes back whole.
@@ -245,7 +246,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     def _reject(self, stream: _Stream, err: GatewayError) -> pb.ProcessingResponse:
         stream.decided = True
         # No model label: a client-chosen name would make the label set unbounded.
-        self._metrics.requests.labels("", stream.pool or "", "", str(err.status)).inc()
+        self._metrics.of(self._metrics.requests, "", stream.pool or "", "", str(err.status)).inc()
         log.info("Request Rejected request_id=%s pool=%s status=%d reason=%s", stream.request_id or "-",
                  stream.pool or "-", err.status, err.message)
         return _immediate(err.status, err.body(), f"picker_{err.status}", err.retry_after_s)

@@ -12,6 +12,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 from redis.exceptions import RedisError
 
 from gateway_state.clock import FleetClock
-from gateway_state.lifecycle import configure_logging, connect, every, stop_on_signals
+from gateway_state.lifecycle import RedisClient, configure_logging, connect, every, stop_on_signals
 from gateway_state.placement_store import split_figures
 from gateway_state.records import pool_id
 from gateway_state.script_link import ScriptLink
@@ -139,8 +140,43 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def serve(settings: PickerSettings) -> None:
-    stop = stop_on_signals()
+@dataclass
+class Picker:
+    """A picker's request path, wired: what the servers and the background tasks share."""
+
+    settings: PickerSettings
+    redis: RedisClient
+    store: StateStore
+    metrics: PickerMetrics
+    snapshots: SnapshotSource
+    placement: Placement
+    flow: FlowController
+    director: Director
+    processor: ExternalProcessor
+    hits: HitCounts
+    queue_guard: StateGuard
+
+    async def heartbeat(self) -> None:
+        config = self.snapshots.current.config
+        await self.placement.publish(list(config.pools) if config else [])
+        counts = self.hits.take()
+        if counts:
+            try:
+                await self.store.add_hit_counts(int(time.time() // 60), counts)
+            except (RedisError, OSError) as exc:
+                self.hits.give_back(counts)
+                log.debug("hit counts kept for the next heartbeat: %s", exc)
+
+    async def close(self) -> None:
+        """Wait for the writes still under way, then close the connections."""
+        await self.placement.drain()
+        await self.queue_guard.drain()
+        if self.store.link is not None:
+            self.store.link.close()
+        await self.redis.aclose()
+
+
+def build(settings: PickerSettings) -> Picker:
     redis = connect(settings.state.redis_url, timeout_s=1.0, max_connections=256)
     store = StateStore(redis, ScriptLink.for_client(redis))
     metrics = PickerMetrics()
@@ -168,22 +204,19 @@ async def serve(settings: PickerSettings) -> None:
                           queue_guard)
     director = Director(snapshots, intake, roles, flow, placement, metrics, hits)
     processor = ExternalProcessor(snapshots, director, metrics, settings.server.default_pool)
+    return Picker(settings, redis, store, metrics, snapshots, placement, flow, director, processor, hits, queue_guard)
 
-    async def heartbeat() -> None:
-        config = snapshots.current.config
-        await placement.publish(list(config.pools) if config else [])
-        counts = hits.take()
-        if counts:
-            try:
-                await store.add_hit_counts(int(time.time() // 60), counts)
-            except (RedisError, OSError) as exc:
-                hits.give_back(counts)
-                log.debug("hit counts kept for the next heartbeat: %s", exc)
+
+async def serve(settings: PickerSettings) -> None:
+    stop = stop_on_signals()
+    picker = build(settings)
+    metrics, snapshots, placement, flow = picker.metrics, picker.snapshots, picker.placement, picker.flow
+    heartbeat = picker.heartbeat
 
     options = [("grpc.max_receive_message_length", 2 * settings.server.max_request_body_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(picker.processor, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.server.secure_serving:
@@ -220,7 +253,7 @@ async def serve(settings: PickerSettings) -> None:
     admin = None
     if settings.server.admin_address:
         tokens = Tokens(Path(settings.server.admin_tokens_file) if settings.server.admin_tokens_file else None)
-        admin_app = build_admin_app(AdminContext(snapshots, placement, director, store, tokens,
+        admin_app = build_admin_app(AdminContext(snapshots, placement, picker.director, picker.store, tokens,
                                                  settings.server.replica_id, flow))
         host, port = _split(settings.server.admin_address)
         admin = _EmbeddedServer(uvicorn.Config(admin_app, host=host, port=port, log_level="warning",
@@ -260,16 +293,12 @@ async def serve(settings: PickerSettings) -> None:
         await server.stop(grace=settings.server.shutdown_grace_ms / 1000)
         if health_server is not None:
             await health_server.stop(grace=1)
-        await placement.drain()
-        await queue_guard.drain()
         if admin is not None:
             admin.should_exit = True
         for t in tasks:
             t.cancel()
         await runner.cleanup()
-        if store.link is not None:
-            store.link.close()
-        await redis.aclose()
+        await picker.close()
 
 
 def main(argv: list[str] | None = None) -> None:

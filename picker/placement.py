@@ -167,7 +167,7 @@ class Placement:
             placed = await self.commit(plan, started)
             if placed is not None:
                 break
-            self._metrics.placement_conflicts.labels(request.pool.name).inc()
+            self._metrics.of(self._metrics.placement_conflicts, request.pool.name).inc()
         assert placed is not None  # an unchecked commit always admits
         if request.block_hashes:
             self._writes.add(request.pool.name, self._index_write(request, plan))

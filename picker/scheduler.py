@@ -95,11 +95,17 @@ class Scheduler:
                 raise NoEndpoint(f"No endpoint passed the {f.name} filter.")
         totals = [0.0] * len(remaining)
         for w in profile.scorers:
+            if w.weight == 0 and trace is None:
+                continue  # weighed at nothing: only an explanation shows its scores
             scores = w.scorer.score(request, remaining)
+            if len(scores) != len(remaining):
+                raise ValueError(f"scorer {w.scorer.name} gave {len(scores)} scores for {len(remaining)} candidates")
             if trace is not None:
                 trace.scores.append((w.scorer.name, w.weight,
                                      {c.endpoint.key: s for c, s in zip(remaining, scores, strict=True)}))
-            totals = [t + w.weight * min(1.0, max(0.0, s)) for t, s in zip(totals, scores, strict=True)]
+            weight = w.weight
+            for i, s in enumerate(scores):  # clamped to 0..1
+                totals[i] += weight * (0.0 if s < 0.0 else 1.0 if s > 1.0 else s)
         if trace is not None:
             trace.totals = {c.endpoint.key: t for c, t in zip(remaining, totals, strict=True)}
         chosen = profile.picker.pick(request, list(zip(remaining, totals, strict=True)))

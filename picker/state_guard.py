@@ -52,7 +52,7 @@ class StateGuard:
         if not self.usable:
             if asyncio.iscoroutine(work):
                 work.close()  # never awaited: no warning about it
-            self._metrics.redis_fallbacks.labels(self._prefix + op).inc()
+            self._metrics.of(self._metrics.redis_fallbacks, self._prefix + op).inc()
             return None
         try:
             async with asyncio.timeout(self._timeout_s * slack):
@@ -63,7 +63,7 @@ class StateGuard:
 
     def failed(self, op: str, exc: BaseException) -> None:
         """A state call failed: count it, and leave the state alone a moment."""
-        self._metrics.redis_fallbacks.labels(self._prefix + op).inc()
+        self._metrics.of(self._metrics.redis_fallbacks, self._prefix + op).inc()
         now = time.monotonic()
         if now >= self._down_until:
             self._down_until = now + self._backoff_s
