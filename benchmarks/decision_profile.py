@@ -130,9 +130,9 @@ def _top(profile: cProfile.Profile, top: int) -> str:
     return text.getvalue()
 
 
-async def measure(redis_url: str, pool: str, decisions: int, top: int) -> dict[str, Any]:
+async def measure(redis_url: str, pool: str, decisions: int, top: int, picker_args: list[str]) -> dict[str, Any]:
     settings = parse_settings(["--no-secure-serving", "--replica-id", "profile", "--redis-url", redis_url,
-                               "--log-level", "INFO"])
+                               "--log-level", "INFO", *picker_args])
     picker = build(settings)
     stop = asyncio.Event()
     await picker.snapshots.refresh_once()
@@ -171,13 +171,15 @@ def main() -> None:
     p.add_argument("--decisions", type=int, default=3000)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--manifests", type=Path, default=Path("examples/fleet"))
+    p.add_argument("--picker-args", default="", help="more picker flags, e.g. '--state local'")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="decision-profile-"))
     fleet = Fleet(FleetSettings(manifests_dir=args.manifests.resolve(), work_dir=work,
                                 simulator_args=("--time-scale", "0.01")))
     try:
         fleet.start()
-        result = uvloop.run(measure(fleet.redis_url, fleet.first_pool(), args.decisions, args.top))
+        result = uvloop.run(measure(fleet.redis_url, fleet.first_pool(), args.decisions, args.top,
+                                        args.picker_args.split()))
     finally:
         fleet.stop()
     out = Path("bench/out")

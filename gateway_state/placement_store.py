@@ -91,6 +91,19 @@ def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
     return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+def _write_args(writes: Sequence[Write]) -> list[str | int]:
+    """The writes as the scripts take them, six arguments each (scripts._WRITE_OPS)."""
+    args: list[str | int] = []
+    for w in writes:
+        if isinstance(w, IndexWrite):
+            args += ["i", w.endpoint, w.prefix_ttl_ms, w.capacity_blocks, w.held_blocks, " ".join(w.block_hashes)]
+        elif isinstance(w, SpeculativeWrite):
+            args += ["s", w.endpoint, w.ttl_ms, "", "", " ".join(w.block_hashes)]
+        else:
+            args += ["r", w.replica, w.endpoint, w.work_blocks, w.model, ""]
+    return args
+
+
 def prefill_left(blocks: float, age_ms: int, blocks_per_s: float) -> float | None:
     """What remains of a prefill backlog of `blocks` recorded `age_ms` ago, at the endpoint's speed: a fluid
     queue drains at its speed while it lasts. None at an unknown speed (0). scripts.ADMIT does the same."""
@@ -124,28 +137,22 @@ class PlacementStore(RedisState):
                            for i in range(0, len(backlog), 3)})
 
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0) -> bool:
+                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0,
+                    before: Sequence[Write] = (), after: Sequence[Write] = ()) -> bool:
         """Count a request (and its `work_blocks` of uncached prompt, and one for its `model`) in flight at `endpoint`,
         and add its blocks to the endpoint's prefill backlog, drained at `prefill_blocks_per_s` (0: unknown).
+        In the same round trip: the writes `before` (applied whatever happens), and `after` (only if admitted).
 
-        False, with nothing written, when `others_seen` (0 or more) is below the other
+        False, with nothing of its own written, when `others_seen` (0 or more) is below the other
         replicas' requests there now: one of them chose the endpoint since the caller's lookup.
         """
         return bool(await self._admit(keys=[keys.pickers(pool)], args=[
             keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen, model,
-            f"{prefill_blocks_per_s:.3f}"]))
+            f"{prefill_blocks_per_s:.3f}", len(before), *_write_args(before), *_write_args(after)]))
 
     async def write(self, pool: str, writes: Sequence[Write]) -> int:
         """Apply `writes` in order in one round trip; returns how many prefix blocks the index writes evicted."""
-        args: list[str | int] = [keys.pool_prefix(pool)]
-        for w in writes:
-            if isinstance(w, IndexWrite):
-                args += ["i", w.endpoint, w.prefix_ttl_ms, w.capacity_blocks, w.held_blocks, " ".join(w.block_hashes)]
-            elif isinstance(w, SpeculativeWrite):
-                args += ["s", w.endpoint, w.ttl_ms, "", "", " ".join(w.block_hashes)]
-            else:
-                args += ["r", w.replica, w.endpoint, w.work_blocks, w.model, ""]
-        return int(await self._writes(keys=[keys.pickers(pool)], args=args))
+        return int(await self._writes(keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), *_write_args(writes)]))
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
                     capacity_blocks: int, held_blocks: int = 0) -> int:

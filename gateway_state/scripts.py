@@ -120,59 +120,14 @@ local function uncount(prefix, record, field, amount, all)
 end
 """
 
-# KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, lease_ms,
-# uncached prompt blocks, others seen (-1: no check), model ("" for none), the
-# endpoint's prefill speed in blocks per second (0: unknown). Counts one
-# request, its uncached prompt blocks and one for its model ("<endpoint>@<model>") in
-# flight at the endpoint, in the replica's record and the pool's total, and adds the
-# blocks to the endpoint's prefill backlog
-# (the "prefill" hash: "blocks|ms"), first draining what the endpoint computed since
-# the last admission at its speed (a fluid queue: the backlog falls at the speed
-# while it lasts). At an unknown speed the backlog is the request's blocks alone:
-# nothing is known of what drained. Returns 1. With a check, it
-# first compares the other replicas' requests at the endpoint (the total less the
-# replica's own) with what the caller's lookup saw: more means another replica chose
-# it meanwhile, and the script writes nothing and returns 0, so the caller decides
-# again on fresh figures instead of doubling up.
-ADMIT = _NOW_MS + _INFLIGHT_HELPERS + """
-local prefix, replica, endpoint = ARGV[1], ARGV[2], ARGV[3]
-local lease, seen = tonumber(ARGV[4]), tonumber(ARGV[6])
-local ik = prefix .. 'inflight:' .. replica
-if seen >= 0 then
-  local others = tonumber(redis.call('HGET', prefix .. 'inflight', endpoint) or 0)
-                 - tonumber(redis.call('HGET', ik, endpoint) or 0)
-  if others > seen then return 0 end
-end
-count(prefix, ik, endpoint, 1)
-if tonumber(ARGV[5]) > 0 then count(prefix, ik, endpoint .. '|work', ARGV[5]) end
-if ARGV[7] ~= '' then count(prefix, ik, endpoint .. '@' .. ARGV[7], 1) end
-local work, speed = tonumber(ARGV[5]), tonumber(ARGV[8])
-if work > 0 then
-  local pk = prefix .. 'prefill'
-  local backlog = 0
-  if speed > 0 then
-    local blocks, at = string.match(redis.call('HGET', pk, endpoint) or '', '^([^|]+)|(%d+)$')
-    if blocks then backlog = math.max(0, tonumber(blocks) - speed * (now - tonumber(at)) / 1000) end
-  end
-  redis.call('HSET', pk, endpoint, string.format('%.1f|%d', backlog + work, now))
-  redis.call('PEXPIRE', pk, lease * 10)
-end
-redis.call('PEXPIRE', ik, lease)
-redis.call('PEXPIRE', prefix .. 'inflight', lease)
-redis.call('ZADD', KEYS[1], now + lease, replica)
-return 1
-"""
-
 # A held block is written again only when its recency is older than this share of
 # the endpoint's turnover: how long its least recent block has gone unused (its
 # LRU is full), or the prefix lifetime (it is not). A block used more often than that
 # is rewritten at most once per share, and never reaches the eviction end.
 REFRESH_SHARE = 4
 
-# The writes that follow a decision, off the request path, as many as have
-# gathered in one call (a replica sends its next batch of a pool when the last
-# one is answered). KEYS[1] = any key of the pool (its slot). ARGV = pool prefix,
-# then the writes in order, six arguments each:
+# The writes that follow decisions, six arguments each, applied in order by
+# `apply(first, last)` over ARGV[first..last] (the pool prefix is ARGV[1]):
 #
 # - "i", endpoint, prefix ttl_ms, endpoint capacity in blocks, the blocks the
 #   endpoint held at the decision (the lookup's match), the block hashes joined by
@@ -189,8 +144,8 @@ REFRESH_SHARE = 4
 #   whose index comes from engine events, the endpoint is taken to hold the blocks
 #   for ttl_ms (speculative entries), until its engine's event says so.
 #
-# Returns how many blocks the index writes evicted.
-WRITES = _NOW_MS + _INFLIGHT_HELPERS + """
+# `apply` returns how many blocks the index writes evicted.
+_WRITE_OPS = _INFLIGHT_HELPERS + """
 local prefix = ARGV[1]
 local function speculate(endpoint, ttl, hashes)
   for h in string.gmatch(hashes, '%S+') do
@@ -245,20 +200,80 @@ local function release(replica, endpoint, work, model)
   if work > 0 then uncount(prefix, ik, endpoint .. '|work', work, last) end
   if model ~= '' then uncount(prefix, ik, endpoint .. '@' .. model, 1, last) end
 end
-local evicted = 0
-for w = 2, #ARGV, 6 do
-  if ARGV[w] == 'i' then
-    evicted = evicted + index(ARGV[w + 1], tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), tonumber(ARGV[w + 4]),
-                              ARGV[w + 5])
-  elseif ARGV[w] == 'r' then
-    release(ARGV[w + 1], ARGV[w + 2], tonumber(ARGV[w + 3]), ARGV[w + 4])
-  elseif ARGV[w] == 's' then
-    speculate(ARGV[w + 1], tonumber(ARGV[w + 2]), ARGV[w + 5])
-  else
-    return redis.error_reply('unknown write ' .. ARGV[w])
+local function apply(first, last)
+  local evicted = 0
+  for w = first, last, 6 do
+    if ARGV[w] == 'i' then
+      evicted = evicted + index(ARGV[w + 1], tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), tonumber(ARGV[w + 4]),
+                                ARGV[w + 5])
+    elseif ARGV[w] == 'r' then
+      release(ARGV[w + 1], ARGV[w + 2], tonumber(ARGV[w + 3]), ARGV[w + 4])
+    elseif ARGV[w] == 's' then
+      speculate(ARGV[w + 1], tonumber(ARGV[w + 2]), ARGV[w + 5])
+    else
+      error('unknown write ' .. ARGV[w])
+    end
   end
+  return evicted
 end
-return evicted
+"""
+
+# The writes that follow decisions, off the request path, as many as have gathered
+# in one call when no admission carried them (a replica sends its next batch of a
+# pool when the last one is answered). KEYS[1] = any key of the pool (its slot).
+# ARGV = pool prefix, then the writes (_WRITE_OPS). Returns how many blocks the
+# index writes evicted.
+WRITES = _NOW_MS + _WRITE_OPS + """
+return apply(2, #ARGV)
+"""
+
+# KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, lease_ms,
+# uncached prompt blocks, others seen (-1: no check), model ("" for none), the
+# endpoint's prefill speed in blocks per second (0: unknown), how many writes
+# come first, then writes (_WRITE_OPS): first those that gathered since the
+# replica's last call (releases, say), applied whatever happens, then the
+# decision's own (its prompt's blocks), applied only if it is admitted. Counts one
+# request, its uncached prompt blocks and one for its model ("<endpoint>@<model>") in
+# flight at the endpoint, in the replica's record and the pool's total, and adds the
+# blocks to the endpoint's prefill backlog
+# (the "prefill" hash: "blocks|ms"), first draining what the endpoint computed since
+# the last admission at its speed (a fluid queue: the backlog falls at the speed
+# while it lasts). At an unknown speed the backlog is the request's blocks alone:
+# nothing is known of what drained. Returns 1. With a check, it
+# first compares the other replicas' requests at the endpoint (the total less the
+# replica's own) with what the caller's lookup saw: more means another replica chose
+# it meanwhile, and the script writes nothing and returns 0, so the caller decides
+# again on fresh figures instead of doubling up.
+ADMIT = _NOW_MS + _WRITE_OPS + """
+local replica, endpoint = ARGV[2], ARGV[3]
+local own = 10 + tonumber(ARGV[9]) * 6
+apply(10, own - 1)
+local lease, seen = tonumber(ARGV[4]), tonumber(ARGV[6])
+local ik = prefix .. 'inflight:' .. replica
+if seen >= 0 then
+  local others = tonumber(redis.call('HGET', prefix .. 'inflight', endpoint) or 0)
+                 - tonumber(redis.call('HGET', ik, endpoint) or 0)
+  if others > seen then return 0 end
+end
+count(prefix, ik, endpoint, 1)
+if tonumber(ARGV[5]) > 0 then count(prefix, ik, endpoint .. '|work', ARGV[5]) end
+if ARGV[7] ~= '' then count(prefix, ik, endpoint .. '@' .. ARGV[7], 1) end
+local work, speed = tonumber(ARGV[5]), tonumber(ARGV[8])
+if work > 0 then
+  local pk = prefix .. 'prefill'
+  local backlog = 0
+  if speed > 0 then
+    local blocks, at = string.match(redis.call('HGET', pk, endpoint) or '', '^([^|]+)|(%d+)$')
+    if blocks then backlog = math.max(0, tonumber(blocks) - speed * (now - tonumber(at)) / 1000) end
+  end
+  redis.call('HSET', pk, endpoint, string.format('%.1f|%d', backlog + work, now))
+  redis.call('PEXPIRE', pk, lease * 10)
+end
+redis.call('PEXPIRE', ik, lease)
+redis.call('PEXPIRE', prefix .. 'inflight', lease)
+redis.call('ZADD', KEYS[1], now + lease, replica)
+apply(own, #ARGV)
+return 1
 """
 
 # One batch of an endpoint's KV-cache events, applied by the collector that owns

@@ -169,8 +169,6 @@ class Placement:
                 break
             self._metrics.of(self._metrics.placement_conflicts, request.pool.name).inc()
         assert placed is not None  # an unchecked commit always admits
-        if request.block_hashes:
-            self._writes.add(request.pool.name, self._index_write(request, plan))
         return placed
 
     def _index_write(self, request: PlacementRequest, plan: Plan) -> IndexWrite | SpeculativeWrite:
@@ -242,20 +240,25 @@ class Placement:
 
     async def commit(self, plan: Plan, started: float) -> Placed | None:
         """Admit the plan: counted here at once, and in the state; None if another replica took the
-        endpoint since the plan's view (nothing is counted then)."""
-        pool, endpoint, model = plan.request.pool.name, plan.chosen.endpoint.key, plan.request.target_model
+        endpoint since the plan's view (nothing is counted then). The admission carries the writes gathered
+        for the pool (releases) and, if it is admitted, the prompt's blocks to index."""
+        request = plan.request
+        pool, endpoint, model = request.pool.name, plan.chosen.endpoint.key, request.target_model
+        own = [self._index_write(request, plan)] if request.block_hashes else []
         self.own.add(pool, endpoint, plan.work_blocks, model)
         try:
             # None: the state may have counted it or not; the next heartbeat replaces the record either way.
             admitted = await self._guard.call("admit", self._state.admit(
                 pool, self._me, endpoint, self._settings.state.inflight_lease_ms, plan.work_blocks,
-                plan.others_seen, model, plan.chosen.prefill_blocks_per_s))
+                plan.others_seen, model, plan.chosen.prefill_blocks_per_s, self._writes.take(pool), own))
         except BaseException:
             self.own.remove(pool, endpoint, plan.work_blocks, model)  # cancelled: the request is gone
             raise
         if admitted is False:
             self.own.remove(pool, endpoint, plan.work_blocks, model)
             return None
+        if own and self._fallback is not None:
+            await self._fallback.write(pool, own)
         return Placed(plan.request, plan.decision.endpoints, plan.work_blocks, bool(admitted),
                       time.perf_counter() - started, plan.decision.seconds)
 
@@ -296,5 +299,6 @@ class Placement:
                 return
 
     async def drain(self) -> None:
-        """Wait for the writes still under way after their requests (shutdown)."""
+        """Send the writes still gathered, and wait for those under way (shutdown)."""
+        self._writes.flush()
         await self._guard.drain()

@@ -39,10 +39,11 @@ class PlacementState(Protocol):
         ...
 
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0) -> bool:
+                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0,
+                    before: Sequence[Write] = (), after: Sequence[Write] = ()) -> bool:
         """Count a request in flight and add its blocks to the endpoint's prefill backlog (drained at
-        `prefill_blocks_per_s`, 0 unknown); False (nothing written) if the others' count there passed
-        `others_seen`."""
+        `prefill_blocks_per_s`, 0 unknown); False (nothing of its own written) if the others' count there
+        passed `others_seen`. At once: the writes `before` (whatever happens) and `after` (if admitted)."""
         ...
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
@@ -129,7 +130,9 @@ class MemoryState:
         return matched
 
     async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0) -> bool:
+                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0,
+                    before: Sequence[Write] = (), after: Sequence[Write] = ()) -> bool:
+        await self._apply(pool, before)
         if others_seen >= 0:
             records = self._figures.get(pool, {})
             others = sum(records[r][endpoint] for r in self._live(pool) if r != replica and r in records)
@@ -143,6 +146,7 @@ class MemoryState:
             blocks, at = backlogs.get(endpoint, (0.0, now))
             left = prefill_left(blocks, int((now - at) * 1000), prefill_blocks_per_s)
             backlogs[endpoint] = ((0.0 if left is None else left) + work_blocks, now)
+        await self._apply(pool, after)
         return True
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
@@ -170,6 +174,9 @@ class MemoryState:
         _uncount(self._figures.get(pool, {}).get(replica), endpoint, work_blocks, model)
 
     async def write(self, pool: str, writes: Sequence[Write]) -> int:
+        return await self._apply(pool, writes)
+
+    async def _apply(self, pool: str, writes: Sequence[Write]) -> int:
         evicted = 0
         for w in writes:
             if isinstance(w, IndexWrite):

@@ -1,10 +1,14 @@
 """The writes after a decision, off its path: the prompt's blocks to index and the requests to release.
 
-One task per pool sends the writes gathered meanwhile in one round trip each, so under load many
-decisions share a call, and at rest each write goes at once.
+A decision's own index write rides on its admission (`Placement.commit`). What else gathers (releases,
+mostly) waits up to LINGER_S for the next admission in its pool to carry it, in the same round trip;
+when none comes, one task per pool sends what gathered in one call, so at rest a release goes within
+LINGER_S and under load many share a call or ride along.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from gateway_state.placement_store import IndexWrite, SpeculativeWrite, Write
 from picker.state import MemoryState, PlacementState
@@ -15,6 +19,9 @@ from picker.state_guard import StateGuard
 MAX_WRITE_BATCH = 256
 # Off the request path a slower state may take longer; the heartbeat heals a lost release.
 WRITE_SLACK = 10.0
+# How long gathered writes wait for an admission to carry them: a round trip saved per decision under
+# load, and another replica sees a request end this much later at most.
+LINGER_S = 0.002
 
 
 class WriteBatcher:
@@ -23,13 +30,36 @@ class WriteBatcher:
         self._fallback = fallback_index  # None when the state is this replica's memory already
         self._guard = guard
         self._pending: dict[str, list[Write]] = {}  # pool -> writes not yet sent
-        self._writing: set[str] = set()  # pools whose writer task runs
+        self._writing: set[str] = set()  # pools whose writer task runs or is due
 
     def add(self, pool: str, write: Write) -> None:
         self._pending.setdefault(pool, []).append(write)
         if pool not in self._writing:
             self._writing.add(pool)
+            asyncio.get_running_loop().call_later(LINGER_S, self._start, pool)
+
+    def take(self, pool: str) -> list[Write]:
+        """The writes gathered for `pool`, for an admission to carry (at most one batch's worth)."""
+        pending = self._pending.get(pool)
+        if not pending:
+            return []
+        batches = write_batches(pending)
+        if len(batches) == 1:
+            del self._pending[pool]
+        else:
+            self._pending[pool] = [w for b in batches[1:] for w in b]
+        return batches[0]
+
+    def flush(self) -> None:
+        """Send what gathered now (shutdown)."""
+        for pool in list(self._pending):
             self._guard.later(self._write_pending(pool))
+
+    def _start(self, pool: str) -> None:
+        if self._pending.get(pool):
+            self._guard.later(self._write_pending(pool))
+        else:
+            self._writing.discard(pool)
 
     async def _write_pending(self, pool: str) -> None:
         try:

@@ -126,13 +126,27 @@ async def test_the_writes_after_decisions_share_a_round_trip_while_one_is_under_
     state = SlowWrites()
     p, _ = placement(state)
     placed = [await p.place(request(f"prompt {i} " * 30), {}) for i in range(12)]
-    for one in placed:
+    assert state.batches == []  # each prompt's index write rode on its admission
+    for one in placed[:6]:
+        p.release(one)
+    await asyncio.sleep(0.005)  # past the linger: the first release goes alone, the rest gather behind it
+    for one in placed[6:]:
         p.release(one)
     await p.drain()
-    # 12 index writes and 12 releases: the first goes alone, the rest gather behind it.
-    assert sum(state.batches) == 24 and len(state.batches) <= 3, state.batches
+    assert sum(state.batches) == 12 and len(state.batches) <= 3, state.batches
     view = await state.lookup("p", [])
     assert view.inflight == {} and len(state.matched("p", request("prompt 3 " * 30).block_hashes)) == 1
+
+
+async def test_an_admission_carries_the_releases_gathered_before_it() -> None:
+    state = SlowWrites()
+    p, _ = placement(state)
+    first = await p.place(request("first " * 30), {})
+    p.release(first)
+    second = await p.place(request("second " * 30), {})  # within the linger: its admission carries the release
+    await asyncio.sleep(0.01)
+    assert state.batches == []
+    assert (await state.lookup("p", [])).inflight == {second.chosen.endpoint.key: 1}
 
 
 async def test_without_the_state_it_places_from_its_own_figures_and_index() -> None:

@@ -268,3 +268,21 @@ async def test_a_held_prompt_is_written_again_when_its_recency_nears_the_endpoin
         await store.index("pool", "a:1", hot, 60_000, 6, held_blocks=len(hot))
         assert (await store.lookup("pool", hot)).matched_blocks == {"a:1": 2}, i
     assert await redis_client.zscore(lru, "h0") > before
+
+
+async def test_an_admission_carries_writes_before_it_and_its_own_after_it(redis_client: Redis) -> None:
+    from gateway_state.placement_store import IndexWrite, ReleaseWrite
+    store = StateStore(redis_client)
+    assert await store.admit("pool", "other", "a:1", LEASE_MS)
+    assert await store.admit("pool", "me", "b:1", LEASE_MS, 3)
+    # Refused (another replica took a:1 since a lookup that saw none there): the release gathered before it
+    # is applied, its own index write is not.
+    assert not await store.admit("pool", "me", "a:1", LEASE_MS, others_seen=0, before=[ReleaseWrite("me", "b:1", 3)],
+                                 after=[IndexWrite("a:1", ["x1", "x2"], 60_000, 100)])
+    view = await store.lookup("pool", ["x1", "x2"])
+    assert view.inflight == {"a:1": 1} and view.matched_blocks == {}
+    # Admitted: both.
+    assert await store.admit("pool", "me", "a:1", LEASE_MS, others_seen=1, before=[ReleaseWrite("other", "a:1")],
+                             after=[IndexWrite("a:1", ["x1", "x2"], 60_000, 100)])
+    view = await store.lookup("pool", ["x1", "x2"])
+    assert view.inflight == {"a:1": 1} and view.matched_blocks == {"a:1": 2}
