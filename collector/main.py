@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 import uuid
+
+import uvloop
 
 from collector.collector import Collector, CollectorSettings
 from collector.gateway_stats import GatewayTarget
@@ -60,7 +61,8 @@ async def serve(metrics_address: str | None, settings: CollectorSettings) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     configure_logging()
-    asyncio.run(serve(*parse_settings(argv)))
+    # libuv's loop: a collector's work is HTTP scrapes and Redis calls, event-loop bound (docs/capacity.md).
+    uvloop.run(serve(*parse_settings(argv)))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ metric names as the servers emit them."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import replace
 from typing import Any
@@ -42,19 +43,41 @@ def is_llama_cpp(text: str) -> bool:
     return "llamacpp:requests_processing" in text
 
 
-def _read_lines(text: str) -> str:
-    """The sample lines of the series in READ. Comments go too, so each sample parses as an untyped
-    series of its own name, the name it has under its family anyway."""
-    return "\n".join(line for line in text.splitlines()
-                     if line[:1] != "#" and line.partition("{")[0].partition(" ")[0] in READ) + "\n"
+# One sample line of the exposition format: name, optional labels, value, optional timestamp.
+_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)'  # name
+                     r'(?:\{((?:[^"}]|"(?:[^"\\]|\\.)*")*)\})?'  # labels, their values quoted and escaped
+                     r'[ \t]+(\S+)(?:[ \t]+-?\d+)?[ \t]*')  # value, timestamp
+_LABEL = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\]|\\.)*)"[ \t]*(?:,|$)')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def _sample(line: str) -> tuple[str, dict[str, str], float]:
+    """A sample line the way Prometheus reads it; ValueError when it is not one."""
+    m = _SAMPLE.fullmatch(line)
+    if m is None:
+        raise ValueError(f"not a sample line: {line[:80]!r}")
+    name, raw_labels, value = m.groups()
+    labels: dict[str, str] = {}
+    if raw_labels and raw_labels.strip():
+        at = 0
+        while at < len(raw_labels):
+            lm = _LABEL.match(raw_labels, at)
+            if lm is None or lm.end() == at:
+                raise ValueError(f"bad labels: {raw_labels[:80]!r}")
+            labels[lm.group(1)] = re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e.group(0)], lm.group(2))
+            at = lm.end()
+    return name, labels, float(value)
 
 
 def parse_series(text: str) -> Series:
+    """The series in READ, each sample line parsed on its own (the page has hundreds of others, which only
+    a page without any of these is checked for being metrics at all)."""
     series: Series = defaultdict(list)
     try:
-        for family in text_string_to_metric_families(_read_lines(text)):
-            for sample in family.samples:
-                series[sample.name].append((sample.labels, sample.value))
+        for line in text.splitlines():
+            if line[:1] != "#" and line.partition("{")[0].partition(" ")[0] in READ:
+                name, labels, value = _sample(line.strip())
+                series[name].append((labels, value))
         if not series:  # nothing read: whether the page is metrics at all takes the whole parse, here only
             for _ in text_string_to_metric_families(text):
                 pass

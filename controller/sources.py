@@ -41,22 +41,33 @@ class ManifestSource(Protocol):
 
 
 class FileSource:
-    """A directory re-read on every resync; an editor's half-written file is just invalid for a moment."""
+    """A directory looked at on every resync and parsed again when a file in it changed (its name, size,
+    modification time or inode); an editor's half-written file is just invalid for a moment."""
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
         self.changed = asyncio.Event()
+        self._last: tuple[tuple[tuple[str, int, int, int], ...], Loaded] | None = None
 
     async def start(self) -> None:
         return None
 
     def load(self) -> Loaded:
         try:
-            return Loaded(load_directory(self._directory))
-        except ManifestError as exc:
-            return Loaded(None, {exc.where: exc})
+            files = tuple(sorted((str(p), st.st_size, st.st_mtime_ns, st.st_ino) for p in self._directory.rglob("*")
+                                 if p.suffix in (".yaml", ".yml") and (st := p.stat()) and p.is_file()))
         except OSError as exc:
             return Loaded(None, {str(self._directory): ManifestError(str(self._directory), "", str(exc))})
+        if self._last is not None and self._last[0] == files:
+            return self._last[1]
+        try:
+            loaded = Loaded(load_directory(self._directory))
+        except ManifestError as exc:
+            loaded = Loaded(None, {exc.where: exc})
+        except OSError as exc:
+            return Loaded(None, {str(self._directory): ManifestError(str(self._directory), "", str(exc))})
+        self._last = (files, loaded)
+        return loaded
 
     async def stop(self) -> None:
         return None
