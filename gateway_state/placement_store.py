@@ -25,6 +25,9 @@ class SharedView:
     # endpoint -> (uncached prompt blocks it had still to compute, how long ago in ms) at the last
     # admission there (keys.prefill_backlog); the reader drains it at the endpoint's speed since
     prefill_backlog: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # endpoint -> uncached prompt blocks the reader itself admitted there after the lookup was sent,
+    # which `prefill_backlog` does not hold yet
+    unrecorded_work: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

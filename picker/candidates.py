@@ -67,8 +67,9 @@ def pending_prefill(view: SharedView, endpoint: str, blocks_per_s: float) -> flo
     """The uncached prompt blocks `endpoint` has still to compute: those of the requests in flight there,
     less what it computed since they came at its speed (the backlog ADMIT recorded, drained since). At an
     unknown speed, or with no backlog recorded, all of the requests' blocks in flight. A request's blocks
-    stay in flight until it ends, long after its prefill, so the in-flight figure alone overstates."""
+    stay in flight until it ends, long after its prefill, so the in-flight figure alone overstates. The
+    reader's own admissions that the recorded backlog does not hold yet add to it undrained."""
     work = float(view.inflight_work.get(endpoint, 0))
     recorded = view.prefill_backlog.get(endpoint)
     left = prefill_left(recorded[0], recorded[1], blocks_per_s) if recorded else None
-    return work if left is None else min(work, left)
+    return work if left is None else min(work, left + view.unrecorded_work.get(endpoint, 0))

@@ -188,6 +188,7 @@ class Placement:
                    profile: str | None = None, released: bool = False) -> Plan:
         """The decision the state supports now; reads only (so it also explains decisions)."""
         pool = request.pool
+        mark = self.own.mark()
         others = await self._guard.call("lookup", self._state.lookup(pool.name, request.block_hashes, self._me,
                                                                      request.speculative))
         # Read after the await: decisions this replica made meanwhile must count.
@@ -199,7 +200,8 @@ class Placement:
         else:
             view = SharedView(dict(Counter(others.inflight) + Counter(own_requests)), others.matched_blocks,
                               dict(Counter(others.inflight_work) + Counter(own_work)), others.replicas,
-                              dict(Counter(others.inflight_models) + Counter(own_models)), others.prefill_backlog)
+                              dict(Counter(others.inflight_models) + Counter(own_models)), others.prefill_backlog,
+                              self.own.work_since(pool.name, mark))
         scheduling = replace(request.scheduling, preferred=replica_share(
             [e.key for e in pool.endpoints], view.replicas, self._me))
         candidates = build_candidates(pool, samples, view, drained, scheduling.model, self._clock.now_ms(),

@@ -12,7 +12,7 @@ the fallback index used while Redis cannot answer.
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -30,6 +30,10 @@ from gateway_state.placement_store import (
 
 # A replica's own record of its speculative placements, while Redis cannot be reached, is bounded so.
 SPECULATIVE_CAPACITY = 100_000
+
+# How many of a pool's latest admissions a replica remembers, to add those a lookup did not see yet
+# (OwnRequests.work_since): far more than a burst admits while one lookup is under way.
+RECENT_ADMISSIONS = 256
 
 
 class PlacementState(Protocol):
@@ -69,12 +73,38 @@ class OwnRequests:
 
     def __init__(self) -> None:
         self._counts: dict[str, Counter[str]] = {}  # pool -> endpoint (and endpoint|work) -> amount
+        self._seq = 0  # one more per request added, in the order their admissions are sent
+        # pool -> [sequence number, endpoint, uncached blocks] of the latest admissions, newest last
+        self._recent: dict[str, deque[list[int | str]]] = {}
 
     def add(self, pool: str, endpoint: str, work_blocks: int, model: str = "") -> None:
         _count(self._counts.setdefault(pool, Counter()), endpoint, work_blocks, model)
+        self._seq += 1
+        if work_blocks > 0:
+            self._recent.setdefault(pool, deque(maxlen=RECENT_ADMISSIONS)).append([self._seq, endpoint, work_blocks])
 
     def remove(self, pool: str, endpoint: str, work_blocks: int, model: str = "") -> None:
         _uncount(self._counts.get(pool), endpoint, work_blocks, model)
+        for entry in reversed(self._recent.get(pool, ())):  # an admission refused or cancelled adds no work
+            if entry[1] == endpoint and entry[2] == work_blocks:
+                entry[2] = 0
+                break
+
+    def mark(self) -> int:
+        """Where the admissions stand now: taken when a lookup is sent, for `work_since`."""
+        return self._seq
+
+    def work_since(self, pool: str, mark: int) -> dict[str, int]:
+        """Per endpoint, the uncached blocks of this replica's requests added after `mark`. A lookup
+        sent at `mark` went out behind the admissions added before it on the same connection, so the
+        prefill backlog it read holds those and none of these."""
+        out: dict[str, int] = {}
+        for seq, endpoint, work in reversed(self._recent.get(pool, ())):
+            if int(seq) <= mark:
+                break
+            if work:
+                out[str(endpoint)] = out.get(str(endpoint), 0) + int(work)
+        return out
 
     def figures(self, pool: str) -> dict[str, int]:
         """The fields of this replica's in-flight record, as the state stores them."""

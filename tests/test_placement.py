@@ -21,7 +21,7 @@ from picker.metrics import PickerMetrics
 from picker.placement import Placement
 from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, ServerSettings, StateSettings
-from picker.state import MemoryState, PlacementState
+from picker.state import MemoryState, OwnRequests, PlacementState
 from picker.state_guard import StateGuard
 from picker.writes import WriteBatcher, write_batches
 
@@ -225,6 +225,25 @@ def test_pending_prefill_is_the_work_in_flight_less_what_drained_at_the_endpoint
     assert pending_prefill(view, "c", 1000.0) == 50.0  # no backlog recorded (the state was flushed)
     # Never more than the work in flight: a request that ended takes its blocks with it.
     assert pending_prefill(replace(view, inflight_work={"a": 40}), "a", 1000.0) == 40.0
+
+
+def test_own_admissions_a_lookup_did_not_see_count_in_the_prefill_ahead() -> None:
+    """Requests of one burst look up at once: the backlog each lookup read holds none of what this replica
+    admits while they wait, so that work is added to the drained backlog, never cut off by it."""
+    own = OwnRequests()
+    own.add("p", "a", 120)
+    mark = own.mark()  # a lookup sent now reads a backlog that holds the first admission
+    own.add("p", "a", 150)
+    own.add("p", "b", 90)
+    own.add("p", "b", 60)
+    own.remove("p", "b", 60)  # refused by the state: no work
+    own.add("q", "a", 500)  # another pool
+    assert own.work_since("p", mark) == {"a": 150, "b": 90}
+    assert own.work_since("p", own.mark()) == {}
+    view = SharedView({"a": 2}, {}, {"a": 270}, prefill_backlog={"a": (120.0, 60)},
+                      unrecorded_work=own.work_since("p", mark))
+    assert pending_prefill(view, "a", 1000.0) == 210.0  # 60 of the recorded 120 drained, plus 150 since
+    assert pending_prefill(replace(view, unrecorded_work={}), "a", 1000.0) == 60.0
 
 
 async def test_a_cold_prompt_goes_where_the_prefill_is_done_though_its_request_is_still_in_flight() -> None:
