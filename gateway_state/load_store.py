@@ -44,6 +44,7 @@ class LoadStore(RedisState):
     def __init__(self, redis: Redis | RedisCluster, link: ScriptLink | None = None) -> None:
         super().__init__(redis, link)
         self._samples: dict[bytes, LoadSample] = {}  # the last snapshot read's samples, by their encoding
+
     async def write_load(self, pool: str, samples: Mapping[str, LoadSample]) -> None:
         if samples:
             await self.redis.hset(keys.load(pool), mapping={e: encode_load(s) for e, s in samples.items()})

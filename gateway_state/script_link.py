@@ -60,7 +60,6 @@ class _Replies(asyncio.Protocol):
         """Queue a command; the calls made in one turn of the event loop leave in one write, so Redis reads
         them in one go (a wake-up, a read and a write for all of them: half its CPU per call, measured)."""
         if not self._corked:
-            self._corked = []
             asyncio.get_running_loop().call_soon(self._flush)
         self._corked.append(command)
 

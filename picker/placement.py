@@ -247,17 +247,17 @@ class Placement:
         request = plan.request
         pool, endpoint, model = request.pool.name, plan.chosen.endpoint.key, request.target_model
         own = [self._index_write(request, plan)] if request.block_hashes else []
-        self.own.add(pool, endpoint, plan.work_blocks, model)
+        admission = self.own.add(pool, endpoint, plan.work_blocks, model)
         try:
             # None: the state may have counted it or not; the next heartbeat replaces the record either way.
             admitted = await self._guard.call("admit", self._state.admit(
                 pool, self._me, endpoint, self._settings.state.inflight_lease_ms, plan.work_blocks,
                 plan.others_seen, model, plan.chosen.prefill_blocks_per_s, self._writes.take(pool), own))
         except BaseException:
-            self.own.remove(pool, endpoint, plan.work_blocks, model)  # cancelled: the request is gone
+            self.own.remove(pool, endpoint, plan.work_blocks, model, admission)  # cancelled: the request is gone
             raise
         if admitted is False:
-            self.own.remove(pool, endpoint, plan.work_blocks, model)
+            self.own.remove(pool, endpoint, plan.work_blocks, model, admission)
             return None
         if own and self._fallback is not None:
             await self._fallback.write(pool, own)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway_state.placement_store import (
@@ -68,27 +69,37 @@ class PlacementState(Protocol):
         ...
 
 
+@dataclass
+class RecentAdmission:
+    """One of a replica's latest admissions, in the order they were sent (OwnRequests.work_since)."""
+
+    seq: int
+    endpoint: str
+    work_blocks: int  # its uncached prompt blocks; 0 once the admission was refused or cancelled
+
+
 class OwnRequests:
     """This replica's requests in flight, per pool and endpoint, and their uncached prompt blocks."""
 
     def __init__(self) -> None:
         self._counts: dict[str, Counter[str]] = {}  # pool -> endpoint (and endpoint|work) -> amount
         self._seq = 0  # one more per request added, in the order their admissions are sent
-        # pool -> [sequence number, endpoint, uncached blocks] of the latest admissions, newest last
-        self._recent: dict[str, deque[list[int | str]]] = {}
+        self._recent: dict[str, deque[RecentAdmission]] = {}  # pool -> the latest admissions, newest last
 
-    def add(self, pool: str, endpoint: str, work_blocks: int, model: str = "") -> None:
+    def add(self, pool: str, endpoint: str, work_blocks: int, model: str = "") -> RecentAdmission:
         _count(self._counts.setdefault(pool, Counter()), endpoint, work_blocks, model)
         self._seq += 1
-        if work_blocks > 0:
-            self._recent.setdefault(pool, deque(maxlen=RECENT_ADMISSIONS)).append([self._seq, endpoint, work_blocks])
+        admission = RecentAdmission(self._seq, endpoint, work_blocks)
+        self._recent.setdefault(pool, deque(maxlen=RECENT_ADMISSIONS)).append(admission)
+        return admission
 
-    def remove(self, pool: str, endpoint: str, work_blocks: int, model: str = "") -> None:
+    def remove(self, pool: str, endpoint: str, work_blocks: int, model: str = "",
+               refused: RecentAdmission | None = None) -> None:
+        """A request ended, or its admission (`refused`, as `add` returned it) was refused or cancelled:
+        then it adds no work to the lookups that did not see it either."""
         _uncount(self._counts.get(pool), endpoint, work_blocks, model)
-        for entry in reversed(self._recent.get(pool, ())):  # an admission refused or cancelled adds no work
-            if entry[1] == endpoint and entry[2] == work_blocks:
-                entry[2] = 0
-                break
+        if refused is not None:
+            refused.work_blocks = 0
 
     def mark(self) -> int:
         """Where the admissions stand now: taken when a lookup is sent, for `work_since`."""
@@ -99,11 +110,11 @@ class OwnRequests:
         sent at `mark` went out behind the admissions added before it on the same connection, so the
         prefill backlog it read holds those and none of these."""
         out: dict[str, int] = {}
-        for seq, endpoint, work in reversed(self._recent.get(pool, ())):
-            if int(seq) <= mark:
+        for a in reversed(self._recent.get(pool, ())):
+            if a.seq <= mark:
                 break
-            if work:
-                out[str(endpoint)] = out.get(str(endpoint), 0) + int(work)
+            if a.work_blocks:
+                out[a.endpoint] = out.get(a.endpoint, 0) + a.work_blocks
         return out
 
     def figures(self, pool: str) -> dict[str, int]:

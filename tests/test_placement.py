@@ -235,8 +235,7 @@ def test_own_admissions_a_lookup_did_not_see_count_in_the_prefill_ahead() -> Non
     mark = own.mark()  # a lookup sent now reads a backlog that holds the first admission
     own.add("p", "a", 150)
     own.add("p", "b", 90)
-    own.add("p", "b", 60)
-    own.remove("p", "b", 60)  # refused by the state: no work
+    own.remove("p", "b", 60, refused=own.add("p", "b", 60))  # refused by the state: no work
     own.add("q", "a", 500)  # another pool
     assert own.work_since("p", mark) == {"a": 150, "b": 90}
     assert own.work_since("p", own.mark()) == {}
