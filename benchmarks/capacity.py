@@ -9,7 +9,7 @@
 2. per script (a standalone Redis, one pool of 8 endpoints, 2 picker replicas, a prompt
    of 32 blocks): Lua time and bytes of LOOKUP, ADMIT, INDEX and RELEASE, and of the
    index built from events: LOOKUP with speculative entries, the speculative write, and
-   KV_APPLY per batch and per block;
+   a batch of events (holders, block map, status) per batch and per block;
 3. the prefix index at full capacity: keys and memory per pod whose LRU is full (every
    block its own, the worst case), scaled to 1,000 pods;
 4. how many Redis Cluster shards carry 100,000 decisions per second.
@@ -43,19 +43,20 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from redis.asyncio import Redis
 
 from benchmarks.gateway_figures import cpu_seconds
+from gateway_state.keys import index_bucket
 from gateway_state.kv_index_store import Removed, Stored
 from gateway_state.placement_store import SpeculativeWrite
 from gateway_state.protocol import DESTINATION_HEADER
 from gateway_state.records import Config, Endpoint, KvStreamStatus, Pool
 from gateway_state.store import StateStore
-from local_fleet.fleet import Fleet, FleetSettings, binary
+from local_fleet.fleet import Fleet, FleetSettings, binary, free_cluster_ports
 from testbed.kube import free_port
 
 POOL = "default/qwen-inference-pool"  # the per-script figures' pool
 MODEL = "/models/Qwen3-32B"
 # A typical chat request: a shared system prompt of about 1,500 characters and a question.
 SYSTEM = "You are a support assistant for an online shop. Answer briefly and politely. " * 20
-STATUS = KvStreamStatus("capacity", "live", 0)  # what each KV_APPLY writes beside its operations
+STATUS = KvStreamStatus("capacity", "live", 0)  # what each batch of events writes beside its operations
 # The share of a Redis core a shard is planned at, leaving room for replication, persistence and bursts.
 SHARD_CORE_SHARE = 0.7
 
@@ -89,8 +90,10 @@ async def window(redis: Redis, pid: int, work: Any) -> tuple[dict[str, Any], flo
     return difference(await redis_figures(redis, pid), before), elapsed
 
 
-async def decisions(address: str, count: int, concurrency: int, pool: str, forward: bool = False) -> None:
-    """`count` ext_proc decisions straight to one picker, each a chat request whose question differs.
+async def decisions(address: str, count: int, concurrency: int, pool: str, forward: bool = False,
+                    system_prompts: int = 1) -> None:
+    """`count` ext_proc decisions straight to one picker, each a chat request whose question differs, over
+    `system_prompts` system prompts in turn (they differ from their first characters: one tenant's each).
     `forward`: each request then goes to the pod the picker named, as the gateway would send it (so the
     engines cache its prompt and publish their KV-cache events)."""
     headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
@@ -104,7 +107,8 @@ async def decisions(address: str, count: int, concurrency: int, pool: str, forwa
         async def worker() -> None:
             for n in left:
                 body = json.dumps({"model": MODEL, "max_tokens": 32, "messages": [
-                    {"role": "system", "content": SYSTEM},
+                    {"role": "system", "content": f"Tenant {n % system_prompts}. {SYSTEM}"
+                     if system_prompts > 1 else SYSTEM},
                     {"role": "user", "content": f"[{tag}] Question {n}: where is my order number {n * 7919}?"}]})
                 call = stub.Process(metadata=((("x-inference-pool", pool),)))
                 await call.write(headers)
@@ -192,6 +196,45 @@ async def sample_lags(store: StateStore, pool: str, out: list[float]) -> None:
         await asyncio.sleep(0.05)
 
 
+async def per_shard(fleet: Fleet, count: int, system_prompts: int) -> dict[str, Any]:
+    """Redis CPU per decision on each shard of the fleet's Redis Cluster, net of the background, with
+    prompts over `system_prompts` system prompts (one pool: its own keys on one shard, its index spread)."""
+    ports = fleet.settings.redis_cluster_ports
+    nodes = {port: Redis(port=port) for port in ports}
+    pids = {port: fleet.processes[f"redis-{port}"].pid for port in ports}
+    address = f"127.0.0.1:{fleet.settings.picker_ports[0]}"
+    pool = fleet.first_pool()
+
+    async def measure(work: Any) -> tuple[dict[int, dict[str, Any]], float]:
+        before, started = {p: await redis_figures(nodes[p], pids[p]) for p in ports}, time.monotonic()
+        await work()
+        elapsed = time.monotonic() - started
+        return {p: difference(await redis_figures(nodes[p], pids[p]), before[p]) for p in ports}, elapsed
+
+    try:
+        await decisions(address, 200, 8, pool, system_prompts=system_prompts)
+        await asyncio.sleep(1.0)
+        busy, busy_s = await measure(lambda: decisions(address, count, 16, pool, system_prompts=system_prompts))
+        await asyncio.sleep(1.0)
+        idle, idle_s = await measure(lambda: asyncio.sleep(max(busy_s, 5.0)))
+        pool_slot = int(await nodes[ports[0]].execute_command("CLUSTER", "KEYSLOT", f"{{{pool}}}"))
+        shards = []
+        for port in ports:
+            owned = await nodes[port].execute_command("CLUSTER", "COUNTKEYSINSLOT", pool_slot)
+            net_ms = (busy[port]["cpu_s"] - idle[port]["cpu_s"] * busy_s / idle_s) / count * 1000
+            calls = busy[port]["commands"].get("evalsha", (0, 0))[0] / count
+            shards.append({"port": port, "redis_cpu_ms_per_decision": net_ms, "script_calls_per_decision": calls,
+                           "holds_pool_keys": int(owned) > 0})
+    finally:
+        for node in nodes.values():
+            await node.aclose()
+    total = sum(s["redis_cpu_ms_per_decision"] for s in shards)
+    for s in shards:
+        s["share"] = s["redis_cpu_ms_per_decision"] / total if total > 0 else 0.0
+    return {"decisions": count, "system_prompts": system_prompts, "decisions_per_s": count / busy_s,
+            "redis_cpu_ms_per_decision": total, "shards": shards}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
@@ -266,16 +309,17 @@ async def per_script(redis: Redis, pid: int, calls: int, pods: int) -> dict[str,
     # The index built from engine events: three endpoints hold the prompt by their engines' word.
     events = hashes(32, "e")
     for i, e in enumerate(endpoints[:3]):
-        await store.kv_apply(POOL, e.key, [Stored(f"{i}-{j}", h) for j, h in enumerate(events)], STATUS)
+        await store.kv_apply(POOL, e.key, [Stored(f"{i}-{j}", h, index_bucket(events[0]))
+                                           for j, h in enumerate(events)], STATUS)
     await run("lookup, events (32 blocks, 3 holders)", lambda n: store.lookup(POOL, events, "picker-a", True))
     await run("speculative write (4 blocks)",
-              lambda n: store.write(POOL, [SpeculativeWrite(key, events[28:], 2000)]))
+              lambda n: store.write(POOL, [SpeculativeWrite(key, events[28:], 2000, index_bucket(events[0]))]))
     await run("kv_apply (1 block stored)",
-              lambda n: store.kv_apply(POOL, key, [Stored(f"x{n}", hashes(1, f"s{n}")[0])], STATUS))
+              lambda n: store.kv_apply(POOL, key, [Stored(f"x{n}", hashes(1, f"s{n}")[0], n % 16)], STATUS))
     await run("kv_apply (16 blocks stored)", lambda n: store.kv_apply(
-        POOL, key, [Stored(f"y{n}-{j}", h) for j, h in enumerate(hashes(16, f"t{n}"))], STATUS))
+        POOL, key, [Stored(f"y{n}-{j}", h, n % 16) for j, h in enumerate(hashes(16, f"t{n}"))], STATUS))
     await run("kv_apply (16 blocks removed)", lambda n: store.kv_apply(
-        POOL, key, [Removed(f"y{n}-{j}") for j in range(16)], STATUS))
+        POOL, key, [Removed(f"y{n}-{j}", h, n % 16) for j, h in enumerate(hashes(16, f"t{n}"))], STATUS))
     return out
 
 
@@ -323,6 +367,8 @@ def main() -> None:
     p.add_argument("--manifests", type=Path, default=Path("examples/fleet"))
     p.add_argument("--forward", action="store_true",
                    help="send each request on to the pod the picker named (the engines then publish KV events)")
+    p.add_argument("--cluster-prompts", type=int, default=64,
+                   help="system prompts of the decisions on a 3-shard Redis Cluster (0: no cluster figures)")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="capacity-"))
     fleet = Fleet(FleetSettings(manifests_dir=a.manifests.resolve(), work_dir=work,
@@ -334,6 +380,16 @@ def main() -> None:
         fleet.stop()
         shutil.rmtree(work, ignore_errors=True)
     result.update(asyncio.run(standalone(a.script_calls, a.pods, a.capacity)))
+    if a.cluster_prompts:
+        work = Path(tempfile.mkdtemp(prefix="capacity-cluster-"))
+        fleet = Fleet(FleetSettings(manifests_dir=a.manifests.resolve(), work_dir=work,
+                                    simulator_args=("--time-scale", "0.01"), redis_cluster_ports=free_cluster_ports(3)))
+        try:
+            fleet.start()
+            result["cluster"] = [asyncio.run(per_shard(fleet, a.decisions, n)) for n in (1, a.cluster_prompts)]
+        finally:
+            fleet.stop()
+            shutil.rmtree(work, ignore_errors=True)
     d = result["per_decision"]
     if d["kv_event_batches_per_decision"]:  # the collectors' event writes, by the per-script figures
         s = result["per_script"]
@@ -388,6 +444,15 @@ def print_tables(r: dict[str, Any]) -> None:
     print(f"  {m['keys_per_pod']:.0f} keys and {m['bytes_per_pod'] / 2 ** 20:.1f} MiB per pod "
           f"({m['bytes_per_block']:.0f} B per block); per 1,000 pods: {m['keys_per_1000_pods'] / 1e6:.1f} M keys, "
           f"{m['gib_per_1000_pods']:.1f} GiB")
+    for c in r.get("cluster", ()):
+        print(f"\none pool on a 3-shard Redis Cluster, {c['decisions']} decisions at {c['decisions_per_s']:.0f}/s over "
+              f"{c['system_prompts']} system prompt(s): {c['redis_cpu_ms_per_decision'] * 1000:.0f} us of Redis CPU "
+              "per decision in all")
+        for shard in c["shards"]:
+            role = " (the pool's own keys)" if shard["holds_pool_keys"] else ""
+            print(f"  shard :{shard['port']}{role}: "
+                  f"{shard['redis_cpu_ms_per_decision'] * 1000:.0f} us per decision ({shard['share']:.0%}), "
+                  f"{shard['script_calls_per_decision']:.2f} script calls")
     s = r["shards"]
     print(f"\nshards: {s['decisions_per_s_per_shard']:.0f} decisions/s per shard at {s['core_share']:.0%} of a core; "
           f"{s['shards_for_100k_per_s']} shards for 100,000 decisions/s")

@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 
 from gateway_state.block_keys import engine_root, hex_key, token_block
+from gateway_state.keys import index_bucket
 from gateway_state.kv_index_store import Cleared, KvOp, Removed, Stored
 
 
@@ -129,11 +130,12 @@ def cache_salt(lora: str | None, first_extra_keys: Sequence[Any]) -> str | None:
 
 
 class EndpointIndex:
-    """One endpoint's blocks as its events describe them: engine hash -> our key."""
+    """One endpoint's blocks as its events describe them: engine hash -> (our key, bucket), the bucket
+    that of the chain's first block (keys.index_bucket), as a picker computes it from the prompt."""
 
-    def __init__(self, seed: int, blocks: dict[str, str] | None = None) -> None:
+    def __init__(self, seed: int, blocks: dict[str, tuple[str, int]] | None = None) -> None:
         self.seed = seed
-        self.blocks: dict[str, str] = blocks if blocks is not None else {}
+        self.blocks: dict[str, tuple[str, int]] = blocks if blocks is not None else {}
         self.block_size = 0
 
     def apply(self, events: Sequence[Event]) -> tuple[list[KvOp], int]:
@@ -145,22 +147,25 @@ class EndpointIndex:
                 orphans += self._stored(event, ops)
             elif isinstance(event, BlockRemoved):
                 for h in event.hashes:
-                    if self.blocks.pop(h, None) is not None:
-                        ops.append(Removed(h))
+                    if (found := self.blocks.pop(h, None)) is not None:
+                        ops.append(Removed(h, *found))
             else:
-                self.blocks.clear()
-                ops.append(Cleared())
+                ops += self.clear()
         return ops, orphans
 
     def clear(self) -> list[KvOp]:
+        """Every block leaves: each one's holder entry, then the map."""
+        ops: list[KvOp] = [Removed(h, key, bucket) for h, (key, bucket) in self.blocks.items()]
         self.blocks.clear()
-        return [Cleared()]
+        return [*ops, Cleared()]
 
     def _stored(self, event: BlockStored, ops: list[KvOp]) -> int:
+        bucket: int | None = None
         if event.parent is None:
             parent = engine_root(event.lora_name, cache_salt(event.lora_name, event.first_extra_keys), self.seed)
         elif event.parent in self.blocks:
-            parent = int(self.blocks[event.parent], 16)
+            key, bucket = self.blocks[event.parent]
+            parent = int(key, 16)
         else:
             return len(event.hashes)
         size = event.block_size
@@ -168,6 +173,8 @@ class EndpointIndex:
         for i, h in enumerate(event.hashes):
             parent = token_block(parent, event.tokens[i * size: (i + 1) * size], self.seed)
             key = hex_key(parent)
-            self.blocks[h] = key
-            ops.append(Stored(h, key))
+            if bucket is None:
+                bucket = index_bucket(key)
+            self.blocks[h] = (key, bucket)
+            ops.append(Stored(h, key, bucket))
         return 0

@@ -99,6 +99,7 @@ class KvEventStream:
         """Pick up the index where the last owner left it."""
         while True:
             try:
+                legacy = await self._store.drop_legacy(self.pool, self.endpoint.key)
                 blocks = await self._store.kv_block_map(self.pool, self.endpoint.key)
                 prior = (await self._store.kv_statuses(self.pool)).get(self.endpoint.key)
                 break
@@ -111,6 +112,9 @@ class KvEventStream:
             self.seq = prior.seq
             self.index.block_size = prior.block_size
             self.counts = _Counts(prior.batches, prior.gaps, prior.resyncs, prior.garbage, prior.orphans)
+        if legacy:  # written by a collector of the layout before buckets: rebuilt from the replay buffer
+            log.info("KV index of %s: dropped %d blocks of the earlier layout; rebuilding", self.endpoint.key, legacy)
+            self.seq = -1
 
     async def _on_message(self, frames: list[bytes]) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:

@@ -1,10 +1,21 @@
 """Every Redis key the fleet uses.
 
 Keys that belong to one pool carry the pool name as a Redis Cluster hash tag
-(`{pool}`), so the multi-key Lua scripts of one pool run on one shard.
+(`{pool}`), so the multi-key Lua scripts of one pool run on one shard: the
+in-flight records, admission, the prefill backlog, flow control's queue, the
+load samples. The prefix index, the bulk of a pool's work, is spread over more
+tags: a block's holders (`pfx:`, `spec:`) live under a tag of the pool and one of
+INDEX_BUCKETS buckets, the bucket a hash of the prompt's first block (so one
+prompt's blocks, and its lookup, are on one shard, and different prompts on
+different ones); an endpoint's own records of what it holds (its LRU, the
+engine's block names) under a tag of the pool and the endpoint. The scripts
+derive the bucket and endpoint prefixes from the pool prefix they are given
+(scripts._INDEX_PREFIXES), in the same format as here.
 """
 
 from __future__ import annotations
+
+import zlib
 
 # The whole routing configuration (pools, endpoints, models) is one record, so a
 # reader always sees one consistent generation of it.
@@ -53,21 +64,48 @@ def prefill_backlog(pool: str) -> str:
     return pool_prefix(pool) + "prefill"
 
 
-def prefix_block(pool: str, block_hash: str) -> str:
+# How many buckets one pool's prefix index is spread over. Sixteen tags land on every shard of a cluster
+# of up to a few shards, and a shard's share of them evens out as shards are added.
+INDEX_BUCKETS = 16
+
+
+def index_bucket(first_block: str) -> int:
+    """The bucket of a prompt's index entries: a hash of its first block's hash."""
+    return zlib.crc32(first_block.encode()) % INDEX_BUCKETS
+
+
+def bucket_prefix(pool: str, bucket: int) -> str:
+    """Prefix of one bucket's keys of the pool's prefix index."""
+    return f"gw:{{{pool}|b{bucket}}}:"
+
+
+def endpoint_prefix(pool: str, endpoint: str) -> str:
+    """Prefix of one endpoint's own index records."""
+    return f"gw:{{{pool}|e|{endpoint}}}:"
+
+
+def prefix_block(pool: str, bucket: int, block_hash: str) -> str:
     """Hash endpoint -> last use (ms) for one chained prefix block (block_keys); in a pool whose index
     comes from engine events, the endpoints whose engine reported the block cached."""
-    return pool_prefix(pool) + "pfx:" + block_hash
+    return bucket_prefix(pool, bucket) + "pfx:" + block_hash
 
 
-def speculative_block(pool: str, block_hash: str) -> str:
+def speculative_block(pool: str, bucket: int, block_hash: str) -> str:
     """Hash endpoint -> until when (ms) a picker's placement there stands for the block, in a pool whose
     index comes from engine events, until the engine's own event confirms it (or the time passes)."""
-    return pool_prefix(pool) + "spec:" + block_hash
+    return bucket_prefix(pool, bucket) + "spec:" + block_hash
 
 
 def kv_blocks(pool: str, endpoint: str) -> str:
-    """Hash engine block hash -> our block key, for the blocks the endpoint's engine reported cached
-    (its events name parents and removals by the engine's hash)."""
+    """Hash engine block hash -> "our block key/bucket", for the blocks the endpoint's engine reported
+    cached (its events name parents and removals by the engine's hash)."""
+    return endpoint_prefix(pool, endpoint) + "kvmap"
+
+
+def legacy_kv_blocks(pool: str, endpoint: str) -> str:
+    """Where `kv_blocks` was before the index was spread over buckets (its entries' holders were
+    `pool_prefix(pool) + "pfx:" + key`): a collector that finds it removes both and rebuilds the
+    endpoint's entries (KvIndexStore.drop_legacy). Kept for upgrades from that layout."""
     return pool_prefix(pool) + "kvmap:" + endpoint
 
 
@@ -77,8 +115,8 @@ def kv_streams(pool: str) -> str:
 
 
 def endpoint_lru(pool: str, endpoint: str) -> str:
-    """Sorted set of the prefix blocks recorded for one endpoint, by recency."""
-    return pool_prefix(pool) + "lru:" + endpoint
+    """Sorted set of the prefix blocks recorded for one endpoint, by recency, each as "hash/bucket"."""
+    return endpoint_prefix(pool, endpoint) + "lru"
 
 
 def bypass(pool: str) -> str:

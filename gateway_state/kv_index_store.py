@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis, RedisCluster
 
 from gateway_state import keys, scripts
+from gateway_state.placement_store import PlacementStore, holder_writes, split_member
 from gateway_state.records import KvStreamStatus, decode_kv_status, encode_kv_status
 from gateway_state.redis_state import RedisState
 from gateway_state.script_link import ScriptLink
@@ -18,11 +19,14 @@ from gateway_state.script_link import ScriptLink
 class Stored:
     engine_hash: str  # the engine's name of the block, opaque
     key: str  # ours (block_keys), 16 hex digits
+    bucket: int  # the bucket of the chain it is in (keys.index_bucket of the chain's first block)
 
 
 @dataclass(frozen=True)
 class Removed:
     engine_hash: str
+    key: str
+    bucket: int
 
 
 @dataclass(frozen=True)
@@ -33,36 +37,73 @@ class Cleared:
 KvOp = Stored | Removed | Cleared
 
 
+# The most holder writes (each of up to placement_store.MAX_HOLDER_RUN blocks) one call to a bucket carries.
+HOLDER_CALL = 8
+
+
 class KvIndexStore(RedisState):
+    """An endpoint's blocks as its engine names them live in the endpoint's map (keys.kv_blocks), their
+    holders in the pool's index buckets. A batch writes the holders first, then the map, then the stream's
+    status (its sequence number): a collector that dies between them leaves a status that names an earlier
+    batch, and its successor applies the batch again (every operation of it can be applied twice)."""
+
     def __init__(self, redis: Redis | RedisCluster, link: ScriptLink | None = None) -> None:
         super().__init__(redis, link)
-        self._kv_apply = redis.register_script(scripts.KV_APPLY)
+        self._map = redis.register_script(scripts.KV_MAP)
+        self._legacy_drop = redis.register_script(scripts.LEGACY_DROP)
+        self._holders = PlacementStore(redis)
 
     async def kv_apply(self, pool: str, endpoint: str, ops: Sequence[KvOp], status: KvStreamStatus) -> int:
-        """Apply one batch of the endpoint's events and its stream status, in one call; returns the
-        endpoint's blocks in the index."""
-        args: list[str | int] = [keys.pool_prefix(pool), endpoint, encode_kv_status(status).decode()]
+        """Apply one batch of the endpoint's events and its stream status; returns the endpoint's blocks in
+        the index. A clear removes the blocks the ops before it name: the caller lists what the endpoint held."""
+        changes: list[tuple[int | str, int | None, str]] = []
+        mapped: list[str | int] = []
         for op in ops:
             if isinstance(op, Stored):
-                args += ["s", op.engine_hash, op.key]
+                changes.append((op.bucket, 0, op.key))
+                mapped += ["s", op.engine_hash, f"{op.key}/{op.bucket}"]
             elif isinstance(op, Removed):
-                args += ["r", op.engine_hash, ""]
+                changes.append((op.bucket, None, op.key))
+                mapped += ["r", op.engine_hash, ""]
             else:
-                args += ["c", "", ""]
-        return int(await self._kv_apply(keys=[keys.kv_streams(pool)], args=args))
+                mapped += ["c", "", ""]
+        await self._write_holders(pool, endpoint, changes)
+        held = int(await self._map(keys=[keys.kv_blocks(pool, endpoint)], args=mapped)) if mapped else \
+            int(await self.redis.hlen(keys.kv_blocks(pool, endpoint)))
+        await self.redis.hset(keys.kv_streams(pool), endpoint, encode_kv_status(status))
+        return held
 
-    async def kv_block_map(self, pool: str, endpoint: str) -> dict[str, str]:
-        """engine hash -> our key, of the blocks the endpoint's engine holds as the index knows them."""
+    async def _write_holders(self, pool: str, endpoint: str,
+                             changes: Sequence[tuple[int | str, int | None, str]]) -> None:
+        """Holder changes (placement_store.holder_writes), in calls of at most HOLDER_CALL writes per bucket."""
+        by_bucket = holder_writes(endpoint, changes)
+        step = HOLDER_CALL * scripts.WRITE_ARGS
+        for start in range(0, max((len(a) for a in by_bucket.values()), default=0), step):
+            await self._holders.write_holders(pool, {b: a[start:start + step] for b, a in by_bucket.items()})
+
+    async def kv_block_map(self, pool: str, endpoint: str) -> dict[str, tuple[str, int]]:
+        """engine hash -> (our key, bucket), of the blocks the endpoint's engine holds as the index knows them."""
         raw = await self.redis.hgetall(keys.kv_blocks(pool, endpoint))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        out = {}
+        for k, v in raw.items():
+            key, bucket = split_member(v)
+            out[_text(k)] = (key, int(bucket))
+        return out
+
+    async def drop_legacy(self, pool: str, endpoint: str) -> int:
+        """Remove the endpoint's entries of the layout before the index was spread over buckets
+        (keys.legacy_kv_blocks); returns how many blocks they named (then the endpoint's entries are rebuilt)."""
+        return int(await self._legacy_drop(keys=[keys.legacy_kv_blocks(pool, endpoint)],
+                                           args=[keys.pool_prefix(pool), endpoint]))
 
     async def event_depth(self, pool: str, endpoint: str, block_hashes: Sequence[str]) -> int:
         """How many leading blocks of a prompt the endpoint's engine reported cached (speculative entries aside)."""
         if not block_hashes:
             return 0
+        bucket = keys.index_bucket(block_hashes[0])
         async with self.redis.pipeline(transaction=False) as pipe:
             for h in block_hashes:
-                pipe.hexists(keys.prefix_block(pool, h), endpoint)
+                pipe.hexists(keys.prefix_block(pool, bucket, h), endpoint)
             held = await pipe.execute()
         return next((i for i, h in enumerate(held) if not h), len(held))
 
@@ -77,8 +118,11 @@ class KvIndexStore(RedisState):
 
     async def drop_kv_endpoint(self, pool: str, endpoint: str) -> None:
         """The endpoint left its pool: its blocks leave the index, and its stream's status goes."""
-        await self._kv_apply(keys=[keys.kv_streams(pool)], args=[keys.pool_prefix(pool), endpoint, "", "c", "", ""])
+        blocks = await self.kv_block_map(pool, endpoint)
+        await self._write_holders(pool, endpoint, [(bucket, None, key) for key, bucket in blocks.values()])
+        await self.redis.delete(keys.kv_blocks(pool, endpoint))
         await self.redis.hdel(keys.kv_streams(pool), endpoint)
+        await self.drop_legacy(pool, endpoint)
 
 
 def _text(value: bytes | str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis, RedisCluster
@@ -41,15 +43,21 @@ class IndexWrite:
     capacity_blocks: int
     held_blocks: int = 0
 
+    @property
+    def bucket(self) -> int:
+        return keys.index_bucket(self.block_hashes[0]) if self.block_hashes else 0
+
 
 @dataclass(frozen=True)
 class SpeculativeWrite:
     """In a pool indexed from engine events: `endpoint` is taken to hold the blocks for `ttl_ms`, until its
-    engine's event confirms them (or the time passes)."""
+    engine's event confirms them (or the time passes). `bucket`: the prompt's (keys.index_bucket of its
+    first block; the blocks here may be a later part of it)."""
 
     endpoint: str
     block_hashes: Sequence[str]
     ttl_ms: int
+    bucket: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,17 +102,50 @@ def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
     return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-def _write_args(writes: Sequence[Write]) -> list[str | int]:
-    """The writes as the scripts take them, six arguments each (scripts._WRITE_OPS)."""
+def _write_args(writes: Sequence[Write], lru_only: bool = False) -> list[str | int]:
+    """The writes as the scripts take them (scripts._WRITE_OPS); `lru_only`: an index write's LRU half."""
     args: list[str | int] = []
     for w in writes:
         if isinstance(w, IndexWrite):
-            args += ["i", w.endpoint, w.prefix_ttl_ms, w.capacity_blocks, w.held_blocks, " ".join(w.block_hashes)]
+            args += ["l" if lru_only else "i", w.endpoint, w.prefix_ttl_ms, w.capacity_blocks, w.held_blocks,
+                     w.bucket, " ".join(w.block_hashes)]
         elif isinstance(w, SpeculativeWrite):
-            args += ["s", w.endpoint, w.ttl_ms, "", "", " ".join(w.block_hashes)]
+            args += ["s", w.endpoint, w.ttl_ms, "", "", w.bucket, " ".join(w.block_hashes)]
         else:
-            args += ["r", w.replica, w.endpoint, w.work_blocks, w.model, ""]
+            args += ["r", w.replica, w.endpoint, w.work_blocks, w.model, "", ""]
     return args
+
+
+# The most blocks one holder write names (a clear of a large cache goes in several).
+MAX_HOLDER_RUN = 256
+
+
+def holder_writes(endpoint: str, changes: Iterable[tuple[int | str, int | None, str]]) -> dict[str, list[str | int]]:
+    """Per bucket, the writes (scripts._WRITE_OPS "h", "d") of changes to the holders of blocks, in order: each
+    change is (bucket, ttl_ms, block): `endpoint` holds the block for ttl_ms (0: for ever), or not (None).
+    Runs of one kind are merged into one write."""
+    runs: dict[str, list[tuple[int | None, list[str]]]] = defaultdict(list)
+    for bucket, ttl_ms, block in changes:
+        run = runs[str(bucket)]
+        if run and run[-1][0] == ttl_ms and len(run[-1][1]) < MAX_HOLDER_RUN:
+            run[-1][1].append(block)
+        else:
+            run.append((ttl_ms, [block]))
+    out: dict[str, list[str | int]] = {}
+    for b, run in runs.items():
+        args: list[str | int] = []
+        for ttl, blocks in run:
+            args += ["d", endpoint, "", "", "", b] if ttl is None else ["h", endpoint, ttl, "", "", b]
+            args.append(" ".join(blocks))
+        out[b] = args
+    return out
+
+
+def split_member(member: bytes | str) -> tuple[str, str]:
+    """An LRU member "hash/bucket" into (hash, bucket)."""
+    text = member.decode() if isinstance(member, bytes) else member
+    block, _, bucket = text.rpartition("/")
+    return block, bucket
 
 
 def prefill_left(blocks: float, age_ms: int, blocks_per_s: float) -> float | None:
@@ -114,8 +155,14 @@ def prefill_left(blocks: float, age_ms: int, blocks_per_s: float) -> float | Non
 
 
 class PlacementStore(RedisState):
+    """On one Redis, a lookup is one call and an admission carries its decision's index write. On a Redis
+    Cluster the pool's keys and its index's are on different shards (keys): a lookup is two calls at once
+    (the pool's load, the prompt's bucket), and an index write goes in two steps off the request path (the
+    endpoint's LRU, then the holders in the buckets), so `index_rides_admission` is False there."""
+
     def __init__(self, redis: Redis | RedisCluster, link: ScriptLink | None = None) -> None:
         super().__init__(redis, link)
+        self.index_rides_admission = not isinstance(redis, RedisCluster)
         self._lookup = link.script(scripts.LOOKUP) if link else redis.register_script(scripts.LOOKUP)
         self._admit = link.script(scripts.ADMIT) if link else redis.register_script(scripts.ADMIT)
         self._writes = link.script(scripts.WRITES) if link else redis.register_script(scripts.WRITES)
@@ -129,9 +176,14 @@ class PlacementStore(RedisState):
 
         Block hashes are hex digests: the scripts take them as one space-separated argument.
         """
-        inflight, matched, replicas, backlog = await self._lookup(
-            keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), leave_out, " ".join(block_hashes),
-                                             "1" if speculative else ""])
+        args = [keys.pool_prefix(pool), leave_out, " ".join(block_hashes), "1" if speculative else "",
+                keys.index_bucket(block_hashes[0]) if block_hashes else 0]
+        if self.index_rides_admission or not block_hashes:
+            inflight, matched, replicas, backlog = await self._lookup(keys=[keys.pickers(pool)], args=[*args, ""])
+        else:
+            (inflight, _, replicas, backlog), (_, matched, _, _) = await asyncio.gather(
+                self._lookup(keys=[keys.pickers(pool)], args=[*args, "load"]),
+                self._lookup(keys=[keys.prefix_block(pool, int(args[4]), block_hashes[0])], args=[*args, "index"]))
         figures = _pairs(inflight)
         counts, work = split_figures(figures)
         return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)),
@@ -144,18 +196,64 @@ class PlacementStore(RedisState):
                     before: Sequence[Write] = (), after: Sequence[Write] = ()) -> bool:
         """Count a request (and its `work_blocks` of uncached prompt, and one for its `model`) in flight at `endpoint`,
         and add its blocks to the endpoint's prefill backlog, drained at `prefill_blocks_per_s` (0: unknown).
-        In the same round trip: the writes `before` (applied whatever happens), and `after` (only if admitted).
+        The writes `before` are applied whatever happens, and `after` only if it is admitted: in the same round
+        trip, but for a cluster's index writes (sent beside it, or after it).
 
         False, with nothing of its own written, when `others_seen` (0 or more) is below the other
         replicas' requests there now: one of them chose the endpoint since the caller's lookup.
         """
-        return bool(await self._admit(keys=[keys.pickers(pool)], args=[
-            keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen, model,
-            f"{prefill_blocks_per_s:.3f}", len(before), *_write_args(before), *_write_args(after)]))
+        head: list[str | int] = [keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen, model,
+                f"{prefill_blocks_per_s:.3f}"]
+        if self.index_rides_admission:
+            return bool(await self._admit(keys=[keys.pickers(pool)], args=[
+                *head, len(before), *_write_args(before), *_write_args(after)]))
+        releases = [w for w in before if isinstance(w, ReleaseWrite)]
+        indexed = [w for w in before if not isinstance(w, ReleaseWrite)]
+        admit = self._admit(keys=[keys.pickers(pool)], args=[*head, len(releases), *_write_args(releases)])
+        admitted = bool((await asyncio.gather(admit, self.write(pool, indexed)))[0] if indexed else await admit)
+        if admitted and after:
+            await self.write(pool, after)
+        return admitted
 
     async def write(self, pool: str, writes: Sequence[Write]) -> int:
-        """Apply `writes` in order in one round trip; returns how many prefix blocks the index writes evicted."""
-        return int(await self._writes(keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), *_write_args(writes)]))
+        """Apply `writes` (in order on one Redis; on a cluster, each slot's in order); returns how many prefix
+        blocks the index writes evicted."""
+        if not writes:
+            return 0
+        prefix = keys.pool_prefix(pool)
+        if self.index_rides_admission:
+            return int((await self._writes(keys=[keys.pickers(pool)], args=[prefix, *_write_args(writes)]))[0])
+        releases = [w for w in writes if isinstance(w, ReleaseWrite)]
+        speculative = [w for w in writes if isinstance(w, SpeculativeWrite)]
+        indexed = [w for w in writes if isinstance(w, IndexWrite)]
+        calls = [self._writes(keys=[keys.pickers(pool)], args=[prefix, *_write_args(releases)])] if releases else []
+        for sw in speculative:
+            calls.append(self._writes(keys=[keys.bucket_prefix(pool, sw.bucket)], args=[prefix, *_write_args([sw])]))
+        by_endpoint: dict[str, list[IndexWrite]] = defaultdict(list)
+        for iw in indexed:
+            by_endpoint[iw.endpoint].append(iw)
+        lru_calls = [self._writes(keys=[keys.endpoint_lru(pool, e)], args=[prefix, *_write_args(ws, lru_only=True)])
+                     for e, ws in by_endpoint.items()]
+        replies = await asyncio.gather(*lru_calls, *calls)
+        # The holders of what each endpoint's LRU took and let go, one call per bucket.
+        evicted = 0
+        holders: dict[str, list[str | int]] = defaultdict(list)
+        for (endpoint, ws), (n, results) in zip(by_endpoint.items(), replies, strict=False):
+            evicted += int(n)
+            changes: list[tuple[int | str, int | None, str]] = []
+            for w, (first, *gone) in zip(ws, results, strict=True):
+                changes += [(w.bucket, w.prefix_ttl_ms, h) for h in w.block_hashes[int(first) - 1:]]
+                changes += [(bucket, None, block) for block, bucket in map(split_member, gone)]
+            for bucket, args in holder_writes(endpoint, changes).items():
+                holders[bucket] += args
+        await self.write_holders(pool, holders)
+        return evicted
+
+    async def write_holders(self, pool: str, by_bucket_args: Mapping[str, Sequence[str | int]]) -> None:
+        """Holder writes (`holder_writes`) per bucket, one call to each bucket's slot, at once."""
+        prefix = keys.pool_prefix(pool)
+        await asyncio.gather(*(self._writes(keys=[keys.bucket_prefix(pool, int(b))], args=[prefix, *args])
+                               for b, args in by_bucket_args.items() if args))
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
                     capacity_blocks: int, held_blocks: int = 0) -> int:
@@ -173,9 +271,9 @@ class PlacementStore(RedisState):
 
     async def forget_endpoint(self, pool: str, endpoint: str, batch: int = 1000) -> None:
         """Drop the endpoint from the prefix index: its KV cache is gone."""
-        lru, prefix = keys.endpoint_lru(pool, endpoint), keys.pool_prefix(pool)
-        while int(await self._forget(keys=[lru], args=[prefix, endpoint, batch])):
-            pass
+        while gone := await self._forget(keys=[keys.endpoint_lru(pool, endpoint)], args=[batch]):
+            await self.write_holders(pool, holder_writes(endpoint, ((bucket, None, block)
+                                                                    for block, bucket in map(split_member, gone))))
 
     async def inflight_by_replica(self, pool: str, replicas: Sequence[str]) -> dict[str, dict[str, int]]:
         """replica -> endpoint -> requests it has in flight there (its last published figures)."""

@@ -1,7 +1,9 @@
 """Lua scripts: each is one atomic Redis round trip of the picker's request path.
 
-All keys a script touches share the pool's hash tag; KEYS[1] names that slot
-for Redis Cluster, and the other keys are derived from the pool prefix (ARGV[1]).
+On a Redis Cluster all keys one call touches share one hash tag (keys): KEYS[1]
+names that slot, and the other keys are derived from the pool prefix (ARGV[1]).
+On one Redis a call may touch the pool's keys and its index's at once (a lookup
+and an admission carrying its index write are one call each there).
 Every lease and timestamp comes from Redis's own clock (TIME), never a caller's:
 one process with a skewed clock can neither expire the others nor outlive its
 lease. (Redis 5 and later replicate a script's effects, so TIME is allowed
@@ -13,10 +15,23 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# KEYS[1] = pickers zset. ARGV = pool prefix, replica to leave out ("" for
-# none), the block hashes joined by spaces (one argument packs and parses in half
-# the time of 256), "1" when the pool's index comes from engine events (then a
-# block's holders also count the pickers' speculative entries not yet expired).
+# The prefixes of a pool's index keys (keys.bucket_prefix, keys.endpoint_prefix), from
+# its pool prefix "gw:{pool}:" in ARGV[1].
+_INDEX_PREFIXES = """
+local prefix = ARGV[1]
+local pool_name = string.sub(prefix, 5, -3)
+local function bucket_prefix(b) return 'gw:{' .. pool_name .. '|b' .. b .. '}:' end
+local function endpoint_prefix(e) return 'gw:{' .. pool_name .. '|e|' .. e .. '}:' end
+"""
+
+# KEYS[1] = pickers zset (or, for the index part alone, any key of the bucket's
+# slot). ARGV = pool prefix, replica to leave out ("" for none), the block hashes
+# joined by spaces (one argument packs and parses in half the time of 256), "1"
+# when the pool's index comes from engine events (then a block's holders also
+# count the pickers' speculative entries not yet expired), the prompt's bucket
+# (keys.index_bucket), and which part to run: "load", "index" or "" for both (on
+# one Redis the whole lookup is one call; on a cluster the pool's shard answers
+# the load part and the bucket's shard the index part, at once).
 # Returns {inflight_flat, matched_flat, live replicas, backlog_flat}:
 # in-flight figures of the pool less the left-out replica's own record (fields
 # "<endpoint>" count requests, "<endpoint>|work" their uncached prompt blocks; a
@@ -32,69 +47,73 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 # binary search finds the deepest block any endpoint not yet matched holds: one
 # search per distinct match length, a dozen reads for a 256-block prompt instead
 # of one per block. A prompt whose first block nobody holds matches nothing.
-LOOKUP = _NOW_MS + """
-local prefix = ARGV[1]
-local own = {}
-if ARGV[2] ~= '' then
-  local kv = redis.call('HGETALL', prefix .. 'inflight:' .. ARGV[2])
-  for i = 1, #kv, 2 do own[kv[i]] = tonumber(kv[i + 1]) end
-end
-local replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
-local total = redis.call('HGETALL', prefix .. 'inflight')
-local blocks = {}
-for h in string.gmatch(ARGV[3], '%S+') do table.insert(blocks, h) end
-local matched = {}
-local speculative = ARGV[4] == '1'
-local function unmatched_holders(i)
-  local out, seen = {}, {}
-  for _, e in ipairs(redis.call('HKEYS', prefix .. 'pfx:' .. blocks[i])) do
-    if not matched[e] then
-      table.insert(out, e)
-      seen[e] = true
+LOOKUP = _NOW_MS + _INDEX_PREFIXES + """
+local part = ARGV[6]
+local out_inflight, out_matched, replicas, out_backlog = {}, {}, {}, {}
+if part ~= 'index' then
+  local own = {}
+  if ARGV[2] ~= '' then
+    local kv = redis.call('HGETALL', prefix .. 'inflight:' .. ARGV[2])
+    for i = 1, #kv, 2 do own[kv[i]] = tonumber(kv[i + 1]) end
+  end
+  replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+  local total = redis.call('HGETALL', prefix .. 'inflight')
+  for i = 1, #total, 2 do
+    local n = tonumber(total[i + 1]) - (own[total[i]] or 0)
+    if n > 0 then
+      table.insert(out_inflight, total[i])
+      table.insert(out_inflight, tostring(n))
     end
   end
-  if speculative then
-    local kv = redis.call('HGETALL', prefix .. 'spec:' .. blocks[i])
-    for j = 1, #kv, 2 do
-      local e = kv[j]
-      if not matched[e] and not seen[e] and tonumber(kv[j + 1]) > now then table.insert(out, e) end
+  local recorded = redis.call('HGETALL', prefix .. 'prefill')
+  for i = 1, #recorded, 2 do
+    local blocks, at = string.match(recorded[i + 1], '^([^|]+)|(%d+)$')
+    if blocks then
+      table.insert(out_backlog, recorded[i])
+      table.insert(out_backlog, blocks)
+      table.insert(out_backlog, tostring(now - tonumber(at)))
     end
   end
-  return out
 end
-local first, hi = 1, #blocks
-while hi >= first do
-  local found = unmatched_holders(first)
-  if #found == 0 then break end
-  local depth, lo, up = first, first + 1, hi
-  while lo <= up do
-    local mid = math.floor((lo + up) / 2)
-    local holders = unmatched_holders(mid)
-    if #holders > 0 then depth, found, lo = mid, holders, mid + 1 else up = mid - 1 end
+if part ~= 'load' and ARGV[3] ~= '' then
+  local bp = bucket_prefix(ARGV[5])
+  local blocks = {}
+  for h in string.gmatch(ARGV[3], '%S+') do table.insert(blocks, h) end
+  local matched = {}
+  local speculative = ARGV[4] == '1'
+  local function unmatched_holders(i)
+    local out, seen = {}, {}
+    for _, e in ipairs(redis.call('HKEYS', bp .. 'pfx:' .. blocks[i])) do
+      if not matched[e] then
+        table.insert(out, e)
+        seen[e] = true
+      end
+    end
+    if speculative then
+      local kv = redis.call('HGETALL', bp .. 'spec:' .. blocks[i])
+      for j = 1, #kv, 2 do
+        local e = kv[j]
+        if not matched[e] and not seen[e] and tonumber(kv[j + 1]) > now then table.insert(out, e) end
+      end
+    end
+    return out
   end
-  for _, e in ipairs(found) do matched[e] = depth end
-  hi = depth - 1
-end
-local out_inflight, out_matched = {}, {}
-for i = 1, #total, 2 do
-  local n = tonumber(total[i + 1]) - (own[total[i]] or 0)
-  if n > 0 then
-    table.insert(out_inflight, total[i])
-    table.insert(out_inflight, tostring(n))
+  local first, hi = 1, #blocks
+  while hi >= first do
+    local found = unmatched_holders(first)
+    if #found == 0 then break end
+    local depth, lo, up = first, first + 1, hi
+    while lo <= up do
+      local mid = math.floor((lo + up) / 2)
+      local holders = unmatched_holders(mid)
+      if #holders > 0 then depth, found, lo = mid, holders, mid + 1 else up = mid - 1 end
+    end
+    for _, e in ipairs(found) do matched[e] = depth end
+    hi = depth - 1
   end
-end
-for e, n in pairs(matched) do
-  table.insert(out_matched, e)
-  table.insert(out_matched, tostring(n))
-end
-local out_backlog = {}
-local recorded = redis.call('HGETALL', prefix .. 'prefill')
-for i = 1, #recorded, 2 do
-  local blocks, at = string.match(recorded[i + 1], '^([^|]+)|(%d+)$')
-  if blocks then
-    table.insert(out_backlog, recorded[i])
-    table.insert(out_backlog, blocks)
-    table.insert(out_backlog, tostring(now - tonumber(at)))
+  for e, n in pairs(matched) do
+    table.insert(out_matched, e)
+    table.insert(out_matched, tostring(n))
   end
 end
 return {out_inflight, out_matched, replicas, out_backlog}
@@ -126,42 +145,70 @@ end
 # is rewritten at most once per share, and never reaches the eviction end.
 REFRESH_SHARE = 4
 
-# The writes that follow decisions, six arguments each, applied in order by
+# The writes that follow decisions, seven arguments each, applied in order by
 # `apply(first, last)` over ARGV[first..last] (the pool prefix is ARGV[1]):
 #
 # - "i", endpoint, prefix ttl_ms, endpoint capacity in blocks, the blocks the
-#   endpoint held at the decision (the lookup's match), the block hashes joined by
-#   spaces: the endpoint now holds every block. The endpoint's blocks form an LRU
-#   bounded by capacity (scores ms * 1024 + a depth slot), and within one prompt
-#   deeper blocks score lower, so eviction takes leaves first, as the model
-#   server's own cache does. Only what changed is written: the held blocks keep
-#   their recency while it is younger than a share of the endpoint's turnover
-#   (REFRESH_SHARE), and the new blocks then take theirs below the deepest held
-#   one; otherwise the whole prompt is written at now.
-# - "r", replica, endpoint, uncached prompt blocks, model ("" for none), "": one
+#   endpoint held at the decision (the lookup's match), the prompt's bucket, the
+#   block hashes joined by spaces: the endpoint now holds every block. The
+#   endpoint's blocks form an LRU bounded by capacity (keys.endpoint_lru: members
+#   "hash/bucket", scores ms * 1024 + a depth slot), and within one prompt deeper
+#   blocks score lower, so eviction takes leaves first, as the model server's own
+#   cache does. Only what changed is written: the held blocks keep their recency
+#   while it is younger than a share of the endpoint's turnover (REFRESH_SHARE), and
+#   the new blocks then take theirs below the deepest held one; otherwise the whole
+#   prompt is written at now. Both halves at once: "l" then "h" and "d" below.
+# - "l", the same arguments: the LRU's half alone (the endpoint's own slot); the
+#   script's result says which blocks were written and which evicted, for "h" and
+#   "d" calls to the buckets' slots.
+# - "h", endpoint, ttl_ms (0: none), "", "", bucket, block hashes: the blocks'
+#   holders include the endpoint (until ttl_ms unless written again).
+# - "d", endpoint, "", "", "", bucket, block hashes: the blocks' holders do not.
+# - "r", replica, endpoint, uncached prompt blocks, model ("" for none), "", "": one
 #   in-flight request ended; figures lost to a Redis flush never go negative.
-# - "s", endpoint, ttl_ms, "", "", the block hashes joined by spaces: in a pool
-#   whose index comes from engine events, the endpoint is taken to hold the blocks
-#   for ttl_ms (speculative entries), until its engine's event says so.
+# - "s", endpoint, ttl_ms, "", "", bucket, the block hashes: in a pool whose index
+#   comes from engine events, the endpoint is taken to hold the blocks for ttl_ms
+#   (speculative entries), until its engine's event says so.
 #
-# `apply` returns how many blocks the index writes evicted.
-_WRITE_OPS = _INFLIGHT_HELPERS + """
-local prefix = ARGV[1]
-local function speculate(endpoint, ttl, hashes)
+# `apply` returns how many blocks the index writes evicted, and for each "l" write
+# in order {index of the first block written, evicted "hash/bucket" members...}.
+WRITE_ARGS = 7
+_WRITE_OPS = _INDEX_PREFIXES + _INFLIGHT_HELPERS + """
+local function speculate(endpoint, ttl, bucket, hashes)
+  local bp = bucket_prefix(bucket)
   for h in string.gmatch(hashes, '%S+') do
-    local sk = prefix .. 'spec:' .. h
+    local sk = bp .. 'spec:' .. h
     redis.call('HSET', sk, endpoint, now + ttl)
     if redis.call('PTTL', sk) < ttl then redis.call('PEXPIRE', sk, ttl) end
   end
 end
-local function index(endpoint, ttl, cap, held, hashes)
-  local lru = prefix .. 'lru:' .. endpoint
+local function hold(endpoint, ttl, bucket, blocks, first)
+  local bp = bucket_prefix(bucket)
+  for i = first, #blocks do
+    local bk = bp .. 'pfx:' .. blocks[i]
+    redis.call('HSET', bk, endpoint, now)
+    if ttl > 0 then redis.call('PEXPIRE', bk, ttl) end
+  end
+end
+local function unhold_members(endpoint, members)
+  for _, m in ipairs(members) do
+    local h, b = string.match(m, '^(.-)/(%d+)$')
+    if h then redis.call('HDEL', bucket_prefix(b) .. 'pfx:' .. h, endpoint) end
+  end
+end
+local function split(hashes)
   local blocks = {}
   for h in string.gmatch(hashes, '%S+') do table.insert(blocks, h) end
+  return blocks
+end
+-- The LRU's half of an index write: returns the index of the first block written, and the members evicted.
+local function remember(endpoint, ttl, cap, held, bucket, blocks)
+  local lru = endpoint_prefix(endpoint) .. 'lru'
+  local tag = '/' .. bucket
   local size = redis.call('ZCARD', lru)
   local first, top = 1, now * 1024 + 1023  -- write blocks[first..], the first at score top
   if held > 0 and held <= #blocks then
-    local score = redis.call('ZSCORE', lru, blocks[held])
+    local score = redis.call('ZSCORE', lru, blocks[held] .. tag)
     if score then
       local turnover = ttl
       if size >= cap then
@@ -173,25 +220,16 @@ local function index(endpoint, ttl, cap, held, hashes)
       end
     end
   end
-  for i = first, #blocks do
-    local bk = prefix .. 'pfx:' .. blocks[i]
-    local score = top - (i - first)
-    redis.call('HSET', bk, endpoint, math.floor(score / 1024))
-    redis.call('PEXPIRE', bk, ttl)
-    redis.call('ZADD', lru, score, blocks[i])
-  end
-  if first > #blocks then return 0 end
+  if first > #blocks then return first, {} end
+  for i = first, #blocks do redis.call('ZADD', lru, top - (i - first), blocks[i] .. tag) end
   redis.call('PEXPIRE', lru, ttl)
   size = redis.call('ZCARD', lru)
-  local evicted = 0
+  local evicted = {}
   if size > cap then
     local gone = redis.call('ZPOPMIN', lru, size - cap)
-    for j = 1, #gone, 2 do
-      redis.call('HDEL', prefix .. 'pfx:' .. gone[j], endpoint)
-      evicted = evicted + 1
-    end
+    for j = 1, #gone, 2 do table.insert(evicted, gone[j]) end
   end
-  return evicted
+  return first, evicted
 end
 local function release(replica, endpoint, work, model)
   local ik = prefix .. 'inflight:' .. replica
@@ -201,30 +239,47 @@ local function release(replica, endpoint, work, model)
   if model ~= '' then uncount(prefix, ik, endpoint .. '@' .. model, 1, last) end
 end
 local function apply(first, last)
-  local evicted = 0
-  for w = first, last, 6 do
-    if ARGV[w] == 'i' then
-      evicted = evicted + index(ARGV[w + 1], tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), tonumber(ARGV[w + 4]),
-                                ARGV[w + 5])
-    elseif ARGV[w] == 'r' then
+  local evicted, results = 0, {}
+  for w = first, last, """ + str(WRITE_ARGS) + """ do
+    local op, endpoint = ARGV[w], ARGV[w + 1]
+    if op == 'i' or op == 'l' then
+      local blocks = split(ARGV[w + 6])
+      local from, gone = remember(endpoint, tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), tonumber(ARGV[w + 4]),
+                                  ARGV[w + 5], blocks)
+      evicted = evicted + #gone
+      if op == 'i' then
+        hold(endpoint, tonumber(ARGV[w + 2]), ARGV[w + 5], blocks, from)
+        unhold_members(endpoint, gone)
+      else
+        table.insert(gone, 1, from)
+        table.insert(results, gone)
+      end
+    elseif op == 'h' then
+      hold(endpoint, tonumber(ARGV[w + 2]), ARGV[w + 5], split(ARGV[w + 6]), 1)
+    elseif op == 'd' then
+      local bp = bucket_prefix(ARGV[w + 5])
+      for h in string.gmatch(ARGV[w + 6], '%S+') do redis.call('HDEL', bp .. 'pfx:' .. h, endpoint) end
+    elseif op == 'r' then
       release(ARGV[w + 1], ARGV[w + 2], tonumber(ARGV[w + 3]), ARGV[w + 4])
-    elseif ARGV[w] == 's' then
-      speculate(ARGV[w + 1], tonumber(ARGV[w + 2]), ARGV[w + 5])
+    elseif op == 's' then
+      speculate(endpoint, tonumber(ARGV[w + 2]), ARGV[w + 5], ARGV[w + 6])
     else
-      error('unknown write ' .. ARGV[w])
+      error('unknown write ' .. op)
     end
   end
-  return evicted
+  return evicted, results
 end
 """
 
 # The writes that follow decisions, off the request path, as many as have gathered
 # in one call when no admission carried them (a replica sends its next batch of a
-# pool when the last one is answered). KEYS[1] = any key of the pool (its slot).
-# ARGV = pool prefix, then the writes (_WRITE_OPS). Returns how many blocks the
-# index writes evicted.
+# pool when the last one is answered). KEYS[1] = a key of the slot the writes
+# touch: on one Redis any; on a cluster the pool's (releases), an endpoint's ("l"),
+# or a bucket's ("h", "d", "s"). ARGV = pool prefix, then the writes (_WRITE_OPS).
+# Returns {blocks the index writes evicted, the "l" writes' results}.
 WRITES = _NOW_MS + _WRITE_OPS + """
-return apply(2, #ARGV)
+local evicted, results = apply(2, #ARGV)
+return {evicted, results}
 """
 
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, lease_ms,
@@ -232,7 +287,8 @@ return apply(2, #ARGV)
 # endpoint's prefill speed in blocks per second (0: unknown), how many writes
 # come first, then writes (_WRITE_OPS): first those that gathered since the
 # replica's last call (releases, say), applied whatever happens, then the
-# decision's own (its prompt's blocks), applied only if it is admitted. Counts one
+# decision's own (its prompt's blocks), applied only if it is admitted. On a
+# cluster the writes are those of the pool's slot alone (releases). Counts one
 # request, its uncached prompt blocks and one for its model ("<endpoint>@<model>") in
 # flight at the endpoint, in the replica's record and the pool's total, and adds the
 # blocks to the endpoint's prefill backlog
@@ -246,7 +302,7 @@ return apply(2, #ARGV)
 # again on fresh figures instead of doubling up.
 ADMIT = _NOW_MS + _WRITE_OPS + """
 local replica, endpoint = ARGV[2], ARGV[3]
-local own = 10 + tonumber(ARGV[9]) * 6
+local own = 10 + tonumber(ARGV[9]) * """ + str(WRITE_ARGS) + """
 apply(10, own - 1)
 local lease, seen = tonumber(ARGV[4]), tonumber(ARGV[6])
 local ik = prefix .. 'inflight:' .. replica
@@ -276,54 +332,49 @@ apply(own, #ARGV)
 return 1
 """
 
-# One batch of an endpoint's KV-cache events, applied by the collector that owns
-# the endpoint. KEYS[1] = the pool's stream statuses (keys.kv_streams). ARGV = pool
-# prefix, endpoint, the stream's encoded status after the batch, then the
-# operations in order, three arguments each:
-# - "c", "", "": the engine's cache is empty (AllBlocksCleared, a restart, a resync):
-#   every block of the endpoint leaves the index;
-# - "s", engine hash, our key: the engine cached the block;
-# - "r", engine hash, "": the engine reused the block's space.
-# The engine's hash names the block per endpoint (kvmap:ENDPOINT), so removals and
-# clears find our key. Returns the endpoint's blocks in the index.
-KV_APPLY = """
-local prefix, endpoint = ARGV[1], ARGV[2]
-local map = prefix .. 'kvmap:' .. endpoint
-for w = 4, #ARGV, 3 do
+# One batch of an endpoint's KV-cache events, the engine's names for its blocks
+# (the blocks' holders are written beside, by WRITES "h" and "d" calls to their
+# buckets, before this). KEYS[1] = the endpoint's map (keys.kv_blocks). ARGV = the
+# operations in order, two arguments each:
+# - "s", engine hash, "our key/bucket": the engine cached the block;
+# - "r", engine hash, "": the engine reused the block's space;
+# - "c", "", "": the engine's cache is empty (AllBlocksCleared, a restart, a resync).
+# Returns the endpoint's blocks in the map.
+KV_MAP = """
+for w = 1, #ARGV, 3 do
   local op = ARGV[w]
   if op == 's' then
-    local old = redis.call('HGET', map, ARGV[w + 1])
-    if old and old ~= ARGV[w + 2] then redis.call('HDEL', prefix .. 'pfx:' .. old, endpoint) end
-    redis.call('HSET', map, ARGV[w + 1], ARGV[w + 2])
-    redis.call('HSET', prefix .. 'pfx:' .. ARGV[w + 2], endpoint, '1')
+    redis.call('HSET', KEYS[1], ARGV[w + 1], ARGV[w + 2])
   elseif op == 'r' then
-    local ours = redis.call('HGET', map, ARGV[w + 1])
-    if ours then
-      redis.call('HDEL', prefix .. 'pfx:' .. ours, endpoint)
-      redis.call('HDEL', map, ARGV[w + 1])
-    end
+    redis.call('HDEL', KEYS[1], ARGV[w + 1])
   elseif op == 'c' then
-    local all = redis.call('HVALS', map)
-    for _, ours in ipairs(all) do redis.call('HDEL', prefix .. 'pfx:' .. ours, endpoint) end
-    redis.call('DEL', map)
+    redis.call('DEL', KEYS[1])
   else
     return redis.error_reply('unknown operation ' .. op)
   end
 end
-redis.call('HSET', KEYS[1], endpoint, ARGV[3])
-return redis.call('HLEN', map)
+return redis.call('HLEN', KEYS[1])
 """
 
-# KEYS[1] = the endpoint's LRU. ARGV = pool prefix, endpoint, batch size.
-# Forgets up to a batch of the blocks the endpoint was recorded to hold (its
-# cache is gone: the server restarted). Returns how many blocks remain, so the
-# caller repeats until none do without stalling Redis on a large LRU.
+# KEYS[1] = the old layout's map of an endpoint (keys.legacy_kv_blocks). ARGV = pool
+# prefix, endpoint. Removes the endpoint from the old layout's holders of its
+# blocks, and the map. Returns how many blocks it named.
+LEGACY_DROP = """
+local all = redis.call('HVALS', KEYS[1])
+for _, ours in ipairs(all) do redis.call('HDEL', ARGV[1] .. 'pfx:' .. ours, ARGV[2]) end
+redis.call('DEL', KEYS[1])
+return #all
+"""
+
+# KEYS[1] = the endpoint's LRU. ARGV = batch size. Takes up to a batch of the blocks
+# the endpoint was recorded to hold (its cache is gone: the server restarted), and
+# returns them ("hash/bucket"): the caller removes the endpoint from their holders,
+# and repeats until none are left without stalling Redis on a large LRU.
 FORGET = """
-local gone = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[3]))
-for j = 1, #gone, 2 do
-  redis.call('HDEL', ARGV[1] .. 'pfx:' .. gone[j], ARGV[2])
-end
-return redis.call('ZCARD', KEYS[1])
+local gone = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[1]))
+local out = {}
+for j = 1, #gone, 2 do table.insert(out, gone[j]) end
+return out
 """
 
 # KEYS[1] = leader key, KEYS[2] = epoch counter. ARGV = candidate id, lease_ms.

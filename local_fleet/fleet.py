@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -89,6 +90,44 @@ def _http_ok(url: str, timeout: float = 0.5) -> bool:
             return 200 <= status < 300
     except OSError:
         return False
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_cluster_ports(count: int) -> tuple[int, ...]:
+    """Ports for Redis Cluster nodes; each node's bus port (port + 10000) must be free too."""
+    ports: list[int] = []
+    for port in range(random.randrange(20000, 29000), 30000):
+        if _bindable(port) and _bindable(port + 10000):
+            ports.append(port)
+            if len(ports) == count:
+                return tuple(ports)
+    raise RuntimeError("no free ports for a Redis Cluster")
+
+
+def redis_cluster_node(port: int, data_dir: Path) -> list[str]:
+    """The command of one master of a local Redis Cluster, its files in `data_dir`."""
+    return [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000", "--dir", str(data_dir),
+            "--save", "", "--appendonly", "no", "--protected-mode", "no"]
+
+
+def create_redis_cluster(ports: Sequence[int]) -> None:
+    """Join the running nodes on `ports` into one cluster of masters, the slots split between them."""
+    subprocess.run([binary("redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                    "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+
+
+def redis_cluster_ok(ports: Sequence[int]) -> bool:
+    return all(b"cluster_state:ok" in subprocess.run(
+        [binary("redis-cli"), "-p", str(p), "cluster", "info"], capture_output=True, timeout=10).stdout for p in ports)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -306,21 +345,11 @@ class Fleet:
         for port in ports:
             data = self.settings.work_dir / f"redis-{port}"
             data.mkdir(exist_ok=True)
-            self._spawn(f"redis-{port}", [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port),
-                                          "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                          "--cluster-node-timeout", "2000", "--dir", str(data), "--save", "",
-                                          "--appendonly", "no", "--protected-mode", "no"])
+            self._spawn(f"redis-{port}", redis_cluster_node(port, data))
         for port in ports:
             self._wait("redis cluster nodes", lambda port=port: _port_open("127.0.0.1", port), timeout_s)
-        subprocess.run([binary("redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-
-        def cluster_ok() -> bool:
-            return all(b"cluster_state:ok" in subprocess.run(
-                [binary("redis-cli"), "-p", str(p), "cluster", "info"], capture_output=True, timeout=10).stdout
-                for p in ports)
-
-        self._wait("redis cluster", cluster_ok, timeout_s)
+        create_redis_cluster(ports)
+        self._wait("redis cluster", lambda: redis_cluster_ok(ports), timeout_s)
 
     def _envoy_ready(self) -> bool:
         admin = f"http://127.0.0.1:{self.settings.envoy_admin_port}"

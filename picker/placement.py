@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from gateway_state.clock import FleetClock
+from gateway_state.keys import index_bucket
 from gateway_state.placement_store import (
     IndexWrite,
     ReleaseWrite,
@@ -179,9 +180,11 @@ class Placement:
         if not request.speculative:
             return IndexWrite(key, request.block_hashes, prefix.ttl_ms, self.capacity_blocks(plan.chosen.load),
                               plan.chosen.matched_blocks)
+        bucket = index_bucket(request.block_hashes[0])
         if key in request.live_streams:
-            return SpeculativeWrite(key, request.block_hashes[plan.chosen.matched_blocks:], prefix.speculative_ttl_ms)
-        return SpeculativeWrite(key, request.block_hashes, prefix.ttl_ms)
+            return SpeculativeWrite(key, request.block_hashes[plan.chosen.matched_blocks:], prefix.speculative_ttl_ms,
+                                    bucket)
+        return SpeculativeWrite(key, request.block_hashes, prefix.ttl_ms, bucket)
 
     async def plan(self, request: PlacementRequest, samples: dict[str, LoadSample], check: bool = True,
                    drained: frozenset[str] = frozenset(), trace: Trace | None = None,
@@ -247,19 +250,24 @@ class Placement:
         request = plan.request
         pool, endpoint, model = request.pool.name, plan.chosen.endpoint.key, request.target_model
         own = [self._index_write(request, plan)] if request.block_hashes else []
+        # Where the index is on other shards than the pool's, the write goes after the admission, off its path.
+        carried = own if self._state.index_rides_admission else []
         admission = self.own.add(pool, endpoint, plan.work_blocks, model)
         try:
             # None: the state may have counted it or not; the next heartbeat replaces the record either way.
             admitted = await self._guard.call("admit", self._state.admit(
                 pool, self._me, endpoint, self._settings.state.inflight_lease_ms, plan.work_blocks,
-                plan.others_seen, model, plan.chosen.prefill_blocks_per_s, self._writes.take(pool), own))
+                plan.others_seen, model, plan.chosen.prefill_blocks_per_s, self._writes.take(pool), carried))
         except BaseException:
             self.own.remove(pool, endpoint, plan.work_blocks, model, admission)  # cancelled: the request is gone
             raise
         if admitted is False:
             self.own.remove(pool, endpoint, plan.work_blocks, model, admission)
             return None
-        if own and self._fallback is not None:
+        if own and not carried and admitted is not None:
+            for w in own:  # the batcher notes it in the fallback index too
+                self._writes.add(pool, w)
+        elif own and self._fallback is not None:
             await self._fallback.write(pool, own)
         return Placed(plan.request, plan.decision.endpoints, plan.work_blocks, bool(admitted),
                       time.perf_counter() - started, plan.decision.seconds)

@@ -38,6 +38,10 @@ RECENT_ADMISSIONS = 256
 
 
 class PlacementState(Protocol):
+    # Whether an admission carries its decision's index write (`admit`'s `after`) in the same round trip;
+    # where it does not (a Redis Cluster), the caller sends it after, off the request path.
+    index_rides_admission: bool
+
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
                      speculative: bool = False) -> SharedView:
         """In-flight figures of the live replicas but `leave_out`, each endpoint's matched blocks, live replicas."""
@@ -130,6 +134,8 @@ class OwnRequests:
 
 class MemoryState:
     """The placement state in this process's memory; leases run on its monotonic clock."""
+
+    index_rides_admission = True
 
     def __init__(self) -> None:
         self._figures: dict[str, dict[str, Counter[str]]] = {}  # pool -> replica -> in-flight record

@@ -14,11 +14,18 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from gateway_state.records import Config
 from gateway_state.store import StateStore
-from local_fleet.fleet import Fleet, FleetSettings
+from local_fleet.fleet import (
+    Fleet,
+    FleetSettings,
+    create_redis_cluster,
+    free_cluster_ports,
+    redis_cluster_node,
+    redis_cluster_ok,
+)
 from testbed.kube import KubeAPIServer
 from testbed.kube_admin import CHART_CRDS, Kube
 
@@ -112,17 +119,6 @@ def free_port_block(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports")
 
 
-def free_cluster_ports(count: int) -> tuple[int, ...]:
-    """Ports for Redis Cluster nodes; each node's bus port (port + 10000) must be free too."""
-    ports: list[int] = []
-    for port in range(random.randrange(20000, 29000), 30000):
-        if _bindable(port) and _bindable(port + 10000):
-            ports.append(port)
-            if len(ports) == count:
-                return tuple(ports)
-    raise RuntimeError("no free ports for a Redis Cluster")
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis-server of its own, for tests of the shared state."""
@@ -144,6 +140,47 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real Redis Cluster of three masters; the port of one of them."""
+    ports = free_cluster_ports(3)
+    procs = []
+    for port in ports:
+        data = tmp_path_factory.mktemp(f"redis-{port}")
+        procs.append(subprocess.Popen(redis_cluster_node(port, data), stdout=subprocess.DEVNULL))
+    try:
+        for port in ports:
+            client = redis.Redis(port=port)
+            for _ in range(100):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        create_redis_cluster(ports)
+        deadline = time.monotonic() + 30
+        while not redis_cluster_ok(ports) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield ports[0]
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def shared_redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis | RedisCluster]:
+    """An emptied client of a standalone Redis, then of a three-shard Redis Cluster (the pool's keys and its
+    prefix index's on different shards)."""
+    if request.param == "redis":
+        client: Redis | RedisCluster = Redis.from_url(request.getfixturevalue("redis_url"))
+    else:
+        client = RedisCluster(host="127.0.0.1", port=request.getfixturevalue("redis_cluster_port"))
     await client.flushall()
     yield client
     await client.aclose()

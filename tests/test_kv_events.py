@@ -159,9 +159,9 @@ async def complete(live: LivePod, prompt: str) -> None:
 async def index_of(store: StateStore, redis: Redis, pool: str, endpoint: str) -> dict[str, str]:
     """engine hash -> our key, checking that each key's entry names the endpoint."""
     blocks = await store.kv_block_map(pool, endpoint)
-    for key in blocks.values():
-        assert await redis.hexists(keys.prefix_block(pool, key), endpoint), key
-    return blocks
+    for key, bucket in blocks.values():
+        assert await redis.hexists(keys.prefix_block(pool, bucket, key), endpoint), key
+    return {h: key for h, (key, _) in blocks.items()}
 
 
 def cached(live: LivePod) -> set[str]:
@@ -182,12 +182,12 @@ PROMPTS = [f"Conversation {i}: " + "a shared system prompt about routing and cac
 
 
 @pytest.fixture
-async def collector_for(redis_client: Redis) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
+async def collector_for(shared_redis: Redis) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
     tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
     async def start(name: str) -> None:
         stop = asyncio.Event()
-        collector = Collector(StateStore(redis_client), CollectorSettings(collector_id=name, scrape_interval_ms=50),
+        collector = Collector(StateStore(shared_redis), CollectorSettings(collector_id=name, scrape_interval_ms=50),
                               CollectorMetrics())
         tasks.append((stop, asyncio.create_task(collector.run(stop))))
 
@@ -200,7 +200,8 @@ async def collector_for(redis_client: Redis) -> AsyncIterator[Callable[[str], Aw
 
 @pytest.mark.parametrize(("runtime", "encoding"), [("vllm", "array"), ("vllm", "map"), ("sglang", "array")])
 async def test_the_index_holds_exactly_what_the_pods_cache_holds(
-        redis_client: Redis, collector_for: Callable[[str], Awaitable[None]], runtime: str, encoding: str) -> None:
+        shared_redis: Redis, collector_for: Callable[[str], Awaitable[None]], runtime: str, encoding: str) -> None:
+    redis_client = shared_redis
     store = StateStore(redis_client)
     host = {"vllm": "127.0.5.1", "sglang": "127.0.5.2"}[runtime]
     events_port = free_port()
@@ -233,7 +234,8 @@ async def test_the_index_holds_exactly_what_the_pods_cache_holds(
 
 
 async def test_a_restarted_pod_drops_its_entries_and_a_replaced_collector_replays_without_a_gap(
-        redis_client: Redis, collector_for: Callable[[str], Awaitable[None]]) -> None:
+        shared_redis: Redis, collector_for: Callable[[str], Awaitable[None]]) -> None:
+    redis_client = shared_redis
     store = StateStore(redis_client)
     host, port, events_port = "127.0.5.3", free_port(), free_port()
     live = await start_pod("vllm", host, port, events_port, num_blocks=400)
@@ -281,17 +283,20 @@ async def test_a_restarted_pod_drops_its_entries_and_a_replaced_collector_replay
         await live.stop()
 
 
-async def test_speculative_entries_count_until_their_time_passes_and_events_stand_alone(redis_client: Redis) -> None:
+async def test_speculative_entries_count_until_their_time_passes_and_events_stand_alone(shared_redis: Redis) -> None:
     """LOOKUP on an index built from events: a picker's speculative entry counts while it lives, only where
     the caller asks for them; the engine's own entry stands without a lifetime."""
+    redis_client = shared_redis
     store = StateStore(redis_client)
     blocks = token_keys(engine_root(None, None, SEED), list(range(64)), 16, 10, SEED)
-    await store.write("p", [SpeculativeWrite("10.0.0.1:8000", blocks, 300)])
-    assert await redis_client.hexists(keys.speculative_block("p", blocks[0]), "10.0.0.1:8000")
+    bucket = keys.index_bucket(blocks[0])
+    await store.write("p", [SpeculativeWrite("10.0.0.1:8000", blocks, 300, bucket)])
+    assert await redis_client.hexists(keys.speculative_block("p", bucket, blocks[0]), "10.0.0.1:8000")
     assert (await store.lookup("p", blocks, speculative=True)).matched_blocks == {"10.0.0.1:8000": 4}
     assert (await store.lookup("p", blocks)).matched_blocks == {}  # an approximate pool reads none
-    await store.kv_apply("p", "10.0.0.2:8000", [Stored(f"e{i}", b) for i, b in enumerate(blocks[:2])],
+    await store.kv_apply("p", "10.0.0.2:8000", [Stored(f"e{i}", b, bucket) for i, b in enumerate(blocks[:2])],
                          KvStreamStatus("c", "live", 0))
     await asyncio.sleep(0.4)
     assert (await store.lookup("p", blocks, speculative=True)).matched_blocks == {"10.0.0.2:8000": 2}
-    assert not await redis_client.exists(keys.speculative_block("p", blocks[0]))  # the key went with its entries
+    # The key went with its entries.
+    assert not await redis_client.exists(keys.speculative_block("p", bucket, blocks[0]))

@@ -116,8 +116,9 @@ async def test_endpoint_capacity_evicts_least_recent_blocks_leaves_first(redis_c
     assert view.matched_blocks == {"a:1": 2}
     # The scripts write exactly the keys the schema module names.
     assert await redis_client.zcard(keys.endpoint_lru("pool", "a:1")) == 4
-    assert await redis_client.hkeys(keys.prefix_block("pool", "p1")) == [b"a:1"]
-    assert not await redis_client.exists(keys.prefix_block("pool", "p3"))  # evicted, and no holder left
+    bucket = keys.index_bucket("p1")
+    assert await redis_client.hkeys(keys.prefix_block("pool", bucket, "p1")) == [b"a:1"]
+    assert not await redis_client.exists(keys.prefix_block("pool", bucket, "p3"))  # evicted, and no holder left
     # Another endpoint's entries are untouched by a's eviction.
     await record(store, "b:1", ["p1", "p2", "p3"], capacity=4)
     assert (await store.lookup("pool", ["p1", "p2", "p3"])).matched_blocks == {"a:1": 2, "b:1": 3}
@@ -228,6 +229,7 @@ async def test_an_index_write_rewrites_only_what_changed(redis_client: Redis) ->
     store = StateStore(redis_client)
     lru = keys.endpoint_lru("pool", "a:1")
     prompt = [f"p{i}" for i in range(8)]
+    tag = f"/{keys.index_bucket(prompt[0])}"
     await store.index("pool", "a:1", prompt[:5], 60_000, 1000)
     first = dict(await redis_client.zrange(lru, 0, -1, withscores=True))
     await asyncio.sleep(0.01)
@@ -236,14 +238,14 @@ async def test_an_index_write_rewrites_only_what_changed(redis_client: Redis) ->
     await store.index("pool", "a:1", prompt, 60_000, 1000, held_blocks=5)
     scores = dict(await redis_client.zrange(lru, 0, -1, withscores=True))
     assert all(scores[k] == v for k, v in first.items())
-    assert [scores[p.encode()] for p in prompt] == sorted(scores.values(), reverse=True)
-    assert scores[b"p5"] < scores[b"p4"]
+    assert [scores[(p + tag).encode()] for p in prompt] == sorted(scores.values(), reverse=True)
+    assert scores[f"p5{tag}".encode()] < scores[f"p4{tag}".encode()]
     assert (await store.lookup("pool", prompt)).matched_blocks == {"a:1": 8}
     # A held match that no longer stands (the block left the LRU meanwhile) writes the whole prompt.
-    await redis_client.zrem(lru, "p7")
+    await redis_client.zrem(lru, "p7" + tag)
     await store.index("pool", "a:1", prompt, 60_000, 1000, held_blocks=8)
-    assert (await redis_client.zscore(lru, "p7")) is not None
-    assert (await redis_client.zscore(lru, "p0")) > first[b"p0"]
+    assert (await redis_client.zscore(lru, "p7" + tag)) is not None
+    assert (await redis_client.zscore(lru, "p0" + tag)) > first[f"p0{tag}".encode()]
 
 
 async def test_a_held_prompt_is_written_again_when_its_recency_nears_the_endpoints_turnover(
@@ -253,21 +255,22 @@ async def test_a_held_prompt_is_written_again_when_its_recency_nears_the_endpoin
     store = StateStore(redis_client)
     lru = keys.endpoint_lru("pool", "a:1")
     hot = ["h0", "h1"]
+    h0 = f"h0/{keys.index_bucket('h0')}"
     await store.index("pool", "a:1", hot, 60_000, 6)
     for i in range(5):  # other prompts fill the LRU over about 100 ms
         await asyncio.sleep(0.025)
         await store.index("pool", "a:1", [f"c{i}a", f"c{i}b"], 60_000, 6)
     assert (await store.lookup("pool", hot)).matched_blocks == {}  # the hot prompt unused: gone
     await store.index("pool", "a:1", hot, 60_000, 6)
-    before = await redis_client.zscore(lru, "h0")
+    before = await redis_client.zscore(lru, h0)
     await store.index("pool", "a:1", hot, 60_000, 6, held_blocks=2)  # young: nothing written
-    assert await redis_client.zscore(lru, "h0") == before
+    assert await redis_client.zscore(lru, h0) == before
     for i in range(5):  # used every 25 ms while the others turn the cache over: it stays
         await asyncio.sleep(0.025)
         await store.index("pool", "a:1", [f"d{i}a", f"d{i}b"], 60_000, 6)
         await store.index("pool", "a:1", hot, 60_000, 6, held_blocks=len(hot))
         assert (await store.lookup("pool", hot)).matched_blocks == {"a:1": 2}, i
-    assert await redis_client.zscore(lru, "h0") > before
+    assert await redis_client.zscore(lru, h0) > before
 
 
 async def test_an_admission_carries_writes_before_it_and_its_own_after_it(redis_client: Redis) -> None:
@@ -286,3 +289,43 @@ async def test_an_admission_carries_writes_before_it_and_its_own_after_it(redis_
                              after=[IndexWrite("a:1", ["x1", "x2"], 60_000, 100)])
     view = await store.lookup("pool", ["x1", "x2"])
     assert view.inflight == {"a:1": 1} and view.matched_blocks == {"a:1": 2}
+
+
+async def test_one_pools_prefix_index_spreads_over_the_shards_of_a_cluster(redis_cluster_port: int) -> None:
+    """On a three-shard Redis Cluster, the pool's own keys sit on one shard and its prefix index on all of
+    them; lookups, evictions across buckets and a forgotten endpoint read and write the right shards."""
+    from redis.asyncio import RedisCluster
+    cluster = RedisCluster(host="127.0.0.1", port=redis_cluster_port)
+    await cluster.flushall()
+    try:
+        store = StateStore(cluster)
+        prompts = [[f"{n:02d}-{i}" for i in range(4)] for n in range(48)]
+        assert len({keys.index_bucket(p[0]) for p in prompts}) == keys.INDEX_BUCKETS
+        for n, prompt in enumerate(prompts):
+            assert await store.admit("pool", "r1", f"e{n % 3}", LEASE_MS)
+            await store.index("pool", f"e{n % 3}", prompt, 60_000, 1000)
+
+        by_shard = {}
+        for node in cluster.get_primaries():
+            found = await cluster.execute_command("KEYS", "gw:*", target_nodes=node)
+            by_shard[node.name] = {k.decode() for k in found}
+        index_shards = [name for name, found in by_shard.items() if any(":pfx:" in k for k in found)]
+        pool_shards = [name for name, found in by_shard.items() if keys.pickers("pool") in found]
+        assert len(index_shards) == 3 and len(pool_shards) == 1
+        assert sum(1 for found in by_shard.values() for k in found if ":pfx:" in k) == 48 * 4
+
+        for n, prompt in enumerate(prompts):
+            view = await store.lookup("pool", [*prompt[:3], "other"], leave_out="r1")
+            assert view.matched_blocks == {f"e{n % 3}": 3}
+        assert (await store.lookup("pool", [])).inflight == {"e0": 16, "e1": 16, "e2": 16}
+
+        # A small LRU evicts the oldest prompts' blocks, whichever bucket holds them.
+        assert await store.index("pool", "e0", ["fresh-0", "fresh-1"], 60_000, 10) == 16 * 4 + 2 - 10
+        assert (await store.lookup("pool", prompts[0])).matched_blocks == {}
+        assert (await store.lookup("pool", prompts[45])).matched_blocks == {"e0": 4}
+        await store.forget_endpoint("pool", "e0", batch=3)
+        assert (await store.lookup("pool", prompts[45])).matched_blocks == {}
+        assert (await store.lookup("pool", prompts[46])).matched_blocks == {"e1": 4}
+        assert (await store.prefix_blocks_held("pool", ["e0", "e1"])) == {"e0": 0, "e1": 16 * 4}
+    finally:
+        await cluster.aclose()

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from gateway_state.placement_store import IndexWrite, ReleaseWrite
 from gateway_state.script_link import ScriptLink
@@ -21,17 +21,27 @@ from picker.state import MemoryState, PlacementState
 LEASE_MS = 5_000
 
 
-@pytest.fixture(params=["redis", "redis-link", "memory"])
-async def state(request: pytest.FixtureRequest, redis_client: Redis) -> AsyncIterator[PlacementState]:
-    """Redis through redis-py, Redis through the request path's lean link (as the picker uses it), memory."""
+@pytest.fixture(params=["redis", "redis-link", "redis-cluster", "memory"])
+async def state(request: pytest.FixtureRequest) -> AsyncIterator[PlacementState]:
+    """Redis through redis-py, Redis through the request path's lean link (as the picker uses it), a Redis
+    Cluster of three shards (the pool's keys and its index's on different ones), memory."""
     if request.param == "memory":
         yield MemoryState()
         return
+    if request.param == "redis-cluster":
+        cluster = RedisCluster(host="127.0.0.1", port=request.getfixturevalue("redis_cluster_port"))
+        await cluster.flushall()
+        yield StateStore(cluster)
+        await cluster.aclose()
+        return
+    redis_client = Redis.from_url(request.getfixturevalue("redis_url"))
+    await redis_client.flushall()
     link = ScriptLink.for_client(redis_client) if request.param == "redis-link" else None
     assert link is not None or request.param == "redis"
     yield StateStore(redis_client, link)
     if link is not None:
         link.close()
+    await redis_client.aclose()
 
 
 async def record(state: PlacementState, endpoint: str, hashes: list[str], capacity: int, work: int = 0,
