@@ -196,7 +196,7 @@ async def sample_lags(store: StateStore, pool: str, out: list[float]) -> None:
         await asyncio.sleep(0.05)
 
 
-async def per_shard(fleet: Fleet, count: int, system_prompts: int) -> dict[str, Any]:
+async def shard_figures(fleet: Fleet, count: int, system_prompts: int) -> dict[str, Any]:
     """Redis CPU per decision on each shard of the fleet's Redis Cluster, net of the background, with
     prompts over `system_prompts` system prompts (one pool: its own keys on one shard, its index spread)."""
     ports = fleet.settings.redis_cluster_ports
@@ -386,7 +386,7 @@ def main() -> None:
                                     simulator_args=("--time-scale", "0.01"), redis_cluster_ports=free_cluster_ports(3)))
         try:
             fleet.start()
-            result["cluster"] = [asyncio.run(per_shard(fleet, a.decisions, n)) for n in (1, a.cluster_prompts)]
+            result["cluster"] = [asyncio.run(shard_figures(fleet, a.decisions, n)) for n in (1, a.cluster_prompts)]
         finally:
             fleet.stop()
             shutil.rmtree(work, ignore_errors=True)

@@ -300,3 +300,18 @@ async def test_speculative_entries_count_until_their_time_passes_and_events_stan
     assert (await store.lookup("p", blocks, speculative=True)).matched_blocks == {"10.0.0.2:8000": 2}
     # The key went with its entries.
     assert not await redis_client.exists(keys.speculative_block("p", bucket, blocks[0]))
+
+
+async def test_the_earlier_layouts_event_entries_are_dropped(shared_redis: Redis) -> None:
+    """Entries a collector of the layout before the buckets wrote (the pod's map and its blocks' holders, all
+    under the pool's tag) are removed, with the holders of other pods left alone."""
+    store = StateStore(shared_redis)
+    prefix = keys.pool_prefix("p")
+    await shared_redis.hset(keys.legacy_kv_blocks("p", "10.0.0.1:8000"), mapping={"e1": "k1", "e2": "k2"})
+    for key in ("k1", "k2"):
+        await shared_redis.hset(prefix + "pfx:" + key, mapping={"10.0.0.1:8000": "1", "10.0.0.2:8000": "1"})
+    assert await store.drop_legacy("p", "10.0.0.1:8000") == 2
+    assert not await shared_redis.exists(keys.legacy_kv_blocks("p", "10.0.0.1:8000"))
+    for key in ("k1", "k2"):
+        assert await shared_redis.hkeys(prefix + "pfx:" + key) == [b"10.0.0.2:8000"]
+    assert await store.drop_legacy("p", "10.0.0.1:8000") == 0
