@@ -222,14 +222,19 @@ async def test_picker_metrics_count_requests_and_decisions(http: aiohttp.ClientS
 async def test_on_a_cluster_the_state_spreads_over_the_masters(http: aiohttp.ClientSession, fleet: Fleet) -> None:
     if not fleet.settings.redis_cluster_ports:
         pytest.skip("standalone Redis")
-    await post(http, PREFIX_PORT, chat("spread"))
-    per_node = {}
+    # Prompts that differ from their first block: their index entries go to different buckets.
+    for i in range(12):
+        assert (await post(http, PREFIX_PORT, chat(f"Spread {i}: " + "tell me about the tides. " * 12))).status == 200
+    per_node, index_per_node = {}, {}
     for port in fleet.settings.redis_cluster_ports:
         node = Redis(port=port)
         per_node[port] = await node.dbsize()
+        index_per_node[port] = len(await node.keys("gw:{default/prefix-pool|b*}:pfx:*"))
         await node.aclose()
     # Config, collectors and each pool hash to their own slots, over at least two masters.
     assert sum(1 for n in per_node.values() if n > 0) >= 2, per_node
+    # One pool's prefix index, too, is on more than one master.
+    assert sum(1 for n in index_per_node.values() if n > 0) >= 2, index_per_node
 
 
 async def test_an_unreachable_pod_gets_an_openai_shaped_503(http: aiohttp.ClientSession) -> None:
