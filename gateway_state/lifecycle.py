@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.sentinel import Sentinel
@@ -54,8 +55,8 @@ def connect(redis_url: str, timeout_s: float = 2.0, max_connections: int | None 
         if not service:
             raise ValueError(f"{redis_url}: name the monitored master, as redis-sentinel://host:port/master-name")
         sentinels = [(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in hosts.split(",")]
-        sentinel = Sentinel(sentinels, socket_timeout=timeout_s,  # type: ignore[no-untyped-call]  # untyped upstream
-                            socket_connect_timeout=timeout_s)
+        # Sentinel's constructor is typed only in recent redis-py releases.
+        sentinel = cast(Any, Sentinel)(sentinels, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         client: Redis = sentinel.master_for(service, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                             max_connections=max_connections)
         return client
