@@ -82,7 +82,8 @@ class KvEventStream:
             await self._catch_up(self.seq + 1)
             while True:
                 try:
-                    frames = await asyncio.wait_for(sub.recv_multipart(), HEARTBEAT_S)
+                    async with asyncio.timeout(HEARTBEAT_S):  # not wait_for (see lifecycle.every)
+                        frames = await sub.recv_multipart()
                 except TimeoutError:
                     frames = None
                 if self._restart_seen:  # the engine's counters fell: a new process, whatever its batches say
@@ -161,7 +162,8 @@ class KvEventStream:
             await dealer.send_multipart([b"", start.to_bytes(8, "big")])
             first = True
             while True:
-                frames = await asyncio.wait_for(dealer.recv_multipart(), REPLAY_TIMEOUT_S)
+                async with asyncio.timeout(REPLAY_TIMEOUT_S):
+                    frames = await dealer.recv_multipart()
                 if len(frames) != 3 or len(frames[1]) != 8:
                     self._garbage(f"a replay message of {len(frames)} frames")
                     continue

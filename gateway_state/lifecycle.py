@@ -68,10 +68,15 @@ def connect(redis_url: str, timeout_s: float = 2.0, max_connections: int | None 
 
 
 async def every(interval_s: float, stop: asyncio.Event, action: Callable[[], Awaitable[object]]) -> None:
-    """Run `action`, then wait out the rest of the interval, until `stop` is set."""
+    """Run `action`, then wait out the rest of the interval, until `stop` is set.
+
+    The waits here and in the other long-lived loops use `asyncio.timeout`, never `asyncio.wait_for`: on
+    Python 3.11, a wait_for whose awaitable completes in the same turn as the task's cancel returns its
+    result and the cancel is lost, so a loop stopped that way would run on."""
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         started = loop.time()
         await action()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), max(0.0, interval_s - (loop.time() - started)))
+            async with asyncio.timeout(max(0.0, interval_s - (loop.time() - started))):
+                await stop.wait()

@@ -53,9 +53,11 @@ class SnapshotSource:
         timeout = max(self._settings.redis_timeout_ms * 10, 200) / 1000
         try:
             if time.monotonic() - self._clock_read_at >= CLOCK_REFRESH_S:
-                self._clock.observe(await asyncio.wait_for(self._store.now_ms(), timeout))
+                async with asyncio.timeout(timeout):
+                    self._clock.observe(await self._store.now_ms())
                 self._clock_read_at = time.monotonic()
-            reply = await asyncio.wait_for(self._store.read_snapshot(pools), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await self._store.read_snapshot(pools)
         except (RedisError, OSError, TimeoutError) as exc:
             if self._reported is not False:
                 log.warning("Redis unreachable, routing from the last snapshot: %s", exc or type(exc).__name__)

@@ -19,6 +19,7 @@ from collector.collector import PREFILL_WINDOW_MS, Collector, CollectorSettings,
 from collector.metrics import CollectorMetrics
 from collector.metrics_map import READ, GarbledMetrics, parse_series, to_load_sample
 from gateway_state import keys
+from gateway_state.lifecycle import every
 from gateway_state.records import Config, Endpoint, FlowControl, LoadSample, Pool
 from gateway_state.store import StateStore
 from picker.saturation import estimated_waiting, has_room
@@ -380,3 +381,22 @@ async def test_an_endpoint_that_leaves_its_pool_leaves_the_collectors_memory(
     finally:
         stop.set()
         await task
+
+
+async def test_a_loop_cancelled_in_the_turn_its_wait_ends_stops_as_cancelled() -> None:
+    """The processes' loops (and the collector's KV streams) wait with a timeout; a cancel that arrives in
+    the same turn as the end of that wait must still end the task as cancelled, or whoever awaits the task
+    after cancelling it (a collector closing its streams) would wait on a loop that runs on."""
+    stop, rounds = asyncio.Event(), 0
+
+    async def action() -> None:
+        nonlocal rounds
+        rounds += 1
+
+    task = asyncio.create_task(every(10.0, stop, action))
+    await asyncio.sleep(0.01)  # one round done, waiting out the interval
+    stop.set()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert rounds == 1
