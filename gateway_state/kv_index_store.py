@@ -43,13 +43,15 @@ HOLDER_CALL = 8
 
 class KvIndexStore(RedisState):
     """An endpoint's blocks as its engine names them live in the endpoint's map (keys.kv_blocks), their
-    holders in the pool's index buckets. A batch writes the holders first, then the map, then the stream's
-    status (its sequence number): a collector that dies between them leaves a status that names an earlier
-    batch, and its successor applies the batch again (every operation of it can be applied twice)."""
+    holders in the pool's index buckets. On one Redis a batch is one call (scripts.KV_APPLY). On a cluster
+    it writes the holders first, then the map, then the stream's status (its sequence number): a collector
+    that dies between them leaves a status that names an earlier batch, and its successor applies the batch
+    again (every operation of it can be applied twice)."""
 
     def __init__(self, redis: Redis | RedisCluster, link: ScriptLink | None = None) -> None:
         super().__init__(redis, link)
         self._map = redis.register_script(scripts.KV_MAP)
+        self._apply = None if isinstance(redis, RedisCluster) else redis.register_script(scripts.KV_APPLY)
         self._legacy_drop = redis.register_script(scripts.LEGACY_DROP)
         self._holders = PlacementStore(redis)
 
@@ -67,6 +69,11 @@ class KvIndexStore(RedisState):
                 mapped += ["r", op.engine_hash, ""]
             else:
                 mapped += ["c", "", ""]
+        if self._apply is not None:
+            holders = [a for args in holder_writes(endpoint, changes).values() for a in args]
+            return int(await self._apply(keys=[keys.kv_blocks(pool, endpoint), keys.kv_streams(pool)], args=[
+                keys.pool_prefix(pool), endpoint, encode_kv_status(status), len(holders) // scripts.WRITE_ARGS,
+                *holders, *mapped]))
         await self._write_holders(pool, endpoint, changes)
         held = int(await self._map(keys=[keys.kv_blocks(pool, endpoint)], args=mapped)) if mapped else \
             int(await self.redis.hlen(keys.kv_blocks(pool, endpoint)))

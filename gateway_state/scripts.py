@@ -332,28 +332,49 @@ apply(own, #ARGV)
 return 1
 """
 
-# One batch of an endpoint's KV-cache events, the engine's names for its blocks
-# (the blocks' holders are written beside, by WRITES "h" and "d" calls to their
-# buckets, before this). KEYS[1] = the endpoint's map (keys.kv_blocks). ARGV = the
-# operations in order, two arguments each:
+# One batch of an endpoint's KV-cache events in the endpoint's map (keys.kv_blocks),
+# the engine's names for its blocks. `map_ops(key, from)` applies the operations in
+# ARGV from `from` on, three arguments each:
 # - "s", engine hash, "our key/bucket": the engine cached the block;
 # - "r", engine hash, "": the engine reused the block's space;
 # - "c", "", "": the engine's cache is empty (AllBlocksCleared, a restart, a resync).
-# Returns the endpoint's blocks in the map.
-KV_MAP = """
-for w = 1, #ARGV, 3 do
-  local op = ARGV[w]
-  if op == 's' then
-    redis.call('HSET', KEYS[1], ARGV[w + 1], ARGV[w + 2])
-  elseif op == 'r' then
-    redis.call('HDEL', KEYS[1], ARGV[w + 1])
-  elseif op == 'c' then
-    redis.call('DEL', KEYS[1])
-  else
-    return redis.error_reply('unknown operation ' .. op)
+# It returns the endpoint's blocks in the map.
+_MAP_OPS = """
+local function map_ops(key, from)
+  for w = from, #ARGV, 3 do
+    local op = ARGV[w]
+    if op == 's' then
+      redis.call('HSET', key, ARGV[w + 1], ARGV[w + 2])
+    elseif op == 'r' then
+      redis.call('HDEL', key, ARGV[w + 1])
+    elseif op == 'c' then
+      redis.call('DEL', key)
+    else
+      error('unknown operation ' .. op)
+    end
   end
+  return redis.call('HLEN', key)
 end
-return redis.call('HLEN', KEYS[1])
+"""
+
+# On a cluster, the map's part of a batch (the blocks' holders are written before it,
+# by WRITES "h" and "d" calls to their buckets, and the stream's status after it).
+# KEYS[1] = the endpoint's map. ARGV = the operations (_MAP_OPS).
+KV_MAP = _MAP_OPS + """
+return map_ops(KEYS[1], 1)
+"""
+
+# On one Redis, a batch whole in one call: the blocks' holders, the map, the stream's
+# status. KEYS[1] = the endpoint's map, KEYS[2] = the pool's stream statuses
+# (keys.kv_streams). ARGV = pool prefix, endpoint, its encoded status, how many
+# holder writes follow, the holder writes (_WRITE_OPS "h", "d"), then the map's
+# operations (_MAP_OPS). Returns the endpoint's blocks in the map.
+KV_APPLY = _NOW_MS + _WRITE_OPS + _MAP_OPS + """
+local maps = 5 + tonumber(ARGV[4]) * """ + str(WRITE_ARGS) + """
+apply(5, maps - 1)
+local held = map_ops(KEYS[1], maps)
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return held
 """
 
 # KEYS[1] = the old layout's map of an endpoint (keys.legacy_kv_blocks). ARGV = pool

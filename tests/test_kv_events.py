@@ -24,7 +24,7 @@ from collector.kv_events import BlockRemoved, BlockStored, EndpointIndex, Undeco
 from collector.metrics import CollectorMetrics
 from gateway_state import keys
 from gateway_state.block_keys import engine_root, token_keys
-from gateway_state.kv_index_store import Stored
+from gateway_state.kv_index_store import Removed, Stored
 from gateway_state.placement_store import SpeculativeWrite
 from gateway_state.records import Config, Endpoint, KvEvents, KvStreamStatus, Pool, Runtime
 from gateway_state.store import StateStore
@@ -281,6 +281,31 @@ async def test_a_restarted_pod_drops_its_entries_and_a_replaced_collector_replay
         assert status.resyncs == 1 and status.blocks == len(cached(live))
     finally:
         await live.stop()
+
+
+async def test_on_one_redis_a_batch_is_one_call_that_writes_holders_map_and_status(redis_client: Redis) -> None:
+    """Blocks of two buckets stored, one removed: one script call on one Redis (a cluster takes one per slot),
+    and what it leaves is what the calls in turn leave: holders, the engine's map, the stream's status."""
+    store = StateStore(redis_client)
+    root = engine_root(None, None, SEED)
+    chains = [token_keys(root, list(range(s, s + 32)), 16, 10, SEED) for s in range(0, 640, 32)]
+    first = chains[0]
+    b1 = keys.index_bucket(first[0])
+    other = next(c for c in chains if keys.index_bucket(c[0]) != b1)  # another bucket
+    b2 = keys.index_bucket(other[0])
+    ops = [Stored("e1", first[0], b1), Stored("e2", first[1], b1), Stored("e3", other[0], b2),
+           Removed("e2", first[1], b1)]
+    await store.kv_apply("p", "10.0.0.2:8000", [], KvStreamStatus("c", "live", 0))  # Redis now holds the script
+    await redis_client.config_resetstat()
+    held = await store.kv_apply("p", "10.0.0.1:8000", ops, KvStreamStatus("c", "live", 0, seq=7))
+    stats = await redis_client.info("commandstats")
+    assert sum(int(v["calls"]) for name, v in stats.items() if name in ("cmdstat_evalsha", "cmdstat_eval")) == 1
+    assert held == 2
+    assert await store.kv_block_map("p", "10.0.0.1:8000") == {"e1": (first[0], b1), "e3": (other[0], b2)}
+    assert await redis_client.hexists(keys.prefix_block("p", b1, first[0]), "10.0.0.1:8000")
+    assert await redis_client.hexists(keys.prefix_block("p", b2, other[0]), "10.0.0.1:8000")
+    assert not await redis_client.hexists(keys.prefix_block("p", b1, first[1]), "10.0.0.1:8000")
+    assert (await store.kv_statuses("p"))["10.0.0.1:8000"].seq == 7
 
 
 async def test_speculative_entries_count_until_their_time_passes_and_events_stand_alone(shared_redis: Redis) -> None:
