@@ -4,10 +4,11 @@ Each owned endpoint of a pool indexed from engine events gets one `KvEventStream
 the engine's publisher, and a DEALER on its replay socket. The stream picks up where the index left
 off (the last sequence number applied and the endpoint's block names, both in Redis), so a collector
 that takes over a dead one's endpoints asks the replay buffer for what it missed and goes on without a
-gap. In order, every batch is one Redis call (`KvIndexStore.kv_apply`). A sequence number that skips
-ahead is asked again from the replay buffer; one that goes back to an earlier number with a different
-batch is a restarted engine, whose cache is empty: the endpoint's entries are dropped and rebuilt
-from the new engine's buffer. A message that does not decode is counted and skipped.
+gap. In order, every batch is one Redis call (`KvIndexStore.kv_apply`; a few in order on a cluster).
+A sequence number that skips ahead is asked again from the replay buffer; one that goes back to an
+earlier number with a different batch is a restarted engine, whose cache is empty: the endpoint's
+entries are dropped and rebuilt from the new engine's buffer. A message that does not decode is counted
+and skipped.
 """
 
 from __future__ import annotations
