@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis, RedisCluster
 
 from gateway_state import keys, scripts
-from gateway_state.placement_store import PlacementStore, holder_writes, split_member
+from gateway_state.placement_store import MAX_HOLDER_RUN, PlacementStore, holder_writes, split_member
 from gateway_state.records import KvStreamStatus, decode_kv_status, encode_kv_status
 from gateway_state.redis_state import RedisState
 from gateway_state.script_link import ScriptLink
@@ -39,14 +39,18 @@ KvOp = Stored | Removed | Cleared
 
 # The most holder writes (each of up to placement_store.MAX_HOLDER_RUN blocks) one call to a bucket carries.
 HOLDER_CALL = 8
+# On one Redis, a batch of at most this many blocks is one call; a larger one (a resync that drops every
+# block of an endpoint) goes in chunks as on a cluster, so no script holds Redis for long.
+ONE_CALL_BLOCKS = HOLDER_CALL * MAX_HOLDER_RUN
 
 
 class KvIndexStore(RedisState):
     """An endpoint's blocks as its engine names them live in the endpoint's map (keys.kv_blocks), their
-    holders in the pool's index buckets. On one Redis a batch is one call (scripts.KV_APPLY). On a cluster
-    it writes the holders first, then the map, then the stream's status (its sequence number): a collector
-    that dies between them leaves a status that names an earlier batch, and its successor applies the batch
-    again (every operation of it can be applied twice)."""
+    holders in the pool's index buckets. On one Redis a batch is one call (scripts.KV_APPLY). On a cluster,
+    and for a batch larger than ONE_CALL_BLOCKS, it writes the holders first, then the map, then the
+    stream's status (its sequence number): a collector that dies between them leaves a status that names
+    an earlier batch, and its successor applies the batch again (every operation of it can be applied
+    twice)."""
 
     def __init__(self, redis: Redis | RedisCluster, link: ScriptLink | None = None) -> None:
         super().__init__(redis, link)
@@ -69,7 +73,7 @@ class KvIndexStore(RedisState):
                 mapped += ["r", op.engine_hash, ""]
             else:
                 mapped += ["c", "", ""]
-        if self._apply is not None:
+        if self._apply is not None and len(changes) <= ONE_CALL_BLOCKS:
             holders = [a for args in holder_writes(endpoint, changes).values() for a in args]
             return int(await self._apply(keys=[keys.kv_blocks(pool, endpoint), keys.kv_streams(pool)], args=[
                 keys.pool_prefix(pool), endpoint, encode_kv_status(status), len(holders) // scripts.WRITE_ARGS,

@@ -24,7 +24,7 @@ from collector.kv_events import BlockRemoved, BlockStored, EndpointIndex, Undeco
 from collector.metrics import CollectorMetrics
 from gateway_state import keys
 from gateway_state.block_keys import engine_root, token_keys
-from gateway_state.kv_index_store import Removed, Stored
+from gateway_state.kv_index_store import ONE_CALL_BLOCKS, Removed, Stored
 from gateway_state.placement_store import SpeculativeWrite
 from gateway_state.records import Config, Endpoint, KvEvents, KvStreamStatus, Pool, Runtime
 from gateway_state.store import StateStore
@@ -306,6 +306,21 @@ async def test_on_one_redis_a_batch_is_one_call_that_writes_holders_map_and_stat
     assert await redis_client.hexists(keys.prefix_block("p", b2, other[0]), "10.0.0.1:8000")
     assert not await redis_client.hexists(keys.prefix_block("p", b1, first[1]), "10.0.0.1:8000")
     assert (await store.kv_statuses("p"))["10.0.0.1:8000"].seq == 7
+
+
+async def test_a_batch_too_large_for_one_call_goes_in_chunks_with_the_same_result(redis_client: Redis) -> None:
+    store = StateStore(redis_client)
+    n = ONE_CALL_BLOCKS + 40
+    blocks = token_keys(engine_root(None, None, SEED), list(range(16 * n)), 16, n, SEED)
+    bucket = keys.index_bucket(blocks[0])
+    await redis_client.config_resetstat()
+    held = await store.kv_apply("p", "10.0.0.1:8000", [Stored(f"e{i}", b, bucket) for i, b in enumerate(blocks)],
+                                KvStreamStatus("c", "live", 0, seq=3))
+    stats = await redis_client.info("commandstats")
+    assert sum(int(v["calls"]) for name, v in stats.items() if name in ("cmdstat_evalsha", "cmdstat_eval")) > 1
+    assert held == len(blocks) == n
+    assert await redis_client.hexists(keys.prefix_block("p", bucket, blocks[-1]), "10.0.0.1:8000")
+    assert (await store.kv_statuses("p"))["10.0.0.1:8000"].seq == 3
 
 
 async def test_speculative_entries_count_until_their_time_passes_and_events_stand_alone(shared_redis: Redis) -> None:
