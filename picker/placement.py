@@ -264,8 +264,11 @@ class Placement:
         if admitted is False:
             self.own.remove(pool, endpoint, plan.work_blocks, model, admission)
             return None
-        if own and not carried and admitted is not None:
-            for w in own:  # the batcher notes it in the fallback index too
+        if own and (admitted is None or not carried):
+            # The request goes to the endpoint either way, so the index must say so: after the admission, or
+            # on its own when the admission's answer was lost (it may have carried it: written twice is the
+            # same). The batcher notes it in the fallback index too.
+            for w in own:
                 self._writes.add(pool, w)
         elif own and self._fallback is not None:
             await self._fallback.write(pool, own)

@@ -46,10 +46,11 @@ class StateGuard:
         """No call failed a moment ago."""
         return time.monotonic() >= self._down_until
 
-    async def call(self, op: str, work: Awaitable[T], slack: float = 1.0) -> T | None:
+    async def call(self, op: str, work: Awaitable[T], slack: float = 1.0, in_backoff: bool = False) -> T | None:
         """`work`'s result, or None when it failed, missed its deadline (`slack` times the request path's),
-        or was not tried because a call failed a moment ago."""
-        if not self.usable:
+        or was not tried because a call failed a moment ago (unless `in_backoff`: work off the request path
+        that would be lost if not tried, such as an index write)."""
+        if not self.usable and not in_backoff:
             if asyncio.iscoroutine(work):
                 work.close()  # never awaited: no warning about it
             self._metrics.of(self._metrics.redis_fallbacks, self._prefix + op).inc()

@@ -62,13 +62,19 @@ class WriteBatcher:
             self._writing.discard(pool)
 
     async def _write_pending(self, pool: str) -> None:
+        """Tried even while the guard backs off (a request-path call missed its deadline a moment ago): a
+        write skipped is lost, and only one call per pool is under way. After a failed call the rest of
+        what gathered is noted in the fallback index alone."""
         try:
             while pending := self._pending.pop(pool, None):
+                failed = False
                 for batch in write_batches(pending):
                     indexed = [w for w in batch if isinstance(w, IndexWrite | SpeculativeWrite)]
                     if self._fallback is not None and indexed:
                         await self._fallback.write(pool, indexed)
-                    await self._guard.call("write", self._state.write(pool, batch), WRITE_SLACK)
+                    if not failed:
+                        failed = await self._guard.call("write", self._state.write(pool, batch), WRITE_SLACK,
+                                                        in_backoff=True) is None
         finally:
             self._writing.discard(pool)
 

@@ -165,6 +165,30 @@ async def test_without_the_state_it_places_from_its_own_figures_and_index() -> N
     assert p.own.figures("p") == {}
 
 
+async def test_a_prompt_placed_while_the_state_backs_off_still_reaches_the_shared_index() -> None:
+    """A lookup that misses its deadline makes the request path leave the state alone a moment (no
+    admission then); the request still goes to its endpoint, so its index write is tried all the same."""
+
+    class LateOnce(MemoryState):
+        late = True
+
+        async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
+                         speculative: bool = False) -> SharedView:
+            if self.late:
+                self.late = False
+                raise RedisConnectionError("no answer in time")
+            return await super().lookup(pool, block_hashes, leave_out)
+
+    state = LateOnce()
+    p, metrics = placement(state, MemoryState())
+    placed = await p.place(request(), {})
+    assert not placed.admitted_shared and metrics.redis_fallbacks.labels("admit")._value.get() == 1
+    await asyncio.sleep(0.05)  # the batcher's turn, well inside the back-off
+    await p.drain()
+    view = await state.lookup("p", request().block_hashes)
+    assert view.matched_blocks == {placed.chosen.endpoint.key: len(request().block_hashes)}
+
+
 async def test_a_request_cancelled_during_admission_leaves_no_count() -> None:
     gate = asyncio.Event()
 
