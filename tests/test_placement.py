@@ -1,5 +1,6 @@
-"""The placement part of the picker against the in-memory state: conflicts, a failing state,
-release accounting, and requests cancelled or cut off in the middle of their admission."""
+"""The placement part of the picker against the in-memory state (and a real Redis where it stalls):
+conflicts, a failing state, release accounting, and requests cancelled or cut off in the middle of their
+admission."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway_state.clock import FleetClock
 from gateway_state.placement_store import IndexWrite, ReleaseWrite, SharedView, Write
 from gateway_state.records import Config, Endpoint, LoadSample, Model, Pool, Strategy, TargetModel
+from gateway_state.store import StateStore
 from picker.candidates import pending_prefill, prefill_speeds
 from picker.intake import Intake, PlacementRequest
 from picker.metrics import PickerMetrics
@@ -165,27 +168,31 @@ async def test_without_the_state_it_places_from_its_own_figures_and_index() -> N
     assert p.own.figures("p") == {}
 
 
-async def test_a_prompt_placed_while_the_state_backs_off_still_reaches_the_shared_index() -> None:
-    """A lookup that misses its deadline makes the request path leave the state alone a moment (no
-    admission then); the request still goes to its endpoint, so its index write is tried all the same."""
-
-    class LateOnce(MemoryState):
-        late = True
-
-        async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
-                         speculative: bool = False) -> SharedView:
-            if self.late:
-                self.late = False
-                raise RedisConnectionError("no answer in time")
-            return await super().lookup(pool, block_hashes, leave_out)
-
-    state = LateOnce()
-    p, metrics = placement(state, MemoryState())
-    placed = await p.place(request(), {})
-    assert not placed.admitted_shared and metrics.redis_fallbacks.labels("admit")._value.get() == 1
-    await asyncio.sleep(0.05)  # the batcher's turn, well inside the back-off
-    await p.drain()
-    view = await state.lookup("p", request().block_hashes)
+async def test_a_prompt_placed_while_redis_stalls_still_reaches_the_shared_index(
+        shared_redis: Redis | RedisCluster) -> None:
+    """Redis answers nothing for 0.15 s: the lookup misses its deadline and the request path leaves the
+    state alone a moment (no admission then). The request still goes to its endpoint, so its index write
+    is tried all the same, off the path, and lands once Redis answers (on a cluster, where the write does
+    not ride on the admission, as on one Redis)."""
+    store = StateStore(shared_redis)
+    p, metrics = placement(store, MemoryState())
+    if isinstance(shared_redis, RedisCluster):
+        nodes = [Redis(host=n.host, port=n.port) for n in shared_redis.get_nodes()]
+    else:
+        kw = shared_redis.connection_pool.connection_kwargs
+        nodes = [Redis(host=kw["host"], port=kw["port"])]
+    try:
+        stall = asyncio.gather(*(n.execute_command("DEBUG", "SLEEP", "0.15") for n in nodes))
+        await asyncio.sleep(0.02)  # every node is asleep
+        placed = await p.place(request(), {})
+        assert not placed.admitted_shared and metrics.redis_fallbacks.labels("lookup")._value.get() == 1
+        await stall
+        await asyncio.sleep(0.05)
+        await p.drain()
+    finally:
+        for n in nodes:
+            await n.aclose()
+    view = await store.lookup("p", request().block_hashes)
     assert view.matched_blocks == {placed.chosen.endpoint.key: len(request().block_hashes)}
 
 
