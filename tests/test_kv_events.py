@@ -283,6 +283,12 @@ async def test_a_restarted_pod_drops_its_entries_and_a_replaced_collector_replay
         await live.stop()
 
 
+async def script_calls(redis: Redis) -> int:
+    """Scripts Redis ran since its counters were reset."""
+    stats = await redis.info("commandstats")
+    return sum(int(v["calls"]) for name, v in stats.items() if name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
 async def test_on_one_redis_a_batch_is_one_call_that_writes_holders_map_and_status(redis_client: Redis) -> None:
     """Blocks of two buckets stored, one removed: one script call on one Redis (a cluster takes one per slot),
     and what it leaves is what the calls in turn leave: holders, the engine's map, the stream's status."""
@@ -298,8 +304,7 @@ async def test_on_one_redis_a_batch_is_one_call_that_writes_holders_map_and_stat
     await store.kv_apply("p", "10.0.0.2:8000", [], KvStreamStatus("c", "live", 0))  # Redis now holds the script
     await redis_client.config_resetstat()
     held = await store.kv_apply("p", "10.0.0.1:8000", ops, KvStreamStatus("c", "live", 0, seq=7))
-    stats = await redis_client.info("commandstats")
-    assert sum(int(v["calls"]) for name, v in stats.items() if name in ("cmdstat_evalsha", "cmdstat_eval")) == 1
+    assert await script_calls(redis_client) == 1
     assert held == 2
     assert await store.kv_block_map("p", "10.0.0.1:8000") == {"e1": (first[0], b1), "e3": (other[0], b2)}
     assert await redis_client.hexists(keys.prefix_block("p", b1, first[0]), "10.0.0.1:8000")
@@ -316,8 +321,7 @@ async def test_a_batch_too_large_for_one_call_goes_in_chunks_with_the_same_resul
     await redis_client.config_resetstat()
     held = await store.kv_apply("p", "10.0.0.1:8000", [Stored(f"e{i}", b, bucket) for i, b in enumerate(blocks)],
                                 KvStreamStatus("c", "live", 0, seq=3))
-    stats = await redis_client.info("commandstats")
-    assert sum(int(v["calls"]) for name, v in stats.items() if name in ("cmdstat_evalsha", "cmdstat_eval")) > 1
+    assert await script_calls(redis_client) > 1
     assert held == len(blocks) == n
     assert await redis_client.hexists(keys.prefix_block("p", bucket, blocks[-1]), "10.0.0.1:8000")
     assert (await store.kv_statuses("p"))["10.0.0.1:8000"].seq == 3
