@@ -23,7 +23,7 @@ from gateway_state import keys
 from gateway_state.lifecycle import connect
 from gateway_state.records import decode_load
 from local_fleet.fleet import Fleet, FleetSettings
-from tests.client import QWEN
+from tests.client import QWEN, wait_for
 from tests.conftest import FIXTURES, free_port, relocated
 
 PORT = free_port()  # the test fleet's prefix listener, moved so both fleets can coexist
@@ -201,13 +201,23 @@ async def test_a_dead_pod_the_pickers_still_choose_costs_no_request(chaos_fleet:
     fleet = chaos_fleet
     collectors = [name for name in fleet.processes if name.startswith("collector-")]
     retries = "prefix-pool.upstream_rq_retry_success"
+    url = f"http://127.0.0.1:{PORT}/v1/chat/completions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        sent = 0
+
+        async def chosen_again() -> bool:  # the pod the test before restarted is a candidate again
+            nonlocal sent
+            sent += 1
+            warm = await chat_once(http, url, QWEN, Conversation(1, sent, f"warm-up {sent} " * 40, []), 2)
+            return warm.pod == "prefix-1"
+
+        await wait_for(chosen_again, 20.0)
     before = fleet.envoy_counter(retries)
     for name in collectors:
         fleet.processes[name].send_signal(signal.SIGSTOP)
     fleet.kill("pod-prefix-1")
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            url = f"http://127.0.0.1:{PORT}/v1/chat/completions"
             # Distinct prompts spread over the four pods by their prefix homes: a quarter go to the dead one.
             results = [await chat_once(http, url, QWEN, Conversation(0, i, f"conversation {i} " * 40, []), 2)
                        for i in range(40)]
