@@ -1,9 +1,11 @@
 """Figures for the gateway on this machine, measured in one run on one fleet:
 
 1. latency the picker route (:8080, Envoy + ext_proc picker) adds over the plain
-   route (:8081, Envoy round robin) to the same pods, at concurrency 1 and 16; last,
-   the same with the trivial ext_proc server (`benchmarks.extproc_floor`) in the
-   pickers' place: what any ext_proc server on Python's gRPC adds behind this Envoy;
+   route (:8081, Envoy round robin) to the same pods, at concurrency 1 and 16, with
+   the part of it the pickers time themselves at concurrency 1 (their decision, and
+   in it each Redis call: `picker_decision_seconds`, `picker_redis_call_seconds`);
+   last, the same with the trivial ext_proc server (`benchmarks.extproc_floor`) in
+   the pickers' place: what any ext_proc server on Python's gRPC adds behind this Envoy;
 2. picker decisions per second of one picker process, driven over gRPC directly, and
    beside it the same figures of the trivial ext_proc server (`benchmarks.extproc_floor`):
    what the transport alone costs, so the difference is what routing costs;
@@ -132,15 +134,46 @@ async def multi_turn_hit_rate(port: int, pods: list[str], conversations: int, tu
     return hit_rate(before, await prefix_counters(pods))
 
 
-async def route_latencies(requests: int) -> dict[str, Any]:
-    """Plain route against the ext_proc route, at concurrency 1 and 16, turn about."""
+# The pickers' own timings of a request (their /metrics histograms): the decision (the lookup, scheduling
+# and the admission) and each request-path Redis call in it.
+TIMED = {"decision": ("picker_decision_seconds", ""), "lookup": ("picker_redis_call_seconds", 'op="lookup"'),
+         "admit": ("picker_redis_call_seconds", 'op="admit"')}
+
+
+async def picker_timings(metrics_ports: list[int]) -> dict[str, tuple[float, float]]:
+    """Each TIMED histogram's count and sum of seconds, over every picker replica."""
+    out = {name: (0.0, 0.0) for name in TIMED}
+    async with aiohttp.ClientSession() as http:
+        for port in metrics_ports:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+            for name, (metric, label) in TIMED.items():
+                count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                            if line.startswith(metric + "_count") and label in line)
+                total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                            if line.startswith(metric + "_sum") and label in line)
+                out[name] = (out[name][0] + count, out[name][1] + total)
+    return out
+
+
+async def route_latencies(requests: int, metrics_ports: list[int] | None = None) -> dict[str, Any]:
+    """Plain route against the ext_proc route, at concurrency 1 and 16, turn about. With the pickers'
+    metrics ports, also where the picker's share of a request went at concurrency 1: its mean decision
+    and the mean of each Redis call in it, from the pickers' own histograms over that run."""
     await latencies(PICKED, 4, 200)  # warm connections and caches
     await latencies(PLAIN, 4, 200)
-    out = {}
+    out: dict[str, Any] = {}
     for concurrency in (1, 16):
         n = requests if concurrency == 16 else requests // 2
-        plain, picked = await latencies(PLAIN, concurrency, n), await latencies(PICKED, concurrency, n)
-        row = {}
+        plain = await latencies(PLAIN, concurrency, n)
+        before = await picker_timings(metrics_ports) if metrics_ports and concurrency == 1 else None
+        picked = await latencies(PICKED, concurrency, n)
+        if metrics_ports and before is not None:
+            after = await picker_timings(metrics_ports)
+            out["picker_mean_ms_at_concurrency_1"] = {
+                name: (after[name][1] - before[name][1]) / max(1.0, after[name][0] - before[name][0]) * 1000
+                for name in TIMED}
+        row: dict[str, Any] = {}
         for name, values in (("plain_8081", plain), ("picker_8080", picked)):
             row[name] = {"p50": percentile(values, 0.5) * 1000, "p99": percentile(values, 0.99) * 1000,
                          "req_per_s": len(values) / sum(values) * concurrency}
@@ -176,7 +209,7 @@ async def trivial_route_latencies(fleet: Fleet, requests: int) -> dict[str, Any]
 
 async def measure(fleet: Fleet, requests: int) -> dict[str, Any]:
     pods = list(fleet.pods())
-    result: dict[str, Any] = {"latency_ms": await route_latencies(requests)}
+    result: dict[str, Any] = {"latency_ms": await route_latencies(requests, list(fleet.settings.picker_metrics_ports))}
     address, pid = f"127.0.0.1:{fleet.settings.picker_ports[0]}", fleet.processes["picker-0"].pid
     port = free_port()
     floor = subprocess.Popen([sys.executable, "-m", "benchmarks.extproc_floor", "--port", str(port)])
@@ -225,6 +258,9 @@ def main() -> None:
                       + (f" {lat[c]['throughput_share']:10.2f}" if name == "picker_8080" else ""))
             print(f"{'added by ' + label:<26} {c.split('_')[1]:>4} {lat[c]['added_p50']:8.2f}"
                   f" {lat[c]['added_p99']:8.2f}")
+    timings = result["latency_ms"]["picker_mean_ms_at_concurrency_1"]
+    print("the picker's own at concurrency 1, mean ms: " + ", ".join(f"{k} {v:.3f}" for k, v in timings.items())
+          + " (the decision holds the two Redis calls)")
     print("\ngRPC direct            conc  decisions/s  CPU ms/decision  decisions per CPU-second")
     for c, r in result["picker_decisions"].items():
         f = result["extproc_floor"][c]

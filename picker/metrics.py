@@ -36,6 +36,10 @@ class PickerMetrics:
                                           "a part it cannot take): placed by load alone.", ["pool"], registry=r)
         self.inflight = Gauge("picker_inflight_requests", "Requests this replica routed that are still running.",
                               ["pool"], registry=r)
+        self.redis_call_seconds = Histogram("picker_redis_call_seconds",
+                                            "Redis calls the picker waited for, by operation (`lookup` and `admit` "
+                                            "on the request path), answered or not: the round trip as the event "
+                                            "loop saw it.", ["op"], buckets=_DECISION_BUCKETS, registry=r)
         self.redis_fallbacks = Counter("picker_redis_fallbacks",
                                        "Request-path Redis calls that failed or missed their deadline.", ["op"],
                                        registry=r)

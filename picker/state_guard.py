@@ -55,12 +55,16 @@ class StateGuard:
                 work.close()  # never awaited: no warning about it
             self._metrics.of(self._metrics.redis_fallbacks, self._prefix + op).inc()
             return None
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s * slack):
                 return await work
         except STATE_ERRORS as exc:
             self.failed(op, exc)
             return None
+        finally:
+            self._metrics.of(self._metrics.redis_call_seconds, self._prefix + op).observe(
+                time.perf_counter() - started)
 
     def failed(self, op: str, exc: BaseException) -> None:
         """A state call failed: count it, and leave the state alone a moment."""

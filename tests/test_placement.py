@@ -168,6 +168,23 @@ async def test_without_the_state_it_places_from_its_own_figures_and_index() -> N
     assert p.own.figures("p") == {}
 
 
+def observed(metrics: PickerMetrics, op: str) -> tuple[float, float]:
+    """How many calls of `op` the guard timed, and their total seconds."""
+    samples = {s.name: s.value for m in metrics.redis_call_seconds.collect() for s in m.samples
+               if s.labels.get("op") == op}
+    return samples.get("picker_redis_call_seconds_count", 0.0), samples.get("picker_redis_call_seconds_sum", 0.0)
+
+
+async def test_each_request_path_redis_call_is_timed(shared_redis: Redis | RedisCluster) -> None:
+    p, metrics = placement(StateStore(shared_redis))
+    for _ in range(3):
+        p.release(await p.place(request(), {}))
+    for op in ("lookup", "admit"):
+        count, seconds = observed(metrics, op)
+        assert count == 3 and 0 < seconds < 3 * 0.05  # answered, each within its deadline
+    await p.drain()
+
+
 async def test_a_prompt_placed_while_redis_stalls_still_reaches_the_shared_index(
         shared_redis: Redis | RedisCluster) -> None:
     """Redis answers nothing for 0.15 s: the lookup misses its deadline and the request path leaves the
@@ -186,6 +203,8 @@ async def test_a_prompt_placed_while_redis_stalls_still_reaches_the_shared_index
         await asyncio.sleep(0.02)  # every node is asleep
         placed = await p.place(request(), {})
         assert not placed.admitted_shared and metrics.redis_fallbacks.labels("lookup")._value.get() == 1
+        # The wait is on record: the whole deadline (50 ms), in the lookup's histogram.
+        assert observed(metrics, "lookup") == (1, pytest.approx(0.05, abs=0.04))
         await stall
         await asyncio.sleep(0.05)
         await p.drain()
