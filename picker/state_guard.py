@@ -3,8 +3,21 @@
 A state call that fails or misses its deadline never fails a request: the caller
 falls back to this replica's own figures. After a failure the guard leaves the
 state alone for a moment (`StateSettings.redis_backoff_ms`), so a stalled Redis
-collects no backlog of calls that all complete at once when it recovers. Work
-after a request (index writes, releases, leaving a queue) runs in tasks the
+collects no backlog of calls that all complete at once when it recovers.
+
+The deadline and the back-off are for a stalled Redis, not a busy one. At a
+burst's start every replica's lookups and admissions queue in Redis at once, and
+a replica's own requests keep its event loop busy, so calls take several times
+their usual round trip while Redis is well:
+- a reply is read by the same loop that runs every request, so an expiry that
+  comes late (the loop was busy) may find the reply waiting unread: the call gets
+  the time the loop ran late again, up to `LATE_LIMIT` times its deadline
+  (`Deadline`);
+- a call that misses its deadline while Redis answered another of this replica's
+  calls meanwhile falls back alone: the next calls still ask Redis. Only a miss
+  with no answer meanwhile, or an error, starts the back-off.
+
+Work after a request (index writes, releases, leaving a queue) runs in tasks the
 guard keeps referenced until they end, and waits for on shutdown.
 """
 
@@ -26,6 +39,34 @@ log = logging.getLogger("picker")
 # died (seen once in a full run: a client got a 500 where the pickers fall back to their own state).
 STATE_ERRORS = (RedisError, OSError, TimeoutError, RuntimeError)
 T = TypeVar("T")
+# How much longer than its deadline a call may wait while the event loop itself runs late.
+LATE_LIMIT = 5.0
+_TIMER_SLACK_S = 0.002  # what a timer may run late on an idle loop (libuv counts in milliseconds)
+
+
+class Deadline:
+    """Expires an `asyncio.timeout` scope `seconds` from now, up to `limit_s` in all: when the expiry runs late
+    (the loop was busy with other work, and the reply may be read in the same turn), the call waits that
+    lateness again."""
+
+    def __init__(self, scope: asyncio.Timeout, seconds: float, limit_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._scope = scope
+        now = self._loop.time()
+        self._due, self._limit = now + seconds, now + limit_s
+        self._handle = self._loop.call_at(self._due, self._expire)
+
+    def _expire(self) -> None:
+        now = self._loop.time()
+        late = now - self._due
+        if late > _TIMER_SLACK_S and now < self._limit:
+            self._due = min(now + late, self._limit)
+            self._handle = self._loop.call_at(self._due, self._expire)
+        else:
+            self._scope.reschedule(now)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class StateGuard:
@@ -39,6 +80,7 @@ class StateGuard:
         self._backoff_s = backoff_ms / 1000
         self._prefix = label_prefix
         self._down_until = 0.0  # monotonic; before it, the state is not asked
+        self._answered = 0.0  # perf_counter: when a call last had its answer
         self._background: set[asyncio.Task[object]] = set()
 
     @property
@@ -57,20 +99,29 @@ class StateGuard:
             return None
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_s * slack):
-                return await work
+            async with asyncio.timeout(None) as scope:
+                deadline = Deadline(scope, self._timeout_s * slack, self._timeout_s * slack * LATE_LIMIT)
+                try:
+                    result = await work
+                finally:
+                    deadline.cancel()
+            self._answered = time.perf_counter()
+            return result
         except STATE_ERRORS as exc:
-            self.failed(op, exc)
+            # Redis answered another call while this one waited: it is busy (a burst), not stalled, so only
+            # this call falls back, and the next ones still ask it.
+            self.failed(op, exc, busy=isinstance(exc, TimeoutError) and self._answered > started)
             return None
         finally:
             self._metrics.of(self._metrics.redis_call_seconds, self._prefix + op).observe(
                 time.perf_counter() - started)
 
-    def failed(self, op: str, exc: BaseException) -> None:
-        """A state call failed: count it, and leave the state alone a moment."""
+    def failed(self, op: str, exc: BaseException, busy: bool = False) -> None:
+        """A state call failed: count it, and leave the state alone a moment (unless it is `busy`: it
+        answers other calls)."""
         self._metrics.of(self._metrics.redis_fallbacks, self._prefix + op).inc()
         now = time.monotonic()
-        if now >= self._down_until:
+        if not busy and now >= self._down_until:
             self._down_until = now + self._backoff_s
             log.log(self._log_level, "state %s%s failed, using this replica's own figures for %d ms: %s",
                     self._prefix, op, self._backoff_s * 1000, exc)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
+import uvloop
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -183,6 +185,59 @@ async def test_each_request_path_redis_call_is_timed(shared_redis: Redis | Redis
         count, seconds = observed(metrics, op)
         assert count == 3 and 0 < seconds < 3 * 0.05  # answered, each within its deadline
     await p.drain()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_loop_busy_past_the_deadline_is_not_taken_for_a_stalled_redis(
+        shared_redis: Redis | RedisCluster, loop_kind: str) -> None:
+    """A burst's start: Redis answers at once, but other requests' work keeps the event loop busy for twice
+    the deadline (50 ms), so the reply is read late. The call gets the loop's lateness back: the request is
+    admitted through the state, and the state stays in use for the next one (no back-off)."""
+    if isinstance(shared_redis, RedisCluster):
+        url = f"redis://{shared_redis.get_default_node().host}:{shared_redis.get_default_node().port}"
+        connect = lambda: RedisCluster.from_url(url)  # noqa: E731
+    else:
+        kw = shared_redis.connection_pool.connection_kwargs
+        connect = lambda: Redis(host=kw["host"], port=kw["port"])  # noqa: E731
+
+    async def burst() -> tuple[bool, bool, float]:
+        client = connect()
+        try:
+            p, metrics = placement(StateStore(client))
+            p.release(await p.place(request(), {}))  # connected
+
+            async def other_requests() -> None:
+                await asyncio.sleep(0)  # once the lookup is on its way
+                time.sleep(0.1)
+
+            busy = asyncio.create_task(other_requests())
+            first = await p.place(request(), {})
+            await busy
+            second = await p.place(request(), {})
+            await p.drain()
+            return first.admitted_shared, second.admitted_shared, fallbacks(metrics)
+        finally:
+            await client.aclose()
+
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop if loop_kind == "uvloop" else None)
+    with runner:
+        assert runner.run(burst()) == (True, True, 0)
+
+
+def fallbacks(metrics: PickerMetrics) -> float:
+    return sum(child._value.get() for child in metrics.redis_fallbacks._metrics.values())
+
+
+async def test_a_call_past_its_deadline_while_redis_answers_others_leaves_the_state_in_use(
+        shared_redis: Redis | RedisCluster) -> None:
+    """Redis keeps one call waiting past its 50 ms deadline (a BLPOP of 0.3 s) while it answers another: it is
+    busy, not stalled, so only that call falls back. A call missed with no other answer meanwhile backs off."""
+    guard = StateGuard(PickerMetrics(), 50, 250)
+    missed, answered = await asyncio.gather(guard.call("lookup", shared_redis.blpop(["nothing-comes"], 0.3)),
+                                            guard.call("admit", shared_redis.ping()))
+    assert missed is None and answered is True and guard.usable
+    assert await guard.call("lookup", shared_redis.blpop(["nothing-comes"], 0.3)) is None
+    assert not guard.usable
 
 
 async def test_a_prompt_placed_while_redis_stalls_still_reaches_the_shared_index(
