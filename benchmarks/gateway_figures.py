@@ -147,11 +147,11 @@ async def picker_timings(metrics_ports: list[int]) -> dict[str, tuple[float, flo
         for port in metrics_ports:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
                 text = await r.text()
+            lines = text.splitlines()
             for name, (metric, label) in TIMED.items():
-                count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                            if line.startswith(metric + "_count") and label in line)
-                total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                            if line.startswith(metric + "_sum") and label in line)
+                count, total = (sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                                    if line.startswith(metric + suffix) and label in line)
+                                for suffix in ("_count", "_sum"))
                 out[name] = (out[name][0] + count, out[name][1] + total)
     return out
 
