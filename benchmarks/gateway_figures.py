@@ -37,6 +37,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.driver import hit_rate, prefix_counters
 from local_fleet.fleet import Fleet, FleetSettings
@@ -135,23 +136,21 @@ async def multi_turn_hit_rate(port: int, pods: list[str], conversations: int, tu
 
 
 # The pickers' own timings of a request (their /metrics histograms): the decision (the lookup, scheduling
-# and the admission) and each request-path Redis call in it.
-TIMED = {"decision": ("picker_decision_seconds", ""), "lookup": ("picker_redis_call_seconds", 'op="lookup"'),
-         "admit": ("picker_redis_call_seconds", 'op="admit"')}
+# and the admission) and each request-path Redis call in it, by histogram and the labels to match.
+TIMED = {"decision": ("picker_decision_seconds", {}), "lookup": ("picker_redis_call_seconds", {"op": "lookup"}),
+         "admit": ("picker_redis_call_seconds", {"op": "admit"})}
 
 
 async def picker_timings(metrics_ports: list[int]) -> dict[str, tuple[float, float]]:
     """Each TIMED histogram's count and sum of seconds, over every picker replica."""
-    out = {name: (0.0, 0.0) for name in TIMED}
+    out = dict.fromkeys(TIMED, (0.0, 0.0))
     async with aiohttp.ClientSession() as http:
         for port in metrics_ports:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
-                text = await r.text()
-            lines = text.splitlines()
-            for name, (metric, label) in TIMED.items():
-                count, total = (sum(float(line.rsplit(" ", 1)[1]) for line in lines
-                                    if line.startswith(metric + suffix) and label in line)
-                                for suffix in ("_count", "_sum"))
+                samples = [s for f in text_string_to_metric_families(await r.text()) for s in f.samples]
+            for name, (metric, labels) in TIMED.items():
+                count, total = (sum(s.value for s in samples if s.name == metric + suffix
+                                    and labels.items() <= s.labels.items()) for suffix in ("_count", "_sum"))
                 out[name] = (out[name][0] + count, out[name][1] + total)
     return out
 

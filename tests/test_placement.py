@@ -177,6 +177,10 @@ def observed(metrics: PickerMetrics, op: str) -> tuple[float, float]:
     return samples.get("picker_redis_call_seconds_count", 0.0), samples.get("picker_redis_call_seconds_sum", 0.0)
 
 
+def fallbacks(metrics: PickerMetrics) -> float:
+    return sum(child._value.get() for child in metrics.redis_fallbacks._metrics.values())
+
+
 async def test_each_request_path_redis_call_is_timed(shared_redis: Redis | RedisCluster) -> None:
     p, metrics = placement(StateStore(shared_redis))
     for _ in range(3):
@@ -222,10 +226,6 @@ def test_a_loop_busy_past_the_deadline_is_not_taken_for_a_stalled_redis(
     runner = asyncio.Runner(loop_factory=uvloop.new_event_loop if loop_kind == "uvloop" else None)
     with runner:
         assert runner.run(burst()) == (True, True, 0)
-
-
-def fallbacks(metrics: PickerMetrics) -> float:
-    return sum(child._value.get() for child in metrics.redis_fallbacks._metrics.values())
 
 
 async def test_a_call_past_its_deadline_while_redis_answers_others_leaves_the_state_in_use(
