@@ -136,9 +136,7 @@ class Collector:
             self._kv.observe(name, samples)
             good = [s.scraped_at_ms for s in samples.values() if s.scraped_at_ms > 0]
             self._metrics.sample_age.labels(name).set(max(0, now_ms - min(good)) / 1000 if good else 0)
-            # A counter that fell means a new process: the KV cache the index describes is gone.
-            restarted = [key for key, s in samples.items()
-                         if s.ok and key in before and s.prompt_tokens < before[key].prompt_tokens]
+            restarted = [key for key, s in samples.items() if key in before and s.restarted_since(before[key])]
             try:
                 await self._store.write_load(name, samples)
                 for key in restarted:

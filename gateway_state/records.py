@@ -220,6 +220,11 @@ class LoadSample:
     consecutive_failures: int = 0
     error: str = ""
 
+    def restarted_since(self, before: LoadSample) -> bool:
+        """The server is a new process since `before`: its prefill-token counter fell, so the KV cache
+        the prefix index describes is gone."""
+        return self.ok and self.prompt_tokens < before.prompt_tokens
+
 
 @dataclass(frozen=True)
 class KvStreamStatus:

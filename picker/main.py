@@ -181,12 +181,14 @@ def build(settings: PickerSettings) -> Picker:
     store = StateStore(redis, ScriptLink.for_client(redis))
     metrics = PickerMetrics()
     clock = FleetClock()
-    snapshots = SnapshotSource(store, settings.state, clock, metrics)
     rng = random.Random()
     # Redis mode: the shared state, and this replica's own index for while Redis cannot answer.
     # Local mode (the upstream baseline): this replica's memory is the whole state.
-    state: PlacementState = store if settings.state.mode == "redis" else MemoryState()
-    fallback = MemoryState() if settings.state.mode == "redis" else None
+    memory = MemoryState()
+    state: PlacementState = store if settings.state.mode == "redis" else memory
+    fallback = memory if settings.state.mode == "redis" else None
+    # A restarted server's cache is empty: the collectors forget it in Redis's index, the picker in its own.
+    snapshots = SnapshotSource(store, settings.state, clock, metrics, memory.forget_endpoint)
     state_settings = settings.state
     guard = StateGuard(metrics, state_settings.redis_timeout_ms, state_settings.redis_backoff_ms)
     placement = Placement(state, fallback, Scheduler(build_profiles(settings.scheduling, rng)), settings, metrics,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
@@ -37,8 +38,11 @@ class Snapshot:
 
 class SnapshotSource:
     def __init__(self, store: StateStore, settings: StateSettings, clock: FleetClock,
-                 metrics: PickerMetrics | None = None) -> None:
+                 metrics: PickerMetrics | None = None,
+                 on_restart: Callable[[str, str], None] | None = None) -> None:
+        """`on_restart(pool, endpoint)`: called when a sample shows the endpoint's server restarted."""
         self._store = store
+        self._on_restart = on_restart
         self._clock = clock
         self._metrics = metrics
         self._clock_read_at = -CLOCK_REFRESH_S
@@ -85,6 +89,10 @@ class SnapshotSource:
             members = {e.key for e in config.pools[pool].endpoints} if config and pool in config.pools else set()
             previous = self.current.load.get(pool, {})
             merged[pool] = {e: s for e, s in {**previous, **samples}.items() if e in members}
+            if self._on_restart is not None:
+                for e, s in samples.items():
+                    if e in previous and s.restarted_since(previous[e]):
+                        self._on_restart(pool, e)
         events = {pool: PoolEvents.of(streams, merged.get(pool, {})) for pool, streams in reply.kv_streams.items()}
         self.current = Snapshot(config, merged, reply.drained, reply.queued, events)
 

@@ -217,6 +217,17 @@ class MemoryState:
                     del holders[h]
         return evicted
 
+    def forget_endpoint(self, pool: str, endpoint: str) -> None:
+        """The endpoint's server restarted: it holds none of the blocks the index noted for it."""
+        lru = self._lru.pop((pool, endpoint), None)
+        holders = self._holders.get(pool, {})
+        for h in lru or ():
+            endpoints = holders.get(h)
+            if endpoints is not None:
+                endpoints.discard(endpoint)
+                if not endpoints:
+                    del holders[h]
+
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0, model: str = "") -> None:
         _uncount(self._figures.get(pool, {}).get(replica), endpoint, work_blocks, model)
 
