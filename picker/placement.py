@@ -5,8 +5,10 @@ plan; `place` does both, once more if another replica took the endpoint in
 between. This replica's own in-flight figures (`OwnRequests`) are the truth:
 they change at once and synchronously, so a cancelled request never leaves a
 count behind, and every heartbeat publishes them whole to the state. A state
-call that fails or misses its deadline falls back to those figures and to the
-replica's own prefix index; nothing fails because Redis is slow or gone.
+call that fails or misses its deadline falls back to those figures, the other
+replicas' as the pool's last answered lookup read them (up to `recent_view_ms`
+old), and the replica's own prefix index; nothing fails because Redis is slow or
+gone.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from picker.roles import Role, RoleRequest
 from picker.saturation import estimated_waiting, free_slots, has_room
 from picker.scheduler import Decision, Scheduler, Trace
 from picker.settings import PickerSettings
-from picker.state import MemoryState, OwnRequests, PlacementState
+from picker.state import RECENT_ADMISSIONS, MemoryState, OwnRequests, PlacementState
 from picker.state_guard import STATE_ERRORS, StateGuard
 from picker.writes import WriteBatcher
 
@@ -56,6 +58,15 @@ class Plan:
     @property
     def chosen(self) -> Candidate:
         return self.decision.endpoints[0]
+
+
+@dataclass(frozen=True)
+class AnsweredLookup:
+    """The other replicas' figures as the pool's last answered lookup read them."""
+
+    view: SharedView
+    mark: int  # this replica's admissions up to here were in them (OwnRequests.mark)
+    at: float  # monotonic s
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,7 @@ class Placement:
         self._writes = writes
         self._me = settings.server.replica_id
         self.own = OwnRequests()
+        self._answered: dict[str, AnsweredLookup] = {}  # pool -> its last answered lookup
 
     async def place_roles(self, roles: list[RoleRequest], load: dict[str, dict[str, LoadSample]],
                           drained: dict[str, frozenset[str]], gate: bool = False,
@@ -191,9 +203,7 @@ class Placement:
                    profile: str | None = None, released: bool = False) -> Plan:
         """The decision the state supports now; reads only (so it also explains decisions)."""
         pool = request.pool
-        mark = self.own.mark()
-        others = await self._guard.call("lookup", self._state.lookup(pool.name, request.block_hashes, self._me,
-                                                                     request.speculative))
+        others, mark = await self._lookup(pool.name, request.block_hashes, request.speculative)
         # Read after the await: decisions this replica made meanwhile must count.
         own = self.own.figures(pool.name)
         (own_requests, own_work), own_models = split_figures(own), model_figures(own)
@@ -221,15 +231,35 @@ class Placement:
         return Plan(request, decision, max(0, scheduling.work_blocks - chosen.matched_blocks), seen,
                     not any(c.room for c in candidates if not c.draining))
 
+    async def _lookup(self, pool: str, block_hashes: list[str], speculative: bool = False) \
+            -> tuple[SharedView | None, int]:
+        """The other replicas' figures and the prompt's holders, with the mark of this replica's admissions
+        they hold. When the state does not answer, the last answered lookup of the pool stands in, up to
+        `recent_view_ms` old (its ages moved on, the holders from this replica's own index); older, None."""
+        mark = self.own.mark()
+        others = await self._guard.call("lookup", self._state.lookup(pool, block_hashes, self._me, speculative))
+        now = time.monotonic()
+        if others is not None:
+            self._answered[pool] = AnsweredLookup(others, mark, now)
+            return others, mark
+        last = self._answered.get(pool)
+        if last is None or (now - last.at) * 1000 > self._settings.state.recent_view_ms \
+                or self.own.mark() - last.mark > RECENT_ADMISSIONS:  # own work since then no longer known
+            return None, mark
+        aged = int((now - last.at) * 1000)
+        matched = self._fallback.matched(pool, block_hashes) if self._fallback else {}
+        return replace(last.view, matched_blocks=matched, prefill_backlog={
+            e: (blocks, age + aged) for e, (blocks, age) in last.view.prefill_backlog.items()}), last.mark
+
     async def room(self, pool: Pool, samples: dict[str, LoadSample], drained: frozenset[str] = frozenset()) -> int:
         """How many waiting requests the pool can take now by flow control's release rule (saturation.free_slots),
-        over every replica's in-flight requests (this replica's own alone while the state cannot answer)."""
+        over every replica's in-flight requests (as `_lookup` has them while the state cannot answer)."""
         return sum(r.free_slots for r in (await self.room_by_endpoint(pool, samples, drained)).values())
 
     async def room_by_endpoint(self, pool: Pool, samples: dict[str, LoadSample],
                                drained: frozenset[str] = frozenset()) -> dict[str, EndpointRoom]:
         """Flow control's view of each serving endpoint (neither drained nor failing its scrapes)."""
-        others = await self._guard.call("lookup", self._state.lookup(pool.name, [], self._me))
+        others, _ = await self._lookup(pool.name, [])
         own = split_figures(self.own.figures(pool.name))[0]
         inflight = dict(Counter(others.inflight) + Counter(own)) if others is not None else own
         now_ms, unknown = self._clock.now_ms(), self._settings.flow.unknown_endpoint_room

@@ -50,6 +50,11 @@ class StateSettings:
     # (the heartbeat keeps probing): a stalled Redis then collects no backlog of calls that
     # all complete at once when it recovers and stall the replica's event loop.
     redis_backoff_ms: int = 250
+    # A lookup that fails or misses its deadline reads the other replicas' in-flight figures from the
+    # last lookup of the pool that was answered, up to this old, rather than seeing none of them:
+    # requests run for seconds, so a second-old count is still close, and a replica falling back in a
+    # burst keeps steering clear of the endpoints the others just filled.
+    recent_view_ms: int = 1000
     # A load sample older than this is unknown, not trusted (ten missed scrapes).
     max_sample_age_ms: int = 1000
     # A replica's in-flight counts stop counting this long after it stops renewing them.
@@ -187,7 +192,8 @@ class PickerSettings:
             raise ValueError("server.replica_id must be set")
         if st.mode not in ("redis", "local"):
             raise ValueError("state.mode must be redis or local")
-        if min(st.redis_timeout_ms, st.snapshot_refresh_ms, st.heartbeat_interval_ms) <= 0 or st.redis_backoff_ms < 0:
+        if min(st.redis_timeout_ms, st.snapshot_refresh_ms, st.heartbeat_interval_ms) <= 0 \
+                or min(st.redis_backoff_ms, st.recent_view_ms) < 0:
             raise ValueError("state durations must be positive")
         if st.inflight_lease_ms < 2 * st.heartbeat_interval_ms:
             raise ValueError("state.inflight_lease_ms must cover at least two heartbeats")

@@ -8,7 +8,8 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import pytest
@@ -240,6 +241,25 @@ async def test_a_call_past_its_deadline_while_redis_answers_others_leaves_the_st
     assert not guard.usable
 
 
+@asynccontextmanager
+async def asleep(shared_redis: Redis | RedisCluster, seconds: float) -> AsyncIterator[None]:
+    """Every node of `shared_redis` answers nothing for `seconds` from the block's start; the block's end
+    waits until they answer again."""
+    if isinstance(shared_redis, RedisCluster):
+        nodes = [Redis(host=n.host, port=n.port) for n in shared_redis.get_nodes()]
+    else:
+        kw = shared_redis.connection_pool.connection_kwargs
+        nodes = [Redis(host=kw["host"], port=kw["port"])]
+    try:
+        stall = asyncio.gather(*(n.execute_command("DEBUG", "SLEEP", str(seconds)) for n in nodes))
+        await asyncio.sleep(0.02)  # every node is asleep
+        yield
+        await stall
+    finally:
+        for n in nodes:
+            await n.aclose()
+
+
 async def test_a_prompt_placed_while_redis_stalls_still_reaches_the_shared_index(
         shared_redis: Redis | RedisCluster) -> None:
     """Redis answers nothing for 0.15 s: the lookup misses its deadline and the request path leaves the
@@ -248,26 +268,38 @@ async def test_a_prompt_placed_while_redis_stalls_still_reaches_the_shared_index
     not ride on the admission, as on one Redis)."""
     store = StateStore(shared_redis)
     p, metrics = placement(store, MemoryState())
-    if isinstance(shared_redis, RedisCluster):
-        nodes = [Redis(host=n.host, port=n.port) for n in shared_redis.get_nodes()]
-    else:
-        kw = shared_redis.connection_pool.connection_kwargs
-        nodes = [Redis(host=kw["host"], port=kw["port"])]
-    try:
-        stall = asyncio.gather(*(n.execute_command("DEBUG", "SLEEP", "0.15") for n in nodes))
-        await asyncio.sleep(0.02)  # every node is asleep
+    async with asleep(shared_redis, 0.15):
         placed = await p.place(request(), {})
         assert not placed.admitted_shared and metrics.redis_fallbacks.labels("lookup")._value.get() == 1
         # The wait is on record: the whole deadline (50 ms), in the lookup's histogram.
         assert observed(metrics, "lookup") == (1, pytest.approx(0.05, abs=0.04))
-        await stall
-        await asyncio.sleep(0.05)
-        await p.drain()
-    finally:
-        for n in nodes:
-            await n.aclose()
+    await asyncio.sleep(0.05)
+    await p.drain()
     view = await store.lookup("p", request().block_hashes)
     assert view.matched_blocks == {placed.chosen.endpoint.key: len(request().block_hashes)}
+
+
+async def test_a_lookup_left_unanswered_reads_the_others_figures_of_the_last_answered_one(
+        shared_redis: Redis | RedisCluster) -> None:
+    """Redis answers nothing for 0.4 s. A lookup that misses its deadline reads the other replicas' figures
+    from the pool's last answered lookup while that is at most `recent_view_ms` (150 ms) old, so this replica
+    keeps off the endpoints the others just took; older, it has only its own figures."""
+    store = StateStore(shared_redis)
+    me, metrics = placement(store, MemoryState(), replace(SETTINGS, state=replace(SETTINGS.state, recent_view_ms=150)))
+    mine = request("mine " * 30)
+    alone = (await placement(MemoryState())[0].plan(mine, {})).chosen.endpoint.key  # seeing only its own figures
+    # Another replica has three requests in flight at three endpoints (more than the prompt's home is worth),
+    # the one chosen alone among them.
+    free = next(e.key for e in ENDPOINTS if e.key != alone)
+    for e in [e for e in ENDPOINTS if e.key != free] * 3:
+        assert await store.admit("p", "other", e.key, 5_000)
+    assert (await me.plan(mine, {})).chosen.endpoint.key == free  # answered: the other's requests in view
+    async with asleep(shared_redis, 0.4):
+        assert (await me.plan(mine, {})).chosen.endpoint.key == free
+        assert metrics.redis_fallbacks.labels("lookup")._value.get() == 1
+        await asyncio.sleep(0.2)  # the last answered lookup is past 150 ms old now
+        assert (await me.plan(mine, {})).chosen.endpoint.key == alone
+        assert metrics.redis_fallbacks.labels("lookup")._value.get() == 2
 
 
 async def test_a_request_cancelled_during_admission_leaves_no_count() -> None:
