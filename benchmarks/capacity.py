@@ -45,7 +45,7 @@ from redis.asyncio import Redis
 from benchmarks.gateway_figures import cpu_seconds
 from gateway_state.keys import index_bucket
 from gateway_state.kv_index_store import Removed, Stored
-from gateway_state.placement_store import SpeculativeWrite
+from gateway_state.placement_store import Option, SpeculativeWrite
 from gateway_state.protocol import DESTINATION_HEADER
 from gateway_state.records import Config, Endpoint, KvStreamStatus, Pool
 from gateway_state.store import StateStore
@@ -295,7 +295,7 @@ async def per_script(redis: Redis, pid: int, calls: int, pods: int) -> dict[str,
     key = endpoints[3].key
     await run("lookup (32 blocks, 3 holders)", lambda n: store.lookup(POOL, prompt, "picker-a"))
     # With uncached blocks at a measured speed: the endpoint's prefill backlog is drained and added to.
-    await run("admit", lambda n: store.admit(POOL, "picker-a", key, 60_000, 4, -1, MODEL, 2500.0))
+    await run("admit", lambda n: store.admit(POOL, "picker-a", [Option(key, 4, blocks_per_s=2500.0)], 60_000, MODEL))
     await run("release", lambda n: store.release(POOL, "picker-a", key, 4, MODEL))
     await run("index (32 blocks)", lambda n: store.index(POOL, key, prompt, 600_000, 29_000))
     # What a decision writes now: a prompt the endpoint held (its recency young), and one grown by a turn.

@@ -72,6 +72,46 @@ class ReleaseWrite:
 
 Write = IndexWrite | SpeculativeWrite | ReleaseWrite  # what follows a decision, off the request path (scripts.WRITES)
 
+
+@dataclass(frozen=True)
+class Option:
+    """An endpoint an admission may take, as the decision saw it."""
+
+    endpoint: str
+    work_blocks: int = 0  # the prompt's uncached blocks there
+    seen: int = -1  # the other replicas' requests there in the decision's view; -1 unknown (nothing re-weighed)
+    seen_work: int = 0  # and their uncached prompt blocks
+    score: float = 0.0  # its total in the decision
+    blocks_per_s: float = 0.0  # its prefill speed in blocks per second; 0 unknown
+
+
+@dataclass(frozen=True)
+class Weighing:
+    """How an admission re-weighs its options on the other replicas' figures of that instant (scripts.ADMIT):
+    the first within `margin` of the best is admitted, none if the best fell below `floor`. The default is
+    the plain check of one option: refused when the others' requests there passed what the decision saw."""
+
+    per_request: float = 1.0
+    per_block: float = 0.0
+    margin: float = 0.0
+    floor: float = 0.0
+
+
+PLAIN_CHECK = Weighing()
+NEVER_REFUSED = -1e9  # a floor no re-weighed score falls below
+
+
+def weigh(options: Sequence[Option], weighing: Weighing, requests: Mapping[str, int],
+          work: Mapping[str, int]) -> int:
+    """scripts.ADMIT's choice among `options` given the other replicas' `requests` and uncached `work` per
+    endpoint now: the admitted option's place from 1, or 0 for none."""
+    scores = [o.score if o.seen < 0 else o.score - weighing.per_request * (requests.get(o.endpoint, 0) - o.seen)
+              - weighing.per_block * max(0, work.get(o.endpoint, 0) - o.seen_work) for o in options]
+    best = max(scores)
+    if best < weighing.floor:
+        return 0
+    return next(i for i, score in enumerate(scores, start=1) if score >= best - weighing.margin)
+
 WORK_SUFFIX = "|work"  # in-flight hash field of an endpoint's uncached prompt blocks
 MODEL_SEPARATOR = "@"  # in-flight hash field "endpoint@model": the requests for that model there
 
@@ -191,27 +231,31 @@ class PlacementStore(RedisState):
                           {backlog[i].decode(): (float(backlog[i + 1]), int(backlog[i + 2]))
                            for i in range(0, len(backlog), 3)})
 
-    async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0,
-                    before: Sequence[Write] = (), after: Sequence[Write] = ()) -> bool:
-        """Count a request (and its `work_blocks` of uncached prompt, and one for its `model`) in flight at `endpoint`,
-        and add its blocks to the endpoint's prefill backlog, drained at `prefill_blocks_per_s` (0: unknown).
-        The writes `before` are applied whatever happens, and `after` only if it is admitted: in the same round
-        trip, but for a cluster's index writes (sent beside it, or after it).
+    async def admit(self, pool: str, replica: str, options: Sequence[Option], lease_ms: int, model: str = "",
+                    weighing: Weighing = PLAIN_CHECK, before: Sequence[Write] = (),
+                    after: Sequence[Write] = ()) -> int:
+        """Count a request (and its uncached prompt blocks, and one for its `model`) in flight at one of the
+        `options`, as `weighing` picks it on the figures there now (scripts.ADMIT), and add its blocks to that
+        endpoint's prefill backlog, drained at the option's speed. The writes `before` are applied whatever
+        happens, and `after` (written for the first option) only if the first option is admitted: in the same
+        round trip, but for a cluster's index writes (sent beside it, or after it).
 
-        False, with nothing of its own written, when `others_seen` (0 or more) is below the other
-        replicas' requests there now: one of them chose the endpoint since the caller's lookup.
+        Returns the admitted option's place, from 1; 0, with nothing of its own written, when none was.
         """
-        head: list[str | int] = [keys.pool_prefix(pool), replica, endpoint, lease_ms, work_blocks, others_seen, model,
-                f"{prefill_blocks_per_s:.3f}"]
+        head: list[str | int] = [keys.pool_prefix(pool), replica, lease_ms, model, len(options),
+                                 repr(weighing.per_request), repr(weighing.per_block), repr(weighing.margin),
+                                 repr(weighing.floor)]
+        opts: list[str | int] = []
+        for o in options:
+            opts += [o.endpoint, o.work_blocks, o.seen, o.seen_work, repr(o.score), f"{o.blocks_per_s:.3f}"]
         if self.index_rides_admission:
-            return bool(await self._admit(keys=[keys.pickers(pool)], args=[
-                *head, len(before), *_write_args(before), *_write_args(after)]))
+            return int(await self._admit(keys=[keys.pickers(pool)], args=[
+                *head, len(before), *opts, *_write_args(before), *_write_args(after)]))
         releases = [w for w in before if isinstance(w, ReleaseWrite)]
         indexed = [w for w in before if not isinstance(w, ReleaseWrite)]
-        admit = self._admit(keys=[keys.pickers(pool)], args=[*head, len(releases), *_write_args(releases)])
-        admitted = bool((await asyncio.gather(admit, self.write(pool, indexed)))[0] if indexed else await admit)
-        if admitted and after:
+        admit = self._admit(keys=[keys.pickers(pool)], args=[*head, len(releases), *opts, *_write_args(releases)])
+        admitted = int((await asyncio.gather(admit, self.write(pool, indexed)))[0] if indexed else await admit)
+        if admitted == 1 and after:
             await self.write(pool, after)
         return admitted
 

@@ -282,45 +282,80 @@ local evicted, results = apply(2, #ARGV)
 return {evicted, results}
 """
 
-# KEYS[1] = pickers zset. ARGV = pool prefix, replica, endpoint, lease_ms,
-# uncached prompt blocks, others seen (-1: no check), model ("" for none), the
-# endpoint's prefill speed in blocks per second (0: unknown), how many writes
-# come first, then writes (_WRITE_OPS): first those that gathered since the
-# replica's last call (releases, say), applied whatever happens, then the
-# decision's own (its prompt's blocks), applied only if it is admitted. On a
-# cluster the writes are those of the pool's slot alone (releases). Counts one
-# request, its uncached prompt blocks and one for its model ("<endpoint>@<model>") in
-# flight at the endpoint, in the replica's record and the pool's total, and adds the
-# blocks to the endpoint's prefill backlog
-# (the "prefill" hash: "blocks|ms"), first draining what the endpoint computed since
+# KEYS[1] = pickers zset. ARGV = pool prefix, replica, lease_ms, model ("" for
+# none), how many options, the re-weighing (per request, per uncached block, tie
+# margin, floor), how many writes come first, then the options (ADMIT_OPTION_ARGS
+# each: endpoint, its uncached prompt blocks, the others' requests and their
+# uncached blocks there in the caller's view (-1: unknown, no re-weighing), its
+# total score in the decision, its prefill speed in blocks per second, 0 unknown),
+# then writes (_WRITE_OPS): first those that gathered since the replica's last
+# call (releases, say), applied whatever happens, then the decision's own (its
+# prompt's blocks, written for the first option), applied only if the first
+# option is admitted. On a cluster the writes are those of the pool's slot alone
+# (releases).
+#
+# The options are the decision's endpoints in the order it ranks them, the
+# chosen first. Each option's score is re-weighed on the other replicas' figures
+# there now (the total less the replica's own record): less per request more than
+# the caller's view held (more per one fewer) and per uncached block more (a
+# release's blocks were mostly computed already, so fewer count nothing). The first
+# option within the tie margin of the best re-weighed score is admitted; none, if
+# the best fell below the floor (another endpoint may be best now: the caller
+# decides again on fresh figures instead of doubling up), and the script then
+# writes nothing of its own and returns 0. A single option at weight 1 per
+# request, 0 per block, margin 0 and floor 0 is the plain check: refused when the
+# others' requests there passed what the caller saw.
+#
+# Admitting counts one request, its uncached prompt blocks and one for its model
+# ("<endpoint>@<model>") in flight at the endpoint, in the replica's record and
+# the pool's total, and adds the blocks to the endpoint's prefill backlog (the
+# "prefill" hash: "blocks|ms"), first draining what the endpoint computed since
 # the last admission at its speed (a fluid queue: the backlog falls at the speed
 # while it lasts). At an unknown speed the backlog is the request's blocks alone:
-# nothing is known of what drained. Returns 1. With a check, it
-# first compares the other replicas' requests at the endpoint (the total less the
-# replica's own) with what the caller's lookup saw: more means another replica chose
-# it meanwhile, and the script writes nothing and returns 0, so the caller decides
-# again on fresh figures instead of doubling up.
+# nothing is known of what drained. Returns the admitted option's place, from 1.
+ADMIT_OPTION_ARGS = 6
 ADMIT = _NOW_MS + _WRITE_OPS + """
-local replica, endpoint = ARGV[2], ARGV[3]
-local own = 10 + tonumber(ARGV[9]) * """ + str(WRITE_ARGS) + """
-apply(10, own - 1)
-local lease, seen = tonumber(ARGV[4]), tonumber(ARGV[6])
+local replica, lease, model = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local options = tonumber(ARGV[5])
+local per_request, per_block = tonumber(ARGV[6]), tonumber(ARGV[7])
+local margin, floor = tonumber(ARGV[8]), tonumber(ARGV[9])
+local writes = 11 + options * """ + str(ADMIT_OPTION_ARGS) + """
+local own = writes + tonumber(ARGV[10]) * """ + str(WRITE_ARGS) + """
+apply(writes, own - 1)
 local ik = prefix .. 'inflight:' .. replica
-if seen >= 0 then
-  local others = tonumber(redis.call('HGET', prefix .. 'inflight', endpoint) or 0)
-                 - tonumber(redis.call('HGET', ik, endpoint) or 0)
-  if others > seen then return 0 end
+local fields = {}
+for i = 1, options do
+  local e = ARGV[11 + (i - 1) * """ + str(ADMIT_OPTION_ARGS) + """]
+  fields[2 * i - 1], fields[2 * i] = e, e .. '|work'
 end
+local total = redis.call('HMGET', prefix .. 'inflight', unpack(fields))
+local mine = redis.call('HMGET', ik, unpack(fields))
+local scores, best = {}, nil
+for i = 1, options do
+  local at = 11 + (i - 1) * """ + str(ADMIT_OPTION_ARGS) + """
+  local seen, score = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 4])
+  if seen >= 0 then
+    local requests = (tonumber(total[2 * i - 1]) or 0) - (tonumber(mine[2 * i - 1]) or 0)
+    local work = (tonumber(total[2 * i]) or 0) - (tonumber(mine[2 * i]) or 0)
+    score = score - per_request * (requests - seen) - per_block * math.max(0, work - tonumber(ARGV[at + 3]))
+  end
+  scores[i] = score
+  if best == nil or score > best then best = score end
+end
+if best < floor then return 0 end
+local pick = 1
+while scores[pick] < best - margin do pick = pick + 1 end
+local at = 11 + (pick - 1) * """ + str(ADMIT_OPTION_ARGS) + """
+local endpoint, work, speed = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 5])
 count(prefix, ik, endpoint, 1)
-if tonumber(ARGV[5]) > 0 then count(prefix, ik, endpoint .. '|work', ARGV[5]) end
-if ARGV[7] ~= '' then count(prefix, ik, endpoint .. '@' .. ARGV[7], 1) end
-local work, speed = tonumber(ARGV[5]), tonumber(ARGV[8])
+if work > 0 then count(prefix, ik, endpoint .. '|work', work) end
+if model ~= '' then count(prefix, ik, endpoint .. '@' .. model, 1) end
 if work > 0 then
   local pk = prefix .. 'prefill'
   local backlog = 0
   if speed > 0 then
-    local blocks, at = string.match(redis.call('HGET', pk, endpoint) or '', '^([^|]+)|(%d+)$')
-    if blocks then backlog = math.max(0, tonumber(blocks) - speed * (now - tonumber(at)) / 1000) end
+    local blocks, since = string.match(redis.call('HGET', pk, endpoint) or '', '^([^|]+)|(%d+)$')
+    if blocks then backlog = math.max(0, tonumber(blocks) - speed * (now - tonumber(since)) / 1000) end
   end
   redis.call('HSET', pk, endpoint, string.format('%.1f|%d', backlog + work, now))
   redis.call('PEXPIRE', pk, lease * 10)
@@ -328,8 +363,8 @@ end
 redis.call('PEXPIRE', ik, lease)
 redis.call('PEXPIRE', prefix .. 'inflight', lease)
 redis.call('ZADD', KEYS[1], now + lease, replica)
-apply(own, #ARGV)
-return 1
+if pick == 1 then apply(own, #ARGV) end
+return pick
 """
 
 # One batch of an endpoint's KV-cache events in the endpoint's map (keys.kv_blocks),

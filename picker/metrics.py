@@ -46,6 +46,10 @@ class PickerMetrics:
         self.placement_conflicts = Counter("picker_placement_conflicts",
                                            "Decisions taken again because another replica chose the same endpoint "
                                            "between this one's lookup and admission.", ["pool"], registry=r)
+        self.placement_switches = Counter("picker_placement_switches",
+                                          "Admissions that took another of the decision's endpoints than its "
+                                          "choice, re-weighed on the other replicas' figures of that instant.",
+                                          ["pool"], registry=r)
         self.snapshot_refreshes = Counter("picker_snapshot_refreshes",
                                           "Snapshots of config and load read from Redis (every 50 ms).",
                                           registry=r)

@@ -22,10 +22,13 @@ from dataclasses import dataclass, replace
 from gateway_state.clock import FleetClock
 from gateway_state.keys import index_bucket
 from gateway_state.placement_store import (
+    NEVER_REFUSED,
     IndexWrite,
+    Option,
     ReleaseWrite,
     SharedView,
     SpeculativeWrite,
+    Weighing,
     model_figures,
     split_figures,
 )
@@ -38,7 +41,7 @@ from picker.plugins.framework import Candidate
 from picker.prefix import capacity_blocks
 from picker.roles import Role, RoleRequest
 from picker.saturation import estimated_waiting, free_slots, has_room
-from picker.scheduler import Decision, Scheduler, Trace
+from picker.scheduler import Decision, Scheduler, Trace, load_slopes
 from picker.settings import PickerSettings
 from picker.state import RECENT_ADMISSIONS, MemoryState, OwnRequests, PlacementState
 from picker.state_guard import STATE_ERRORS, StateGuard
@@ -51,13 +54,18 @@ log = logging.getLogger("picker")
 class Plan:
     request: PlacementRequest
     decision: Decision
-    work_blocks: int  # the prompt's blocks the chosen endpoint must compute
-    others_seen: int  # the other replicas' requests at the chosen endpoint in the view; -1 unknown
+    options: list[Option]  # the decision's endpoints as the admission may take them, the chosen first
+    weighing: Weighing  # how the admission re-weighs them on the figures of that instant
     saturated: bool = False  # no candidate had room in the view (flow control queues the request)
 
     @property
     def chosen(self) -> Candidate:
         return self.decision.endpoints[0]
+
+    @property
+    def work_blocks(self) -> int:
+        """The prompt's blocks the chosen endpoint must compute."""
+        return self.options[0].work_blocks
 
 
 @dataclass(frozen=True)
@@ -184,17 +192,17 @@ class Placement:
         assert placed is not None  # an unchecked commit always admits
         return placed
 
-    def _index_write(self, request: PlacementRequest, plan: Plan) -> IndexWrite | SpeculativeWrite:
+    def _index_write(self, request: PlacementRequest, chosen: Candidate) -> IndexWrite | SpeculativeWrite:
         """What the index notes of a placement: in the approximate index, that the endpoint holds the prompt;
         in an index built from engine events, that it will hold the blocks it does not yet, until its
         engine says so (an endpoint whose stream is not live keeps them for the approximate lifetime)."""
-        key, prefix = plan.chosen.endpoint.key, self._settings.prefix
+        key, prefix = chosen.endpoint.key, self._settings.prefix
         if not request.speculative:
-            return IndexWrite(key, request.block_hashes, prefix.ttl_ms, self.capacity_blocks(plan.chosen.load),
-                              plan.chosen.matched_blocks)
+            return IndexWrite(key, request.block_hashes, prefix.ttl_ms, self.capacity_blocks(chosen.load),
+                              chosen.matched_blocks)
         bucket = index_bucket(request.block_hashes[0])
         if key in request.live_streams:
-            return SpeculativeWrite(key, request.block_hashes[plan.chosen.matched_blocks:], prefix.speculative_ttl_ms,
+            return SpeculativeWrite(key, request.block_hashes[chosen.matched_blocks:], prefix.speculative_ttl_ms,
                                     bucket)
         return SpeculativeWrite(key, request.block_hashes, prefix.ttl_ms, bucket)
 
@@ -226,10 +234,16 @@ class Placement:
             candidates = [c for c in candidates if not c.draining
                           and free_slots(c.load, c.inflight, pool.flow, unknown) > 0] or candidates
         decision = self._scheduler.schedule(profile or pool.strategy, scheduling, candidates, trace)
-        chosen = decision.endpoints[0]
-        seen = others.inflight.get(chosen.endpoint.key, 0) if check and others is not None else -1
-        return Plan(request, decision, max(0, scheduling.work_blocks - chosen.matched_blocks), seen,
-                    not any(c.room for c in candidates if not c.draining))
+        options = [Option(c.endpoint.key, max(0, scheduling.work_blocks - c.matched_blocks),
+                          -1 if others is None else others.inflight.get(c.endpoint.key, 0),
+                          0 if others is None else others.inflight_work.get(c.endpoint.key, 0), score,
+                          c.prefill_blocks_per_s) for c, score in zip(decision.endpoints, decision.scores, strict=True)]
+        per_request, per_block = load_slopes(self._settings.scheduling, candidates)
+        # Checked, the admission is refused when every option fell below the best candidate left out of them;
+        # unchecked (the second round), it takes the best of them whatever happened.
+        weighing = Weighing(per_request, per_block, self._settings.scheduling.tie_margin,
+                            max(decision.beyond, NEVER_REFUSED) if check else NEVER_REFUSED)
+        return Plan(request, decision, options, weighing, not any(c.room for c in candidates if not c.draining))
 
     async def _lookup(self, pool: str, block_hashes: list[str], speculative: bool = False) \
             -> tuple[SharedView | None, int]:
@@ -274,26 +288,38 @@ class Placement:
         return out
 
     async def commit(self, plan: Plan, started: float) -> Placed | None:
-        """Admit the plan: counted here at once, and in the state; None if another replica took the
-        endpoint since the plan's view (nothing is counted then). The admission carries the writes gathered
-        for the pool (releases) and, if it is admitted, the prompt's blocks to index."""
+        """Admit the plan: counted here at once, and in the state; None if the state refused it (another replica
+        took its endpoints since the plan's view: nothing is counted then). The state may admit it at another of
+        the decision's endpoints instead, re-weighed on the figures there now. The admission carries the writes
+        gathered for the pool (releases) and, if the chosen endpoint is admitted, the prompt's blocks to index."""
         request = plan.request
-        pool, endpoint, model = request.pool.name, plan.chosen.endpoint.key, request.target_model
-        own = [self._index_write(request, plan)] if request.block_hashes else []
+        pool, model = request.pool.name, request.target_model
+        endpoints = plan.decision.endpoints
+        own = [self._index_write(request, plan.chosen)] if request.block_hashes else []
         # Where the index is on other shards than the pool's, the write goes after the admission, off its path.
         carried = own if self._state.index_rides_admission else []
-        admission = self.own.add(pool, endpoint, plan.work_blocks, model)
+        admission = self.own.add(pool, plan.chosen.endpoint.key, plan.work_blocks, model)
         try:
             # None: the state may have counted it or not; the next heartbeat replaces the record either way.
             admitted = await self._guard.call("admit", self._state.admit(
-                pool, self._me, endpoint, self._settings.state.inflight_lease_ms, plan.work_blocks,
-                plan.others_seen, model, plan.chosen.prefill_blocks_per_s, self._writes.take(pool), carried))
+                pool, self._me, plan.options, self._settings.state.inflight_lease_ms, model, plan.weighing,
+                self._writes.take(pool), carried))
         except BaseException:
-            self.own.remove(pool, endpoint, plan.work_blocks, model, admission)  # cancelled: the request is gone
+            self.own.remove(pool, plan.chosen.endpoint.key, plan.work_blocks, model, admission)  # cancelled
             raise
-        if admitted is False:
-            self.own.remove(pool, endpoint, plan.work_blocks, model, admission)
+        if admitted == 0:
+            self.own.remove(pool, plan.chosen.endpoint.key, plan.work_blocks, model, admission)
             return None
+        work_blocks = plan.work_blocks
+        if admitted is not None and admitted > 1:  # another of the decision's endpoints, re-weighed
+            self.own.remove(pool, plan.chosen.endpoint.key, plan.work_blocks, model, admission)
+            switched = plan.options[admitted - 1]
+            self.own.add(pool, switched.endpoint, switched.work_blocks, model)
+            self._metrics.of(self._metrics.placement_switches, pool).inc()
+            endpoints = [endpoints[admitted - 1], *(c for i, c in enumerate(endpoints) if i != admitted - 1)]
+            work_blocks = switched.work_blocks
+            own = [self._index_write(request, endpoints[0])] if request.block_hashes else []
+            carried = []
         if own and (admitted is None or not carried):
             # The request goes to the endpoint either way, so the index must say so: after the admission, or
             # on its own when the admission's answer was lost (it may have carried it: written twice is the
@@ -302,8 +328,8 @@ class Placement:
                 self._writes.add(pool, w)
         elif own and self._fallback is not None:
             await self._fallback.write(pool, own)
-        return Placed(plan.request, plan.decision.endpoints, plan.work_blocks, bool(admitted),
-                      time.perf_counter() - started, plan.decision.seconds)
+        return Placed(plan.request, endpoints, work_blocks, bool(admitted), time.perf_counter() - started,
+                      plan.decision.seconds)
 
     def release(self, placed: Placed) -> None:
         """The request ended: its own count goes at once, the state's in a task that always completes."""

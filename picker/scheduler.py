@@ -7,6 +7,7 @@ plugin stays a small pure function and every strategy is measured the same way.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,8 @@ class ProfileSpec:
 class Decision:
     endpoints: list[Candidate]  # the chosen one first, then fallbacks
     seconds: float
+    scores: list[float] = field(default_factory=list)  # the endpoints' totals, in their order
+    beyond: float = -math.inf  # the best total of a candidate not among the endpoints
 
 
 @dataclass
@@ -108,10 +111,21 @@ class Scheduler:
                 totals[i] += weight * (0.0 if s < 0.0 else 1.0 if s > 1.0 else s)
         if trace is not None:
             trace.totals = {c.endpoint.key: t for c, t in zip(remaining, totals, strict=True)}
-        chosen = profile.picker.pick(request, list(zip(remaining, totals, strict=True)))
+        scored = list(zip(remaining, totals, strict=True))
+        chosen = profile.picker.pick(request, scored)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("scores %s", {c.endpoint.name: round(t, 3) for c, t in zip(remaining, totals, strict=True)})
-        return Decision(chosen, time.perf_counter() - started)
+            log.debug("scores %s", {c.endpoint.name: round(t, 3) for c, t in scored})
+        total_of = {id(c): t for c, t in scored}
+        scores = [total_of.pop(id(c)) for c in chosen]
+        return Decision(chosen, time.perf_counter() - started, scores, max(total_of.values(), default=-math.inf))
+
+
+def load_slopes(s: SchedulingSettings, candidates: Sequence[Candidate]) -> tuple[float, float]:
+    """What one more request in flight at an endpoint, and one more uncached prompt block there, take off its
+    total in both profiles (the in-flight and prefill-work scorers' weight over their scale, the cold scale
+    for a prompt no candidate holds any of), for re-weighing a decision on later figures."""
+    scale = s.prefill_work_scale if any(c.matched_blocks for c in candidates) else s.prefill_work_cold_scale
+    return s.inflight_weight / s.inflight_scale, s.prefill_work_weight / scale
 
 
 def build_profiles(s: SchedulingSettings, rng: random.Random) -> dict[str, ProfileSpec]:

@@ -18,15 +18,19 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway_state.placement_store import (
+    PLAIN_CHECK,
     WORK_SUFFIX,
     IndexWrite,
+    Option,
     SharedView,
     SpeculativeWrite,
+    Weighing,
     Write,
     model_field,
     model_figures,
     prefill_left,
     split_figures,
+    weigh,
 )
 
 # A replica's own record of its speculative placements, while Redis cannot be reached, is bounded so.
@@ -47,12 +51,13 @@ class PlacementState(Protocol):
         """In-flight figures of the live replicas but `leave_out`, each endpoint's matched blocks, live replicas."""
         ...
 
-    async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0,
-                    before: Sequence[Write] = (), after: Sequence[Write] = ()) -> bool:
-        """Count a request in flight and add its blocks to the endpoint's prefill backlog (drained at
-        `prefill_blocks_per_s`, 0 unknown); False (nothing of its own written) if the others' count there
-        passed `others_seen`. At once: the writes `before` (whatever happens) and `after` (if admitted)."""
+    async def admit(self, pool: str, replica: str, options: Sequence[Option], lease_ms: int, model: str = "",
+                    weighing: Weighing = PLAIN_CHECK, before: Sequence[Write] = (),
+                    after: Sequence[Write] = ()) -> int:
+        """Count a request in flight at one of `options`, as `weighing` picks it on the other replicas' figures
+        now, and add its blocks to that endpoint's prefill backlog (drained at the option's speed, 0 unknown).
+        Returns the option's place from 1; 0 (nothing of its own written) when none is admitted. At once: the
+        writes `before` (whatever happens) and `after` (if the first option is admitted)."""
         ...
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
@@ -176,25 +181,32 @@ class MemoryState:
                 matched[e] = depth
         return matched
 
-    async def admit(self, pool: str, replica: str, endpoint: str, lease_ms: int, work_blocks: int = 0,
-                    others_seen: int = -1, model: str = "", prefill_blocks_per_s: float = 0.0,
-                    before: Sequence[Write] = (), after: Sequence[Write] = ()) -> bool:
+    async def admit(self, pool: str, replica: str, options: Sequence[Option], lease_ms: int, model: str = "",
+                    weighing: Weighing = PLAIN_CHECK, before: Sequence[Write] = (),
+                    after: Sequence[Write] = ()) -> int:
         await self._apply(pool, before)
-        if others_seen >= 0:
-            records = self._figures.get(pool, {})
-            others = sum(records[r][endpoint] for r in self._live(pool) if r != replica and r in records)
-            if others > others_seen:
-                return False
+        records = self._figures.get(pool, {})
+        others: Counter[str] = Counter()
+        for r in self._live(pool):
+            if r != replica and r in records:
+                others.update(records[r])
+        requests, work = split_figures(others)
+        place = weigh(options, weighing, requests, work)
+        if place == 0:
+            return 0
+        chosen = options[place - 1]
+        endpoint, work_blocks = chosen.endpoint, chosen.work_blocks
         _count(self._figures.setdefault(pool, {}).setdefault(replica, Counter()), endpoint, work_blocks, model)
         now = time.monotonic()
         self._expiry.setdefault(pool, {})[replica] = now + lease_ms / 1000
         if work_blocks > 0:
             backlogs = self._backlog.setdefault(pool, {})
             blocks, at = backlogs.get(endpoint, (0.0, now))
-            left = prefill_left(blocks, int((now - at) * 1000), prefill_blocks_per_s)
+            left = prefill_left(blocks, int((now - at) * 1000), chosen.blocks_per_s)
             backlogs[endpoint] = ((0.0 if left is None else left) + work_blocks, now)
-        await self._apply(pool, after)
-        return True
+        if place == 1:
+            await self._apply(pool, after)
+        return place
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
                     capacity_blocks: int, held_blocks: int = 0) -> int:

@@ -20,6 +20,7 @@ from collector.metrics import CollectorMetrics
 from collector.metrics_map import READ, GarbledMetrics, parse_series, to_load_sample
 from gateway_state import keys
 from gateway_state.lifecycle import every
+from gateway_state.placement_store import Option
 from gateway_state.records import Config, Endpoint, FlowControl, LoadSample, Pool
 from gateway_state.store import StateStore
 from picker.saturation import estimated_waiting, has_room
@@ -184,7 +185,7 @@ async def test_each_sample_notes_the_gateways_requests_in_flight_when_scraped(
         assert r.status == 200
     for replica, n in (("picker-a", 2), ("picker-b", 1)):  # two replicas' requests at the vLLM pod
         for _ in range(n):
-            assert await store.admit("p", replica, endpoints[0].key, 60_000)
+            assert await store.admit("p", replica, [Option(endpoints[0].key)], 60_000)
     collector = Collector(store, CollectorSettings(scrape_interval_ms=50), CollectorMetrics())
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop))

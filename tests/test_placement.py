@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import uvloop
@@ -18,7 +19,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway_state.clock import FleetClock
-from gateway_state.placement_store import IndexWrite, ReleaseWrite, SharedView, Write
+from gateway_state.placement_store import IndexWrite, Option, ReleaseWrite, SharedView, Write
 from gateway_state.records import Config, Endpoint, LoadSample, Model, Pool, Strategy, TargetModel
 from gateway_state.store import StateStore
 from picker.candidates import pending_prefill, prefill_speeds
@@ -52,20 +53,25 @@ def placement(state: PlacementState, fallback: MemoryState | None = None,
 
 
 class Interleaved(MemoryState):
-    """Another replica takes every endpoint between this replica's lookup and its admission, once."""
+    """Another replica takes every endpoint of this replica's first admission (four requests at each) just
+    before it comes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rounds = 0
+        self.first_options: list[str] = []
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
                      speculative: bool = False) -> SharedView:
-        view = await super().lookup(pool, block_hashes, leave_out)
         self.rounds += 1
-        if self.rounds == 1:
-            for e in ENDPOINTS:
-                await self.admit(pool, "other", e.key, 5_000)
-        return view
+        return await super().lookup(pool, block_hashes, leave_out)
+
+    async def admit(self, pool: str, replica: str, options: Sequence[Option], *args: Any, **kwargs: Any) -> int:
+        if not self.first_options:
+            self.first_options = [o.endpoint for o in options]
+            for o in options * 4:
+                await super().admit(pool, "other", [Option(o.endpoint)], 5_000)
+        return await super().admit(pool, replica, options, *args, **kwargs)
 
 
 class Down(MemoryState):
@@ -93,14 +99,39 @@ class Stalled(MemoryState):
 
 
 async def test_a_conflict_is_decided_again_on_fresh_figures() -> None:
+    """Every endpoint the admission could take got four requests since the lookup, more than the one left
+    out of them by far: refused, decided again, and placed where the other replica is not."""
     state = Interleaved()
     p, metrics = placement(state)
     placed = await p.place(request(), {})
     assert state.rounds == 2 and metrics.placement_conflicts.labels("p")._value.get() == 1
-    view = await state.lookup("p", [])
-    assert view.inflight[placed.chosen.endpoint.key] == 2  # the other replica's and ours, once each
     key = placed.chosen.endpoint.key
+    assert len(state.first_options) == 3 and key not in state.first_options
+    assert (await state.lookup("p", [])).inflight[key] == 1  # ours alone
     assert p.own.figures("p") == {key: 1, key + "|work": 14, key + "@m": 1}  # request, its prompt, its model
+
+
+async def test_an_endpoint_taken_since_the_lookup_gives_way_to_the_next_in_the_same_round_trip(
+        shared_redis: Redis | RedisCluster) -> None:
+    """Another replica takes the chosen endpoint (a request and a long prompt) between this replica's lookup
+    and its admission: the admission, re-weighed on the figures there now, takes the decision's next endpoint,
+    with no second lookup. This replica's figures and the prompt's index entry follow it there."""
+    store = StateStore(shared_redis)
+    p, metrics = placement(store, MemoryState())
+    mine = request("mine " * 30)
+    plan = await p.plan(mine, {})
+    chosen, runner_up = plan.decision.endpoints[0].endpoint.key, plan.decision.endpoints[1].endpoint.key
+    assert await store.admit("p", "other", [Option(chosen, 400)], 5_000)
+    placed = await p.commit(plan, time.perf_counter())
+    assert placed is not None and placed.chosen.endpoint.key == runner_up and placed.admitted_shared
+    assert metrics.placement_switches.labels("p")._value.get() == 1
+    work = plan.options[1].work_blocks  # the whole prompt: nobody holds any of it
+    assert work == mine.scheduling.work_blocks > 0
+    assert p.own.figures("p") == {runner_up: 1, runner_up + "|work": work, runner_up + "@m": 1}
+    await p.drain()
+    view = await store.lookup("p", mine.block_hashes)
+    assert view.inflight == {chosen: 1, runner_up: 1} and view.inflight_work == {chosen: 400, runner_up: work}
+    assert view.matched_blocks == {runner_up: len(mine.block_hashes)}
 
 
 async def test_release_takes_back_exactly_what_was_admitted() -> None:
@@ -292,7 +323,7 @@ async def test_a_lookup_left_unanswered_reads_the_others_figures_of_the_last_ans
     # the one chosen alone among them.
     free = next(e.key for e in ENDPOINTS if e.key != alone)
     for e in [e for e in ENDPOINTS if e.key != free] * 3:
-        assert await store.admit("p", "other", e.key, 5_000)
+        assert await store.admit("p", "other", [Option(e.key)], 5_000)
     assert (await me.plan(mine, {})).chosen.endpoint.key == free  # answered: the other's requests in view
     async with asleep(shared_redis, 0.4):
         assert (await me.plan(mine, {})).chosen.endpoint.key == free
@@ -389,10 +420,10 @@ async def test_a_cold_prompt_goes_where_the_prefill_is_done_though_its_request_i
     p, _ = placement(state)
     now = FleetClock().now_ms()
     samples = {e.key: LoadSample(now, True, prefill_tokens_per_s=64_000) for e in ENDPOINTS}  # 4,000 blocks/s
-    await state.admit("p", "other", ENDPOINTS[0].key, 5_000, 400, prefill_blocks_per_s=4000.0)
+    await state.admit("p", "other", [Option(ENDPOINTS[0].key, 400, blocks_per_s=4000.0)], 5_000)
     await asyncio.sleep(0.15)
     for e in ENDPOINTS[1:]:
-        await state.admit("p", "other", e.key, 5_000, 400, prefill_blocks_per_s=4000.0)
+        await state.admit("p", "other", [Option(e.key, 400, blocks_per_s=4000.0)], 5_000)
     chosen = {(await p.plan(request(f"cold prompt {i} " * 60), samples)).chosen.endpoint.key for i in range(6)}
     assert chosen == {ENDPOINTS[0].key}
     # Of unknown speed (no prior), the endpoints' backlogs look alike (400 blocks each): the prompts spread

@@ -9,6 +9,7 @@ import time
 from redis.asyncio import Redis
 
 from gateway_state import keys
+from gateway_state.placement_store import Option
 from gateway_state.records import (
     Config,
     Endpoint,
@@ -34,7 +35,7 @@ def now_ms() -> int:
 async def record(store: StateStore, endpoint: str, blocks: list[str], replica: str = "r1", capacity: int = 1000,
                  lease_ms: int = LEASE_MS) -> int:
     """What a picker writes for one routed request: its in-flight count, then its blocks in the index."""
-    assert await store.admit("pool", replica, endpoint, lease_ms)
+    assert await store.admit("pool", replica, [Option(endpoint)], lease_ms)
     return await store.index("pool", endpoint, blocks, 60_000, capacity)
 
 
@@ -84,7 +85,7 @@ async def test_inflight_counts_add_up_over_replicas_and_release(redis_client: Re
 async def test_requests_per_model_add_up_over_replicas_apart_from_the_endpoints_counts(redis_client: Redis) -> None:
     store = StateStore(redis_client)
     for i in range(4):
-        assert await store.admit("pool", f"r{i % 2}", "a:1", LEASE_MS, model="sql-lora" if i else "base")
+        assert await store.admit("pool", f"r{i % 2}", [Option("a:1")], LEASE_MS, model="sql-lora" if i else "base")
     view = await store.lookup("pool", [])
     assert view.inflight == {"a:1": 4} and view.inflight_models == {"a:1@sql-lora": 3, "a:1@base": 1}
     for i in range(4):
@@ -154,13 +155,12 @@ async def test_a_checked_admission_refuses_an_endpoint_another_replica_took_mean
     store = StateStore(redis_client)
     seen = (await store.lookup("pool", [], leave_out="me")).inflight.get("a:1", 0)
     await record(store, "a:1", [], replica="other")  # between this replica's lookup and its admission
-    args = ("pool", "me", "a:1", LEASE_MS, 7)
-    assert not await store.admit(*args, others_seen=seen)
+    assert not await store.admit("pool", "me", [Option("a:1", 7, seen)], LEASE_MS)
     view = await store.lookup("pool", [])
     assert view.inflight == {"a:1": 1} and view.inflight_work == {}  # nothing written
     # Seen up to date (or no check): admitted.
-    assert await store.admit(*args, others_seen=seen + 1)
-    assert await store.admit(*args)
+    assert await store.admit("pool", "me", [Option("a:1", 7, seen + 1)], LEASE_MS)
+    assert await store.admit("pool", "me", [Option("a:1", 7)], LEASE_MS)
     view = await store.lookup("pool", [])
     assert view.inflight == {"a:1": 3} and view.inflight_work == {"a:1": 14}
 
@@ -188,7 +188,7 @@ async def test_the_pools_total_is_the_sum_of_the_live_replicas_records(redis_cli
             await store.release("pool", replica, endpoint, work, model)
         else:
             args = (f"r{rng.randrange(6)}", f"e{rng.randrange(4)}", rng.choice([0, 3, 9]), rng.choice(["", "m"]))
-            assert await store.admit("pool", args[0], args[1], LEASE_MS, args[2], model=args[3])
+            assert await store.admit("pool", args[0], [Option(args[1], args[2])], LEASE_MS, model=args[3])
             held.append(args)
         if step % 50 == 0:  # a stray release of a request no record holds changes nothing
             await store.release("pool", "r0", "nowhere", 4, "m")
@@ -276,16 +276,16 @@ async def test_a_held_prompt_is_written_again_when_its_recency_nears_the_endpoin
 async def test_an_admission_carries_writes_before_it_and_its_own_after_it(redis_client: Redis) -> None:
     from gateway_state.placement_store import IndexWrite, ReleaseWrite
     store = StateStore(redis_client)
-    assert await store.admit("pool", "other", "a:1", LEASE_MS)
-    assert await store.admit("pool", "me", "b:1", LEASE_MS, 3)
+    assert await store.admit("pool", "other", [Option("a:1")], LEASE_MS)
+    assert await store.admit("pool", "me", [Option("b:1", 3)], LEASE_MS)
     # Refused (another replica took a:1 since a lookup that saw none there): the release gathered before it
     # is applied, its own index write is not.
-    assert not await store.admit("pool", "me", "a:1", LEASE_MS, others_seen=0, before=[ReleaseWrite("me", "b:1", 3)],
+    assert not await store.admit("pool", "me", [Option("a:1", 0, 0)], LEASE_MS, before=[ReleaseWrite("me", "b:1", 3)],
                                  after=[IndexWrite("a:1", ["x1", "x2"], 60_000, 100)])
     view = await store.lookup("pool", ["x1", "x2"])
     assert view.inflight == {"a:1": 1} and view.matched_blocks == {}
     # Admitted: both.
-    assert await store.admit("pool", "me", "a:1", LEASE_MS, others_seen=1, before=[ReleaseWrite("other", "a:1")],
+    assert await store.admit("pool", "me", [Option("a:1", 0, 1)], LEASE_MS, before=[ReleaseWrite("other", "a:1")],
                              after=[IndexWrite("a:1", ["x1", "x2"], 60_000, 100)])
     view = await store.lookup("pool", ["x1", "x2"])
     assert view.inflight == {"a:1": 1} and view.matched_blocks == {"a:1": 2}
@@ -302,7 +302,7 @@ async def test_one_pools_prefix_index_spreads_over_the_shards_of_a_cluster(redis
         prompts = [[f"{n:02d}-{i}" for i in range(4)] for n in range(48)]
         assert len({keys.index_bucket(p[0]) for p in prompts}) == keys.INDEX_BUCKETS
         for n, prompt in enumerate(prompts):
-            assert await store.admit("pool", "r1", f"e{n % 3}", LEASE_MS)
+            assert await store.admit("pool", "r1", [Option(f"e{n % 3}")], LEASE_MS)
             await store.index("pool", f"e{n % 3}", prompt, 60_000, 1000)
 
         by_shard = {}

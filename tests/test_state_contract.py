@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
-from gateway_state.placement_store import IndexWrite, ReleaseWrite
+from gateway_state.placement_store import IndexWrite, Option, ReleaseWrite, Weighing
 from gateway_state.script_link import ScriptLink
 from gateway_state.store import StateStore
 from picker.state import MemoryState, PlacementState
@@ -46,7 +47,7 @@ async def state(request: pytest.FixtureRequest) -> AsyncIterator[PlacementState]
 
 async def record(state: PlacementState, endpoint: str, hashes: list[str], capacity: int, work: int = 0,
                  replica: str = "r") -> None:
-    assert await state.admit("pool", replica, endpoint, LEASE_MS, work)
+    assert await state.admit("pool", replica, [Option(endpoint, work)], LEASE_MS)
     await state.index("pool", endpoint, hashes, 60_000, capacity)
 
 
@@ -77,21 +78,21 @@ async def test_uncached_prompt_work_adds_up_apart_from_the_counts_and_releases(s
 async def test_the_prefill_backlog_drains_at_the_endpoints_speed_between_admissions(state: PlacementState) -> None:
     """Each admission adds its blocks to the endpoint's backlog after draining it at the speed given; the
     lookup says what was recorded and how long ago, and the reader drains it from there."""
-    assert await state.admit("pool", "r", "a", LEASE_MS, 300, prefill_blocks_per_s=1000.0)
-    assert await state.admit("pool", "r", "b", LEASE_MS, 0, prefill_blocks_per_s=1000.0)  # no work: no backlog
+    assert await state.admit("pool", "r", [Option("a", 300, blocks_per_s=1000.0)], LEASE_MS)
+    assert await state.admit("pool", "r", [Option("b", 0, blocks_per_s=1000.0)], LEASE_MS)  # no work: no backlog
     view = await state.lookup("pool", [])
     assert set(view.prefill_backlog) == {"a"}
     blocks, age_ms = view.prefill_backlog["a"]
     assert blocks == 300 and 0 <= age_ms < 1000
     await asyncio.sleep(0.1)  # about 100 blocks drain at 1,000 a second
-    assert await state.admit("pool", "other", "a", LEASE_MS, 50, prefill_blocks_per_s=1000.0)
+    assert await state.admit("pool", "other", [Option("a", 50, blocks_per_s=1000.0)], LEASE_MS)
     blocks, age_ms = (await state.lookup("pool", [])).prefill_backlog["a"]
     assert 150 <= blocks <= 252 and age_ms < 1000  # 300 less what drained, plus 50; recorded anew
     await asyncio.sleep(0.3)  # more than the rest drains
-    assert await state.admit("pool", "r", "a", LEASE_MS, 20, prefill_blocks_per_s=1000.0)
+    assert await state.admit("pool", "r", [Option("a", 20, blocks_per_s=1000.0)], LEASE_MS)
     assert (await state.lookup("pool", [])).prefill_backlog["a"][0] == 20
     # At an unknown speed nothing is known to have drained: the backlog restarts from the request's blocks.
-    assert await state.admit("pool", "r", "a", LEASE_MS, 70)
+    assert await state.admit("pool", "r", [Option("a", 70)], LEASE_MS)
     assert (await state.lookup("pool", [])).prefill_backlog["a"][0] == 70
 
 
@@ -106,10 +107,33 @@ async def test_capacity_evicts_leaves_of_the_oldest_prompt_first(state: Placemen
 async def test_a_checked_admission_refuses_an_endpoint_another_replica_took(state: PlacementState) -> None:
     seen = (await state.lookup("pool", [], leave_out="me")).inflight.get("a", 0)
     await record(state, "a", [], 100, replica="other")
-    assert not await state.admit("pool", "me", "a", LEASE_MS, 7, others_seen=seen)
-    assert await state.admit("pool", "me", "a", LEASE_MS, 7, others_seen=seen + 1)
+    assert not await state.admit("pool", "me", [Option("a", 7, seen)], LEASE_MS)
+    assert await state.admit("pool", "me", [Option("a", 7, seen + 1)], LEASE_MS)
     view = await state.lookup("pool", [], leave_out="me")
     assert view.inflight == {"a": 1} and view.replicas == ("me", "other")
+
+
+async def test_an_admission_re_weighs_its_options_on_the_figures_of_that_instant(state: PlacementState) -> None:
+    """The decision ranked a (9.2), b (9.15), c (9.0), none of them busy; then another replica took a (a request
+    of 100 uncached blocks). Re-weighed at 0.125 a request and 0.01 a block, a falls to 8.075, so b, the first
+    within the 0.1 margin of the best, is admitted with its own work; the prompt's writes (for a) are not."""
+    weighing = Weighing(0.125, 0.01, 0.1, 8.0)
+    options = [Option("a", 7, 0, 0, 9.2), Option("b", 5, 0, 0, 9.15), Option("c", 3, 0, 0, 9.0)]
+    await record(state, "a", [], 100, work=100, replica="other")
+    assert await state.admit("pool", "me", options, LEASE_MS, weighing=weighing,
+                             after=[IndexWrite("a", ["x1"], 60_000, 100)]) == 2
+    view = await state.lookup("pool", ["x1"])
+    assert view.inflight == {"a": 1, "b": 1} and view.inflight_work == {"a": 100, "b": 5}
+    assert view.matched_blocks == {}
+    # Seen as they are now: the chosen one (first within the margin of the best) is admitted, with its writes.
+    options = [Option("c", 3, 0, 0, 9.1), Option("b", 5, 0, 0, 9.15)]
+    assert await state.admit("pool", "me", options, LEASE_MS, weighing=weighing,
+                             after=[IndexWrite("c", ["x1"], 60_000, 100)]) == 1
+    assert (await state.lookup("pool", ["x1"])).matched_blocks == {"c": 1}
+    # Every option below the floor (a candidate left out of them may be best now): refused, nothing written.
+    options = [Option("a", 7, 0, 0, 9.2), Option("b", 5, 0, 0, 9.0)]
+    assert await state.admit("pool", "me", options, LEASE_MS, weighing=replace(weighing, floor=9.1)) == 0
+    assert (await state.lookup("pool", [])).inflight == {"a": 1, "b": 1, "c": 1}
 
 
 async def test_publishing_replaces_a_replicas_record_whole(state: PlacementState) -> None:
@@ -136,7 +160,7 @@ async def test_a_replica_that_stops_publishing_stops_counting(state: PlacementSt
 
 
 async def test_writes_apply_in_order_in_one_call(state: PlacementState) -> None:
-    assert await state.admit("pool", "r", "a", LEASE_MS, 5, model="m")
+    assert await state.admit("pool", "r", [Option("a", 5)], LEASE_MS, model="m")
     evicted = await state.write("pool", [IndexWrite("a", ["h1", "h2", "h3"], 60_000, 2),
                                          ReleaseWrite("r", "a", 5, "m"), IndexWrite("b", ["h1"], 60_000, 10)])
     assert evicted == 1  # a holds 2 blocks at most: its deepest went
