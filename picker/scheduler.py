@@ -28,6 +28,7 @@ from picker.plugins.scorers import (
     PrefixHomeScorer,
     PrefixScorer,
     QueueScorer,
+    prefill_work_scale,
 )
 from picker.settings import SchedulingSettings
 
@@ -124,7 +125,7 @@ def load_slopes(s: SchedulingSettings, candidates: Sequence[Candidate]) -> tuple
     """What one more request in flight at an endpoint, and one more uncached prompt block there, take off its
     total in both profiles (the in-flight and prefill-work scorers' weight over their scale, the cold scale
     for a prompt no candidate holds any of), for re-weighing a decision on later figures."""
-    scale = s.prefill_work_scale if any(c.matched_blocks for c in candidates) else s.prefill_work_cold_scale
+    scale = prefill_work_scale(s.prefill_work_scale, s.prefill_work_cold_scale, candidates)
     return s.inflight_weight / s.inflight_scale, s.prefill_work_weight / scale
 
 

@@ -29,6 +29,12 @@ def _nobody_holds(candidates: Sequence[Candidate]) -> bool:
     return not any(c.matched_blocks for c in candidates)
 
 
+def prefill_work_scale(scale: float, cold_scale: float, candidates: Sequence[Candidate]) -> float:
+    """The prefill work against which PrefillWorkScorer measures a difference: `cold_scale` for a prompt
+    no candidate holds any of, else `scale`."""
+    return cold_scale if _nobody_holds(candidates) else scale
+
+
 @dataclass(frozen=True)
 class QueueScorer:
     """Fewer requests ahead in the model server's queue is better: those waiting there, and one more
@@ -85,7 +91,7 @@ class PrefillWorkScorer:
     name: str = "prefill-work"
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
-        scale = self.cold_scale if _nobody_holds(candidates) else self.scale
+        scale = prefill_work_scale(self.scale, self.cold_scale, candidates)
         return _relative([c.pending_prefill + max(0, request.work_blocks - c.matched_blocks)
                           for c in candidates], scale)
 
