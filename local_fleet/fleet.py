@@ -32,6 +32,8 @@ from gateway_state.records import Runtime
 from local_fleet import llama_server
 from tokenization.model_tokenizer import bundled_model
 
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout this fleet's processes run
+
 
 @dataclass(frozen=True)
 class FleetSettings:
@@ -435,8 +437,11 @@ class Fleet:
         if log is None or log.closed:
             log = self._logs[name] = open(self.log_path(name), "ab")  # noqa: SIM115 (closed in stop)
         self._commands[name] = (command, env or {})
-        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        # This checkout's code first on the path: the console scripts of a venv installed from another checkout
+        # (editable) would otherwise run that one's, and a version checked out beside would be measured as this.
+        path = os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={
+            **os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(env or {})})
 
     def _wait(self, what: str, ready: object, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
