@@ -133,6 +133,14 @@ def split_figures(figures: Mapping[str, int]) -> tuple[dict[str, int], dict[str,
     return requests, work
 
 
+def summed(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    """Two sets of figures added per name, the positive sums only (what adding two Counters gives)."""
+    out = dict(a)
+    for name, n in b.items():
+        out[name] = out.get(name, 0) + n
+    return {name: n for name, n in out.items() if n > 0}
+
+
 def model_figures(figures: Mapping[str, int]) -> dict[str, int]:
     """An in-flight record's per-model fields (`model_field`), as they are."""
     return {name: n for name, n in figures.items() if n > 0 and MODEL_SEPARATOR in name}

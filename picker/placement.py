@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 
 from gateway_state.clock import FleetClock
@@ -31,6 +30,7 @@ from gateway_state.placement_store import (
     Weighing,
     model_figures,
     split_figures,
+    summed,
 )
 from gateway_state.records import LoadSample, Pool
 from picker.candidates import build_candidates, fresh, replica_share
@@ -219,9 +219,9 @@ class Placement:
             matched = self._fallback.matched(pool.name, request.block_hashes) if self._fallback else {}
             view = SharedView(own_requests, matched, own_work, inflight_models=own_models)
         else:
-            view = SharedView(dict(Counter(others.inflight) + Counter(own_requests)), others.matched_blocks,
-                              dict(Counter(others.inflight_work) + Counter(own_work)), others.replicas,
-                              dict(Counter(others.inflight_models) + Counter(own_models)), others.prefill_backlog,
+            view = SharedView(summed(others.inflight, own_requests), others.matched_blocks,
+                              summed(others.inflight_work, own_work), others.replicas,
+                              summed(others.inflight_models, own_models), others.prefill_backlog,
                               self.own.work_since(pool.name, mark))
         scheduling = replace(request.scheduling, preferred=replica_share(
             [e.key for e in pool.endpoints], view.replicas, self._me))
@@ -275,7 +275,7 @@ class Placement:
         """Flow control's view of each serving endpoint (neither drained nor failing its scrapes)."""
         others, _ = await self._lookup(pool.name, [])
         own = split_figures(self.own.figures(pool.name))[0]
-        inflight = dict(Counter(others.inflight) + Counter(own)) if others is not None else own
+        inflight = summed(others.inflight, own) if others is not None else own
         now_ms, unknown = self._clock.now_ms(), self._settings.flow.unknown_endpoint_room
         healthy = self._settings.scheduling.max_scrape_failures
         out = {}

@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -19,7 +20,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway_state.clock import FleetClock
-from gateway_state.placement_store import IndexWrite, Option, ReleaseWrite, SharedView, Write
+from gateway_state.placement_store import IndexWrite, Option, ReleaseWrite, SharedView, Write, summed
 from gateway_state.records import Config, Endpoint, LoadSample, Model, Pool, Strategy, TargetModel
 from gateway_state.store import StateStore
 from picker.candidates import pending_prefill, prefill_speeds
@@ -96,6 +97,15 @@ class Stalled(MemoryState):
         admitted = await super().admit(*args, **kwargs)  # type: ignore[arg-type]
         await asyncio.sleep(0.2)
         return admitted
+
+
+def test_the_shared_and_own_figures_add_up_as_counters_do() -> None:
+    """Only positive sums are kept: a replica's record healed below zero, or a figure that went to zero, is no
+    request in flight."""
+    cases = [({}, {}), ({"a": 2, "b": 1}, {}), ({}, {"a": 1}), ({"a": 2, "b": -1, "c": 0}, {"b": 3, "d": 1, "a": -2}),
+             ({"a": -1}, {"b": -1}), ({"a": 1, "b": 2}, {"a": 1, "b": -2})]
+    for a, b in cases:
+        assert summed(a, b) == dict(Counter(a) + Counter(b)), (a, b)
 
 
 async def test_a_conflict_is_decided_again_on_fresh_figures() -> None:
