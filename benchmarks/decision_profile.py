@@ -12,7 +12,10 @@ then the body), the stream's end. Three figures, in one run:
 3. a profile of the handler (cProfile on the process's CPU clock), its top
    functions by own time.
 
-    .venv/bin/python -m benchmarks.decision_profile [--decisions 3000] [--top 30]
+    .venv/bin/python -m benchmarks.decision_profile [--decisions 3000] [--top 30] [--pods N]
+
+`--pods N`: the example fleet's pool with N pods instead of its four (copies of its
+first pod on loopback addresses), for how a decision's cost grows with the pool.
 
 What gRPC itself costs per decision is `benchmarks.gateway_figures`' trivial server.
 Writes bench/out/decision_profile.json.
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
@@ -166,15 +170,35 @@ async def measure(redis_url: str, pool: str, decisions: int, top: int, picker_ar
     return out
 
 
+def with_pods(manifests: Path, pods: int) -> Path:
+    """A copy of the manifests whose pods are `pods` copies of their first pod, at 127.1.x.y."""
+    out = Path(tempfile.mkdtemp(prefix="decision-profile-manifests-"))
+    for path in manifests.glob("*.yaml"):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        first = next((d for d in docs if d["kind"] == "Pod"), None)
+        if first is not None:
+            copies = []
+            for i in range(pods):
+                pod = json.loads(json.dumps(first))
+                pod["metadata"]["name"] = f"pod-{i}"
+                pod["status"]["podIP"] = f"127.1.{i // 250}.{i % 250 + 1}"
+                copies.append(pod)
+            docs = [d for d in docs if d["kind"] != "Pod"] + copies
+        (out / path.name).write_text(yaml.safe_dump_all(docs))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decisions", type=int, default=3000)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--manifests", type=Path, default=Path("examples/fleet"))
     p.add_argument("--picker-args", default="", help="more picker flags, e.g. '--state local'")
+    p.add_argument("--pods", type=int, default=0, help="the pool's pods (default: the manifests' own)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="decision-profile-"))
-    fleet = Fleet(FleetSettings(manifests_dir=args.manifests.resolve(), work_dir=work,
+    manifests = with_pods(args.manifests, args.pods) if args.pods else args.manifests
+    fleet = Fleet(FleetSettings(manifests_dir=manifests.resolve(), work_dir=work,
                                 simulator_args=("--time-scale", "0.01")))
     try:
         fleet.start()
