@@ -27,15 +27,17 @@ def build_candidates(pool: Pool, samples: Mapping[str, LoadSample], view: Shared
     p = settings.prefix
     speeds = prefill_speeds(pool, samples, p.block_chars / p.chars_per_token,
                             settings.scheduling.prefill_tokens_per_s_prior)
+    max_age_ms, flow, models = settings.state.max_sample_age_ms, pool.flow, view.inflight_models
+    inflight_at, matched_at = view.inflight.get, view.matched_blocks.get
     out = []
-    for e in pool.endpoints:
-        sample = samples.get(e.key)
-        load, inflight = fresh(sample, now_ms, settings.state.max_sample_age_ms), view.inflight.get(e.key, 0)
-        out.append(Candidate(e, load, sample.consecutive_failures if sample else 0,
-                             inflight, view.matched_blocks.get(e.key, 0),
-                             pending_prefill(view, e.key, speeds[e.key]), e.key in drained,
-                             view.inflight_models.get(model_field(e.key, model), 0),
-                             has_room(load, inflight, pool.flow), speeds[e.key]))
+    for e in pool.endpoints:  # once per endpoint per decision: kept lean for pools of hundreds
+        key = e.key
+        sample = samples.get(key)
+        load, inflight, speed = fresh(sample, now_ms, max_age_ms), inflight_at(key, 0), speeds[key]
+        out.append(Candidate(e, load, sample.consecutive_failures if sample else 0, inflight, matched_at(key, 0),
+                             pending_prefill(view, key, speed), key in drained,
+                             models.get(model_field(key, model), 0) if models else 0,
+                             has_room(load, inflight, flow), speed))
     return out
 
 

@@ -130,6 +130,20 @@ def test_fallbacks_follow_the_chosen_endpoint_in_score_order(scheduler: Schedule
     assert order == ["pod-1", "pod-2", "pod-0"]
 
 
+def test_in_a_large_pool_the_fallbacks_are_the_best_of_the_rest_with_ties_shared(scheduler: Scheduler) -> None:
+    """256 endpoints, four queue lengths: the fallbacks come from the best of the rest, and ties among them
+    go to different endpoints from one decision to the next."""
+    pods = [candidate(i, waiting=i % 4) for i in range(256)]
+    fallbacks: Counter[str] = Counter()
+    for _ in range(200):
+        chosen, *rest = scheduler.schedule(Strategy.DEFAULT, req(), pods).endpoints
+        assert chosen.load is not None and chosen.load.waiting == 0
+        assert len(rest) == 2 and all(c.load is not None and c.load.waiting == 0 for c in rest)
+        assert chosen not in rest
+        fallbacks.update(c.endpoint.name for c in rest)
+    assert len(fallbacks) > 32  # the 64 tied endpoints share the fallback places
+
+
 def test_sheddable_requests_are_shed_only_when_every_endpoint_is_saturated(scheduler: Scheduler) -> None:
     saturated = [candidate(0, waiting=6), candidate(1, kv=0.9)]
     with pytest.raises(Shed):

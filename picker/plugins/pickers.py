@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,5 +30,8 @@ class MaxScorePicker:
         tied = [c for c, score in scored if score >= best - self.tie_margin]
         tied = [c for c in tied if c.endpoint.key in request.preferred] or tied
         chosen = tied[self.rng.randrange(len(tied))]
-        rest = sorted(((c, s) for c, s in scored if c is not chosen), key=lambda cs: (-cs[1], self.rng.random()))
-        return [chosen, *(c for c, _ in rest[: self.fallbacks])]
+        # The best `fallbacks` of the rest, as sorting them all would order them (each draws its tie-break once,
+        # in order), without sorting a large pool's every candidate.
+        rest = heapq.nsmallest(self.fallbacks, ((c, s) for c, s in scored if c is not chosen),
+                               key=lambda cs: (-cs[1], self.rng.random()))
+        return [chosen, *(c for c, _ in rest)]
