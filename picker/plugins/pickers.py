@@ -30,8 +30,8 @@ class MaxScorePicker:
         tied = [c for c, score in scored if score >= best - self.tie_margin]
         tied = [c for c in tied if c.endpoint.key in request.preferred] or tied
         chosen = tied[self.rng.randrange(len(tied))]
-        # The best `fallbacks` of the rest, as sorting them all would order them (each draws its tie-break once,
-        # in order), without sorting a large pool's every candidate.
+        # The best `fallbacks` of the rest in the order sorting them all would give (each draws its tie-break
+        # once, in turn, as sorting does), without sorting a large pool's every candidate.
         rest = heapq.nsmallest(self.fallbacks, ((c, s) for c, s in scored if c is not chosen),
                                key=lambda cs: (-cs[1], self.rng.random()))
         return [chosen, *(c for c, _ in rest)]
