@@ -24,7 +24,8 @@ def estimated_waiting(load: LoadSample, inflight: int) -> float:
     the gateway's counts none from elsewhere while the gateway has requests there, and is its scraped
     queue alone otherwise."""
     if load.gateway_inflight >= 0:
-        elsewhere = max(0.0, load.running + load.waiting - load.gateway_inflight)
+        elsewhere = load.running + load.waiting - load.gateway_inflight
+        elsewhere = elsewhere if elsewhere > 0.0 else 0.0  # not max(): once per candidate per decision
     else:
         elsewhere = 0.0 if inflight > 0 else load.running + load.waiting
     return inflight + elsewhere - load.running

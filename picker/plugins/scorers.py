@@ -21,7 +21,8 @@ def _relative(values: Sequence[float | None], scale: float) -> list[float]:
     if not known:
         return [0.5] * len(values)
     low = min(known)
-    return [0.5 if v is None else max(0.0, 1.0 - (v - low) / scale) for v in values]
+    # Floored at 0 inline, not by max(): this runs for every candidate of every scorer of every decision.
+    return [0.5 if v is None else (r if (r := 1.0 - (v - low) / scale) > 0.0 else 0.0) for v in values]
 
 
 def _nobody_holds(candidates: Sequence[Candidate]) -> bool:
@@ -92,7 +93,8 @@ class PrefillWorkScorer:
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
         scale = prefill_work_scale(self.scale, self.cold_scale, candidates)
-        return _relative([c.pending_prefill + max(0, request.work_blocks - c.matched_blocks)
+        work = request.work_blocks
+        return _relative([c.pending_prefill + (work - c.matched_blocks if work > c.matched_blocks else 0)
                           for c in candidates], scale)
 
 
