@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -183,27 +185,37 @@ async def route_latencies(requests: int, metrics_ports: list[int] | None = None)
     return out
 
 
-async def trivial_route_latencies(fleet: Fleet, requests: int) -> dict[str, Any]:
-    """The pickers stop and trivial ext_proc servers take their ports, all sending to one pod."""
-    pod = next(iter(fleet.pods()))
+@asynccontextmanager
+async def trivial_servers(fleet: Fleet, destination: str) -> AsyncIterator[None]:
+    """The pickers stop and trivial ext_proc servers (`benchmarks.extproc_floor`) take their ports,
+    sending every request to `destination`, until the block ends; the pickers stay stopped."""
     for i in range(len(fleet.settings.picker_ports)):
         fleet.kill(f"picker-{i}")
     servers = [subprocess.Popen([sys.executable, "-m", "benchmarks.extproc_floor", "--port", str(port),
-                                 "--destination", pod]) for port in fleet.settings.picker_ports]
+                                 "--destination", destination]) for port in fleet.settings.picker_ports]
     try:
         for port in fleet.settings.picker_ports:
             await wait_serving(f"127.0.0.1:{port}")
         fleet.wait_envoy_routes_to_pickers()
-        before = fleet.envoy_counter(r"ext_proc\..*streams_started")
-        figures = await route_latencies(requests)
-        # Every request went through a trivial server, none past it on the failure mode.
-        streams = fleet.envoy_counter(r"ext_proc\..*streams_started") - before
-        assert streams >= requests + requests // 2, "requests bypassed ext_proc"
-        return figures
+        yield
     finally:
         for server in servers:
             server.terminate()
             server.wait(10)
+
+
+def ext_proc_streams(fleet: Fleet) -> int:
+    """Envoy's ext_proc streams so far: a request that passed the servers on the failure mode opens none."""
+    return fleet.envoy_counter(r"ext_proc\..*streams_started")
+
+
+async def trivial_route_latencies(fleet: Fleet, requests: int) -> dict[str, Any]:
+    """The pickers' routes with trivial ext_proc servers in their place, all sending to one pod."""
+    async with trivial_servers(fleet, next(iter(fleet.pods()))):
+        before = ext_proc_streams(fleet)
+        figures = await route_latencies(requests)
+        assert ext_proc_streams(fleet) - before >= requests + requests // 2, "requests bypassed ext_proc"
+        return figures
 
 
 async def measure(fleet: Fleet, requests: int) -> dict[str, Any]:

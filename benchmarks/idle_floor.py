@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchmarks.driver import idle_ttft_s
-from benchmarks.gateway_figures import picker_timings, wait_serving
+from benchmarks.gateway_figures import ext_proc_streams, picker_timings, trivial_servers
 from benchmarks.routers import MODEL, manifests
 from benchmarks.routing import PROFILES, restart_pods
 from local_fleet.fleet import Fleet, FleetSettings
@@ -40,23 +38,17 @@ def idle_ms(url: str, model: str, requests: int) -> float:
     return asyncio.run(idle_ttft_s(url, model, requests=requests)) * 1000
 
 
-def trivial_idle_ms(fleet: Fleet, pod: str, requests: int) -> float:
-    """The pickers stop, trivial servers take their ports (every request to `pod`), the pickers come back."""
-    ports = fleet.settings.picker_ports
-    for i in range(len(ports)):
-        fleet.kill(f"picker-{i}")
-    servers = [subprocess.Popen([sys.executable, "-m", "benchmarks.extproc_floor", "--port", str(port),
-                                 "--destination", pod]) for port in ports]
+async def trivial_idle_ms(fleet: Fleet, pod: str, requests: int) -> float:
+    """Our listener with trivial servers in the pickers' place (every request to `pod`, the model as
+    sent: they rewrite nothing); then the pickers come back."""
     try:
-        for port in ports:
-            asyncio.run(wait_serving(f"127.0.0.1:{port}"))
-        fleet.wait_envoy_routes_to_pickers()
-        return idle_ms(f"http://127.0.0.1:{OURS}", MODEL, requests)
+        async with trivial_servers(fleet, pod):
+            before = ext_proc_streams(fleet)
+            added = await idle_ttft_s(f"http://127.0.0.1:{OURS}", MODEL, requests=requests) * 1000
+            assert ext_proc_streams(fleet) - before >= requests, "requests bypassed ext_proc"
+            return added
     finally:
-        for server in servers:
-            server.terminate()
-            server.wait(10)
-        for i in range(len(ports)):
+        for i in range(len(fleet.settings.picker_ports)):
             fleet.restart(f"picker-{i}")
         fleet.wait_pickers_routable()
 
@@ -74,7 +66,7 @@ def measure(fleet: Fleet, pod: str, rounds: int, requests: int) -> list[dict[str
         after = asyncio.run(picker_timings(metrics_ports))
         row["picker_mean_ms"] = {name: (after[name][1] - before[name][1])
                                  / max(1.0, after[name][0] - before[name][0]) * 1000 for name in after}
-        row["trivial_added_ms"] = trivial_idle_ms(fleet, pod, requests) - direct
+        row["trivial_added_ms"] = asyncio.run(trivial_idle_ms(fleet, pod, requests)) - direct
         rows.append(row)
         timings = ", ".join(f"{k} {v:.2f}" for k, v in row["picker_mean_ms"].items())
         print(f"round {r + 1}: direct {direct:.2f} ms; added: round robin {row['round_robin_added_ms']:.2f}, "
