@@ -16,10 +16,10 @@ decision: the gateway's subset hint, the route's mirror, the objective and the t
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 from dataclasses import dataclass
 
+from gateway_state.lifecycle import LineLog
 from gateway_state.protocol import (
     DESTINATION_HEADER,
     MIRROR_CLUSTER_HEADER,
@@ -37,7 +37,7 @@ from picker.roles import Mirror, ProfileHandler, Role, RoleRequest
 from picker.scheduler import Trace
 from picker.snapshot import SnapshotSource
 
-log = logging.getLogger("picker")
+record = LineLog("picker")  # the line per decision, in the format of every other log line
 # The model label of requests for a model the pool does not list: clients choose those names.
 UNLISTED = "(unlisted)"
 
@@ -187,12 +187,12 @@ class Director:
             body = with_bootstrap(body if body is not None else arrival.body, prefill.chosen.endpoint.address,
                                   request.pool.pd.bootstrap_port, secrets.randbits(63))
             copies.append(f"prefill={prefill.chosen.endpoint.key}")
-        log.info("Request Handled request_id=%s model=%s target_model=%s pool=%s pod=%s endpoint=%s strategy=%s "
-                 "prefix_blocks=%d/%d fallbacks=%s copies=%s decision_ms=%.3f schedule_ms=%.3f",
-                 arrival.request_id or "-", request.model, request.target_model, placed.pool, chosen.name,
-                 chosen.key, request.pool.strategy.value, matched, prompt_blocks,
-                 ",".join(c.endpoint.key for c in placed.endpoints[1:]) or "-", ",".join(copies) or "-",
-                 placed.decision_seconds * 1000, placed.schedule_seconds * 1000)
+        record.info("Request Handled request_id=%s model=%s target_model=%s pool=%s pod=%s endpoint=%s strategy=%s "
+                    "prefix_blocks=%d/%d fallbacks=%s copies=%s decision_ms=%.3f schedule_ms=%.3f",
+                    arrival.request_id or "-", request.model, request.target_model, placed.pool, chosen.name,
+                    chosen.key, request.pool.strategy.value, matched, prompt_blocks,
+                    ",".join(c.endpoint.key for c in placed.endpoints[1:]) or "-", ",".join(copies) or "-",
+                    placed.decision_seconds * 1000, placed.schedule_seconds * 1000)
         return Answer(request, placements, headers, body)
 
 

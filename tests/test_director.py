@@ -8,13 +8,17 @@ One replica over its own memory (no Redis): the loads are distinct, so no tie le
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import random
+import re
 
 import pytest
 from redis.asyncio import Redis
 
 from gateway_state.clock import FleetClock
+from gateway_state.lifecycle import LINE_FORMAT
 from gateway_state.records import (
     Config,
     Criticality,
@@ -121,3 +125,29 @@ async def test_a_request_that_ends_lets_a_waiting_one_through() -> None:
     director.finish(first[0])
     answer = await asyncio.wait_for(waiting, 2.0)
     assert answer.placements.primary.chosen.endpoint.key == first[0].placements.primary.chosen.endpoint.key
+
+
+async def test_the_decision_line_reads_as_every_other_log_line_and_follows_the_level() -> None:
+    """The line per decision bypasses the logging module's machinery (`LineLog`), yet goes to the same stream
+    in the same format as the process's other lines, and the picker logger's level still silences it."""
+    root, stream = logging.getLogger(), io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(LINE_FORMAT))
+    picker_log, saved = logging.getLogger("picker"), (root.handlers[:], logging.getLogger("picker").level)
+    root.handlers[:] = [handler]
+    try:
+        picker_log.setLevel(logging.INFO)
+        director = make()
+        director.finish(await director.decide(arrival(request_id="r-1")))
+        picker_log.info("an ordinary line")
+        decision, ordinary = stream.getvalue().splitlines()
+        shape = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO picker "
+        assert re.fullmatch(shape + r"Request Handled request_id=r-1 .* pod=pod-0 endpoint=10\.0\.0\.0:8000 .*",
+                            decision)
+        assert re.fullmatch(shape + "an ordinary line", ordinary)
+        picker_log.setLevel(logging.WARNING)
+        director.finish(await director.decide(arrival(request_id="r-2")))
+        assert "r-2" not in stream.getvalue()
+    finally:
+        root.handlers[:] = saved[0]
+        picker_log.setLevel(saved[1])
