@@ -22,11 +22,9 @@ def fresh(sample: LoadSample | None, now_ms: int, max_age_ms: int) -> LoadSample
     return sample
 
 
-def build_candidates(pool: Pool, samples: Mapping[str, LoadSample], view: SharedView, drained: frozenset[str],
-                     model: str, now_ms: int, settings: PickerSettings) -> list[Candidate]:
-    p = settings.prefix
-    speeds = prefill_speeds(pool, samples, p.block_chars / p.chars_per_token,
-                            settings.scheduling.prefill_tokens_per_s_prior)
+def build_candidates(pool: Pool, samples: Mapping[str, LoadSample], speeds: Mapping[str, float], view: SharedView,
+                     drained: frozenset[str], model: str, now_ms: int, settings: PickerSettings) -> list[Candidate]:
+    """`speeds`: the endpoints' prefill speeds, `prefill_speeds` of the same pool and samples."""
     max_age_ms, flow, models = settings.state.max_sample_age_ms, pool.flow, view.inflight_models
     inflight_at, matched_at = view.inflight.get, view.matched_blocks.get
     out = []

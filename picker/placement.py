@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from gateway_state.clock import FleetClock
@@ -33,7 +34,7 @@ from gateway_state.placement_store import (
     summed,
 )
 from gateway_state.records import LoadSample, Pool
-from picker.candidates import build_candidates, fresh, replica_share
+from picker.candidates import build_candidates, fresh, prefill_speeds, replica_share
 from picker.errors import GatewayError, Shed
 from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
@@ -139,6 +140,8 @@ class Placement:
         self._me = settings.server.replica_id
         self.own = OwnRequests()
         self._answered: dict[str, AnsweredLookup] = {}  # pool -> its last answered lookup
+        # pool -> (its record and samples, their prefill speeds): worked out once per snapshot, not per decision
+        self._speeds: dict[str, tuple[Pool, Mapping[str, LoadSample], dict[str, float]]] = {}
 
     async def place_roles(self, roles: list[RoleRequest], load: dict[str, dict[str, LoadSample]],
                           drained: dict[str, frozenset[str]], gate: bool = False,
@@ -225,8 +228,8 @@ class Placement:
                               self.own.work_since(pool.name, mark))
         scheduling = replace(request.scheduling, preferred=replica_share(
             [e.key for e in pool.endpoints], view.replicas, self._me))
-        candidates = build_candidates(pool, samples, view, drained, scheduling.model, self._clock.now_ms(),
-                                      self._settings)
+        candidates = build_candidates(pool, samples, self._prefill_speeds(pool, samples), view, drained,
+                                      scheduling.model, self._clock.now_ms(), self._settings)
         if released:
             # Where it can start now: an endpoint with free slots that is not drained (a drained one keeps
             # its slots free, and alone among the candidates it would leave the drain filter nothing).
@@ -244,6 +247,16 @@ class Placement:
         weighing = Weighing(per_request, per_block, self._settings.scheduling.tie_margin,
                             max(decision.beyond, NEVER_REFUSED) if check else NEVER_REFUSED)
         return Plan(request, decision, options, weighing, not any(c.room for c in candidates if not c.draining))
+
+    def _prefill_speeds(self, pool: Pool, samples: Mapping[str, LoadSample]) -> dict[str, float]:
+        known = self._speeds.get(pool.name)
+        if known is not None and known[0] is pool and known[1] is samples:
+            return known[2]
+        p = self._settings.prefix
+        speeds = prefill_speeds(pool, samples, p.block_chars / p.chars_per_token,
+                                self._settings.scheduling.prefill_tokens_per_s_prior)
+        self._speeds[pool.name] = (pool, samples, speeds)
+        return speeds
 
     async def _lookup(self, pool: str, block_hashes: list[str], speculative: bool = False) \
             -> tuple[SharedView | None, int]:

@@ -9,8 +9,8 @@ from typing import Protocol
 from gateway_state.records import Endpoint, LoadSample
 
 
-@dataclass(frozen=True)
-class Candidate:
+@dataclass(slots=True)  # not frozen: built per endpoint per decision, and a frozen one costs five times as much
+class Candidate:  # read-only to every plugin
     endpoint: Endpoint
     load: LoadSample | None  # None: no fresh, good sample, so the load is unknown
     scrape_failures: int  # consecutive failed scrapes of the endpoint
