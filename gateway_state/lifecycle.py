@@ -37,8 +37,8 @@ class LineLog:
     """A logger's INFO lines as `configure_logging` formats them, written without the logging module's
     record, filters and formatter: for a line per request (the picker's record of each decision), where
     that machinery cost about 0.03 ms of a decision's CPU over gRPC (docs/benchmarks.md). The logger's level
-    still decides; the line goes to
-    the stream of the root logger's first stream handler (standard error by default)."""
+    still decides; the line goes to the stream of the root logger's first stream handler (standard error
+    by default)."""
 
     def __init__(self, name: str) -> None:
         self._logger = logging.getLogger(name)
