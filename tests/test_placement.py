@@ -445,6 +445,18 @@ async def test_a_cold_prompt_goes_where_the_prefill_is_done_though_its_request_i
                 for i in range(6)}) > 1
 
 
+async def test_the_prefill_speeds_follow_each_new_snapshot() -> None:
+    """The speeds are worked out once per snapshot's samples: the next snapshot's measurements, in a new
+    samples mapping as the snapshot source makes them, are the ones the admission's options carry."""
+    p, _ = placement(MemoryState())
+    now = FleetClock().now_ms()
+    first = {e.key: LoadSample(now, True, prefill_tokens_per_s=16_000) for e in ENDPOINTS}
+    assert {o.blocks_per_s for o in (await p.plan(request(), first)).options} == {1000.0}
+    assert {o.blocks_per_s for o in (await p.plan(request(), first)).options} == {1000.0}
+    second = {e.key: LoadSample(now, True, prefill_tokens_per_s=32_000) for e in ENDPOINTS}
+    assert {o.blocks_per_s for o in (await p.plan(request(), second)).options} == {2000.0}
+
+
 async def test_a_request_let_through_the_queue_never_lands_on_a_drained_endpoint_alone() -> None:
     """Let through flow control's queue, a request goes where it can start now; the drained endpoint (whose
     slots stay free) is no such place, or it alone would pass that rule and the drain filter would leave
