@@ -130,10 +130,10 @@ async def test_a_request_that_ends_lets_a_waiting_one_through() -> None:
 async def test_the_decision_line_reads_as_every_other_log_line_and_follows_the_level() -> None:
     """The line per decision bypasses the logging module's machinery (`LineLog`), yet goes to the same stream
     in the same format as the process's other lines, and the picker logger's level still silences it."""
-    root, stream = logging.getLogger(), io.StringIO()
+    root, picker_log, stream = logging.getLogger(), logging.getLogger("picker"), io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(LINE_FORMAT))
-    picker_log, saved = logging.getLogger("picker"), (root.handlers[:], logging.getLogger("picker").level)
+    saved_handlers, saved_level = root.handlers[:], picker_log.level
     root.handlers[:] = [handler]
     try:
         picker_log.setLevel(logging.INFO)
@@ -149,5 +149,5 @@ async def test_the_decision_line_reads_as_every_other_log_line_and_follows_the_l
         director.finish(await director.decide(arrival(request_id="r-2")))
         assert "r-2" not in stream.getvalue()
     finally:
-        root.handlers[:] = saved[0]
-        picker_log.setLevel(saved[1])
+        root.handlers[:] = saved_handlers
+        picker_log.setLevel(saved_level)
