@@ -18,7 +18,7 @@ from collector.kv_streams import KvStreams
 from collector.metrics import CollectorMetrics
 from collector.metrics_map import GarbledMetrics, to_load_sample
 from gateway_state.clock import FleetClock
-from gateway_state.lifecycle import every
+from gateway_state.lifecycle import cancel_and_wait, every
 from gateway_state.records import Config, Endpoint, LoadSample, Runtime
 from gateway_state.sharding import owned
 from gateway_state.store import StateStore
@@ -92,8 +92,7 @@ class Collector:
             try:
                 await every(s.scrape_interval_ms / 1000, stop, lambda: _round("scrape", self.scrape_once(session)))
             finally:
-                membership.cancel()
-                gateways.cancel()
+                await cancel_and_wait(membership, gateways)
                 await self._kv.close()
                 try:
                     await self._store.leave_collectors(s.collector_id)  # the others take over at once

@@ -29,6 +29,7 @@ from collector.kv_events import EndpointIndex, Undecodable, decode_batch
 from collector.metrics import CollectorMetrics
 from gateway_state.clock import FleetClock
 from gateway_state.kv_index_store import KvIndexStore, KvOp, Stored
+from gateway_state.lifecycle import cancel_and_wait
 from gateway_state.records import Config, Endpoint, KvEvents, KvStreamStatus, LoadSample
 
 log = logging.getLogger("collector.kv")
@@ -294,6 +295,7 @@ class KvStreams:
     def __init__(self, store: KvIndexStore, collector_id: str, metrics: CollectorMetrics, clock: FleetClock) -> None:
         self._store, self._collector, self._metrics, self._clock = store, collector_id, metrics, clock
         self._streams: dict[tuple[str, str], tuple[KvEventStream, asyncio.Task[None]]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()  # streams stopped, until they have ended
 
     def reconcile(self, config: Config, mine: set[str]) -> None:
         wanted = {(pool.name, e.key): (pool, e) for pool in config.pools.values() if pool.kv_events is not None
@@ -326,19 +328,20 @@ class KvStreams:
 
     def _stop(self, key: tuple[str, str]) -> None:
         _, task = self._streams.pop(key)
-        task.cancel()
+        # Cancelled until it ends: a stream that ran on would write the entries of an endpoint another
+        # collector now owns.
+        stopping = asyncio.get_running_loop().create_task(cancel_and_wait(task), name=f"stop {task.get_name()}")
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
         m = self._metrics
         for gauge in (m.kv_live, m.kv_silent, m.kv_sequence, m.kv_blocks, m.kv_lag):
             with contextlib.suppress(KeyError):
                 gauge.remove(*key)
 
     async def close(self) -> None:
-        tasks = [task for _, task in self._streams.values()]
         for key in list(self._streams):
             self._stop(key)
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._stopping)
 
 
 async def _guarded(stream: KvEventStream) -> None:

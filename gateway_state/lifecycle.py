@@ -16,6 +16,8 @@ from redis.asyncio.sentinel import Sentinel
 
 RedisClient = Redis | RedisCluster
 
+log = logging.getLogger("lifecycle")
+
 
 LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"  # every process's, and LineLog's
 
@@ -106,7 +108,8 @@ async def every(interval_s: float, stop: asyncio.Event, action: Callable[[], Awa
 
     The waits here and in the other long-lived loops use `asyncio.timeout`, never `asyncio.wait_for`: on
     Python 3.11, a wait_for whose awaitable completes in the same turn as the task's cancel returns its
-    result and the cancel is lost, so a loop stopped that way would run on."""
+    result and the cancel is lost, so a loop stopped that way would run on (see `cancel_and_wait` for the
+    wait_for calls inside libraries)."""
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         started = loop.time()
@@ -114,3 +117,24 @@ async def every(interval_s: float, stop: asyncio.Event, action: Callable[[], Awa
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, interval_s - (loop.time() - started))):
                 await stop.wait()
+
+
+CANCEL_AGAIN_S = 0.05  # how long a cancelled task may run on before it is cancelled again
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel the tasks and return once every one has ended, cancelling again any that runs on.
+
+    One cancel is not always enough on Python 3.11: redis-py wraps each command it sends in
+    `asyncio.wait_for` when the client has a socket timeout (ours do, `connect`), and a wait_for whose
+    awaitable completes in the turn the task is cancelled returns the result and drops the cancel (fixed
+    in Python 3.12). A loop cancelled there would run on, and whoever awaits it would wait for ever.
+    A task that ends with an error other than its cancel has it logged here."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("task %s ended with an error", task.get_name(), exc_info=task.exception())

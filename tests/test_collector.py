@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from collector.collector import PREFILL_WINDOW_MS, Collector, CollectorSettings,
 from collector.metrics import CollectorMetrics
 from collector.metrics_map import READ, GarbledMetrics, parse_series, to_load_sample
 from gateway_state import keys
-from gateway_state.lifecycle import every
+from gateway_state.lifecycle import cancel_and_wait, every
 from gateway_state.placement_store import Option
 from gateway_state.records import Config, Endpoint, FlowControl, LoadSample, Pool
 from gateway_state.store import StateStore
@@ -401,3 +402,29 @@ async def test_a_loop_cancelled_in_the_turn_its_wait_ends_stops_as_cancelled() -
     with pytest.raises(asyncio.CancelledError):
         await task
     assert rounds == 1
+
+
+async def test_a_cancel_a_librarys_wait_for_drops_is_repeated_until_the_task_ends() -> None:
+    """redis-py sends each command under `asyncio.wait_for` when the client has a socket timeout; on
+    Python 3.11 a cancel that lands in the turn the command's write completes is dropped there, and the
+    loop that made the call runs on. `cancel_and_wait` cancels again until the task has ended."""
+    loop = asyncio.get_running_loop()
+    written: asyncio.Future[int] = loop.create_future()
+
+    async def send() -> int:
+        return await written
+
+    async def a_loop() -> None:
+        await asyncio.wait_for(send(), 10.0)  # as redis-py's send_packed_command
+        while True:
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(a_loop())
+    await asyncio.sleep(0)
+    written.set_result(1)
+    task.cancel()  # the same turn
+    await asyncio.sleep(0.05)
+    if sys.version_info < (3, 12):
+        assert not task.done()  # the cancel was dropped: the loop runs on
+    await cancel_and_wait(task)
+    assert task.cancelled()

@@ -25,6 +25,7 @@ from collector.metrics import CollectorMetrics
 from gateway_state import keys
 from gateway_state.block_keys import engine_root, token_keys
 from gateway_state.kv_index_store import ONE_CALL_BLOCKS, Removed, Stored
+from gateway_state.lifecycle import cancel_and_wait
 from gateway_state.placement_store import SpeculativeWrite
 from gateway_state.records import Config, Endpoint, KvEvents, KvStreamStatus, Pool, Runtime
 from gateway_state.store import StateStore
@@ -194,8 +195,7 @@ async def collector_for(shared_redis: Redis) -> AsyncIterator[Callable[[str], Aw
     yield start
     for stop, task in tasks:
         stop.set()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
 
 
 @pytest.mark.parametrize(("runtime", "encoding"), [("vllm", "array"), ("vllm", "map"), ("sglang", "array")])
@@ -249,8 +249,7 @@ async def test_a_restarted_pod_drops_its_entries_and_a_replaced_collector_replay
         await complete(live, PROMPTS[0])
         await wait_for(await caught_up(store, "p", live), 5.0)
         # The collector dies mid-stream (no goodbye); the pod goes on caching.
-        first.cancel()
-        await asyncio.gather(first, return_exceptions=True)
+        await cancel_and_wait(first)
         await store.leave_collectors("c1")
         for prompt in PROMPTS[1:4]:
             await complete(live, prompt)
