@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks import arrivals
-from benchmarks.driver import idle_ttft_s, prefix_counters
+from benchmarks.driver import Result, idle_ttft_s, prefix_counters
 from benchmarks.routers import MODEL, PeerProcess, Router, manifests, routers
 from benchmarks.upstream_epp import UpstreamPicker
 from benchmarks.workloads import (
@@ -176,6 +176,9 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
         "requests": len(sent), "failed": len(sent) - len(ok), "dropped_arrivals": done.dropped,
         "errors": dict(Counter(s.result.error for s in sent if not s.result.ok).most_common(3)),
         "per_pod_requests": dict(Counter(r.pod for r in ok)),
+        # The stress workload's first burst (its first `stress_concurrency` requests by start), per pod, fewest
+        # first: an even spread is what keeps that burst's prefills from piling up on one pod.
+        "first_wave_per_pod": first_wave(ok, len(pods), profile.stress_concurrency) if workload == "stress" else [],
         "kv_mean_per_pod": kv_means,
         "kv_spread": statistics.pstdev(kv_means.values()) if len(kv_means) > 1 else 0.0,
         "queue_mean_per_pod": queue_means,
@@ -184,6 +187,13 @@ async def measure(url: str, model: str, pods: list[str], workload: str, profile:
         "ttfts": ttfts,
         "kv_series": {p: [(t, kv) for t, kv, _ in rows] for p, rows in series.items()},
     }
+
+
+def first_wave(results: list[Result], pods: int, size: int) -> list[int]:
+    """How many of the first `size` requests to start each of the `pods` pods served, fewest first."""
+    wave = sorted(results, key=lambda r: r.finished_at - r.latency_s)[:size]
+    counts = Counter(r.pod for r in wave)
+    return sorted([*counts.values(), *[0] * max(0, pods - len(counts))])
 
 
 WORKLOADS = ("shared_prefix", "stress", "hot_prefix", "cached", "pressure")
@@ -264,7 +274,9 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                 rows.append(row)
                 print(f"    hit {row['hit_rate']:.3f} (oracle {row['oracle_hit_rate']:.3f}) idle +{added_ms:.1f} ms "
                       f"ttft p90 {row['ttft_p90_s']:.3f} s  {row['output_tok_s']:.0f} tok/s  "
-                      f"failed {row['failed']} {row['errors'] or ''}", flush=True)
+                      f"failed {row['failed']} {row['errors'] or ''}"
+                      f"{'  first wave ' + str(row['first_wave_per_pod']) if row['first_wave_per_pod'] else ''}",
+                      flush=True)
     finally:
         upstream.stop()
         fleet.stop()
