@@ -79,7 +79,7 @@ class Option:
 
     endpoint: str
     work_blocks: int = 0  # the prompt's uncached blocks there
-    seen: int = -1  # the other replicas' requests there in the decision's view; -1 unknown (nothing re-weighed)
+    seen: int = -1  # the pool's requests there in the decision's view, this replica's own included; -1 unknown
     seen_work: int = 0  # and their uncached prompt blocks
     score: float = 0.0  # its total in the decision
     blocks_per_s: float = 0.0  # its prefill speed in blocks per second; 0 unknown
@@ -87,9 +87,9 @@ class Option:
 
 @dataclass(frozen=True)
 class Weighing:
-    """How an admission re-weighs its options on the other replicas' figures of that instant (scripts.ADMIT):
+    """How an admission re-weighs its options on the pool's figures of that instant (scripts.ADMIT):
     the first within `margin` of the best is admitted, none if the best fell below `floor`. The default is
-    the plain check of one option: refused when the others' requests there passed what the decision saw."""
+    the plain check of one option: refused when the pool's requests there passed what the decision saw."""
 
     per_request: float = 1.0
     per_block: float = 0.0
@@ -103,7 +103,7 @@ NEVER_REFUSED = -1e9  # a floor no re-weighed score falls below
 
 def weigh(options: Sequence[Option], weighing: Weighing, requests: Mapping[str, int],
           work: Mapping[str, int]) -> int:
-    """scripts.ADMIT's choice among `options` given the other replicas' `requests` and uncached `work` per
+    """scripts.ADMIT's choice among `options` given the pool's `requests` and uncached `work` per
     endpoint now: the admitted option's place from 1, or 0 for none."""
     scores = [o.score if o.seen < 0 else o.score - weighing.per_request * (requests.get(o.endpoint, 0) - o.seen)
               - weighing.per_block * max(0, work.get(o.endpoint, 0) - o.seen_work) for o in options]

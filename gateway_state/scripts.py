@@ -285,8 +285,9 @@ return {evicted, results}
 # KEYS[1] = pickers zset. ARGV = pool prefix, replica, lease_ms, model ("" for
 # none), how many options, the re-weighing (per request, per uncached block, tie
 # margin, floor), how many writes come first, then the options (ADMIT_OPTION_ARGS
-# each: endpoint, its uncached prompt blocks, the others' requests and their
-# uncached blocks there in the caller's view (-1: unknown, no re-weighing), its
+# each: endpoint, its uncached prompt blocks, the pool's requests and their
+# uncached blocks there in the caller's view, its own included (-1: unknown, no
+# re-weighing), its
 # total score in the decision, its prefill speed in blocks per second, 0 unknown),
 # then writes (_WRITE_OPS): first those that gathered since the replica's last
 # call (releases, say), applied whatever happens, then the decision's own (its
@@ -295,8 +296,10 @@ return {evicted, results}
 # (releases).
 #
 # The options are the decision's endpoints in the order it ranks them, the
-# chosen first. Each option's score is re-weighed on the other replicas' figures
-# there now (the total less the replica's own record): less per request more than
+# chosen first. Each option's score is re-weighed on the pool's figures there
+# now, the replica's own record included (its own admissions since the caller's
+# view count as any other replica's would: a concurrent decision of the same
+# replica that switched to this endpoint weighs on it): less per request more than
 # the caller's view held (more per one fewer) and per uncached block more (a
 # release's blocks were mostly computed already, so fewer count nothing). The first
 # option within the tie margin of the best re-weighed score is admitted; none, if
@@ -304,7 +307,7 @@ return {evicted, results}
 # decides again on fresh figures instead of doubling up), and the script then
 # writes nothing of its own and returns 0. A single option at weight 1 per
 # request, 0 per block, margin 0 and floor 0 is the plain check: refused when the
-# others' requests there passed what the caller saw.
+# pool's requests there passed what the caller saw.
 #
 # Admitting counts one request, its uncached prompt blocks and one for its model
 # ("<endpoint>@<model>") in flight at the endpoint, in the replica's record and
@@ -329,14 +332,12 @@ for i = 1, options do
   fields[2 * i - 1], fields[2 * i] = e, e .. '|work'
 end
 local total = redis.call('HMGET', prefix .. 'inflight', unpack(fields))
-local mine = redis.call('HMGET', ik, unpack(fields))
 local scores, best = {}, nil
 for i = 1, options do
   local at = 11 + (i - 1) * """ + str(ADMIT_OPTION_ARGS) + """
   local seen, score = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 4])
   if seen >= 0 then
-    local requests = (tonumber(total[2 * i - 1]) or 0) - (tonumber(mine[2 * i - 1]) or 0)
-    local work = (tonumber(total[2 * i]) or 0) - (tonumber(mine[2 * i]) or 0)
+    local requests, work = tonumber(total[2 * i - 1]) or 0, tonumber(total[2 * i]) or 0
     score = score - per_request * (requests - seen) - per_block * math.max(0, work - tonumber(ARGV[at + 3]))
   end
   scores[i] = score

@@ -48,7 +48,7 @@ class PickerMetrics:
                                            "between this one's lookup and admission.", ["pool"], registry=r)
         self.placement_switches = Counter("picker_placement_switches",
                                           "Admissions that took another of the decision's endpoints than its "
-                                          "choice, re-weighed on the other replicas' figures of that instant.",
+                                          "choice, re-weighed on the pool's figures of that instant.",
                                           ["pool"], registry=r)
         self.snapshot_refreshes = Counter("picker_snapshot_refreshes",
                                           "Snapshots of config and load read from Redis (every 50 ms).",

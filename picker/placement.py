@@ -237,9 +237,11 @@ class Placement:
             candidates = [c for c in candidates if not c.draining
                           and free_slots(c.load, c.inflight, pool.flow, unknown) > 0] or candidates
         decision = self._scheduler.schedule(profile or pool.strategy, scheduling, candidates, trace)
+        # What the decision saw in all, its own replica's requests included: an admission of this replica's
+        # that switched endpoints after the view was read weighs on the re-weighing as another replica's would.
         options = [Option(c.endpoint.key, max(0, scheduling.work_blocks - c.matched_blocks),
-                          -1 if others is None else others.inflight.get(c.endpoint.key, 0),
-                          0 if others is None else others.inflight_work.get(c.endpoint.key, 0), score,
+                          -1 if others is None else view.inflight.get(c.endpoint.key, 0),
+                          0 if others is None else view.inflight_work.get(c.endpoint.key, 0), score,
                           c.prefill_blocks_per_s) for c, score in zip(decision.endpoints, decision.scores, strict=True)]
         per_request, per_block = load_slopes(self._settings.scheduling, candidates)
         # Checked, the admission is refused when every option fell below the best candidate left out of them;

@@ -54,10 +54,11 @@ class PlacementState(Protocol):
     async def admit(self, pool: str, replica: str, options: Sequence[Option], lease_ms: int, model: str = "",
                     weighing: Weighing = PLAIN_CHECK, before: Sequence[Write] = (),
                     after: Sequence[Write] = ()) -> int:
-        """Count a request in flight at one of `options`, as `weighing` picks it on the other replicas' figures
-        now, and add its blocks to that endpoint's prefill backlog (drained at the option's speed, 0 unknown).
-        Returns the option's place from 1; 0 (nothing of its own written) when none is admitted. At once: the
-        writes `before` (whatever happens) and `after` (if the first option is admitted)."""
+        """Count a request in flight at one of `options`, as `weighing` picks it on the pool's figures now
+        (`replica`'s own included), and add its blocks to that endpoint's prefill backlog (drained at the
+        option's speed, 0 unknown). Returns the option's place from 1; 0 (nothing of its own written) when
+        none is admitted. At once: the writes `before` (whatever happens) and `after` (if the first option is
+        admitted)."""
         ...
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,
@@ -186,11 +187,10 @@ class MemoryState:
                     after: Sequence[Write] = ()) -> int:
         await self._apply(pool, before)
         records = self._figures.get(pool, {})
-        others: Counter[str] = Counter()
+        total: Counter[str] = Counter()
         for r in self._live(pool):
-            if r != replica and r in records:
-                others.update(records[r])
-        requests, work = split_figures(others)
+            total.update(records.get(r, {}))
+        requests, work = split_figures(total)
         place = weigh(options, weighing, requests, work)
         if place == 0:
             return 0

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
-from gateway_state.placement_store import IndexWrite, Option, ReleaseWrite, Weighing
+from gateway_state.placement_store import NEVER_REFUSED, IndexWrite, Option, ReleaseWrite, Weighing
 from gateway_state.script_link import ScriptLink
 from gateway_state.store import StateStore
 from picker.state import MemoryState, PlacementState
@@ -134,6 +134,20 @@ async def test_an_admission_re_weighs_its_options_on_the_figures_of_that_instant
     options = [Option("a", 7, 0, 0, 9.2), Option("b", 5, 0, 0, 9.0)]
     assert await state.admit("pool", "me", options, LEASE_MS, weighing=replace(weighing, floor=9.1)) == 0
     assert (await state.lookup("pool", [])).inflight == {"a": 1, "b": 1, "c": 1}
+
+
+async def test_an_admission_re_weighs_on_the_replicas_own_requests_too(state: PlacementState) -> None:
+    """Two decisions of one replica planned on the same view (a and b empty, a ranked first by a hair): the
+    first is admitted at a; the second, re-weighed on the pool's figures, a's request included, takes b. Had
+    the replica's own record been left out, both would have gone to a."""
+    weighing = Weighing(0.125, 0.0, 0.0, NEVER_REFUSED)
+    options = [Option("a", 0, 0, 0, 9.2), Option("b", 0, 0, 0, 9.15)]
+    assert await state.admit("pool", "me", options, LEASE_MS, weighing=weighing) == 1
+    assert await state.admit("pool", "me", options, LEASE_MS, weighing=weighing) == 2
+    # A decision that saw both (a: 1, b: 1) keeps its choice.
+    options = [Option("a", 0, 1, 0, 9.2), Option("b", 0, 1, 0, 9.15)]
+    assert await state.admit("pool", "me", options, LEASE_MS, weighing=weighing) == 1
+    assert (await state.lookup("pool", [])).inflight == {"a": 2, "b": 1}
 
 
 async def test_publishing_replaces_a_replicas_record_whole(state: PlacementState) -> None:
