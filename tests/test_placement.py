@@ -292,6 +292,7 @@ async def asleep(shared_redis: Redis | RedisCluster, seconds: float) -> AsyncIte
         kw = shared_redis.connection_pool.connection_kwargs
         nodes = [Redis(host=kw["host"], port=kw["port"])]
     try:
+        await asyncio.gather(*(n.ping() for n in nodes))  # connected first: the sleep then leaves in one write
         stall = asyncio.gather(*(n.execute_command("DEBUG", "SLEEP", str(seconds)) for n in nodes))
         await asyncio.sleep(0.02)  # every node is asleep
         yield
