@@ -283,23 +283,30 @@ async def test_a_call_past_its_deadline_while_redis_answers_others_leaves_the_st
 
 
 @asynccontextmanager
-async def asleep(shared_redis: Redis | RedisCluster, seconds: float) -> AsyncIterator[None]:
-    """Every node of `shared_redis` answers nothing for `seconds` from the block's start; the block's end
-    waits until they answer again."""
+async def redis_nodes(shared_redis: Redis | RedisCluster) -> AsyncIterator[list[Redis]]:
+    """A connection to every node of `shared_redis`, open before the test's timed part begins, so that a slow
+    connect on a loaded machine cannot fall inside it."""
     if isinstance(shared_redis, RedisCluster):
         nodes = [Redis(host=n.host, port=n.port) for n in shared_redis.get_nodes()]
     else:
         kw = shared_redis.connection_pool.connection_kwargs
         nodes = [Redis(host=kw["host"], port=kw["port"])]
     try:
-        await asyncio.gather(*(n.ping() for n in nodes))  # connected first: the sleep then leaves in one write
-        stall = asyncio.gather(*(n.execute_command("DEBUG", "SLEEP", str(seconds)) for n in nodes))
-        await asyncio.sleep(0.02)  # every node is asleep
-        yield
-        await stall
+        await asyncio.gather(*(n.ping() for n in nodes))
+        yield nodes
     finally:
         for n in nodes:
             await n.aclose()
+
+
+@asynccontextmanager
+async def asleep(nodes: list[Redis], seconds: float) -> AsyncIterator[None]:
+    """Every node answers nothing for `seconds` from the block's start (the sleep leaves in one write on each
+    open connection); the block's end waits until they answer again."""
+    stall = asyncio.gather(*(n.execute_command("DEBUG", "SLEEP", str(seconds)) for n in nodes))
+    await asyncio.sleep(0.02)  # every node is asleep
+    yield
+    await stall
 
 
 async def test_a_prompt_placed_while_redis_stalls_still_reaches_the_shared_index(
@@ -310,7 +317,7 @@ async def test_a_prompt_placed_while_redis_stalls_still_reaches_the_shared_index
     not ride on the admission, as on one Redis)."""
     store = StateStore(shared_redis)
     p, metrics = placement(store, MemoryState())
-    async with asleep(shared_redis, 0.15):
+    async with redis_nodes(shared_redis) as nodes, asleep(nodes, 0.15):
         placed = await p.place(request(), {})
         assert not placed.admitted_shared and metrics.redis_fallbacks.labels("lookup")._value.get() == 1
         # The wait is on record: the whole deadline (50 ms), in the lookup's histogram.
@@ -323,7 +330,7 @@ async def test_a_prompt_placed_while_redis_stalls_still_reaches_the_shared_index
 
 async def test_a_lookup_left_unanswered_reads_the_others_figures_of_the_last_answered_one(
         shared_redis: Redis | RedisCluster) -> None:
-    """Redis answers nothing for 0.4 s. A lookup that misses its deadline reads the other replicas' figures
+    """Redis answers nothing for 0.6 s. A lookup that misses its deadline reads the other replicas' figures
     from the pool's last answered lookup while that is at most `recent_view_ms` (150 ms) old, so this replica
     keeps off the endpoints the others just took; older, it has only its own figures."""
     store = StateStore(shared_redis)
@@ -335,13 +342,14 @@ async def test_a_lookup_left_unanswered_reads_the_others_figures_of_the_last_ans
     free = next(e.key for e in ENDPOINTS if e.key != alone)
     for e in [e for e in ENDPOINTS if e.key != free] * 3:
         assert await store.admit("p", "other", [Option(e.key)], 5_000)
-    assert (await me.plan(mine, {})).chosen.endpoint.key == free  # answered: the other's requests in view
-    async with asleep(shared_redis, 0.4):
-        assert (await me.plan(mine, {})).chosen.endpoint.key == free
-        assert metrics.redis_fallbacks.labels("lookup")._value.get() == 1
-        await asyncio.sleep(0.2)  # the last answered lookup is past 150 ms old now
-        assert (await me.plan(mine, {})).chosen.endpoint.key == alone
-        assert metrics.redis_fallbacks.labels("lookup")._value.get() == 2
+    async with redis_nodes(shared_redis) as nodes:  # connected first: the lookups below are 70 ms apart
+        assert (await me.plan(mine, {})).chosen.endpoint.key == free  # answered: the other's requests in view
+        async with asleep(nodes, 0.6):
+            assert (await me.plan(mine, {})).chosen.endpoint.key == free
+            assert metrics.redis_fallbacks.labels("lookup")._value.get() == 1
+            await asyncio.sleep(0.2)  # the last answered lookup is past 150 ms old now
+            assert (await me.plan(mine, {})).chosen.endpoint.key == alone
+            assert metrics.redis_fallbacks.labels("lookup")._value.get() == 2
 
 
 async def test_a_request_cancelled_during_admission_leaves_no_count() -> None:
