@@ -287,8 +287,8 @@ return {evicted, results}
 # margin, floor), how many writes come first, then the options (ADMIT_OPTION_ARGS
 # each: endpoint, its uncached prompt blocks, the pool's requests and their
 # uncached blocks there in the caller's view, its own included (-1: unknown, no
-# re-weighing), its
-# total score in the decision, its prefill speed in blocks per second, 0 unknown),
+# re-weighing), its total score in the decision, its prefill speed in blocks per
+# second, 0 unknown),
 # then writes (_WRITE_OPS): first those that gathered since the replica's last
 # call (releases, say), applied whatever happens, then the decision's own (its
 # prompt's blocks, written for the first option), applied only if the first
