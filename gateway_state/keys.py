@@ -15,6 +15,7 @@ derive the bucket and endpoint prefixes from the pool prefix they are given
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 # The whole routing configuration (pools, endpoints, models) is one record, so a
@@ -79,8 +80,23 @@ def bucket_prefix(pool: str, bucket: int) -> str:
     return f"gw:{{{pool}|b{bucket}}}:"
 
 
+def endpoint_tag(endpoint: str) -> str:
+    """What stands for an endpoint in its records' hash tag: the first 8 hex digits of its name's SHA-1.
+    A slot is a CRC16 of the tag, and CRC is linear: names that differ in a digit or two (the addresses
+    of one subnet, at one port) would take slots a fixed pattern apart, so a pool's endpoints would crowd
+    one shard (all four of examples/fleet did). The scripts derive the same (scripts._INDEX_PREFIXES)."""
+    return hashlib.sha1(endpoint.encode()).hexdigest()[:8]
+
+
 def endpoint_prefix(pool: str, endpoint: str) -> str:
     """Prefix of one endpoint's own index records."""
+    return f"gw:{{{pool}|e|{endpoint_tag(endpoint)}}}:{endpoint}:"
+
+
+def earlier_endpoint_prefix(pool: str, endpoint: str) -> str:
+    """Where `endpoint_prefix` was before its tag was a hash of the endpoint's name. The LRU there expires
+    (it is written with the prefix lifetime); the engine's block names there are dropped, and the
+    endpoint's entries rebuilt, by the collector that picks up its stream (KvIndexStore.drop_legacy)."""
     return f"gw:{{{pool}|e|{endpoint}}}:"
 
 

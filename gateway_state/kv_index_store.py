@@ -94,7 +94,10 @@ class KvIndexStore(RedisState):
 
     async def kv_block_map(self, pool: str, endpoint: str) -> dict[str, tuple[str, int]]:
         """engine hash -> (our key, bucket), of the blocks the endpoint's engine holds as the index knows them."""
-        raw = await self.redis.hgetall(keys.kv_blocks(pool, endpoint))
+        return await self._block_map(keys.kv_blocks(pool, endpoint))
+
+    async def _block_map(self, key: str) -> dict[str, tuple[str, int]]:
+        raw = await self.redis.hgetall(key)
         out = {}
         for k, v in raw.items():
             key, bucket = split_member(v)
@@ -102,10 +105,17 @@ class KvIndexStore(RedisState):
         return out
 
     async def drop_legacy(self, pool: str, endpoint: str) -> int:
-        """Remove the endpoint's entries of the layout before the index was spread over buckets
-        (keys.legacy_kv_blocks); returns how many blocks they named (then the endpoint's entries are rebuilt)."""
-        return int(await self._legacy_drop(keys=[keys.legacy_kv_blocks(pool, endpoint)],
-                                           args=[keys.pool_prefix(pool), endpoint]))
+        """Remove the endpoint's entries of the earlier layouts: before the index was spread over buckets
+        (keys.legacy_kv_blocks), and before the endpoint's tag was a hash of its name (its map under
+        keys.earlier_endpoint_prefix, its holders as today's). Returns how many blocks they named (then the
+        endpoint's entries are rebuilt)."""
+        dropped = int(await self._legacy_drop(keys=[keys.legacy_kv_blocks(pool, endpoint)],
+                                              args=[keys.pool_prefix(pool), endpoint]))
+        earlier = keys.earlier_endpoint_prefix(pool, endpoint) + "kvmap"
+        if blocks := await self._block_map(earlier):
+            await self._write_holders(pool, endpoint, [(bucket, None, key) for key, bucket in blocks.values()])
+            await self.redis.delete(earlier)
+        return dropped + len(blocks)
 
     async def event_depth(self, pool: str, endpoint: str, block_hashes: Sequence[str]) -> int:
         """How many leading blocks of a prompt the endpoint's engine reported cached (speculative entries aside)."""

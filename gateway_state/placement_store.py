@@ -322,10 +322,12 @@ class PlacementStore(RedisState):
         await self._publish(keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), replica, lease_ms, *pairs])
 
     async def forget_endpoint(self, pool: str, endpoint: str, batch: int = 1000) -> None:
-        """Drop the endpoint from the prefix index: its KV cache is gone."""
-        while gone := await self._forget(keys=[keys.endpoint_lru(pool, endpoint)], args=[batch]):
-            await self.write_holders(pool, holder_writes(endpoint, ((bucket, None, block)
-                                                                    for block, bucket in map(split_member, gone))))
+        """Drop the endpoint from the prefix index: its KV cache is gone. Its LRU of the layout before hashed
+        endpoint tags (keys.earlier_endpoint_prefix) goes too, until that expires after an upgrade."""
+        for lru in (keys.endpoint_lru(pool, endpoint), keys.earlier_endpoint_prefix(pool, endpoint) + "lru"):
+            while gone := await self._forget(keys=[lru], args=[batch]):
+                await self.write_holders(pool, holder_writes(endpoint, ((bucket, None, block)
+                                                                        for block, bucket in map(split_member, gone))))
 
     async def inflight_by_replica(self, pool: str, replicas: Sequence[str]) -> dict[str, dict[str, int]]:
         """replica -> endpoint -> requests it has in flight there (its last published figures)."""

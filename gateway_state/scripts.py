@@ -21,7 +21,9 @@ _INDEX_PREFIXES = """
 local prefix = ARGV[1]
 local pool_name = string.sub(prefix, 5, -3)
 local function bucket_prefix(b) return 'gw:{' .. pool_name .. '|b' .. b .. '}:' end
-local function endpoint_prefix(e) return 'gw:{' .. pool_name .. '|e|' .. e .. '}:' end
+local function endpoint_prefix(e)
+  return 'gw:{' .. pool_name .. '|e|' .. string.sub(redis.sha1hex(e), 1, 8) .. '}:' .. e .. ':'
+end
 """
 
 # KEYS[1] = pickers zset (or, for the index part alone, any key of the bucket's

@@ -358,3 +358,22 @@ async def test_the_earlier_layouts_event_entries_are_dropped(shared_redis: Redis
     for key in ("k1", "k2"):
         assert await shared_redis.hkeys(prefix + "pfx:" + key) == [b"10.0.0.2:8000"]
     assert await store.drop_legacy("p", "10.0.0.1:8000") == 0
+
+
+async def test_the_entries_of_the_layout_before_hashed_endpoint_tags_are_dropped(shared_redis: Redis) -> None:
+    """A map a collector wrote when an endpoint's tag was its name (keys.earlier_endpoint_prefix) goes, with
+    the endpoint's holders of its blocks (in today's buckets) and no other pod's; the new map is kept."""
+    store = StateStore(shared_redis)
+    earlier = keys.earlier_endpoint_prefix("p", "10.0.0.1:8000") + "kvmap"
+    assert earlier != keys.kv_blocks("p", "10.0.0.1:8000")
+    await shared_redis.hset(earlier, mapping={"e1": "k1/3", "e2": "k2/5"})
+    await shared_redis.hset(keys.kv_blocks("p", "10.0.0.1:8000"), mapping={"e9": "k9/3"})
+    for key, bucket in (("k1", 3), ("k2", 5)):
+        await shared_redis.hset(keys.prefix_block("p", bucket, key), mapping={"10.0.0.1:8000": "1",
+                                                                             "10.0.0.2:8000": "1"})
+    assert await store.drop_legacy("p", "10.0.0.1:8000") == 2
+    assert not await shared_redis.exists(earlier)
+    for key, bucket in (("k1", 3), ("k2", 5)):
+        assert await shared_redis.hkeys(keys.prefix_block("p", bucket, key)) == [b"10.0.0.2:8000"]
+    assert await store.kv_block_map("p", "10.0.0.1:8000") == {"e9": ("k9", 3)}
+    assert await store.drop_legacy("p", "10.0.0.1:8000") == 0

@@ -304,6 +304,17 @@ async def test_one_pools_prefix_index_spreads_over_the_shards_of_a_cluster(redis
         for n, prompt in enumerate(prompts):
             assert await store.admit("pool", "r1", [Option(f"e{n % 3}")], LEASE_MS)
             await store.index("pool", f"e{n % 3}", prompt, 60_000, 1000)
+        # Endpoints whose names differ in one digit (one subnet, one port) keep their LRUs on more than one
+        # shard: their tags are hashes of the names, not the names (keys.endpoint_tag).
+        neighbours = [f"127.0.0.1{d}:8000" for d in range(1, 7)]
+        for n, endpoint in enumerate(neighbours):
+            await store.index("pool", endpoint, [f"n{n}"], 60_000, 1000)
+        lru_shards = {cluster.get_node_from_key(keys.endpoint_lru("pool", e)).name for e in neighbours}
+        assert len(lru_shards) > 1
+        for n, endpoint in enumerate(neighbours):
+            assert await cluster.zcard(keys.endpoint_lru("pool", endpoint)) == 1
+            assert (await store.lookup("pool", [f"n{n}"])).matched_blocks == {endpoint: 1}
+            await store.forget_endpoint("pool", endpoint)
 
         by_shard = {}
         for node in cluster.get_primaries():
