@@ -230,7 +230,7 @@ class PlacementStore(RedisState):
             inflight, matched, replicas, backlog = await self._lookup(keys=[keys.pickers(pool)], args=[*args, ""])
         else:
             (inflight, _, replicas, backlog), (_, matched, _, _) = await asyncio.gather(
-                self._lookup(keys=[keys.pickers(pool)], args=[*args, "load"]),
+                self._lookup(keys=[keys.pickers(pool)], args=[args[0], leave_out, "", "", 0, "load"]),
                 self._lookup(keys=[keys.prefix_block(pool, int(args[4]), block_hashes[0])], args=[*args, "index"]))
         figures = _pairs(inflight)
         counts, work = split_figures(figures)
