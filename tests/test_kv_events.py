@@ -377,3 +377,20 @@ async def test_the_entries_of_the_layout_before_hashed_endpoint_tags_are_dropped
         assert await shared_redis.hkeys(keys.prefix_block("p", bucket, key)) == [b"10.0.0.2:8000"]
     assert await store.kv_block_map("p", "10.0.0.1:8000") == {"e9": ("k9", 3)}
     assert await store.drop_legacy("p", "10.0.0.1:8000") == 0
+
+
+async def test_a_forgotten_endpoint_leaves_the_holders_its_earlier_layouts_lru_named(shared_redis: Redis) -> None:
+    """After an upgrade, an LRU written when the endpoint's tag was its name still names blocks whose holders
+    (in today's buckets) include the endpoint: forgetting the endpoint (its server restarted) removes those
+    too, and the old LRU with them."""
+    store = StateStore(shared_redis)
+    endpoint, blocks = "10.0.0.1:8000", ["b1", "b2"]
+    bucket = keys.index_bucket(blocks[0])
+    earlier_lru = keys.earlier_endpoint_prefix("p", endpoint) + "lru"
+    await shared_redis.zadd(earlier_lru, {f"{b}/{bucket}": n for n, b in enumerate(blocks)})
+    for b in blocks:
+        await shared_redis.hset(keys.prefix_block("p", bucket, b), mapping={endpoint: "1", "10.0.0.2:8000": "1"})
+    assert (await store.lookup("p", blocks)).matched_blocks == {endpoint: 2, "10.0.0.2:8000": 2}
+    await store.forget_endpoint("p", endpoint)
+    assert (await store.lookup("p", blocks)).matched_blocks == {"10.0.0.2:8000": 2}
+    assert not await shared_redis.exists(earlier_lru)
