@@ -188,20 +188,30 @@ async def route_latencies(requests: int, metrics_ports: list[int] | None = None)
 @asynccontextmanager
 async def trivial_servers(fleet: Fleet, destination: str) -> AsyncIterator[None]:
     """The pickers stop and trivial ext_proc servers (`benchmarks.extproc_floor`) take their ports,
-    sending every request to `destination`, until the block ends; the pickers stay stopped."""
-    for i in range(len(fleet.settings.picker_ports)):
-        fleet.kill(f"picker-{i}")
-    servers = [subprocess.Popen([sys.executable, "-m", "benchmarks.extproc_floor", "--port", str(port),
-                                 "--destination", destination]) for port in fleet.settings.picker_ports]
+    sending every request to `destination` (several, comma-separated: in turn), until the block ends;
+    the pickers stay stopped."""
+    servers = start_trivial_servers(fleet, destination)
     try:
         for port in fleet.settings.picker_ports:
             await wait_serving(f"127.0.0.1:{port}")
         fleet.wait_envoy_routes_to_pickers()
         yield
     finally:
-        for server in servers:
-            server.terminate()
-            server.wait(10)
+        stop_trivial_servers(servers)
+
+
+def start_trivial_servers(fleet: Fleet, destination: str) -> list[subprocess.Popen[bytes]]:
+    """`trivial_servers`' first half, for callers without an event loop (they wait for Envoy's route)."""
+    for i in range(len(fleet.settings.picker_ports)):
+        fleet.kill(f"picker-{i}")
+    return [subprocess.Popen([sys.executable, "-m", "benchmarks.extproc_floor", "--port", str(port),
+                              "--destination", destination]) for port in fleet.settings.picker_ports]
+
+
+def stop_trivial_servers(servers: list[subprocess.Popen[bytes]]) -> None:
+    for server in servers:
+        server.terminate()
+        server.wait(10)
 
 
 def ext_proc_streams(fleet: Fleet) -> int:

@@ -23,7 +23,8 @@ MODEL = "/models/Qwen3-32B"
 class Router:
     name: str
     # "envoy": a listener of the fleet; "picker-local": ours with per-replica state; "peer": a process;
-    # "upstream": the upstream endpoint picker behind an Envoy of its own (benchmarks/upstream_epp.py)
+    # "upstream": the upstream endpoint picker behind an Envoy of its own (benchmarks/upstream_epp.py);
+    # "floor": our listener with trivial ext_proc servers in the pickers' place (benchmarks/extproc_floor.py)
     kind: str
     port: int
     model: str = MODEL  # what clients send; our pools take an alias and rewrite it
@@ -45,6 +46,9 @@ def routers(peer_port: int = 30100, upstream_port: int = 30200) -> list[Router]:
         Router("ours_prefix_cache", "envoy", 8091, model="bench-prefix"),
         Router("ours_events", "envoy", 8095, model="bench-events"),  # PREFIX_CACHE on the engines' KV events
         Router("ours_prefix_memory_2_replicas", "picker-local", 8091, model="bench-prefix"),
+        # Round robin by two ext_proc servers that decide nothing: what Envoy's ext_proc on Python's gRPC
+        # costs every request, whatever the router behind it does.
+        Router("ext_proc_floor", "floor", 8091),
     ]
 
 

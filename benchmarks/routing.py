@@ -30,6 +30,7 @@ import aiohttp
 
 from benchmarks import arrivals
 from benchmarks.driver import Result, idle_ttft_s, prefix_counters
+from benchmarks.gateway_figures import ext_proc_streams, start_trivial_servers, stop_trivial_servers
 from benchmarks.routers import MODEL, PeerProcess, Router, manifests, routers
 from benchmarks.upstream_epp import UpstreamPicker
 from benchmarks.workloads import (
@@ -253,6 +254,10 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                     fleet.wait_pickers_routable()
                 elif router.kind == "upstream":
                     upstream.start(router.replicas)
+                elif router.kind == "floor":
+                    floor = start_trivial_servers(fleet, ",".join(endpoints))
+                    fleet.wait_envoy_routes_to_pickers()
+                    streams = ext_proc_streams(fleet)
                 try:
                     added_ms = (asyncio.run(idle_ttft_s(f"http://127.0.0.1:{router.port}", router.model))
                                 - direct_s[speed]) * 1000
@@ -265,10 +270,17 @@ def run_flavour(flavour: str, profile: Profile, selected: list[Router], workload
                         peer.stop()
                     if router.kind == "upstream":  # its API server too: no other router runs beside it
                         upstream.stop()
-                    if router.kind == "picker-local":
+                    if router.kind == "floor":
+                        # Every request of the run opened an ext_proc stream: none went round the servers.
+                        floor_streams = ext_proc_streams(fleet) - streams
+                        stop_trivial_servers(floor)
+                    if router.kind in ("picker-local", "floor"):
                         for name in ("picker-0", "picker-1"):
                             fleet.restart(name)
                         fleet.wait_pickers_routable()
+                if router.kind == "floor" and floor_streams < result["requests"]:
+                    raise RuntimeError(f"{router.name}: {floor_streams} ext_proc streams for {result['requests']} "
+                                       "requests: requests went round the trivial servers")
                 row = {"flavour": flavour, "workload": workload, "qps": qps, "router": router.name, "run": run,
                        "idle_added_ms": added_ms, **result}
                 rows.append(row)
