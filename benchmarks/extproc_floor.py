@@ -2,12 +2,12 @@
 
 It answers the request's headers and body as the picker's protocol does (one
 answer each, the body's naming an endpoint: one fixed endpoint, or the next of a
-list in turn) and decides nothing: no parsing, no state, no metrics. It runs on the picker's event loop (uvloop), so the
-picker's CPU per decision minus this server's is what routing costs, and this
-server's is what the transport costs. `benchmarks.gateway_figures` measures
-both in one run; `benchmarks.routing`'s `ext_proc_floor` router runs the
-workloads through it, round robin over the pool (the floor under any router that
-answers Envoy's ext_proc from Python's gRPC).
+list in turn) and decides nothing: no parsing, no state, no metrics. It runs on
+the picker's event loop (uvloop), so the picker's CPU per decision minus this
+server's is what routing costs, and this server's is what the transport costs.
+`benchmarks.gateway_figures` measures both in one run; `benchmarks.routing`'s
+`ext_proc_floor` router runs the workloads through it, round robin over the pool
+(the floor under any router that answers Envoy's ext_proc from Python's gRPC).
 
     .venv/bin/python -m benchmarks.extproc_floor --port 50100 [--destination HOST:PORT[,HOST:PORT...]]
 """
