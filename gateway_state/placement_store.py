@@ -224,14 +224,14 @@ class PlacementStore(RedisState):
 
         Block hashes are hex digests: the scripts take them as one space-separated argument.
         """
-        args = [keys.pool_prefix(pool), leave_out, " ".join(block_hashes), "1" if speculative else "",
-                keys.index_bucket(block_hashes[0]) if block_hashes else 0]
+        prefix, bucket = keys.pool_prefix(pool), keys.index_bucket(block_hashes[0]) if block_hashes else 0
+        args = [prefix, leave_out, " ".join(block_hashes), "1" if speculative else "", bucket]
         if self.index_rides_admission or not block_hashes:
             inflight, matched, replicas, backlog = await self._lookup(keys=[keys.pickers(pool)], args=[*args, ""])
-        else:
+        else:  # the load part reads no block hashes, so it is sent none
             (inflight, _, replicas, backlog), (_, matched, _, _) = await asyncio.gather(
-                self._lookup(keys=[keys.pickers(pool)], args=[args[0], leave_out, "", "", 0, "load"]),
-                self._lookup(keys=[keys.prefix_block(pool, int(args[4]), block_hashes[0])], args=[*args, "index"]))
+                self._lookup(keys=[keys.pickers(pool)], args=[prefix, leave_out, "", "", 0, "load"]),
+                self._lookup(keys=[keys.prefix_block(pool, bucket, block_hashes[0])], args=[*args, "index"]))
         figures = _pairs(inflight)
         counts, work = split_figures(figures)
         return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)),
