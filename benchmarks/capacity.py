@@ -1,7 +1,9 @@
 """The shared state's capacity model, measured against a real Redis:
 
 1. per decision on the real request path (the example fleet: Envoy-less gRPC straight to
-   one picker, its collector, controller and the other picker running): Redis commands,
+   one picker, its collector, controller and the other picker running; PER_POD requests at
+   a time for each pod of the pool, below flow control's saturation rule, so no decision
+   queues and the figure is the decision's alone): Redis commands,
    Lua time, bytes in and out, and Redis CPU, net of the fleet's background traffic
    measured idle for as long; with `--manifests examples/kv-events` (a pool indexed from
    the engines' KV-cache events) also the collectors' event writes over the same window,
@@ -43,6 +45,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from redis.asyncio import Redis
 
 from benchmarks.gateway_figures import cpu_seconds
+from controller.desired import build
+from controller.resources import load_directory
 from gateway_state.keys import index_bucket
 from gateway_state.kv_index_store import Removed, Stored
 from gateway_state.placement_store import Option, SpeculativeWrite
@@ -57,6 +61,11 @@ MODEL = "/models/Qwen3-32B"
 # A typical chat request: a shared system prompt of about 1,500 characters and a question.
 SYSTEM = "You are a support assistant for an online shop. Answer briefly and politely. " * 20
 STATUS = KvStreamStatus("capacity", "live", 0)  # what each batch of events writes beside its operations
+# Requests in flight at a time per pod of the pool. Below the saturation rule's default queue of 5
+# (records.FlowControl.saturation_waiting): at the benchmark's time scale a request lasts a few ms, so a
+# pod's scraped load rarely shows it running, and more per pod would send decisions through flow
+# control's queue (three more calls each) instead of measuring a decision.
+PER_POD = 4
 # The share of a Redis core a shard is planned at, leaving room for replication, persistence and bursts.
 SHARD_CORE_SHARE = 0.7
 
@@ -141,18 +150,24 @@ def event_counters(fleet: Fleet) -> tuple[float, float]:
     return total("collector_kv_event_batches"), total("collector_kv_event_blocks")
 
 
+def concurrency(fleet: Fleet, pool: str) -> int:
+    """PER_POD requests at a time for each of the pool's pods."""
+    return PER_POD * len(build(load_directory(fleet.settings.manifests_dir)).pools[pool].endpoints)
+
+
 async def per_decision(fleet: Fleet, count: int, forward: bool) -> dict[str, Any]:
     redis = Redis.from_url(fleet.redis_url)
     pid = fleet.processes["redis"].pid
     address = f"127.0.0.1:{fleet.settings.picker_ports[0]}"
     pool = fleet.first_pool()
+    at_once = concurrency(fleet, pool)
     try:
         await decisions(address, 200, 8, pool, forward)  # warm: the shared system prompt's blocks are indexed
         await asyncio.sleep(1.0)
         events_before = event_counters(fleet)
         lags: list[float] = []
         sampling = asyncio.create_task(sample_lags(StateStore(redis), pool, lags))
-        busy, busy_s = await window(redis, pid, lambda: decisions(address, count, 16, pool, forward))
+        busy, busy_s = await window(redis, pid, lambda: decisions(address, count, at_once, pool, forward))
         sampling.cancel()
         await asyncio.sleep(1.0)  # the last index writes land
         events_after = event_counters(fleet)
@@ -167,7 +182,7 @@ async def per_decision(fleet: Fleet, count: int, forward: bool) -> dict[str, Any
         if calls_net / count >= 0.01:
             commands[name] = {"calls": calls_net / count, "usec": usec_net / count}
     return {
-        "decisions": count, "seconds": busy_s, "decisions_per_s": count / busy_s,
+        "decisions": count, "concurrency": at_once, "seconds": busy_s, "decisions_per_s": count / busy_s,
         "commands_per_decision": commands,
         # Redis counts the commands a script runs, and their time, under their own names too.
         "calls_per_decision": sum(c["calls"] for c in commands.values()),
@@ -214,7 +229,9 @@ async def shard_figures(fleet: Fleet, count: int, system_prompts: int) -> dict[s
     try:
         await decisions(address, 200, 8, pool, system_prompts=system_prompts)
         await asyncio.sleep(1.0)
-        busy, busy_s = await measure(lambda: decisions(address, count, 16, pool, system_prompts=system_prompts))
+        at_once = concurrency(fleet, pool)
+        busy, busy_s = await measure(lambda: decisions(address, count, at_once, pool,
+                                                       system_prompts=system_prompts))
         await asyncio.sleep(1.0)
         idle, idle_s = await measure(lambda: asyncio.sleep(max(busy_s, 5.0)))
         pool_slot = int(await nodes[ports[0]].execute_command("CLUSTER", "KEYSLOT", f"{{{pool}}}"))
@@ -413,6 +430,7 @@ def main() -> None:
 def print_tables(r: dict[str, Any]) -> None:
     d = r["per_decision"]
     print(f"per decision, real request path ({d['decisions']} decisions at {d['decisions_per_s']:.0f}/s, "
+          f"{d['concurrency']} at a time, "
           "net of the fleet's background traffic):")
     print(f"  {'command':<12} {'calls':>6} {'usec':>8}")
     for name, c in sorted(d["commands_per_decision"].items(), key=lambda kv: -kv[1]["usec"]):
