@@ -218,19 +218,22 @@ class PlacementStore(RedisState):
         self._publish = redis.register_script(scripts.PUBLISH)
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
-                     speculative: bool = False) -> SharedView:
+                     speculative: bool = False, releases: Sequence[ReleaseWrite] = ()) -> SharedView:
         """In-flight figures over the live replicas but `leave_out`, prefix holders, live replicas.
         `speculative`: the pool's index comes from engine events, and pickers' speculative entries count.
+        `releases` are applied first, in the same round trip (on a cluster, the pool's part).
 
         Block hashes are hex digests: the scripts take them as one space-separated argument.
         """
         prefix, bucket = keys.pool_prefix(pool), keys.index_bucket(block_hashes[0]) if block_hashes else 0
         args = [prefix, leave_out, " ".join(block_hashes), "1" if speculative else "", bucket]
+        carried = _write_args(releases)
         if self.index_rides_admission or not block_hashes:
-            inflight, matched, replicas, backlog = await self._lookup(keys=[keys.pickers(pool)], args=[*args, ""])
+            inflight, matched, replicas, backlog = await self._lookup(keys=[keys.pickers(pool)],
+                                                                      args=[*args, "", *carried])
         else:  # the load part reads no block hashes, so it is sent none
             (inflight, _, replicas, backlog), (_, matched, _, _) = await asyncio.gather(
-                self._lookup(keys=[keys.pickers(pool)], args=[prefix, leave_out, "", "", 0, "load"]),
+                self._lookup(keys=[keys.pickers(pool)], args=[prefix, leave_out, "", "", 0, "load", *carried]),
                 self._lookup(keys=[keys.prefix_block(pool, bucket, block_hashes[0])], args=[*args, "index"]))
         figures = _pairs(inflight)
         counts, work = split_figures(figures)

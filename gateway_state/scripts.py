@@ -26,101 +26,6 @@ local function endpoint_prefix(e)
 end
 """
 
-# KEYS[1] = pickers zset (or, for the index part alone, any key of the bucket's
-# slot). ARGV = pool prefix, replica to leave out ("" for none), the block hashes
-# joined by spaces (one argument packs and parses in half the time of 256), "1"
-# when the pool's index comes from engine events (then a block's holders also
-# count the pickers' speculative entries not yet expired), the prompt's bucket
-# (keys.index_bucket), and which part to run: "load", "index" or "" for both (on
-# one Redis the whole lookup is one call; on a cluster the pool's shard answers
-# the load part and the bucket's shard the index part, at once).
-# Returns {inflight_flat, matched_flat, live replicas, backlog_flat}:
-# in-flight figures of the pool less the left-out replica's own record (fields
-# "<endpoint>" count requests, "<endpoint>|work" their uncached prompt blocks; a
-# replica knows its own exactly), per endpoint the number of leading prompt blocks
-# it holds, and per endpoint its prefill backlog as recorded by ADMIT: blocks, then
-# their age in ms. The pool's figures are one record (keys.inflight_total) that
-# every admission and release keeps beside the replica's own, so the cost does not
-# grow with the replicas: two records are read however many there are.
-#
-# Block hashes are chained, and each endpoint's recorded blocks are prefix-closed:
-# INDEX gives a prompt's blocks recencies that fall with depth, and eviction takes
-# the least recent first. So along the prompt the set of holders only shrinks, and a
-# binary search finds the deepest block any endpoint not yet matched holds: one
-# search per distinct match length, a dozen reads for a 256-block prompt instead
-# of one per block. A prompt whose first block nobody holds matches nothing.
-LOOKUP = _NOW_MS + _INDEX_PREFIXES + """
-local part = ARGV[6]
-local out_inflight, out_matched, replicas, out_backlog = {}, {}, {}, {}
-if part ~= 'index' then
-  local own = {}
-  if ARGV[2] ~= '' then
-    local kv = redis.call('HGETALL', prefix .. 'inflight:' .. ARGV[2])
-    for i = 1, #kv, 2 do own[kv[i]] = tonumber(kv[i + 1]) end
-  end
-  replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
-  local total = redis.call('HGETALL', prefix .. 'inflight')
-  for i = 1, #total, 2 do
-    local n = tonumber(total[i + 1]) - (own[total[i]] or 0)
-    if n > 0 then
-      table.insert(out_inflight, total[i])
-      table.insert(out_inflight, tostring(n))
-    end
-  end
-  local recorded = redis.call('HGETALL', prefix .. 'prefill')
-  for i = 1, #recorded, 2 do
-    local blocks, at = string.match(recorded[i + 1], '^([^|]+)|(%d+)$')
-    if blocks then
-      table.insert(out_backlog, recorded[i])
-      table.insert(out_backlog, blocks)
-      table.insert(out_backlog, tostring(now - tonumber(at)))
-    end
-  end
-end
-if part ~= 'load' and ARGV[3] ~= '' then
-  local bp = bucket_prefix(ARGV[5])
-  local blocks = {}
-  for h in string.gmatch(ARGV[3], '%S+') do table.insert(blocks, h) end
-  local matched = {}
-  local speculative = ARGV[4] == '1'
-  local function unmatched_holders(i)
-    local out, seen = {}, {}
-    for _, e in ipairs(redis.call('HKEYS', bp .. 'pfx:' .. blocks[i])) do
-      if not matched[e] then
-        table.insert(out, e)
-        seen[e] = true
-      end
-    end
-    if speculative then
-      local kv = redis.call('HGETALL', bp .. 'spec:' .. blocks[i])
-      for j = 1, #kv, 2 do
-        local e = kv[j]
-        if not matched[e] and not seen[e] and tonumber(kv[j + 1]) > now then table.insert(out, e) end
-      end
-    end
-    return out
-  end
-  local first, hi = 1, #blocks
-  while hi >= first do
-    local found = unmatched_holders(first)
-    if #found == 0 then break end
-    local depth, lo, up = first, first + 1, hi
-    while lo <= up do
-      local mid = math.floor((lo + up) / 2)
-      local holders = unmatched_holders(mid)
-      if #holders > 0 then depth, found, lo = mid, holders, mid + 1 else up = mid - 1 end
-    end
-    for _, e in ipairs(found) do matched[e] = depth end
-    hi = depth - 1
-  end
-  for e, n in pairs(matched) do
-    table.insert(out_matched, e)
-    table.insert(out_matched, tostring(n))
-  end
-end
-return {out_inflight, out_matched, replicas, out_backlog}
-"""
-
 # Keeping a replica's in-flight record and the pool's total (keys.inflight_total) in
 # step: every change to one goes to the other in the same script, so the total is
 # the sum of the records (PUBLISH rebuilds it from them on every heartbeat, which
@@ -271,6 +176,105 @@ local function apply(first, last)
   end
   return evicted, results
 end
+"""
+
+# KEYS[1] = pickers zset (or, for the index part alone, any key of the bucket's
+# slot). ARGV = pool prefix, replica to leave out ("" for none), the block hashes
+# joined by spaces (one argument packs and parses in half the time of 256), "1"
+# when the pool's index comes from engine events (then a block's holders also
+# count the pickers' speculative entries not yet expired), the prompt's bucket
+# (keys.index_bucket), and which part to run: "load", "index" or "" for both (on
+# one Redis the whole lookup is one call; on a cluster the pool's shard answers
+# the load part and the bucket's shard the index part, at once), then releases to
+# apply first (_WRITE_OPS "r", with the load part only): a request that ended
+# since the replica's last call rides on its next lookup instead of a call of its
+# own, and the figures read count it.
+# Returns {inflight_flat, matched_flat, live replicas, backlog_flat}:
+# in-flight figures of the pool less the left-out replica's own record (fields
+# "<endpoint>" count requests, "<endpoint>|work" their uncached prompt blocks; a
+# replica knows its own exactly), per endpoint the number of leading prompt blocks
+# it holds, and per endpoint its prefill backlog as recorded by ADMIT: blocks, then
+# their age in ms. The pool's figures are one record (keys.inflight_total) that
+# every admission and release keeps beside the replica's own, so the cost does not
+# grow with the replicas: two records are read however many there are.
+#
+# Block hashes are chained, and each endpoint's recorded blocks are prefix-closed:
+# INDEX gives a prompt's blocks recencies that fall with depth, and eviction takes
+# the least recent first. So along the prompt the set of holders only shrinks, and a
+# binary search finds the deepest block any endpoint not yet matched holds: one
+# search per distinct match length, a dozen reads for a 256-block prompt instead
+# of one per block. A prompt whose first block nobody holds matches nothing.
+LOOKUP = _NOW_MS + _WRITE_OPS + """
+local part = ARGV[6]
+local out_inflight, out_matched, replicas, out_backlog = {}, {}, {}, {}
+if part ~= 'index' then
+  apply(7, #ARGV)
+  local own = {}
+  if ARGV[2] ~= '' then
+    local kv = redis.call('HGETALL', prefix .. 'inflight:' .. ARGV[2])
+    for i = 1, #kv, 2 do own[kv[i]] = tonumber(kv[i + 1]) end
+  end
+  replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+  local total = redis.call('HGETALL', prefix .. 'inflight')
+  for i = 1, #total, 2 do
+    local n = tonumber(total[i + 1]) - (own[total[i]] or 0)
+    if n > 0 then
+      table.insert(out_inflight, total[i])
+      table.insert(out_inflight, tostring(n))
+    end
+  end
+  local recorded = redis.call('HGETALL', prefix .. 'prefill')
+  for i = 1, #recorded, 2 do
+    local blocks, at = string.match(recorded[i + 1], '^([^|]+)|(%d+)$')
+    if blocks then
+      table.insert(out_backlog, recorded[i])
+      table.insert(out_backlog, blocks)
+      table.insert(out_backlog, tostring(now - tonumber(at)))
+    end
+  end
+end
+if part ~= 'load' and ARGV[3] ~= '' then
+  local bp = bucket_prefix(ARGV[5])
+  local blocks = {}
+  for h in string.gmatch(ARGV[3], '%S+') do table.insert(blocks, h) end
+  local matched = {}
+  local speculative = ARGV[4] == '1'
+  local function unmatched_holders(i)
+    local out, seen = {}, {}
+    for _, e in ipairs(redis.call('HKEYS', bp .. 'pfx:' .. blocks[i])) do
+      if not matched[e] then
+        table.insert(out, e)
+        seen[e] = true
+      end
+    end
+    if speculative then
+      local kv = redis.call('HGETALL', bp .. 'spec:' .. blocks[i])
+      for j = 1, #kv, 2 do
+        local e = kv[j]
+        if not matched[e] and not seen[e] and tonumber(kv[j + 1]) > now then table.insert(out, e) end
+      end
+    end
+    return out
+  end
+  local first, hi = 1, #blocks
+  while hi >= first do
+    local found = unmatched_holders(first)
+    if #found == 0 then break end
+    local depth, lo, up = first, first + 1, hi
+    while lo <= up do
+      local mid = math.floor((lo + up) / 2)
+      local holders = unmatched_holders(mid)
+      if #holders > 0 then depth, found, lo = mid, holders, mid + 1 else up = mid - 1 end
+    end
+    for _, e in ipairs(found) do matched[e] = depth end
+    hi = depth - 1
+  end
+  for e, n in pairs(matched) do
+    table.insert(out_matched, e)
+    table.insert(out_matched, tostring(n))
+  end
+end
+return {out_inflight, out_matched, replicas, out_backlog}
 """
 
 # The writes that follow decisions, off the request path, as many as have gathered

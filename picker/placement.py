@@ -266,7 +266,10 @@ class Placement:
         they hold. When the state does not answer, the last answered lookup of the pool stands in, up to
         `recent_view_ms` old (its ages moved on, the holders from this replica's own index); older, None."""
         mark = self.own.mark()
-        others = await self._guard.call("lookup", self._state.lookup(pool, block_hashes, self._me, speculative))
+        # The releases gathered ride along, but not into a call the guard would skip (they would be lost).
+        releases = self._writes.take_releases(pool) if self._guard.usable else []
+        others = await self._guard.call("lookup", self._state.lookup(pool, block_hashes, self._me, speculative,
+                                                                     releases))
         now = time.monotonic()
         if others is not None:
             self._answered[pool] = AnsweredLookup(others, mark, now)

@@ -22,6 +22,7 @@ from gateway_state.placement_store import (
     WORK_SUFFIX,
     IndexWrite,
     Option,
+    ReleaseWrite,
     SharedView,
     SpeculativeWrite,
     Weighing,
@@ -47,8 +48,9 @@ class PlacementState(Protocol):
     index_rides_admission: bool
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
-                     speculative: bool = False) -> SharedView:
-        """In-flight figures of the live replicas but `leave_out`, each endpoint's matched blocks, live replicas."""
+                     speculative: bool = False, releases: Sequence[ReleaseWrite] = ()) -> SharedView:
+        """In-flight figures of the live replicas but `leave_out`, each endpoint's matched blocks, live replicas;
+        `releases` applied first, at once."""
         ...
 
     async def admit(self, pool: str, replica: str, options: Sequence[Option], lease_ms: int, model: str = "",
@@ -159,7 +161,8 @@ class MemoryState:
         return sorted(expiry)
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
-                     speculative: bool = False) -> SharedView:
+                     speculative: bool = False, releases: Sequence[ReleaseWrite] = ()) -> SharedView:
+        await self._apply(pool, releases)
         replicas = self._live(pool)
         total: Counter[str] = Counter()
         for replica in replicas:

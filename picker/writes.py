@@ -1,16 +1,16 @@
 """The writes after a decision, off its path: the prompt's blocks to index and the requests to release.
 
 A decision's own index write rides on its admission (`Placement.commit`). What else gathers (releases,
-mostly) waits up to LINGER_S for the next admission in its pool to carry it, in the same round trip;
-when none comes, one task per pool sends what gathered in one call, so at rest a release goes within
-LINGER_S and under load many share a call or ride along.
+mostly) waits up to LINGER_S for the next lookup (releases) or admission (anything) in its pool to carry
+it, in the same round trip; when none comes, one task per pool sends what gathered in one call, so at
+rest a release goes within LINGER_S and under load many share a call or ride along.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from gateway_state.placement_store import IndexWrite, SpeculativeWrite, Write
+from gateway_state.placement_store import IndexWrite, ReleaseWrite, SpeculativeWrite, Write
 from picker.state import MemoryState, PlacementState
 from picker.state_guard import StateGuard
 
@@ -22,6 +22,8 @@ WRITE_SLACK = 10.0
 # How long gathered writes wait for an admission to carry them: a round trip saved per decision under
 # load, and another replica sees a request end this much later at most.
 LINGER_S = 0.002
+# The most releases a lookup carries (scripts.LOOKUP): a few µs of Lua each, on the request path.
+LOOKUP_RELEASES = 16
 
 
 class WriteBatcher:
@@ -49,6 +51,24 @@ class WriteBatcher:
         else:
             self._pending[pool] = [w for b in batches[1:] for w in b]
         return batches[0]
+
+    def take_releases(self, pool: str) -> list[ReleaseWrite]:
+        """Up to LOOKUP_RELEASES of the releases gathered for `pool`, for a lookup to carry; the rest stays."""
+        pending = self._pending.get(pool)
+        if not pending:
+            return []
+        taken: list[ReleaseWrite] = []
+        kept: list[Write] = []
+        for w in pending:
+            if isinstance(w, ReleaseWrite) and len(taken) < LOOKUP_RELEASES:
+                taken.append(w)
+            else:
+                kept.append(w)
+        if kept:
+            self._pending[pool] = kept
+        else:
+            del self._pending[pool]
+        return taken
 
     def flush(self) -> None:
         """Send what gathered now (shutdown)."""

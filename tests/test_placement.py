@@ -31,7 +31,7 @@ from picker.scheduler import Scheduler, build_profiles
 from picker.settings import PickerSettings, ServerSettings, StateSettings
 from picker.state import MemoryState, OwnRequests, PlacementState
 from picker.state_guard import StateGuard
-from picker.writes import WriteBatcher, write_batches
+from picker.writes import LOOKUP_RELEASES, WriteBatcher, write_batches
 
 ENDPOINTS = tuple(Endpoint(f"pod-{i}", f"10.0.0.{i}", 8000) for i in range(4))
 CONFIG = Config(1, {"p": Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=ENDPOINTS)},
@@ -63,9 +63,9 @@ class Interleaved(MemoryState):
         self.first_options: list[str] = []
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
-                     speculative: bool = False) -> SharedView:
+                     speculative: bool = False, releases: Sequence[ReleaseWrite] = ()) -> SharedView:
         self.rounds += 1
-        return await super().lookup(pool, block_hashes, leave_out)
+        return await super().lookup(pool, block_hashes, leave_out, speculative, releases)
 
     async def admit(self, pool: str, replica: str, options: Sequence[Option], *args: Any, **kwargs: Any) -> int:
         if not self.first_options:
@@ -79,7 +79,7 @@ class Down(MemoryState):
     calls = 0
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
-                     speculative: bool = False) -> SharedView:
+                     speculative: bool = False, releases: Sequence[ReleaseWrite] = ()) -> SharedView:
         self.calls += 1
         raise RedisConnectionError("Redis is down")
 
@@ -185,15 +185,38 @@ async def test_the_writes_after_decisions_share_a_round_trip_while_one_is_under_
     assert view.inflight == {} and len(state.matched("p", request("prompt 3 " * 30).block_hashes)) == 1
 
 
-async def test_an_admission_carries_the_releases_gathered_before_it() -> None:
+async def test_an_admission_carries_the_writes_gathered_before_it() -> None:
+    """An index write left to the batcher (its admission's answer was lost) rides on the next admission;
+    a lookup carries releases alone."""
     state = SlowWrites()
     p, _ = placement(state)
     first = await p.place(request("first " * 30), {})
+    p._writes.add("p", IndexWrite("10.0.0.3:8000", request("third " * 30).block_hashes, 60_000, 1_000))
     p.release(first)
-    second = await p.place(request("second " * 30), {})  # within the linger: its admission carries the release
+    second = await p.place(request("second " * 30), {})  # within the linger: carried by its lookup and admission
     await asyncio.sleep(0.01)
     assert state.batches == []
     assert (await state.lookup("p", [])).inflight == {second.chosen.endpoint.key: 1}
+    assert state.matched("p", request("third " * 30).block_hashes) == {"10.0.0.3:8000": len(request(
+        "third " * 30).block_hashes)}
+
+
+async def test_a_lookup_carries_the_releases_gathered_before_it(shared_redis: Redis | RedisCluster,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request ends and the next decision's lookup comes within the linger (a long one here, so nothing
+    else can send it): the release rides on the lookup, in the same round trip (on a cluster, the pool's
+    part), and no call of its own is left to make."""
+    monkeypatch.setattr("picker.writes.LINGER_S", 5.0)
+    store = StateStore(shared_redis)
+    p, metrics = placement(store)
+    first = await p.place(request("first " * 30), {})
+    assert (await store.lookup("p", [])).inflight == {first.chosen.endpoint.key: 1}
+    p.release(first)
+    await p.plan(request("first " * 30), {})
+    assert (await store.lookup("p", [])).inflight == {}
+    await p.drain()  # on a cluster the first prompt's index write, which never rides a lookup, goes now
+    assert observed(metrics, "write")[0] == (0 if store.index_rides_admission else 1)
+    assert observed(metrics, "lookup")[0] == 2
 
 
 async def test_without_the_state_it_places_from_its_own_figures_and_index() -> None:
@@ -390,6 +413,17 @@ def test_a_burst_of_writes_is_cut_into_calls_of_bounded_lua_work() -> None:
     batches = write_batches(writes)
     assert [len(b) for b in batches] == [3, 1, 1]  # 201, then 100, then one alone past the bound
     assert [w for b in batches for w in b] == writes
+
+
+async def test_a_lookup_takes_a_bounded_share_of_the_releases_and_leaves_the_rest_in_order() -> None:
+    batcher = WriteBatcher(MemoryState(), None, StateGuard(PickerMetrics(), 50, 100))
+    index = IndexWrite("e", ["h"], 60_000, 1_000)
+    releases = [ReleaseWrite("me", f"e{i}") for i in range(LOOKUP_RELEASES + 4)]
+    for w in [releases[0], index, *releases[1:]]:
+        batcher.add("p", w)
+    assert batcher.take_releases("p") == releases[:LOOKUP_RELEASES]
+    assert batcher.take("p") == [index, *releases[LOOKUP_RELEASES:]]
+    assert batcher.take_releases("p") == []
 
 
 def test_an_endpoint_not_measured_yet_takes_the_slowest_measured_speed_of_its_pool() -> None:
