@@ -186,19 +186,19 @@ async def test_the_writes_after_decisions_share_a_round_trip_while_one_is_under_
 
 
 async def test_an_admission_carries_the_writes_gathered_before_it() -> None:
-    """An index write left to the batcher (its admission's answer was lost) rides on the next admission;
-    a lookup carries releases alone."""
+    """An index write left to the batcher (as when its admission's answer was lost) rides on the next
+    admission, and the release gathered beside it on the next lookup: no call of their own."""
     state = SlowWrites()
     p, _ = placement(state)
     first = await p.place(request("first " * 30), {})
-    p._writes.add("p", IndexWrite("10.0.0.3:8000", request("third " * 30).block_hashes, 60_000, 1_000))
+    left = request("left " * 30).block_hashes
+    p._writes.add("p", IndexWrite("10.0.0.3:8000", left, 60_000, 1_000))
     p.release(first)
-    second = await p.place(request("second " * 30), {})  # within the linger: carried by its lookup and admission
+    second = await p.place(request("second " * 30), {})  # within the linger
     await asyncio.sleep(0.01)
     assert state.batches == []
     assert (await state.lookup("p", [])).inflight == {second.chosen.endpoint.key: 1}
-    assert state.matched("p", request("third " * 30).block_hashes) == {"10.0.0.3:8000": len(request(
-        "third " * 30).block_hashes)}
+    assert state.matched("p", left) == {"10.0.0.3:8000": len(left)}
 
 
 async def test_a_lookup_carries_the_releases_gathered_before_it(shared_redis: Redis | RedisCluster,
