@@ -19,8 +19,8 @@ from picker.state_guard import StateGuard
 MAX_WRITE_BATCH = 256
 # Off the request path a slower state may take longer; the heartbeat heals a lost release.
 WRITE_SLACK = 10.0
-# How long gathered writes wait for an admission to carry them: a round trip saved per decision under
-# load, and another replica sees a request end this much later at most.
+# How long gathered writes wait for a lookup (releases) or an admission to carry them: a round trip saved
+# per decision under load, and another replica sees a request end this much later at most.
 LINGER_S = 0.002
 # The most releases a lookup carries (scripts.LOOKUP): a few µs of Lua each, on the request path.
 LOOKUP_RELEASES = 16
