@@ -80,7 +80,23 @@ REFRESH_SHARE = 4
 # `apply` returns how many blocks the index writes evicted, and for each "l" write
 # in order {index of the first block written, evicted "hash/bucket" members...}.
 WRITE_ARGS = 7
-_WRITE_OPS = _INDEX_PREFIXES + _INFLIGHT_HELPERS + """
+
+# What a Redis with an append-only file keeps across its restart. The request
+# path's bookkeeping (in-flight counts, the prefill backlog, the replicas' leases,
+# speculative entries) lives for a lease or less, and every replica's heartbeat
+# writes its own figures again (PUBLISH, itself kept), so a script writes it for the
+# replicas alone (`passing()`, a Sentinel failover keeps it): after a restart the
+# last heartbeat's figures stand until the next. The prefix index (`lasting()`, the
+# default) goes to both. The file then grows by about 80 bytes a decision in a pool
+# indexed from engine events instead of 2 KB (docs/capacity.md), so Redis rewrites it
+# (a fork) twenty times less often.
+_REPLICATION = """
+local replicas_only = redis.REPL_REPLICA or redis.REPL_SLAVE
+local function passing() redis.set_repl(replicas_only) end
+local function lasting() redis.set_repl(redis.REPL_ALL) end
+"""
+
+_WRITE_OPS = _REPLICATION + _INDEX_PREFIXES + _INFLIGHT_HELPERS + """
 local function speculate(endpoint, ttl, bucket, hashes)
   local bp = bucket_prefix(bucket)
   for h in string.gmatch(hashes, '%S+') do
@@ -149,6 +165,7 @@ local function apply(first, last)
   local evicted, results = 0, {}
   for w = first, last, """ + str(WRITE_ARGS) + """ do
     local op, endpoint = ARGV[w], ARGV[w + 1]
+    if op == 'r' or op == 's' then passing() else lasting() end
     if op == 'i' or op == 'l' then
       local blocks = split(ARGV[w + 6])
       local from, gone = remember(endpoint, tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), tonumber(ARGV[w + 4]),
@@ -350,6 +367,7 @@ for i = 1, options do
   if best == nil or score > best then best = score end
 end
 if best < floor then return 0 end
+passing()
 local pick = 1
 while scores[pick] < best - margin do pick = pick + 1 end
 local at = 11 + (pick - 1) * """ + str(ADMIT_OPTION_ARGS) + """
