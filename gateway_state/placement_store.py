@@ -150,6 +150,15 @@ def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
     return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+def _packed(block_hashes: Sequence[str]) -> tuple[str, int]:
+    """The hashes as LOOKUP takes them: one after the other with their width when all have one width (the
+    picker's always do: 16 hex digits), else joined by spaces with width 0."""
+    width = len(block_hashes[0]) if block_hashes else 0
+    if width and all(len(h) == width for h in block_hashes):
+        return "".join(block_hashes), width
+    return " ".join(block_hashes), 0
+
+
 def _write_args(writes: Sequence[Write], lru_only: bool = False) -> list[str | int]:
     """The writes as the scripts take them (scripts._WRITE_OPS); `lru_only`: an index write's LRU half."""
     args: list[str | int] = []
@@ -226,15 +235,16 @@ class PlacementStore(RedisState):
         Block hashes are hex digests: the scripts take them as one space-separated argument.
         """
         prefix, bucket = keys.pool_prefix(pool), keys.index_bucket(block_hashes[0]) if block_hashes else 0
-        args = [prefix, leave_out, " ".join(block_hashes), "1" if speculative else "", bucket]
+        hashes, width = _packed(block_hashes)
+        args = [prefix, leave_out, hashes, "1" if speculative else "", bucket]
         carried = _write_args(releases)
         if self.index_rides_admission or not block_hashes:
             inflight, matched, replicas, backlog = await self._lookup(keys=[keys.pickers(pool)],
-                                                                      args=[*args, "", *carried])
+                                                                      args=[*args, "", width, *carried])
         else:  # the load part reads no block hashes, so it is sent none
             (inflight, _, replicas, backlog), (_, matched, _, _) = await asyncio.gather(
-                self._lookup(keys=[keys.pickers(pool)], args=[prefix, leave_out, "", "", 0, "load", *carried]),
-                self._lookup(keys=[keys.prefix_block(pool, bucket, block_hashes[0])], args=[*args, "index"]))
+                self._lookup(keys=[keys.pickers(pool)], args=[prefix, leave_out, "", "", 0, "load", 0, *carried]),
+                self._lookup(keys=[keys.prefix_block(pool, bucket, block_hashes[0])], args=[*args, "index", width]))
         figures = _pairs(inflight)
         counts, work = split_figures(figures)
         return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)),

@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 
+import pytest
 from redis.asyncio import Redis
 
 from gateway_state import keys
@@ -50,14 +51,17 @@ async def test_lookup_finds_the_longest_cached_prefix_per_endpoint(redis_client:
     assert view.matched_blocks == {}
 
 
-async def test_lookup_finds_each_endpoints_own_match_length_in_a_long_prompt(redis_client: Redis) -> None:
+@pytest.mark.parametrize("one_width", [True, False], ids=["hashes-of-one-width", "hashes-of-many-widths"])
+async def test_lookup_finds_each_endpoints_own_match_length_in_a_long_prompt(redis_client: Redis,
+                                                                             one_width: bool) -> None:
     # The lookup searches the prompt rather than walking it block by block; every
     # endpoint must still get exactly the length of the query prefix it holds,
-    # whichever mix of lengths and diverging continuations the pool has.
+    # whichever mix of lengths and diverging continuations the pool has. Hashes of
+    # one width (the picker's) reach the script packed, others joined by spaces.
     store = StateStore(redis_client)
     rng = random.Random(5)
     for trial in range(6):
-        query = [f"t{trial}q{i}" for i in range(256)]
+        query = [f"{trial:x}{i:015x}" if one_width else f"t{trial}q{i}" for i in range(256)]
         expected = {}
         for n in range(8):
             endpoint = f"t{trial}e{n}:1"
