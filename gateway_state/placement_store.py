@@ -150,13 +150,14 @@ def _pairs(flat: Sequence[bytes]) -> dict[str, int]:
     return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-def _packed(block_hashes: Sequence[str]) -> tuple[str, int]:
-    """The hashes as LOOKUP takes them: one after the other with their width when all have one width (the
-    picker's always do: 16 hex digits), else joined by spaces with width 0."""
+def hash_list(block_hashes: Sequence[str]) -> str:
+    """Block hashes as the scripts take them in one argument (scripts `hash_list`): "W:" and the hashes one
+    after the other when all have the width W (the picker's do: 16 hex digits), so a script reads only those
+    it needs; else joined by spaces."""
     width = len(block_hashes[0]) if block_hashes else 0
     if width and all(len(h) == width for h in block_hashes):
-        return "".join(block_hashes), width
-    return " ".join(block_hashes), 0
+        return f"{width}:" + "".join(block_hashes)
+    return " ".join(block_hashes)
 
 
 def _write_args(writes: Sequence[Write], lru_only: bool = False) -> list[str | int]:
@@ -165,7 +166,7 @@ def _write_args(writes: Sequence[Write], lru_only: bool = False) -> list[str | i
     for w in writes:
         if isinstance(w, IndexWrite):
             args += ["l" if lru_only else "i", w.endpoint, w.prefix_ttl_ms, w.capacity_blocks, w.held_blocks,
-                     w.bucket, " ".join(w.block_hashes)]
+                     w.bucket, hash_list(w.block_hashes)]
         elif isinstance(w, SpeculativeWrite):
             args += ["s", w.endpoint, w.ttl_ms, "", "", w.bucket, " ".join(w.block_hashes)]
         else:
@@ -235,16 +236,15 @@ class PlacementStore(RedisState):
         Block hashes are hex digests: the scripts take them as one space-separated argument.
         """
         prefix, bucket = keys.pool_prefix(pool), keys.index_bucket(block_hashes[0]) if block_hashes else 0
-        hashes, width = _packed(block_hashes)
-        args = [prefix, leave_out, hashes, "1" if speculative else "", bucket]
+        args = [prefix, leave_out, hash_list(block_hashes), "1" if speculative else "", bucket]
         carried = _write_args(releases)
         if self.index_rides_admission or not block_hashes:
             inflight, matched, replicas, backlog = await self._lookup(keys=[keys.pickers(pool)],
-                                                                      args=[*args, "", width, *carried])
+                                                                      args=[*args, "", *carried])
         else:  # the load part reads no block hashes, so it is sent none
             (inflight, _, replicas, backlog), (_, matched, _, _) = await asyncio.gather(
-                self._lookup(keys=[keys.pickers(pool)], args=[prefix, leave_out, "", "", 0, "load", 0, *carried]),
-                self._lookup(keys=[keys.prefix_block(pool, bucket, block_hashes[0])], args=[*args, "index", width]))
+                self._lookup(keys=[keys.pickers(pool)], args=[prefix, leave_out, "", "", 0, "load", *carried]),
+                self._lookup(keys=[keys.prefix_block(pool, bucket, block_hashes[0])], args=[*args, "index"]))
         figures = _pairs(inflight)
         counts, work = split_figures(figures)
         return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)),

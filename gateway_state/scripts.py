@@ -24,6 +24,20 @@ local function bucket_prefix(b) return 'gw:{' .. pool_name .. '|b' .. b .. '}:' 
 local function endpoint_prefix(e)
   return 'gw:{' .. pool_name .. '|e|' .. string.sub(redis.sha1hex(e), 1, 8) .. '}:' .. e .. ':'
 end
+-- A list of block hashes (placement_store.hash_list): "W:" then hashes of W characters one after
+-- the other, or hashes joined by spaces. Returns how many, and a function giving the i-th: a
+-- packed list is read only where asked (a search probes a dozen of a long prompt's hashes, an
+-- index write of a held prompt touches its new ones), never split whole.
+local function hash_list(s)
+  local width, from = string.match(s, '^(%d+):()')
+  if width then
+    width = tonumber(width)
+    return (#s - from + 1) / width, function(i) return string.sub(s, from + (i - 1) * width, from + i * width - 1) end
+  end
+  local list = {}
+  for h in string.gmatch(s, '%S+') do table.insert(list, h) end
+  return #list, function(i) return list[i] end
+end
 """
 
 # Keeping a replica's in-flight record and the pool's total (keys.inflight_total) in
@@ -57,7 +71,7 @@ REFRESH_SHARE = 4
 #
 # - "i", endpoint, prefix ttl_ms, endpoint capacity in blocks, the blocks the
 #   endpoint held at the decision (the lookup's match), the prompt's bucket, the
-#   block hashes joined by spaces: the endpoint now holds every block. The
+#   block hashes (a list, `hash_list`): the endpoint now holds every block. The
 #   endpoint's blocks form an LRU bounded by capacity (keys.endpoint_lru: members
 #   "hash/bucket", scores ms * 1024 + a depth slot), and within one prompt deeper
 #   blocks score lower, so eviction takes leaves first, as the model server's own
@@ -105,10 +119,10 @@ local function speculate(endpoint, ttl, bucket, hashes)
     if redis.call('PTTL', sk) < ttl then redis.call('PEXPIRE', sk, ttl) end
   end
 end
-local function hold(endpoint, ttl, bucket, blocks, first)
+local function hold(endpoint, ttl, bucket, count, block, first)
   local bp = bucket_prefix(bucket)
-  for i = first, #blocks do
-    local bk = bp .. 'pfx:' .. blocks[i]
+  for i = first, count do
+    local bk = bp .. 'pfx:' .. block(i)
     redis.call('HSET', bk, endpoint, now)
     if ttl > 0 then redis.call('PEXPIRE', bk, ttl) end
   end
@@ -119,19 +133,14 @@ local function unhold_members(endpoint, members)
     if h then redis.call('HDEL', bucket_prefix(b) .. 'pfx:' .. h, endpoint) end
   end
 end
-local function split(hashes)
-  local blocks = {}
-  for h in string.gmatch(hashes, '%S+') do table.insert(blocks, h) end
-  return blocks
-end
 -- The LRU's half of an index write: returns the index of the first block written, and the members evicted.
-local function remember(endpoint, ttl, cap, held, bucket, blocks)
+local function remember(endpoint, ttl, cap, held, bucket, count, block)
   local lru = endpoint_prefix(endpoint) .. 'lru'
   local tag = '/' .. bucket
   local size = redis.call('ZCARD', lru)
   local first, top = 1, now * 1024 + 1023  -- write blocks[first..], the first at score top
-  if held > 0 and held <= #blocks then
-    local score = redis.call('ZSCORE', lru, blocks[held] .. tag)
+  if held > 0 and held <= count then
+    local score = redis.call('ZSCORE', lru, block(held) .. tag)
     if score then
       local turnover = ttl
       if size >= cap then
@@ -143,8 +152,8 @@ local function remember(endpoint, ttl, cap, held, bucket, blocks)
       end
     end
   end
-  if first > #blocks then return first, {} end
-  for i = first, #blocks do redis.call('ZADD', lru, top - (i - first), blocks[i] .. tag) end
+  if first > count then return first, {} end
+  for i = first, count do redis.call('ZADD', lru, top - (i - first), block(i) .. tag) end
   redis.call('PEXPIRE', lru, ttl)
   size = redis.call('ZCARD', lru)
   local evicted = {}
@@ -167,19 +176,20 @@ local function apply(first, last)
     local op, endpoint = ARGV[w], ARGV[w + 1]
     if op == 'r' or op == 's' then passing() else lasting() end
     if op == 'i' or op == 'l' then
-      local blocks = split(ARGV[w + 6])
+      local count, block = hash_list(ARGV[w + 6])
       local from, gone = remember(endpoint, tonumber(ARGV[w + 2]), tonumber(ARGV[w + 3]), tonumber(ARGV[w + 4]),
-                                  ARGV[w + 5], blocks)
+                                  ARGV[w + 5], count, block)
       evicted = evicted + #gone
       if op == 'i' then
-        hold(endpoint, tonumber(ARGV[w + 2]), ARGV[w + 5], blocks, from)
+        hold(endpoint, tonumber(ARGV[w + 2]), ARGV[w + 5], count, block, from)
         unhold_members(endpoint, gone)
       else
         table.insert(gone, 1, from)
         table.insert(results, gone)
       end
     elseif op == 'h' then
-      hold(endpoint, tonumber(ARGV[w + 2]), ARGV[w + 5], split(ARGV[w + 6]), 1)
+      local count, block = hash_list(ARGV[w + 6])
+      hold(endpoint, tonumber(ARGV[w + 2]), ARGV[w + 5], count, block, 1)
     elseif op == 'd' then
       local bp = bucket_prefix(ARGV[w + 5])
       for h in string.gmatch(ARGV[w + 6], '%S+') do redis.call('HDEL', bp .. 'pfx:' .. h, endpoint) end
@@ -197,15 +207,13 @@ end
 
 # KEYS[1] = pickers zset (or, for the index part alone, any key of the bucket's
 # slot). ARGV = pool prefix, replica to leave out ("" for none), the block hashes
-# in one argument (one argument packs and parses in half the time of 256), "1"
+# in one argument (a list, `hash_list`: one argument packs and parses in half the
+# time of 256), "1"
 # when the pool's index comes from engine events (then a block's holders also
 # count the pickers' speculative entries not yet expired), the prompt's bucket
 # (keys.index_bucket), and which part to run: "load", "index" or "" for both (on
 # one Redis the whole lookup is one call; on a cluster the pool's shard answers
-# the load part and the bucket's shard the index part, at once), the hashes' width
-# (each exactly that many characters, one after the other: the search reads the
-# few it probes where they stand instead of splitting them all, a quarter of the
-# script's time for a 100-block prompt) or 0 (joined by spaces), then releases to
+# the load part and the bucket's shard the index part, at once), then releases to
 # apply first (_WRITE_OPS "r", with the load part only): a request that ended
 # since the replica's last call rides on its next lookup instead of a call of its
 # own, and the figures read count it.
@@ -228,7 +236,7 @@ LOOKUP = _NOW_MS + _WRITE_OPS + """
 local part = ARGV[6]
 local out_inflight, out_matched, replicas, out_backlog = {}, {}, {}, {}
 if part ~= 'index' then
-  apply(8, #ARGV)
+  apply(7, #ARGV)
   local own = {}
   if ARGV[2] ~= '' then
     local kv = redis.call('HGETALL', prefix .. 'inflight:' .. ARGV[2])
@@ -255,17 +263,7 @@ if part ~= 'index' then
 end
 if part ~= 'load' and ARGV[3] ~= '' then
   local bp = bucket_prefix(ARGV[5])
-  local hashes, width = ARGV[3], tonumber(ARGV[7])
-  local count, block
-  if width > 0 then
-    count = #hashes / width
-    block = function(i) return string.sub(hashes, (i - 1) * width + 1, i * width) end
-  else
-    local blocks = {}
-    for h in string.gmatch(hashes, '%S+') do table.insert(blocks, h) end
-    count = #blocks
-    block = function(i) return blocks[i] end
-  end
+  local count, block = hash_list(ARGV[3])
   local matched = {}
   local speculative = ARGV[4] == '1'
   local function unmatched_holders(i)
