@@ -233,7 +233,7 @@ class PlacementStore(RedisState):
         `speculative`: the pool's index comes from engine events, and pickers' speculative entries count.
         `releases` are applied first, in the same round trip (on a cluster, the pool's part).
 
-        Block hashes are hex digests: the scripts take them as one space-separated argument.
+        Block hashes are hex digests: the scripts take them in one argument (`hash_list`).
         """
         prefix, bucket = keys.pool_prefix(pool), keys.index_bucket(block_hashes[0]) if block_hashes else 0
         args = [prefix, leave_out, hash_list(block_hashes), "1" if speculative else "", bucket]

@@ -101,9 +101,9 @@ WRITE_ARGS = 7
 # writes its own figures again (PUBLISH, itself kept), so a script writes it for the
 # replicas alone (`passing()`, a Sentinel failover keeps it): after a restart the
 # last heartbeat's figures stand until the next. The prefix index (`lasting()`, the
-# default) goes to both. The file then grows by about 80 bytes a decision in a pool
-# indexed from engine events instead of 2 KB (docs/capacity.md), so Redis rewrites it
-# (a fork) twenty times less often.
+# default) goes to both. The file then grows by 83 bytes a decision instead of 2,037 in a
+# pool indexed from engine events, 1,237 instead of 2,521 in an approximate one
+# (docs/capacity.md), and Redis rewrites it (a fork) that much less often.
 _REPLICATION = """
 local replicas_only = redis.REPL_REPLICA or redis.REPL_SLAVE
 local function passing() redis.set_repl(replicas_only) end
@@ -208,9 +208,8 @@ end
 # KEYS[1] = pickers zset (or, for the index part alone, any key of the bucket's
 # slot). ARGV = pool prefix, replica to leave out ("" for none), the block hashes
 # in one argument (a list, `hash_list`: one argument packs and parses in half the
-# time of 256), "1"
-# when the pool's index comes from engine events (then a block's holders also
-# count the pickers' speculative entries not yet expired), the prompt's bucket
+# time of 256), "1" when the pool's index comes from engine events (then a block's
+# holders also count the pickers' speculative entries not yet expired), the prompt's bucket
 # (keys.index_bucket), and which part to run: "load", "index" or "" for both (on
 # one Redis the whole lookup is one call; on a cluster the pool's shard answers
 # the load part and the bucket's shard the index part, at once), then releases to
