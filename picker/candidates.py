@@ -6,7 +6,7 @@ holds, the prefill backlog) was read before, in the decision's one round trip.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from gateway_state.placement_store import SharedView, model_field, prefill_left
 from gateway_state.records import LoadSample, Pool
@@ -37,19 +37,6 @@ def build_candidates(pool: Pool, samples: Mapping[str, LoadSample], speeds: Mapp
                              models.get(model_field(key, model), 0) if models else 0,
                              has_room(load, inflight, flow), speed))
     return out
-
-
-def replica_share(endpoints: Sequence[str], live_replicas: Sequence[str], me: str) -> frozenset[str]:
-    """The endpoints `me` takes first among ties: every n-th of the sorted pool, n the live replicas.
-
-    Every replica computes the same split from the same Redis lookup, without
-    coordinating. Alone, a replica prefers nothing (plain random ties).
-    """
-    live = sorted({*live_replicas, me})
-    if len(live) == 1:
-        return frozenset()
-    rank = live.index(me)
-    return frozenset(e for i, e in enumerate(sorted(endpoints)) if i % len(live) == rank)
 
 
 def prefill_speeds(pool: Pool, samples: Mapping[str, LoadSample], tokens_per_block: float,

@@ -34,7 +34,7 @@ from gateway_state.placement_store import (
     summed,
 )
 from gateway_state.records import LoadSample, Pool
-from picker.candidates import build_candidates, fresh, prefill_speeds, replica_share
+from picker.candidates import build_candidates, fresh, prefill_speeds
 from picker.errors import GatewayError, Shed
 from picker.intake import PlacementRequest
 from picker.metrics import PickerMetrics
@@ -226,8 +226,7 @@ class Placement:
                               summed(others.inflight_work, own_work), others.replicas,
                               summed(others.inflight_models, own_models), others.prefill_backlog,
                               self.own.work_since(pool.name, mark))
-        scheduling = replace(request.scheduling, preferred=replica_share(
-            [e.key for e in pool.endpoints], view.replicas, self._me))
+        scheduling = request.scheduling
         candidates = build_candidates(pool, samples, self._prefill_speeds(pool, samples), view, drained,
                                       scheduling.model, self._clock.now_ms(), self._settings)
         if released:

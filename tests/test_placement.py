@@ -360,10 +360,10 @@ async def test_a_lookup_left_unanswered_reads_the_others_figures_of_the_last_ans
     me, metrics = placement(store, MemoryState(), replace(SETTINGS, state=replace(SETTINGS.state, recent_view_ms=150)))
     mine = request("mine " * 30)
     alone = (await placement(MemoryState())[0].plan(mine, {})).chosen.endpoint.key  # seeing only its own figures
-    # Another replica has three requests in flight at three endpoints (more than the prompt's home is worth),
-    # the one chosen alone among them.
+    # Another replica has six requests in flight at three endpoints (more than the prompt's home is worth, and
+    # past the tie margin: three would not be), the one chosen alone among them.
     free = next(e.key for e in ENDPOINTS if e.key != alone)
-    for e in [e for e in ENDPOINTS if e.key != free] * 3:
+    for e in [e for e in ENDPOINTS if e.key != free] * 6:
         assert await store.admit("p", "other", [Option(e.key)], 5_000)
     async with redis_nodes(shared_redis) as nodes:  # connected first: the lookups below are 70 ms apart
         assert (await me.plan(mine, {})).chosen.endpoint.key == free  # answered: the other's requests in view

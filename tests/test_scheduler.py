@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 
 from gateway_state.records import Endpoint, FlowControl, LoadSample, Strategy
-from picker.candidates import replica_share
 from picker.errors import Shed
 from picker.plugins.framework import Candidate, SchedulingRequest
 from picker.plugins.scorers import PrefixHomeScorer
@@ -30,9 +29,8 @@ def scheduler() -> Scheduler:
     return Scheduler(build_profiles(SchedulingSettings(), random.Random(7)))
 
 
-def req(blocks: int = 0, priority: int = 0,
-        preferred: frozenset[str] = frozenset()) -> SchedulingRequest:
-    return SchedulingRequest("m", priority, blocks, work_blocks=blocks, preferred=preferred)
+def req(blocks: int = 0, priority: int = 0) -> SchedulingRequest:
+    return SchedulingRequest("m", priority, blocks, work_blocks=blocks)
 
 
 def test_default_avoids_queues_and_full_caches(scheduler: Scheduler) -> None:
@@ -101,16 +99,13 @@ def test_a_prompt_nobody_holds_goes_where_the_prefill_ahead_ends_first_over_its_
         assert scheduler.schedule(Strategy.PREFIX_CACHE, cold, pods).endpoints[0].endpoint == home.endpoint
 
 
-def test_ties_go_to_this_replicas_share_of_the_pool_first(scheduler: Scheduler) -> None:
+def test_ties_go_at_random_and_a_clearly_better_endpoint_wins(scheduler: Scheduler) -> None:
     pods = [candidate(i) for i in range(4)]
-    mine = frozenset({"10.0.0.1:8000", "10.0.0.3:8000"})
-    picks = Counter(scheduler.schedule(Strategy.DEFAULT, req(preferred=mine), pods).endpoints[0].endpoint.name
-                    for _ in range(100))
-    assert set(picks) == {"pod-1", "pod-3"} and min(picks.values()) > 20
-    # A clearly better endpoint outside the share still wins: preference only breaks ties.
+    picks = Counter(scheduler.schedule(Strategy.DEFAULT, req(), pods).endpoints[0].endpoint.name for _ in range(100))
+    assert set(picks) == {"pod-0", "pod-1", "pod-2", "pod-3"} and min(picks.values()) > 10
     pods[0] = candidate(0, inflight=0, kv=0.0)
     pods[1:] = [candidate(i, inflight=6) for i in range(1, 4)]
-    assert scheduler.schedule(Strategy.DEFAULT, req(preferred=mine), pods).endpoints[0].endpoint.name == "pod-0"
+    assert scheduler.schedule(Strategy.DEFAULT, req(), pods).endpoints[0].endpoint.name == "pod-0"
 
 
 def test_an_endpoint_with_a_backlog_gets_nothing_while_another_has_none(scheduler: Scheduler) -> None:
@@ -183,13 +178,3 @@ def test_scheduling_overrides_take_each_fields_type_and_refuse_unknown_names() -
     for bad in ("inflight_scale", "no_such=1", "fallbacks=two"):
         with pytest.raises(ValueError, match="--scheduling"):
             SchedulingSettings.from_overrides([bad])
-
-
-def test_live_replicas_split_the_pool_into_disjoint_shares() -> None:
-    pool = [f"10.0.0.{i}:8000" for i in range(7)]
-    shares = [replica_share(pool, ["b", "a", "c"], me) for me in ("a", "b", "c")]
-    assert set().union(*shares) == set(pool) and sum(map(len, shares)) == 7
-    assert sorted(map(len, shares)) == [2, 2, 3]
-    assert replica_share(pool, [], "a") == frozenset()  # alone: no preference
-    # A replica not yet in the lookup's list counts itself in.
-    assert replica_share(pool, ["a"], "b") == {pool[1], pool[3], pool[5]}

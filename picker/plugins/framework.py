@@ -32,10 +32,6 @@ class SchedulingRequest:
     prompt_blocks: int  # how many prefix blocks the prompt has
     first_block: str = ""  # hash of the prompt's first block; empty without prefix routing
     work_blocks: int = 0  # the whole prompt in blocks, uncapped: its prefill work where nothing is cached
-    # Endpoints this replica takes first among tied candidates. Live replicas split
-    # the pool between them, so concurrent decisions on different replicas, which
-    # cannot see each other, do not pile onto the same idle endpoint.
-    preferred: frozenset[str] = frozenset()
 
 
 class Filter(Protocol):

@@ -14,10 +14,10 @@ from picker.plugins.framework import Candidate, SchedulingRequest
 class MaxScorePicker:
     """Highest score first; candidates within `tie_margin` of the best count as tied.
 
-    Ties go to an endpoint this replica prefers when one is tied, then at random,
-    so near-equal endpoints share a burst instead of all of it landing on the one a
-    hair ahead (a trivially short shared prefix, say), and replicas deciding at the
-    same instant take different endpoints.
+    Ties go at random, so near-equal endpoints share a burst instead of all of it
+    landing on the one a hair ahead (a trivially short shared prefix, say); where
+    replicas deciding at the same instant take the same one, the admission re-weighs
+    the decision's options on the pool's figures of that instant (scripts.ADMIT).
     """
 
     fallbacks: int
@@ -28,7 +28,6 @@ class MaxScorePicker:
     def pick(self, request: SchedulingRequest, scored: Sequence[tuple[Candidate, float]]) -> list[Candidate]:
         best = max(score for _, score in scored)
         tied = [c for c, score in scored if score >= best - self.tie_margin]
-        tied = [c for c in tied if c.endpoint.key in request.preferred] or tied
         chosen = tied[self.rng.randrange(len(tied))]
         # The best `fallbacks` of the rest in the order sorting them all would give (each draws its tie-break
         # once, in turn, as sorting does), without sorting a large pool's every candidate.
