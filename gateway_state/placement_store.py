@@ -21,7 +21,6 @@ class SharedView:
     inflight: dict[str, int]  # endpoint -> requests in flight, over all picker replicas
     matched_blocks: dict[str, int]  # endpoint -> leading prompt blocks it holds
     inflight_work: dict[str, int] = field(default_factory=dict)  # endpoint -> uncached prompt blocks in flight
-    replicas: tuple[str, ...] = ()  # the live picker replicas of the pool, sorted
     # model_field(endpoint, model) -> requests for that model (a LoRA adapter, say) in flight there
     inflight_models: dict[str, int] = field(default_factory=dict)
     # endpoint -> (uncached prompt blocks it had still to compute, how long ago in ms) at the last
@@ -229,7 +228,7 @@ class PlacementStore(RedisState):
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
                      speculative: bool = False, releases: Sequence[ReleaseWrite] = ()) -> SharedView:
-        """In-flight figures over the live replicas but `leave_out`, prefix holders, live replicas.
+        """In-flight figures over the live replicas but `leave_out`, and the prompt's prefix holders.
         `speculative`: the pool's index comes from engine events, and pickers' speculative entries count.
         `releases` are applied first, in the same round trip (on a cluster, the pool's part).
 
@@ -239,16 +238,14 @@ class PlacementStore(RedisState):
         args = [prefix, leave_out, hash_list(block_hashes), "1" if speculative else "", bucket]
         carried = _write_args(releases)
         if self.index_rides_admission or not block_hashes:
-            inflight, matched, replicas, backlog = await self._lookup(keys=[keys.pickers(pool)],
-                                                                      args=[*args, "", *carried])
+            inflight, matched, backlog = await self._lookup(keys=[keys.pickers(pool)], args=[*args, "", *carried])
         else:  # the load part reads no block hashes, so it is sent none
-            (inflight, _, replicas, backlog), (_, matched, _, _) = await asyncio.gather(
+            (inflight, _, backlog), (_, matched, _) = await asyncio.gather(
                 self._lookup(keys=[keys.pickers(pool)], args=[prefix, leave_out, "", "", 0, "load", *carried]),
                 self._lookup(keys=[keys.prefix_block(pool, bucket, block_hashes[0])], args=[*args, "index"]))
         figures = _pairs(inflight)
         counts, work = split_figures(figures)
-        return SharedView(counts, _pairs(matched), work, tuple(sorted(r.decode() for r in replicas)),
-                          model_figures(figures),
+        return SharedView(counts, _pairs(matched), work, model_figures(figures),
                           {backlog[i].decode(): (float(backlog[i + 1]), int(backlog[i + 2]))
                            for i in range(0, len(backlog), 3)})
 

@@ -216,7 +216,7 @@ end
 # apply first (_WRITE_OPS "r", with the load part only): a request that ended
 # since the replica's last call rides on its next lookup instead of a call of its
 # own, and the figures read count it.
-# Returns {inflight_flat, matched_flat, live replicas, backlog_flat}:
+# Returns {inflight_flat, matched_flat, backlog_flat}:
 # in-flight figures of the pool less the left-out replica's own record (fields
 # "<endpoint>" count requests, "<endpoint>|work" their uncached prompt blocks; a
 # replica knows its own exactly), per endpoint the number of leading prompt blocks
@@ -233,7 +233,7 @@ end
 # of one per block. A prompt whose first block nobody holds matches nothing.
 LOOKUP = _NOW_MS + _WRITE_OPS + """
 local part = ARGV[6]
-local out_inflight, out_matched, replicas, out_backlog = {}, {}, {}, {}
+local out_inflight, out_matched, out_backlog = {}, {}, {}
 if part ~= 'index' then
   apply(7, #ARGV)
   local own = {}
@@ -241,7 +241,6 @@ if part ~= 'index' then
     local kv = redis.call('HGETALL', prefix .. 'inflight:' .. ARGV[2])
     for i = 1, #kv, 2 do own[kv[i]] = tonumber(kv[i + 1]) end
   end
-  replicas = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
   local total = redis.call('HGETALL', prefix .. 'inflight')
   for i = 1, #total, 2 do
     local n = tonumber(total[i + 1]) - (own[total[i]] or 0)
@@ -300,7 +299,7 @@ if part ~= 'load' and ARGV[3] ~= '' then
     table.insert(out_matched, tostring(n))
   end
 end
-return {out_inflight, out_matched, replicas, out_backlog}
+return {out_inflight, out_matched, out_backlog}
 """
 
 # The writes that follow decisions, off the request path, as many as have gathered

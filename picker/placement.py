@@ -223,9 +223,8 @@ class Placement:
             view = SharedView(own_requests, matched, own_work, inflight_models=own_models)
         else:
             view = SharedView(summed(others.inflight, own_requests), others.matched_blocks,
-                              summed(others.inflight_work, own_work), others.replicas,
-                              summed(others.inflight_models, own_models), others.prefill_backlog,
-                              self.own.work_since(pool.name, mark))
+                              summed(others.inflight_work, own_work), summed(others.inflight_models, own_models),
+                              others.prefill_backlog, self.own.work_since(pool.name, mark))
         scheduling = request.scheduling
         candidates = build_candidates(pool, samples, self._prefill_speeds(pool, samples), view, drained,
                                       scheduling.model, self._clock.now_ms(), self._settings)

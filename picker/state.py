@@ -171,8 +171,7 @@ class MemoryState:
         requests, work = split_figures(total)
         now = time.monotonic()
         backlog = {e: (blocks, int((now - at) * 1000)) for e, (blocks, at) in self._backlog.get(pool, {}).items()}
-        return SharedView(requests, self.matched(pool, block_hashes), work, tuple(replicas), model_figures(total),
-                          backlog)
+        return SharedView(requests, self.matched(pool, block_hashes), work, model_figures(total), backlog)
 
     def matched(self, pool: str, block_hashes: Sequence[str]) -> dict[str, int]:
         matched: dict[str, int] = {}
