@@ -205,8 +205,8 @@ local function apply(first, last)
 end
 """
 
-# KEYS[1] = pickers zset (or, for the index part alone, any key of the bucket's
-# slot). ARGV = pool prefix, replica to leave out ("" for none), the block hashes
+# KEYS[1] = a key of the pool's slot, its pickers zset (or, for the index part
+# alone, any key of the bucket's slot). ARGV = pool prefix, replica to leave out ("" for none), the block hashes
 # in one argument (a list, `hash_list`: one argument packs and parses in half the
 # time of 256), "1" when the pool's index comes from engine events (then a block's
 # holders also count the pickers' speculative entries not yet expired), the prompt's bucket
