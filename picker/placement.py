@@ -225,19 +225,18 @@ class Placement:
             view = SharedView(summed(others.inflight, own_requests), others.matched_blocks,
                               summed(others.inflight_work, own_work), summed(others.inflight_models, own_models),
                               others.prefill_backlog, self.own.work_since(pool.name, mark))
-        scheduling = request.scheduling
         candidates = build_candidates(pool, samples, self._prefill_speeds(pool, samples), view, drained,
-                                      scheduling.model, self._clock.now_ms(), self._settings)
+                                      request.scheduling.model, self._clock.now_ms(), self._settings)
         if released:
             # Where it can start now: an endpoint with free slots that is not drained (a drained one keeps
             # its slots free, and alone among the candidates it would leave the drain filter nothing).
             unknown = self._settings.flow.unknown_endpoint_room
             candidates = [c for c in candidates if not c.draining
                           and free_slots(c.load, c.inflight, pool.flow, unknown) > 0] or candidates
-        decision = self._scheduler.schedule(profile or pool.strategy, scheduling, candidates, trace)
+        decision = self._scheduler.schedule(profile or pool.strategy, request.scheduling, candidates, trace)
         # What the decision saw in all, its own replica's requests included: an admission of this replica's
         # that switched endpoints after the view was read weighs on the re-weighing as another replica's would.
-        options = [Option(c.endpoint.key, max(0, scheduling.work_blocks - c.matched_blocks),
+        options = [Option(c.endpoint.key, max(0, request.scheduling.work_blocks - c.matched_blocks),
                           -1 if others is None else view.inflight.get(c.endpoint.key, 0),
                           0 if others is None else view.inflight_work.get(c.endpoint.key, 0), score,
                           c.prefill_blocks_per_s) for c, score in zip(decision.endpoints, decision.scores, strict=True)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,7 @@ async def _serving(port: int) -> Redis:
 
 
 @pytest.fixture
-async def servers(tmp_path: Path) -> AsyncIterator[Callable[..., subprocess.Popen[bytes]]]:
+def servers(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(port: int, data: Path, *args: str) -> subprocess.Popen[bytes]:
