@@ -74,6 +74,7 @@ class Collector:
         self._last: dict[str, LoadSample] = {}  # endpoint -> last sample, to carry figures over failures
         # endpoint -> (scraped at ms, uncached prompt tokens) over the last PREFILL_WINDOW_MS
         self._prefill_history: dict[str, deque[tuple[int, float]]] = {}
+        self._forget: set[tuple[str, str]] = set()  # (pool, endpoint): a restarted server's entries still to drop
         self.members: list[str] = []  # live collectors, this one included; empty while unknown
         self._kv = KvStreams(store, settings.collector_id, metrics, self._clock)  # engines' KV-cache events
         # A sample no collector has refreshed for three intervals is from a gateway nobody reads any more.
@@ -119,32 +120,62 @@ class Collector:
             await self._gateways.scrape_once(session, mine, self._clock.now_ms())
 
     async def scrape_once(self, session: aiohttp.ClientSession) -> None:
+        """One round: every endpoint this collector owns scraped once, however many pools list it (pools may
+        share servers), and each pool's samples published with that pool's requests in flight there."""
         config = await self._current_config()
         if config is None:
             return
         all_keys = [e.key for pool in config.pools.values() for e in pool.endpoints]
         mine = owned(all_keys, self.members, self._settings.collector_id)
-        pools = [(pool.name, pool.runtime, tuple(e for e in pool.endpoints if e.key in mine))
-                 for pool in config.pools.values()]
+        pools = {pool.name: tuple(e for e in pool.endpoints if e.key in mine) for pool in config.pools.values()}
+        runtimes = {pool.name: pool.runtime for pool in config.pools.values()}
         self._metrics.endpoints_owned.set(len(mine))
         self._kv.reconcile(config, set(mine))
+        servers = {e.key: (e, runtimes[name]) for name, endpoints in pools.items() for e in endpoints}
         before = dict(self._last)
-        results = await asyncio.gather(*(self._scrape_pool(session, *pool) for pool in pools))
+        # The fleet's requests in flight at each endpoint as it is scraped: what else it ran came from
+        # elsewhere (LoadSample.gateway_inflight). Read before and after, the larger count: a request
+        # the endpoint held when scraped was admitted before it, and released after.
+        inflight_before = await self._inflight(pools)
+        scraped = await asyncio.gather(*(self._scrape(session, e, runtime) for e, runtime in servers.values()))
+        inflight_after = await self._inflight(pools)
+        samples = dict(zip(servers, scraped, strict=True))
+        self._last.update(samples)
+        # A server is a new process once, whichever pools list it: each of them forgets its entries (until
+        # that is written, even if Redis fails now and the next rounds no longer see the counter fall).
+        self._forget |= {(name, key) for name, endpoints in pools.items() for e in endpoints
+                         if (key := e.key) in before and samples[key].restarted_since(before[key])}
         now_ms = self._clock.now_ms()
-        for (name, _, _), samples in zip(pools, results, strict=True):
-            self._kv.observe(name, samples)
-            good = [s.scraped_at_ms for s in samples.values() if s.scraped_at_ms > 0]
+        for name, endpoints in pools.items():
+            counted, after = inflight_before.get(name), inflight_after.get(name)
+            mine_here = {e.key: replace(samples[e.key], gateway_inflight=max(counted.get(e.key, 0),
+                                                                             after.get(e.key, 0)))
+                         if counted is not None and after is not None and samples[e.key].ok else samples[e.key]
+                         for e in endpoints}
+            self._kv.observe(name, mine_here)
+            good = [s.scraped_at_ms for s in mine_here.values() if s.scraped_at_ms > 0]
             self._metrics.sample_age.labels(name).set(max(0, now_ms - min(good)) / 1000 if good else 0)
-            restarted = [key for key, s in samples.items() if key in before and s.restarted_since(before[key])]
             try:
-                await self._store.write_load(name, samples)
-                for key in restarted:
+                await self._store.write_load(name, mine_here)
+                for key in sorted(key for pool, key in self._forget if pool == name):
                     self._kv.restarted(name, key)
                     await self._store.forget_endpoint(name, key)
+                    self._forget.discard((name, key))
                     log.info("endpoint %s restarted (its prompt-token counter fell): "
                              "forgot its prefix-index entries in pool %s", key, name)
             except RedisError as exc:
                 log.warning("cannot publish load of pool %s: %s", name, exc)
+
+    async def _inflight(self, pools: dict[str, tuple[Endpoint, ...]]) -> dict[str, dict[str, int]]:
+        """Per pool with endpoints here, the fleet's requests in flight at each; a pool Redis did not answer
+        for is left out (its samples then say nothing of the gateway's share)."""
+        names = [name for name, endpoints in pools.items() if endpoints]
+        views = await asyncio.gather(*(self._store.lookup(name, []) for name in names), return_exceptions=True)
+        for view in views:
+            if isinstance(view, BaseException) and not isinstance(view, RedisError):
+                raise view
+        return {name: view.inflight for name, view in zip(names, views, strict=True)
+                if not isinstance(view, BaseException)}
 
     async def _current_config(self) -> Config | None:
         now = time.monotonic()
@@ -166,6 +197,7 @@ class Collector:
         current = {e.key for pool in config.pools.values() for e in pool.endpoints}
         self._last = {e: s for e, s in self._last.items() if e in current}
         self._prefill_history = {e: h for e, h in self._prefill_history.items() if e in current}
+        self._forget = {(pool, e) for pool, e in self._forget if pool in config.pools and e in current}
         try:
             for pool in config.pools.values():
                 await self._store.prune_load(pool.name, {e.key for e in pool.endpoints})
@@ -177,29 +209,6 @@ class Collector:
                         await self._store.drop_kv_endpoint(pool.name, gone)
         except RedisError as exc:
             log.warning("cannot prune load samples: %s", exc)
-
-    async def _scrape_pool(self, session: aiohttp.ClientSession, pool: str, runtime: Runtime,
-                           endpoints: tuple[Endpoint, ...]) -> dict[str, LoadSample]:
-        if not endpoints:
-            return {}
-        # The fleet's requests in flight at each endpoint as it is scraped: what else it ran came from
-        # elsewhere (LoadSample.gateway_inflight). Read before and after, the larger count: a request
-        # the endpoint held when scraped was admitted before it, and released after.
-        try:
-            before: dict[str, int] | None = (await self._store.lookup(pool, [])).inflight
-        except RedisError:
-            before = None
-        samples = await asyncio.gather(*(self._scrape(session, e, runtime) for e in endpoints))
-        if before is not None:
-            try:
-                after = (await self._store.lookup(pool, [])).inflight
-                samples = [replace(s, gateway_inflight=max(before.get(e.key, 0), after.get(e.key, 0)))
-                           if s.ok else s for e, s in zip(endpoints, samples, strict=True)]
-            except RedisError:
-                pass
-        for e, s in zip(endpoints, samples, strict=True):
-            self._last[e.key] = s
-        return {e.key: s for e, s in zip(endpoints, samples, strict=True)}
 
     async def _scrape(self, session: aiohttp.ClientSession, endpoint: Endpoint, runtime: Runtime) -> LoadSample:
         now_ms = self._clock.now_ms()  # Redis's clock: pickers judge the sample's age by it

@@ -232,16 +232,19 @@ async def _serve(pod: SimulatedPod) -> tuple[web.AppRunner, asyncio.Task[None]]:
 
 @pytest.mark.parametrize("runtime", ["vllm", "sglang"])
 async def test_a_restarted_pod_leaves_the_prefix_index(redis_client: Redis, runtime: str) -> None:
-    """Its KV cache died with the process, so the index must stop sending its prefixes there."""
+    """Its KV cache died with the process, so the index must stop sending its prefixes there: in every
+    pool that lists it (pools may share servers)."""
     spec = PodSpec("pod-0", "127.0.4.5", free_port(), runtime, "m")
     pod = SimulatedPod(spec, Physics(num_blocks=2000))
     runner, engine = await _serve(pod)
     endpoint, other = Endpoint("pod-0", spec.host, spec.port), Endpoint("elsewhere", "127.0.4.6", free_port())
     store = StateStore(redis_client)
-    await publish(store, Config(1, {"p": Pool("p", (8000,), endpoints=(endpoint, other))}, {}))
+    pools = ("p", "q")
+    await publish(store, Config(1, {name: Pool(name, (8000,), endpoints=(endpoint, other)) for name in pools}, {}))
     blocks = [f"b{i}" for i in range(2500)]  # more than one FORGET batch
-    for e in (endpoint, other):
-        await store.index("p", e.key, blocks, 600_000, 10_000)
+    for name in pools:
+        for e in (endpoint, other):
+            await store.index(name, e.key, blocks, 600_000, 10_000)
     collector = Collector(store, CollectorSettings(scrape_interval_ms=50, scrape_timeout_ms=300), CollectorMetrics())
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop))
@@ -262,16 +265,53 @@ async def test_a_restarted_pod_leaves_the_prefix_index(redis_client: Redis, runt
             runner, engine = await _serve(SimulatedPod(spec, Physics(num_blocks=2000)))
 
             async def forgotten() -> bool:
-                return endpoint.key not in (await store.lookup("p", blocks[:3])).matched_blocks
+                return all([endpoint.key not in (await store.lookup(name, blocks[:3])).matched_blocks
+                            for name in pools])
 
             await wait_for(forgotten, 3.0)
-        assert (await store.lookup("p", blocks[:3])).matched_blocks == {other.key: 3}
-        assert await redis_client.zcard(keys.endpoint_lru("p", endpoint.key)) == 0
+        for name in pools:
+            assert (await store.lookup(name, blocks[:3])).matched_blocks == {other.key: 3}
+            assert await redis_client.zcard(keys.endpoint_lru(name, endpoint.key)) == 0
     finally:
         stop.set()
         await task
         await runner.cleanup()
         engine.cancel()
+
+
+async def test_a_server_in_several_pools_is_scraped_once_a_round(redis_client: Redis) -> None:
+    """One reading a round per server: the prefill speed and the restart check compare each reading with
+    the one before, which must be the last round's, not another pool's a moment earlier."""
+    text, hits = (FIXTURES / "llama_cpp" / "metrics.txt").read_text(), []
+
+    async def metrics(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(text=text, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.4.8", port).start()
+    endpoint = Endpoint("shared", "127.0.4.8", port)
+    store = StateStore(redis_client)
+    pools = ("p", "q", "r")
+    await publish(store, Config(1, {name: Pool(name, (8000,), endpoints=(endpoint,)) for name in pools}, {}))
+    await store.admit("q", "picker-a", [Option(endpoint.key)], 60_000)
+    collector = Collector(store, CollectorSettings(), CollectorMetrics())
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):
+                await collector.scrape_once(http)
+    finally:
+        await runner.cleanup()
+    assert hits == ["/metrics"] * 3
+    load = (await store.read_snapshot(list(pools))).load
+    samples = {name: load[name][endpoint.key] for name in pools}
+    assert all(s.ok and s.running == 4.0 for s in samples.values())
+    # Each pool's sample carries that pool's requests in flight there.
+    assert {name: s.gateway_inflight for name, s in samples.items()} == {"p": 0, "q": 1, "r": 0}
 
 
 @pytest.mark.parametrize(("fixture", "page_size", "pages"), [
