@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -107,6 +107,18 @@ def test_garbled_or_foreign_metrics_are_rejected(text: str) -> None:
         to_load_sample(text, 1)
 
 
+async def _metrics_server(host: str, handler: Callable[[web.Request], Awaitable[web.Response]]) \
+        -> tuple[web.AppRunner, int]:
+    """A server on loopback that answers /metrics with `handler`, and its port."""
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, host, port).start()
+    return runner, port
+
+
 @pytest.fixture
 async def pods() -> AsyncIterator[dict[str, SimulatedPod]]:
     """A live vLLM pod, a live SGLang pod and a server that answers garbage, on loopback."""
@@ -123,12 +135,7 @@ async def pods() -> AsyncIterator[dict[str, SimulatedPod]]:
     async def oops(request: web.Request) -> web.Response:
         return web.Response(text="<html>oops</html>")
 
-    garbage = web.Application()
-    garbage.router.add_get("/metrics", oops)
-    runner = web.AppRunner(garbage, access_log=None)
-    await runner.setup()
-    garbage_port = free_port()
-    await web.TCPSite(runner, "127.0.4.3", garbage_port).start()
+    runner, garbage_port = await _metrics_server("127.0.4.3", oops)
     runners.append(runner)
     live["garbage-port"] = garbage_port  # type: ignore[assignment]
     yield live
@@ -288,12 +295,7 @@ async def test_a_server_in_several_pools_is_scraped_once_a_round(redis_client: R
         hits.append(request.path)
         return web.Response(text=text, content_type="text/plain")
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.4.8", port).start()
+    runner, port = await _metrics_server("127.0.4.8", metrics)
     endpoint = Endpoint("shared", "127.0.4.8", port)
     store = StateStore(redis_client)
     pools = ("p", "q", "r")
