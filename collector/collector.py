@@ -148,10 +148,10 @@ class Collector:
         now_ms = self._clock.now_ms()
         for name, endpoints in pools.items():
             counted, after = inflight_before.get(name), inflight_after.get(name)
-            mine_here = {e.key: replace(samples[e.key], gateway_inflight=max(counted.get(e.key, 0),
-                                                                             after.get(e.key, 0)))
-                         if counted is not None and after is not None and samples[e.key].ok else samples[e.key]
-                         for e in endpoints}
+            mine_here = {e.key: samples[e.key] for e in endpoints}
+            if counted is not None and after is not None:
+                mine_here = {key: replace(s, gateway_inflight=max(counted.get(key, 0), after.get(key, 0)))
+                             if s.ok else s for key, s in mine_here.items()}
             self._kv.observe(name, mine_here)
             good = [s.scraped_at_ms for s in mine_here.values() if s.scraped_at_ms > 0]
             self._metrics.sample_age.labels(name).set(max(0, now_ms - min(good)) / 1000 if good else 0)
@@ -166,16 +166,17 @@ class Collector:
             except RedisError as exc:
                 log.warning("cannot publish load of pool %s: %s", name, exc)
 
-    async def _inflight(self, pools: dict[str, tuple[Endpoint, ...]]) -> dict[str, dict[str, int]]:
-        """Per pool with endpoints here, the fleet's requests in flight at each; a pool Redis did not answer
-        for is left out (its samples then say nothing of the gateway's share)."""
+    async def _inflight(self, pools: dict[str, tuple[Endpoint, ...]]) -> dict[str, dict[str, int] | None]:
+        """Per pool with endpoints here, the fleet's requests in flight at each; None where Redis did not
+        answer (that pool's samples then say nothing of the gateway's share)."""
+        async def of(pool: str) -> dict[str, int] | None:
+            try:
+                return (await self._store.lookup(pool, [])).inflight
+            except RedisError:
+                return None
+
         names = [name for name, endpoints in pools.items() if endpoints]
-        views = await asyncio.gather(*(self._store.lookup(name, []) for name in names), return_exceptions=True)
-        for view in views:
-            if isinstance(view, BaseException) and not isinstance(view, RedisError):
-                raise view
-        return {name: view.inflight for name, view in zip(names, views, strict=True)
-                if not isinstance(view, BaseException)}
+        return dict(zip(names, await asyncio.gather(*(of(name) for name in names)), strict=True))
 
     async def _current_config(self) -> Config | None:
         now = time.monotonic()
