@@ -50,6 +50,12 @@ class PickerMetrics:
                                           "Admissions that took another of the decision's endpoints than its "
                                           "choice, re-weighed on the pool's figures of that instant.",
                                           ["pool"], registry=r)
+        self.late_admissions = Counter("picker_late_admissions",
+                                       "Admissions answered past their deadline, by what the answer meant when it "
+                                       "came: as_sent (counted where the request went), moved (counted at another "
+                                       "option, moved there), added (counted nowhere, added), ended (the request "
+                                       "had ended: released), lost (never answered: the heartbeat heals it).",
+                                       ["pool", "outcome"], registry=r)
         self.snapshot_refreshes = Counter("picker_snapshot_refreshes",
                                           "Snapshots of config and load read from Redis (every 50 ms).",
                                           registry=r)

@@ -49,6 +49,9 @@ from picker.state_guard import STATE_ERRORS, StateGuard
 from picker.writes import WriteBatcher
 
 log = logging.getLogger("picker")
+# How many times the request path's deadline a late admission's correction may take: off the path, it only
+# has to land before the heartbeat would have set the record right anyway.
+LATE_SLACK = 10.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,15 @@ class EndpointRoom:
     free_slots: int  # waiting requests the release rule lets through to it now
 
 
+@dataclass
+class LateAdmission:
+    """An admission whose answer missed its deadline: the request went to the decision's choice, and the state,
+    which may have counted it there, at another of the options or nowhere, is set right when the answer comes."""
+
+    shared: bool = False  # the state now counts it at the endpoint it went to, so the state releases it
+    ended: bool = False  # the request ended (or never went) before that
+
+
 @dataclass(frozen=True)
 class Placed:
     request: PlacementRequest
@@ -94,6 +106,7 @@ class Placed:
     admitted_shared: bool  # the state counted it, so the state releases it
     decision_seconds: float  # body parsed to admission, state round trips included
     schedule_seconds: float  # the scheduling runner alone
+    late: LateAdmission | None = None  # the admission's answer came past its deadline, or never
 
     @property
     def chosen(self) -> Candidate:
@@ -314,14 +327,23 @@ class Placement:
         # Where the index is on other shards than the pool's, the write goes after the admission, off its path.
         carried = own if self._state.index_rides_admission else []
         admission = self.own.add(pool, plan.chosen.endpoint.key, plan.work_blocks, model)
+        call = self._state.admit(pool, self._me, plan.options, self._settings.state.inflight_lease_ms, model,
+                                 plan.weighing, self._writes.take(pool), carried)
+        # Sent, the admission runs to its answer even past the deadline, so the state can be set right then.
+        sent = asyncio.ensure_future(call) if self._guard.usable else None
+        late = LateAdmission()
         try:
-            # None: the state may have counted it or not; the next heartbeat replaces the record either way.
-            admitted = await self._guard.call("admit", self._state.admit(
-                pool, self._me, plan.options, self._settings.state.inflight_lease_ms, model, plan.weighing,
-                self._writes.take(pool), carried))
+            admitted = await self._guard.call("admit", call if sent is None else asyncio.shield(sent))
         except BaseException:
             self.own.remove(pool, plan.chosen.endpoint.key, plan.work_blocks, model, admission)  # cancelled
+            if sent is not None:
+                late.ended = True
+                self._guard.later(self._settle(plan, sent, late))
             raise
+        # Not answered yet (not a call that failed): set the state right when the answer comes.
+        late_answer = sent if admitted is None and sent is not None and not sent.done() else None
+        if late_answer is not None:
+            self._guard.later(self._settle(plan, late_answer, late))
         if admitted == 0:
             self.own.remove(pool, plan.chosen.endpoint.key, plan.work_blocks, model, admission)
             return None
@@ -344,12 +366,47 @@ class Placement:
         elif own and self._fallback is not None:
             await self._fallback.write(pool, own)
         return Placed(plan.request, endpoints, work_blocks, bool(admitted), time.perf_counter() - started,
-                      plan.decision.seconds)
+                      plan.decision.seconds, late if late_answer is not None else None)
+
+    async def _settle(self, plan: Plan, sent: asyncio.Future[int], late: LateAdmission) -> None:
+        """The late answer of an admission: where the state counted the request (the re-weighing may have taken
+        another option, or none) is moved to where it went, or released if it already ended. Until then, and
+        when the answer never comes, this replica's own figures count it right and the next heartbeat publishes
+        them whole."""
+        pool, model = plan.request.pool.name, plan.request.target_model
+        try:
+            admitted = await sent
+        except STATE_ERRORS:
+            self._metrics.of(self._metrics.late_admissions, pool, "lost").inc()
+            return
+        counted = plan.options[admitted - 1] if admitted else None
+        went = plan.options[0]
+        if counted is not None and counted.endpoint == went.endpoint and not late.ended:
+            late.shared = True
+            self._metrics.of(self._metrics.late_admissions, pool, "as_sent").inc()
+            return
+        taken_back = [ReleaseWrite(self._me, counted.endpoint, counted.work_blocks, model)] if counted else []
+        if late.ended:
+            for w in taken_back:
+                self._writes.add(pool, w)
+            self._metrics.of(self._metrics.late_admissions, pool, "ended").inc()
+            return
+        self._metrics.of(self._metrics.late_admissions, pool, "moved" if counted else "added").inc()
+        # One call: the count taken back from where the state put it, then counted where the request went.
+        moved = await self._guard.call("settle", self._state.admit(
+            pool, self._me, [Option(went.endpoint, went.work_blocks, blocks_per_s=went.blocks_per_s)],
+            self._settings.state.inflight_lease_ms, model, Weighing(floor=NEVER_REFUSED), taken_back),
+            slack=LATE_SLACK, in_backoff=True)
+        if moved and late.ended:  # it ended while the move was under way
+            self._writes.add(pool, ReleaseWrite(self._me, went.endpoint, went.work_blocks, model))
+        late.shared = bool(moved) and not late.ended
 
     def release(self, placed: Placed) -> None:
         """The request ended: its own count goes at once, the state's in a task that always completes."""
         self.own.remove(placed.pool, placed.chosen.endpoint.key, placed.work_blocks, placed.request.target_model)
-        if placed.admitted_shared:
+        if placed.late is not None and not placed.late.shared:
+            placed.late.ended = True  # its late answer releases what the state counted
+        elif placed.admitted_shared or placed.late is not None:
             self._writes.add(placed.pool, ReleaseWrite(self._me, placed.chosen.endpoint.key, placed.work_blocks,
                                                        placed.request.target_model))
 

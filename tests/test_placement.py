@@ -393,18 +393,52 @@ async def test_a_request_cancelled_during_admission_leaves_no_count() -> None:
     assert p.own.figures("p") == {}
 
 
-async def test_an_admission_answered_past_its_deadline_is_healed_by_the_next_heartbeat() -> None:
+async def test_an_admission_answered_past_its_deadline_is_released_when_its_request_ends() -> None:
+    """The state counted it where it went, after the deadline: the answer, when it comes, makes the request's
+    release the state's as well, so nothing is left behind for the heartbeat to heal."""
     state = Stalled()
     p, metrics = placement(state)
     placed = await p.place(request(), {})
     assert not placed.admitted_shared and metrics.redis_fallbacks.labels("admit")._value.get() == 1
     await asyncio.sleep(0.3)  # the state counted it after all
     assert (await state.lookup("p", [])).inflight == {placed.chosen.endpoint.key: 1}
+    assert metrics.late_admissions.labels("p", "as_sent")._value.get() == 1
     p.release(placed)
     await p.drain()
-    assert (await state.lookup("p", [])).inflight == {placed.chosen.endpoint.key: 1}  # left behind...
-    await p.publish(["p"])
-    assert (await state.lookup("p", [])).inflight == {}  # ...until this replica's own figures replace it
+    assert (await state.lookup("p", [])).inflight == {}
+
+
+@pytest.mark.parametrize("ends_first", [False, True])
+async def test_a_late_admission_that_took_another_endpoint_is_moved_where_the_request_went(
+        shared_redis: Redis | RedisCluster, ends_first: bool) -> None:
+    """Another replica takes the chosen endpoint after the lookup, and Redis stalls past the admission's
+    deadline: the request goes to the decision's choice, while Redis, when it wakes, re-weighs and counts it
+    at the runner-up. When that answer comes the count is moved to where the request went (or, if the
+    request ended meanwhile, taken back), so the other replicas' views are right before any heartbeat."""
+    store = StateStore(shared_redis)
+    p, metrics = placement(store, MemoryState())
+    mine = request("mine " * 30)
+    plan = await p.plan(mine, {})
+    chosen = plan.decision.endpoints[0].endpoint.key
+    assert await store.admit("p", "other", [Option(chosen, 400)], 5_000)
+    async with redis_nodes(shared_redis) as nodes:
+        async with asleep(nodes, 0.2):
+            placed = await p.commit(plan, time.perf_counter())
+            assert placed is not None and placed.chosen.endpoint.key == chosen and not placed.admitted_shared
+            if ends_first:
+                p.release(placed)
+        await p.drain()  # the late answer, and what it set right
+    outcome = "ended" if ends_first else "moved"
+    assert metrics.late_admissions.labels("p", outcome)._value.get() == 1
+    work = plan.options[0].work_blocks
+    assert (await store.inflight_by_replica("p", ["me"]))["me"] == ({} if ends_first else {chosen: 1})
+    view = await store.lookup("p", [])
+    assert view.inflight == {chosen: 1 if ends_first else 2}
+    assert view.inflight_work == {chosen: 400 if ends_first else 400 + work}
+    if not ends_first:
+        p.release(placed)
+        await p.drain()
+        assert (await store.lookup("p", [])).inflight == {chosen: 1}  # the other replica's alone
 
 
 def test_a_burst_of_writes_is_cut_into_calls_of_bounded_lua_work() -> None:
