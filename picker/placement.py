@@ -331,19 +331,17 @@ class Placement:
                                  plan.weighing, self._writes.take(pool), carried)
         # Sent, the admission runs to its answer even past the deadline, so the state can be set right then.
         sent = asyncio.ensure_future(call) if self._guard.usable else None
-        late = LateAdmission()
         try:
             admitted = await self._guard.call("admit", call if sent is None else asyncio.shield(sent))
         except BaseException:
             self.own.remove(pool, plan.chosen.endpoint.key, plan.work_blocks, model, admission)  # cancelled
             if sent is not None:
-                late.ended = True
-                self._guard.later(self._settle(plan, sent, late))
+                self._guard.later(self._settle(plan, sent, LateAdmission(ended=True)))
             raise
-        # Not answered yet (not a call that failed): set the state right when the answer comes.
-        late_answer = sent if admitted is None and sent is not None and not sent.done() else None
-        if late_answer is not None:
-            self._guard.later(self._settle(plan, late_answer, late))
+        late = None
+        if admitted is None and sent is not None and not sent.done():  # not answered yet (not a failed call)
+            late = LateAdmission()
+            self._guard.later(self._settle(plan, sent, late))
         if admitted == 0:
             self.own.remove(pool, plan.chosen.endpoint.key, plan.work_blocks, model, admission)
             return None
@@ -366,7 +364,7 @@ class Placement:
         elif own and self._fallback is not None:
             await self._fallback.write(pool, own)
         return Placed(plan.request, endpoints, work_blocks, bool(admitted), time.perf_counter() - started,
-                      plan.decision.seconds, late if late_answer is not None else None)
+                      plan.decision.seconds, late)
 
     async def _settle(self, plan: Plan, sent: asyncio.Future[int], late: LateAdmission) -> None:
         """The late answer of an admission: where the state counted the request (the re-weighing may have taken
@@ -404,9 +402,10 @@ class Placement:
     def release(self, placed: Placed) -> None:
         """The request ended: its own count goes at once, the state's in a task that always completes."""
         self.own.remove(placed.pool, placed.chosen.endpoint.key, placed.work_blocks, placed.request.target_model)
-        if placed.late is not None and not placed.late.shared:
-            placed.late.ended = True  # its late answer releases what the state counted
-        elif placed.admitted_shared or placed.late is not None:
+        late = placed.late
+        if late is not None and not late.shared:
+            late.ended = True  # its late answer takes back what the state counted
+        elif placed.admitted_shared or late is not None:  # admitted in time, or its late answer made it shared
             self._writes.add(placed.pool, ReleaseWrite(self._me, placed.chosen.endpoint.key, placed.work_blocks,
                                                        placed.request.target_model))
 
