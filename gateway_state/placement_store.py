@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from redis.asyncio import Redis, RedisCluster
 
@@ -249,16 +250,18 @@ class PlacementStore(RedisState):
                           {backlog[i].decode(): (float(backlog[i + 1]), int(backlog[i + 2]))
                            for i in range(0, len(backlog), 3)})
 
-    async def admit(self, pool: str, replica: str, options: Sequence[Option], lease_ms: int, model: str = "",
-                    weighing: Weighing = PLAIN_CHECK, before: Sequence[Write] = (),
-                    after: Sequence[Write] = ()) -> int:
+    def admit(self, pool: str, replica: str, options: Sequence[Option], lease_ms: int, model: str = "",
+              weighing: Weighing = PLAIN_CHECK, before: Sequence[Write] = (),
+              after: Sequence[Write] = ()) -> Awaitable[int]:
         """Count a request (and its uncached prompt blocks, and one for its `model`) in flight at one of the
         `options`, as `weighing` picks it on the figures there now (scripts.ADMIT), and add its blocks to that
         endpoint's prefill backlog, drained at the option's speed. The writes `before` are applied whatever
         happens, and `after` (written for the first option) only if the first option is admitted: in the same
         round trip, but for a cluster's index writes (sent beside it, or after it).
 
-        Returns the admitted option's place, from 1; 0, with nothing of its own written, when none was.
+        Returns the admitted option's place, from 1; 0, with nothing of its own written, when none was. On one
+        Redis reached through the script link, the call is sent at once and its reply is a future (a caller
+        that keeps waiting for a late answer needs no task of its own).
         """
         head: list[str | int] = [keys.pool_prefix(pool), replica, lease_ms, model, len(options),
                                  repr(weighing.per_request), repr(weighing.per_block), repr(weighing.margin),
@@ -266,9 +269,14 @@ class PlacementStore(RedisState):
         opts: list[str | int] = []
         for o in options:
             opts += [o.endpoint, o.work_blocks, o.seen, o.seen_work, repr(o.score), f"{o.blocks_per_s:.3f}"]
-        if self.index_rides_admission:
-            return int(await self._admit(keys=[keys.pickers(pool)], args=[
+        if self.index_rides_admission:  # the reply is an integer
+            return cast(Awaitable[int], self._admit(keys=[keys.pickers(pool)], args=[
                 *head, len(before), *opts, *_write_args(before), *_write_args(after)]))
+        return self._admit_apart(pool, head, opts, before, after)
+
+    async def _admit_apart(self, pool: str, head: list[str | int], opts: list[str | int], before: Sequence[Write],
+                           after: Sequence[Write]) -> int:
+        """The admission on a Redis Cluster: its index writes on their own shards, beside it or after it."""
         releases = [w for w in before if isinstance(w, ReleaseWrite)]
         indexed = [w for w in before if not isinstance(w, ReleaseWrite)]
         admit = self._admit(keys=[keys.pickers(pool)], args=[*head, len(releases), *opts, *_write_args(releases)])

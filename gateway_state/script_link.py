@@ -38,23 +38,35 @@ class LinkedScript:
         self._source = source.encode()
         self._sha = hashlib.sha1(self._source).hexdigest().encode()  # noqa: S324 (Redis names scripts by SHA1)
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        try:
-            return await self._link.call(b"EVALSHA", self._sha, len(keys), *keys, *args)
-        except NoScriptError:  # a new or flushed Redis: EVAL runs it and keeps it for the next EVALSHA
-            return await self._link.call(b"EVAL", self._source, len(keys), *keys, *args)
+    def __call__(self, keys: Sequence[str], args: Sequence[str | int]) -> asyncio.Future[Any]:
+        """The reply, as a future: sent now, with no coroutine or task of its own, so a caller may stop waiting
+        and another keep waiting for the same reply (shielded). A new or flushed Redis answers NOSCRIPT, and the
+        link sends the script's source in its place (EVAL runs it and keeps it for the next EVALSHA)."""
+        return self._link.request((b"EVALSHA", self._sha, len(keys), *keys, *args), self._source)
 
 
 class _Replies(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()  # calls sent, oldest first
+        # Calls sent, oldest first: the reply's future, when it was sent, and for a script called by its SHA1,
+        # its source and the call's arguments (to send it again by its source if Redis answers NOSCRIPT).
+        self.waiting: deque[tuple[asyncio.Future[Any], float, bytes | None, Sequence[bytes | str | int]]] = deque()
         self.lost = False
         self._reader = hiredis.Reader()
         self._corked: list[bytes] = []  # commands of this turn of the event loop, not yet written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's TCP transport is not the class itself
+
+    def queue(self, args: Sequence[bytes | str | int], source: bytes | None = None,
+              waiter: asyncio.Future[Any] | None = None) -> asyncio.Future[Any]:
+        """Send a command; its reply will be the future's result."""
+        loop = asyncio.get_running_loop()
+        if waiter is None:
+            waiter = loop.create_future()
+        self.waiting.append((waiter, loop.time(), source, args))
+        self.send(_pack(args))
+        return waiter
 
     def send(self, command: bytes) -> None:
         """Queue a command; the calls made in one turn of the event loop leave in one write, so Redis reads
@@ -71,11 +83,14 @@ class _Replies(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
-            waiter, _ = self.waiting.popleft()
+            waiter, _, source, args = self.waiting.popleft()
             if waiter.done():  # its caller stopped waiting
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 text = str(reply)
+                if text.startswith("NOSCRIPT") and source is not None:  # the same call, by the script's source
+                    self.queue((b"EVAL", source, *args[2:]), None, waiter)
+                    continue
                 waiter.set_exception(NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text))
             else:
                 waiter.set_result(reply)
@@ -83,7 +98,7 @@ class _Replies(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         while self.waiting:
-            waiter, _ = self.waiting.popleft()
+            waiter, *_ = self.waiting.popleft()
             if not waiter.done():
                 waiter.set_exception(ConnectionError(f"Redis closed the connection: {exc or 'EOF'}"))
 
@@ -99,11 +114,11 @@ class ScriptLink:
     def __init__(self, host: str, port: int, db: int = 0, username: str | None = None,
                  password: str | None = None, connect_timeout_s: float = 1.0, stale_s: float = 2.0) -> None:
         self._address = (host, port)
-        self._hello: list[bytes] = []  # sent first on every connection
+        self._hello: list[tuple[bytes | str | int, ...]] = []  # sent first on every connection
         if password:
-            self._hello.append(_pack([b"AUTH", *([username] if username else []), password]))
+            self._hello.append((b"AUTH", *([username] if username else []), password))
         if db:
-            self._hello.append(_pack([b"SELECT", db]))
+            self._hello.append((b"SELECT", db))
         self._connect_timeout_s = connect_timeout_s
         self._stale_s = stale_s
         self._replies: _Replies | None = None
@@ -126,14 +141,29 @@ class ScriptLink:
     def script(self, source: str) -> LinkedScript:
         return LinkedScript(self, source)
 
-    async def call(self, *args: bytes | str | int) -> Any:
-        return await (await self._send([args]))[0]
+    def request(self, args: Sequence[bytes | str | int], source: bytes | None = None) -> asyncio.Future[Any]:
+        """Send one command (an EVALSHA of the script `source`, if given); its reply is the future's result.
+        Failures are the future's too, never raised here."""
+        loop = asyncio.get_running_loop()
+        replies = self._replies
+        if replies is None or replies.lost or self._loop is not loop:
+            return asyncio.ensure_future(self._connect_and_send(loop, args, source))  # a task only to connect
+        if replies.waiting and loop.time() - replies.waiting[0][1] > self._stale_s:
+            self.close()  # Redis has not answered for too long: fail what waits, connect afresh
+            failed: asyncio.Future[Any] = loop.create_future()
+            failed.set_exception(ConnectionError(f"Redis did not answer within {self._stale_s} s"))
+            return failed
+        return replies.queue(args, source)
+
+    async def _connect_and_send(self, loop: asyncio.AbstractEventLoop, args: Sequence[bytes | str | int],
+                                source: bytes | None) -> Any:
+        return await (await self._connect(loop)).queue(args, source)
 
     async def commands(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[Any]:
         """Several commands in one write, their replies in order (a pipeline, without redis-py's cost per
         command); the first error raises once every reply is in."""
         results, error = [], None
-        for waiter in await self._send(commands):
+        for waiter in [self.request(args) for args in commands]:
             try:
                 results.append(await waiter)
             except Exception as exc:  # noqa: BLE001 (kept, raised after the rest are in)
@@ -142,23 +172,6 @@ class ScriptLink:
         if error is not None:
             raise error
         return results
-
-    async def _send(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[asyncio.Future[Any]]:
-        """Queue the commands on the connection (made first if need be): one future per reply."""
-        replies = self._replies
-        loop = asyncio.get_running_loop()
-        if replies is None or replies.lost or self._loop is not loop:
-            replies = await self._connect(loop)
-        elif replies.waiting and loop.time() - replies.waiting[0][1] > self._stale_s:
-            self.close()  # Redis has not answered for too long: fail what waits, connect afresh
-            raise ConnectionError(f"Redis did not answer within {self._stale_s} s")
-        waiters = []
-        for args in commands:
-            waiter: asyncio.Future[Any] = loop.create_future()
-            replies.waiting.append((waiter, loop.time()))
-            replies.send(_pack(args))
-            waiters.append(waiter)
-        return waiters
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Replies:
         if self._connecting is not None and self._loop is loop:
@@ -171,10 +184,7 @@ class ScriptLink:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, replies = await loop.create_connection(_Replies, *self._address)
                 for hello in self._hello:
-                    waiter: asyncio.Future[Any] = loop.create_future()
-                    replies.waiting.append((waiter, loop.time()))
-                    replies.send(hello)
-                    await waiter
+                    await replies.queue(hello)
         except BaseException as exc:
             if replies is not None and replies.transport is not None:
                 replies.transport.close()

@@ -327,12 +327,18 @@ class Placement:
         # Where the index is on other shards than the pool's, the write goes after the admission, off its path.
         carried = own if self._state.index_rides_admission else []
         admission = self.own.add(pool, plan.chosen.endpoint.key, plan.work_blocks, model)
-        call = self._state.admit(pool, self._me, plan.options, self._settings.state.inflight_lease_ms, model,
-                                 plan.weighing, self._writes.take(pool), carried)
-        # Sent, the admission runs to its answer even past the deadline, so the state can be set right then.
-        sent = asyncio.ensure_future(call) if self._guard.usable else None
+        sent = None
         try:
-            admitted = await self._guard.call("admit", call if sent is None else asyncio.shield(sent))
+            if self._guard.usable:
+                # Sent, the admission runs to its answer even past the deadline, so the state can be set right
+                # then. On one Redis the call is already a future of its reply; a cluster's coroutine becomes a task.
+                sent = asyncio.ensure_future(self._state.admit(
+                    pool, self._me, plan.options, self._settings.state.inflight_lease_ms, model, plan.weighing,
+                    self._writes.take(pool), carried))
+                admitted = await self._guard.call("admit", asyncio.shield(sent))
+            else:
+                self._guard.skip("admit")
+                admitted = None
         except BaseException:
             self.own.remove(pool, plan.chosen.endpoint.key, plan.work_blocks, model, admission)  # cancelled
             if sent is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,14 +53,14 @@ class PlacementState(Protocol):
         `releases` applied first, at once."""
         ...
 
-    async def admit(self, pool: str, replica: str, options: Sequence[Option], lease_ms: int, model: str = "",
-                    weighing: Weighing = PLAIN_CHECK, before: Sequence[Write] = (),
-                    after: Sequence[Write] = ()) -> int:
+    def admit(self, pool: str, replica: str, options: Sequence[Option], lease_ms: int, model: str = "",
+              weighing: Weighing = PLAIN_CHECK, before: Sequence[Write] = (),
+              after: Sequence[Write] = ()) -> Awaitable[int]:
         """Count a request in flight at one of `options`, as `weighing` picks it on the pool's figures now
         (`replica`'s own included), and add its blocks to that endpoint's prefill backlog (drained at the
         option's speed, 0 unknown). Returns the option's place from 1; 0 (nothing of its own written) when
         none is admitted. At once: the writes `before` (whatever happens) and `after` (if the first option is
-        admitted)."""
+        admitted). A coroutine, or a future of a call already sent."""
         ...
 
     async def index(self, pool: str, endpoint: str, block_hashes: Sequence[str], prefix_ttl_ms: int,

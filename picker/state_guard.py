@@ -95,7 +95,7 @@ class StateGuard:
         if not self.usable and not in_backoff:
             if asyncio.iscoroutine(work):
                 work.close()  # never awaited: no warning about it
-            self._metrics.of(self._metrics.redis_fallbacks, self._prefix + op).inc()
+            self.skip(op)
             return None
         started = time.perf_counter()
         try:
@@ -115,6 +115,10 @@ class StateGuard:
         finally:
             self._metrics.of(self._metrics.redis_call_seconds, self._prefix + op).observe(
                 time.perf_counter() - started)
+
+    def skip(self, op: str) -> None:
+        """A call not tried because one failed a moment ago (`usable` is false): counted as a fallback."""
+        self._metrics.of(self._metrics.redis_fallbacks, self._prefix + op).inc()
 
     def failed(self, op: str, exc: BaseException, busy: bool = False) -> None:
         """A state call failed: count it, and leave the state alone a moment (unless it is `busy`: it

@@ -105,7 +105,7 @@ async def test_a_redis_that_stops_answering_fails_calls_instead_of_queueing_them
     async with Redis(port=own_redis) as other:
         stall = asyncio.create_task(other.execute_command("DEBUG", "SLEEP", "0.6"))
         await asyncio.sleep(0.05)
-        first = asyncio.create_task(echo([], ["stalled"]))
+        first = echo([], ["stalled"])
         await asyncio.sleep(0.3)
         started = time.monotonic()
         with pytest.raises(ConnectionError):
