@@ -408,6 +408,22 @@ async def test_an_admission_answered_past_its_deadline_is_released_when_its_requ
     assert (await state.lookup("p", [])).inflight == {}
 
 
+async def test_releases_gathered_while_the_state_is_left_alone_are_not_lost() -> None:
+    """A call failed a moment ago, so the next decision asks the state nothing: neither its lookup nor its
+    admission takes the releases waiting for a call to ride on, and those go on their own, at once."""
+    state = MemoryState()
+    p, metrics = placement(state)
+    first = await p.place(request("first " * 30), {})
+    assert first.admitted_shared
+    p.release(first)  # gathered, waiting a moment for a call to carry it
+    p._guard.failed("lookup", RedisConnectionError("Redis is down"))
+    assert not p._guard.usable
+    second = await p.place(request("second " * 30), {})
+    assert not second.admitted_shared and metrics.redis_fallbacks.labels("admit")._value.get() == 1
+    await asyncio.sleep(0.05)
+    assert (await state.lookup("p", [])).inflight == {}  # the first request's release reached the state
+
+
 @pytest.mark.parametrize("ends_first", [False, True])
 async def test_a_late_admission_that_took_another_endpoint_is_moved_where_the_request_went(
         shared_redis: Redis | RedisCluster, ends_first: bool) -> None:
