@@ -86,6 +86,7 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", state.redis_url))
     p.add_argument("--snapshot-refresh-ms", type=int, default=state.snapshot_refresh_ms)
     p.add_argument("--redis-timeout-ms", type=int, default=state.redis_timeout_ms)
+    p.add_argument("--admission-timeout-ms", type=int, default=state.admission_timeout_ms)
     p.add_argument("--state", choices=("redis", "local"), default=state.mode,
                    help="where the prefix index and in-flight counts live (local: per-replica baseline)")
     p.add_argument("--scheduling", action="append", default=[], metavar="NAME=VALUE",
@@ -114,7 +115,8 @@ def parse_settings(argv: list[str] | None) -> PickerSettings:
                               admin_address=a.admin_address, admin_tokens_file=a.admin_tokens_file,
                               health_address=a.grpc_health_address,
                               default_pool=pool_id(a.pool_namespace, a.pool_name) if a.pool_name else None),
-        state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms),
+        state=StateSettings(a.redis_url, a.state, a.snapshot_refresh_ms, a.redis_timeout_ms,
+                            admission_timeout_ms=a.admission_timeout_ms),
         scheduling=scheduling,
         flow=FlowSettings(enabled=a.flow_control),
         prefix=PrefixSettings(tokenizers=tuple(_tokenizer(t) for t in a.tokenizer),

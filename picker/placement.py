@@ -335,7 +335,9 @@ class Placement:
                 sent = asyncio.ensure_future(self._state.admit(
                     pool, self._me, plan.options, self._settings.state.inflight_lease_ms, model, plan.weighing,
                     self._writes.take(pool), carried))
-                admitted = await self._guard.call("admit", asyncio.shield(sent))
+                state = self._settings.state
+                admitted = await self._guard.call("admit", asyncio.shield(sent),
+                                                  slack=state.admission_timeout_ms / state.redis_timeout_ms)
             else:
                 self._guard.skip("admit")
                 admitted = None
@@ -383,6 +385,7 @@ class Placement:
         except STATE_ERRORS:
             self._metrics.of(self._metrics.late_admissions, pool, "lost").inc()
             return
+        self._guard.answered()
         counted = plan.options[admitted - 1] if admitted else None
         went = plan.options[0]
         if counted is not None and counted.endpoint == went.endpoint and not late.ended:

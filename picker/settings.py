@@ -46,6 +46,11 @@ class StateSettings:
     # A request-path Redis call slower than this is abandoned for local scoring:
     # a loopback round trip is ~0.1 ms, so 20 ms means Redis is in trouble.
     redis_timeout_ms: int = 20
+    # An admission's answer may come later: it decides where the request goes (it re-weighs the decision on
+    # the pool's figures of its instant), and in a burst on a loaded machine Redis answers tens of ms late, so
+    # a request whose admission fell back at 20 ms went to a choice made on figures read before the burst.
+    # A stalled Redis is left alone after 5 request-path deadlines without an answer (state_guard).
+    admission_timeout_ms: int = 100
     # After a request-path Redis call fails, the request path leaves Redis alone this long
     # (the heartbeat keeps probing): a stalled Redis then collects no backlog of calls that
     # all complete at once when it recovers and stall the replica's event loop.
@@ -192,7 +197,7 @@ class PickerSettings:
             raise ValueError("server.replica_id must be set")
         if st.mode not in ("redis", "local"):
             raise ValueError("state.mode must be redis or local")
-        if min(st.redis_timeout_ms, st.snapshot_refresh_ms, st.heartbeat_interval_ms) <= 0 \
+        if min(st.redis_timeout_ms, st.admission_timeout_ms, st.snapshot_refresh_ms, st.heartbeat_interval_ms) <= 0 \
                 or min(st.redis_backoff_ms, st.recent_view_ms) < 0:
             raise ValueError("state durations must be positive")
         if st.inflight_lease_ms < 2 * st.heartbeat_interval_ms:

@@ -13,9 +13,14 @@ their usual round trip while Redis is well:
   comes late (the loop was busy) may find the reply waiting unread: the call gets
   the time the loop ran late again, up to `LATE_LIMIT` times its deadline
   (`Deadline`);
-- a call that misses its deadline while Redis answered another of this replica's
-  calls meanwhile falls back alone: the next calls still ask Redis. Only a miss
-  with no answer meanwhile, or an error, starts the back-off.
+- a call that misses its deadline falls back alone, and the next calls still ask
+  Redis, unless Redis has answered none of this replica's calls for `STALLED_AFTER`
+  deadlines while asked: then it is stalled, and the miss starts the back-off, as
+  an error does. (Before, any miss with no answer while that call waited started
+  it: in the stress workload's bursts on a slow day the first lookup of a burst
+  missed its 20 ms, and the rest of the burst's decisions were placed without
+  the shared state, most of their admissions skipped.) The back-off ends at the
+  next answer of a call still under way (the state is not stalled then).
 
 Work after a request (index writes, releases, leaving a queue) runs in tasks the
 guard keeps referenced until they end, and waits for on shutdown.
@@ -41,6 +46,9 @@ STATE_ERRORS = (RedisError, OSError, TimeoutError, RuntimeError)
 T = TypeVar("T")
 # How much longer than its deadline a call may wait while the event loop itself runs late.
 LATE_LIMIT = 5.0
+# How many request-path deadlines the state may go without answering any call while asked before it is taken
+# for stalled: a busy Redis on a loaded machine answers a burst's calls tens of ms late, a stalled one never.
+STALLED_AFTER = 5.0
 _TIMER_SLACK_S = 0.002  # what a timer may run late on an idle loop (libuv counts in milliseconds)
 
 
@@ -80,7 +88,7 @@ class StateGuard:
         self._backoff_s = backoff_ms / 1000
         self._prefix = label_prefix
         self._down_until = 0.0  # monotonic; before it, the state is not asked
-        self._answered = 0.0  # perf_counter: when a call last had its answer
+        self._asked: float | None = None  # perf_counter: the first call made since the state last answered one
         self._background: set[asyncio.Task[object]] = set()
 
     @property
@@ -98,6 +106,8 @@ class StateGuard:
             self.skip(op)
             return None
         started = time.perf_counter()
+        if self._asked is None:
+            self._asked = started
         try:
             async with asyncio.timeout(None) as scope:
                 deadline = Deadline(scope, self._timeout_s * slack, self._timeout_s * slack * LATE_LIMIT)
@@ -105,12 +115,13 @@ class StateGuard:
                     result = await work
                 finally:
                     deadline.cancel()
-            self._answered = time.perf_counter()
+            self.answered()
             return result
         except STATE_ERRORS as exc:
-            # Redis answered another call while this one waited: it is busy (a burst), not stalled, so only
-            # this call falls back, and the next ones still ask it.
-            self.failed(op, exc, busy=isinstance(exc, TimeoutError) and self._answered > started)
+            # A miss while Redis answered lately is a busy Redis (a burst), not a stalled one: only this call
+            # falls back, and the next ones still ask it.
+            silent_s = time.perf_counter() - self._asked if self._asked is not None else 0.0
+            self.failed(op, exc, busy=isinstance(exc, TimeoutError) and silent_s < self._timeout_s * STALLED_AFTER)
             return None
         finally:
             self._metrics.of(self._metrics.redis_call_seconds, self._prefix + op).observe(
@@ -119,6 +130,12 @@ class StateGuard:
     def skip(self, op: str) -> None:
         """A call not tried because one failed a moment ago (`usable` is false): counted as a fallback."""
         self._metrics.of(self._metrics.redis_fallbacks, self._prefix + op).inc()
+
+    def answered(self) -> None:
+        """The state answered a call (one made through `call`, or one answered after its caller fell back): it
+        is not stalled, so a back-off under way ends."""
+        self._asked = None
+        self._down_until = 0.0
 
     def failed(self, op: str, exc: BaseException, busy: bool = False) -> None:
         """A state call failed: count it, and leave the state alone a moment (unless it is `busy`: it
