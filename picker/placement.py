@@ -246,7 +246,10 @@ class Placement:
             unknown = self._settings.flow.unknown_endpoint_room
             candidates = [c for c in candidates if not c.draining
                           and free_slots(c.load, c.inflight, pool.flow, unknown) > 0] or candidates
-        decision = self._scheduler.schedule(profile or pool.strategy, request.scheduling, candidates, trace)
+        # Unchecked (decided again after a refusal), the admission weighs every candidate: this view too is tens
+        # of ms old when admitted in a burst, and the best of three may be a pod that others filled meanwhile.
+        decision = self._scheduler.schedule(profile or pool.strategy, request.scheduling, candidates, trace,
+                                            every=not check)
         # What the decision saw in all, its own replica's requests included: an admission of this replica's
         # that switched endpoints after the view was read weighs on the re-weighing as another replica's would.
         options = [Option(c.endpoint.key, max(0, request.scheduling.work_blocks - c.matched_blocks),
@@ -371,6 +374,7 @@ class Placement:
                 self._writes.add(pool, w)
         elif own and self._fallback is not None:
             await self._fallback.write(pool, own)
+        endpoints = endpoints[:self._settings.scheduling.fallbacks + 1]  # the answer's fallbacks, as decided
         return Placed(plan.request, endpoints, work_blocks, bool(admitted), time.perf_counter() - started,
                       plan.decision.seconds, late)
 

@@ -80,8 +80,9 @@ class Scheduler:
         self._profiles = dict(profiles)
 
     def schedule(self, profile_name: str, request: SchedulingRequest, candidates: Sequence[Candidate],
-                 trace: Trace | None = None) -> Decision:
-        """`profile_name`: a Profile (a pool's Strategy names one)."""
+                 trace: Trace | None = None, every: bool = False) -> Decision:
+        """`profile_name`: a Profile (a pool's Strategy names one). `every`: the decision's endpoints go on past
+        the picker's fallbacks to every candidate left, best first (nothing is left out of them then)."""
         started = time.perf_counter()
         profile = self._profiles[profile_name]
         remaining = list(candidates)
@@ -114,6 +115,9 @@ class Scheduler:
             trace.totals = {c.endpoint.key: t for c, t in zip(remaining, totals, strict=True)}
         scored = list(zip(remaining, totals, strict=True))
         chosen = profile.picker.pick(request, scored)
+        if every:
+            picked = {id(c) for c in chosen}
+            chosen += [c for c, _ in sorted((cs for cs in scored if id(cs[0]) not in picked), key=lambda cs: -cs[1])]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("scores %s", {c.endpoint.name: round(t, 3) for c, t in scored})
         total_of = {id(c): t for c, t in scored}

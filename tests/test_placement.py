@@ -121,6 +121,39 @@ async def test_a_conflict_is_decided_again_on_fresh_figures() -> None:
     assert p.own.figures("p") == {key: 1, key + "|work": 14, key + "@m": 1}  # request, its prompt, its model
 
 
+class FilledAgain(MemoryState):
+    """Another replica takes the three best endpoints of each of this replica's admissions just before it
+    comes: four requests at each for the first, eight for the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds: list[list[str]] = []
+
+    async def admit(self, pool: str, replica: str, options: Sequence[Option], *args: Any, **kwargs: Any) -> int:
+        self.rounds.append([o.endpoint for o in options])
+        for o in list(options[:3]) * (4 if len(self.rounds) == 1 else 8):
+            await super().admit(pool, "other", [Option(o.endpoint)], 5_000)
+        return await super().admit(pool, replica, options, *args, **kwargs)
+
+
+async def test_a_decision_made_again_weighs_every_endpoint_at_its_admission() -> None:
+    """Refused once (the first three endpoints were taken), the request is decided again on fresh figures, and
+    the three best of that view are taken too before its admission: the admission weighs every endpoint, so
+    it goes to one of the first three (four requests each) rather than the best of three at eight. The answer
+    keeps the configured number of fallbacks."""
+    six = tuple(Endpoint(f"pod-{i}", f"10.0.1.{i}", 8000) for i in range(6))
+    config = replace(CONFIG, pools={"p": Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=six)})
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "again " * 40}]}).encode()
+    state = FilledAgain()
+    p, metrics = placement(state)
+    placed = await p.place(Intake(SETTINGS.prefix, 1 << 20, random.Random(1)).read(
+        config, "p", "/v1/chat/completions", body), {})
+    first, second = state.rounds
+    assert len(first) == 3 and len(second) == 6 and set(second[:3]).isdisjoint(first)
+    assert placed.chosen.endpoint.key in first and metrics.placement_conflicts.labels("p")._value.get() == 1
+    assert len(placed.endpoints) == SETTINGS.scheduling.fallbacks + 1
+
+
 async def test_an_endpoint_taken_since_the_lookup_gives_way_to_the_next_in_the_same_round_trip(
         shared_redis: Redis | RedisCluster) -> None:
     """Another replica takes the chosen endpoint (a request and a long prompt) between this replica's lookup
