@@ -52,6 +52,9 @@ log = logging.getLogger("picker")
 # How many times the request path's deadline a late admission's correction may take: off the path, it only
 # has to land before the heartbeat would have set the record right anyway.
 LATE_SLACK = 10.0
+# How many of the best endpoints a decision made again after a refusal offers its admission (a pool's every
+# endpoint, in pools up to this size): an admission's cost grows with its options.
+RETRY_OPTIONS = 16
 
 
 @dataclass(frozen=True)
@@ -246,10 +249,11 @@ class Placement:
             unknown = self._settings.flow.unknown_endpoint_room
             candidates = [c for c in candidates if not c.draining
                           and free_slots(c.load, c.inflight, pool.flow, unknown) > 0] or candidates
-        # Unchecked (decided again after a refusal), the admission weighs every candidate: this view too is tens
-        # of ms old when admitted in a burst, and the best of three may be a pod that others filled meanwhile.
+        # Unchecked (decided again after a refusal), the admission weighs every candidate (up to RETRY_OPTIONS):
+        # this view too is tens of ms old when admitted in a burst, and the best of three may be a pod that
+        # others filled meanwhile.
         decision = self._scheduler.schedule(profile or pool.strategy, request.scheduling, candidates, trace,
-                                            every=not check)
+                                            at_least=0 if check else RETRY_OPTIONS)
         # What the decision saw in all, its own replica's requests included: an admission of this replica's
         # that switched endpoints after the view was read weighs on the re-weighing as another replica's would.
         options = [Option(c.endpoint.key, max(0, request.scheduling.work_blocks - c.matched_blocks),

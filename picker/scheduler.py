@@ -6,6 +6,7 @@ plugin stays a small pure function and every strategy is measured the same way.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import random
@@ -80,9 +81,9 @@ class Scheduler:
         self._profiles = dict(profiles)
 
     def schedule(self, profile_name: str, request: SchedulingRequest, candidates: Sequence[Candidate],
-                 trace: Trace | None = None, every: bool = False) -> Decision:
-        """`profile_name`: a Profile (a pool's Strategy names one). `every`: the decision's endpoints go on past
-        the picker's fallbacks to every candidate left, best first (nothing is left out of them then)."""
+                 trace: Trace | None = None, at_least: int = 0) -> Decision:
+        """`profile_name`: a Profile (a pool's Strategy names one). `at_least`: the decision's endpoints go on
+        past the picker's fallbacks, best first, to this many (or every candidate, if fewer)."""
         started = time.perf_counter()
         profile = self._profiles[profile_name]
         remaining = list(candidates)
@@ -115,9 +116,11 @@ class Scheduler:
             trace.totals = {c.endpoint.key: t for c, t in zip(remaining, totals, strict=True)}
         scored = list(zip(remaining, totals, strict=True))
         chosen = profile.picker.pick(request, scored)
-        if every:
+        if len(chosen) < at_least:
             picked = {id(c) for c in chosen}
-            chosen += [c for c, _ in sorted((cs for cs in scored if id(cs[0]) not in picked), key=lambda cs: -cs[1])]
+            chosen += [c for c, _ in heapq.nsmallest(at_least - len(chosen), (cs for cs in scored
+                                                                               if id(cs[0]) not in picked),
+                                                     key=lambda cs: -cs[1])]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("scores %s", {c.endpoint.name: round(t, 3) for c, t in scored})
         total_of = {id(c): t for c, t in scored}
