@@ -152,6 +152,8 @@ class Placement:
         self._metrics = metrics
         self._clock = clock
         self._guard = guard
+        # An admission's deadline in request-path deadlines (the guard's unit).
+        self._admission_slack = settings.state.admission_timeout_ms / settings.state.redis_timeout_ms
         self._writes = writes
         self._me = settings.server.replica_id
         self.own = OwnRequests()
@@ -342,9 +344,7 @@ class Placement:
                 sent = asyncio.ensure_future(self._state.admit(
                     pool, self._me, plan.options, self._settings.state.inflight_lease_ms, model, plan.weighing,
                     self._writes.take(pool), carried))
-                state = self._settings.state
-                admitted = await self._guard.call("admit", asyncio.shield(sent),
-                                                  slack=state.admission_timeout_ms / state.redis_timeout_ms)
+                admitted = await self._guard.call("admit", asyncio.shield(sent), slack=self._admission_slack)
             else:
                 self._guard.skip("admit")
                 admitted = None

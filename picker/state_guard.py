@@ -16,10 +16,9 @@ their usual round trip while Redis is well:
 - a call that misses its deadline falls back alone, and the next calls still ask
   Redis, unless Redis has answered none of this replica's calls for `STALLED_AFTER`
   deadlines while asked: then it is stalled, and the miss starts the back-off, as
-  an error does. (Before, any miss with no answer while that call waited started
-  it: in the stress workload's bursts on a slow day the first lookup of a burst
-  missed its 20 ms, and the rest of the burst's decisions were placed without
-  the shared state, most of their admissions skipped.) The back-off ends at the
+  an error does. A burst's first call, from a replica idle before it, may miss
+  its deadline on a loaded machine with no answer yet: backing off then would
+  place the rest of the burst without the shared state. The back-off ends at the
   next answer of a call still under way (the state is not stalled then).
 
 Work after a request (index writes, releases, leaving a queue) runs in tasks the

@@ -121,12 +121,12 @@ async def test_a_conflict_is_decided_again_on_fresh_figures() -> None:
     assert p.own.figures("p") == {key: 1, key + "|work": 14, key + "@m": 1}  # request, its prompt, its model
 
 
-class FilledAgain(MemoryState):
+class FilledAgain(StateStore):
     """Another replica takes the three best endpoints of each of this replica's admissions just before it
     comes: four requests at each for the first, eight for the second."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, redis: Redis | RedisCluster) -> None:
+        super().__init__(redis)
         self.rounds: list[list[str]] = []
 
     async def admit(self, pool: str, replica: str, options: Sequence[Option], *args: Any, **kwargs: Any) -> int:
@@ -136,7 +136,8 @@ class FilledAgain(MemoryState):
         return await super().admit(pool, replica, options, *args, **kwargs)
 
 
-async def test_a_decision_made_again_weighs_every_endpoint_at_its_admission() -> None:
+async def test_a_decision_made_again_weighs_every_endpoint_at_its_admission(
+        shared_redis: Redis | RedisCluster) -> None:
     """Refused once (the first three endpoints were taken), the request is decided again on fresh figures, and
     the three best of that view are taken too before its admission: the admission weighs every endpoint, so
     it goes to one of the first three (four requests each) rather than the best of three at eight. The answer
@@ -144,8 +145,8 @@ async def test_a_decision_made_again_weighs_every_endpoint_at_its_admission() ->
     six = tuple(Endpoint(f"pod-{i}", f"10.0.1.{i}", 8000) for i in range(6))
     config = replace(CONFIG, pools={"p": Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=six)})
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "again " * 40}]}).encode()
-    state = FilledAgain()
-    p, metrics = placement(state)
+    state = FilledAgain(shared_redis)
+    p, metrics = placement(state, MemoryState())
     placed = await p.place(Intake(SETTINGS.prefix, 1 << 20, random.Random(1)).read(
         config, "p", "/v1/chat/completions", body), {})
     first, second = state.rounds
