@@ -225,7 +225,7 @@ class PlacementStore(RedisState):
         self._admit = link.script(scripts.ADMIT) if link else redis.register_script(scripts.ADMIT)
         self._writes = link.script(scripts.WRITES) if link else redis.register_script(scripts.WRITES)
         self._forget = redis.register_script(scripts.FORGET)
-        self._publish = redis.register_script(scripts.PUBLISH)
+        self._publish = link.script(scripts.PUBLISH) if link else redis.register_script(scripts.PUBLISH)
 
     async def lookup(self, pool: str, block_hashes: Sequence[str], leave_out: str = "",
                      speculative: bool = False, releases: Sequence[ReleaseWrite] = ()) -> SharedView:
@@ -334,10 +334,13 @@ class PlacementStore(RedisState):
     async def release(self, pool: str, replica: str, endpoint: str, work_blocks: int = 0, model: str = "") -> None:
         await self.write(pool, [ReleaseWrite(replica, endpoint, work_blocks, model)])
 
-    async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
-        """Replace the replica's in-flight record with its own figures and renew its lease (its heartbeat)."""
-        pairs = [x for name, n in figures.items() if n > 0 for x in (name, n)]
-        await self._publish(keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), replica, lease_ms, *pairs])
+    async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int] | None) -> None:
+        """Replace the replica's in-flight record with its own figures (None: keep it) and renew its lease (its
+        heartbeat). Through the script link, the call is sent before this coroutine first waits, behind every
+        call sent before it."""
+        pairs = [x for name, n in (figures or {}).items() if n > 0 for x in (name, n)]
+        await self._publish(keys=[keys.pickers(pool)], args=[keys.pool_prefix(pool), replica, lease_ms,
+                                                             "" if figures is None else "1", *pairs])
 
     async def forget_endpoint(self, pool: str, endpoint: str, batch: int = 1000) -> None:
         """Drop the endpoint from the prefix index: its KV cache is gone. Its LRU of the layout before hashed

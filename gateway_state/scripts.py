@@ -502,19 +502,24 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return {now, redis.call('ZRANGE', KEYS[1], 0, -1)}
 """
 
-# KEYS[1] = pickers zset. ARGV = pool prefix, replica, lease_ms, then the
-# replica's in-flight record as field, value pairs. The replica's own figures are
-# the truth: this replaces its record whole (an admission or release cut off by a
-# deadline or a cancelled request leaves nothing behind past the next heartbeat),
-# renews its lease, drops the replicas whose lease ended with their records, and
-# rebuilds the pool's total from the live records (a few small hashes, once a
-# heartbeat, off the request path). Returns 1.
+# KEYS[1] = pickers zset. ARGV = pool prefix, replica, lease_ms, "1" to replace the
+# replica's record ("" to keep it), then the replica's in-flight record as field,
+# value pairs. The replica's own figures are the truth: this replaces its record
+# whole (an admission or release cut off by a deadline or a cancelled request leaves
+# nothing behind past the next heartbeat), renews its lease, drops the replicas whose
+# lease ended with their records, and rebuilds the pool's total from the live records
+# (a few small hashes, once a heartbeat, off the request path). A replica keeps its
+# record while one of its admissions is under way: the figures it would send count
+# that request where it was sent, and the admission may put it elsewhere or nowhere
+# (picker/placement.py, `publish`). Returns 1.
 PUBLISH = _NOW_MS + """
 local prefix, replica, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local own = prefix .. 'inflight:' .. replica
-redis.call('DEL', own)
-for i = 4, #ARGV, 2 do redis.call('HSET', own, ARGV[i], ARGV[i + 1]) end
-if #ARGV > 3 then redis.call('PEXPIRE', own, lease) end
+if ARGV[4] == '1' then
+  redis.call('DEL', own)
+  for i = 5, #ARGV, 2 do redis.call('HSET', own, ARGV[i], ARGV[i + 1]) end
+end
+redis.call('PEXPIRE', own, lease)
 redis.call('ZADD', KEYS[1], now + lease, replica)
 for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
   redis.call('DEL', prefix .. 'inflight:' .. r)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, replace
 
 from gateway_state.clock import FleetClock
@@ -158,6 +159,8 @@ class Placement:
         self._me = settings.server.replica_id
         self.own = OwnRequests()
         self._answered: dict[str, AnsweredLookup] = {}  # pool -> its last answered lookup
+        self._admitting: Counter[str] = Counter()  # pool -> this replica's admissions sent and not answered yet
+        self._replaced_at: dict[str, float] = {}  # pool -> when the heartbeat last replaced this replica's record
         # pool -> (its record and samples, their prefill speeds): worked out once per snapshot, not per decision
         self._speeds: dict[str, tuple[Pool, Mapping[str, LoadSample], dict[str, float]]] = {}
 
@@ -341,7 +344,7 @@ class Placement:
             if self._guard.usable:
                 # Sent, the admission runs to its answer even past the deadline, so the state can be set right
                 # then. On one Redis the call is already a future of its reply; a cluster's coroutine becomes a task.
-                sent = asyncio.ensure_future(self._state.admit(
+                sent = self._under_way(pool, self._state.admit(
                     pool, self._me, plan.options, self._settings.state.inflight_lease_ms, model, plan.weighing,
                     self._writes.take(pool), carried))
                 admitted = await self._guard.call("admit", asyncio.shield(sent), slack=self._admission_slack)
@@ -408,9 +411,9 @@ class Placement:
             return
         self._metrics.of(self._metrics.late_admissions, pool, "moved" if counted else "added").inc()
         # One call: the count taken back from where the state put it, then counted where the request went.
-        moved = await self._guard.call("settle", self._state.admit(
+        moved = await self._guard.call("settle", self._under_way(pool, self._state.admit(
             pool, self._me, [Option(went.endpoint, went.work_blocks, blocks_per_s=went.blocks_per_s)],
-            self._settings.state.inflight_lease_ms, model, Weighing(floor=NEVER_REFUSED), taken_back),
+            self._settings.state.inflight_lease_ms, model, Weighing(floor=NEVER_REFUSED), taken_back)),
             slack=LATE_SLACK, in_backoff=True)
         if moved and late.ended:  # it ended while the move was under way
             self._writes.add(pool, ReleaseWrite(self._me, went.endpoint, went.work_blocks, model))
@@ -444,13 +447,39 @@ class Placement:
         """Now on the fleet's clock (Redis's), as load samples are stamped."""
         return self._clock.now_ms()
 
+    def _under_way(self, pool: str, admission: Awaitable[int]) -> asyncio.Future[int]:
+        """The admission sent (on one Redis it already is; a cluster's coroutine becomes a task), counted as
+        under way until its answer: until then, where it counts the request in the state is unknown."""
+        sent = asyncio.ensure_future(admission)
+        self._admitting[pool] += 1
+        sent.add_done_callback(lambda _: self._admitting.subtract((pool,)))
+        return sent
+
     async def publish(self, pools: list[str]) -> None:
-        """The heartbeat: this replica's own figures replace its record in every pool, and renew its lease."""
+        """The heartbeat: this replica's own figures replace its record in every pool, and renew its lease.
+
+        Its figures count a request from the moment its admission is sent, at the endpoint it was sent for,
+        and the admission may count it at another endpoint or refuse it. So while one of the pool's
+        admissions is under way the record is kept and only the lease renewed: replaced then, the record
+        would count that request twice, or at an endpoint it never went to, until the next heartbeat, and
+        every admission meanwhile would re-weigh that endpoint as busier than it is. A record kept this way
+        longer than half a lease (the replica is never without an admission under way) is replaced anyway:
+        healing what a lost call left behind wins then.
+        The releases still gathered are dropped from the writes when the record is replaced: the figures
+        leave those requests out already, and applied after, the releases would take them off again. On one
+        Redis the call goes out behind every call sent before it, on the same connection (the script link).
+        """
         lease = self._settings.state.inflight_lease_ms
         for pool in sorted({*pools, *self.own.pools()}):
+            now = time.monotonic()
+            figures: dict[str, int] | None = None
+            if self._admitting[pool] <= 0 or now - self._replaced_at.setdefault(pool, now) > lease / 2000:
+                self._writes.drop_releases(pool)
+                figures = self.own.figures(pool)
+                self._replaced_at[pool] = now
             try:
                 async with asyncio.timeout(self._settings.state.redis_timeout_ms * 10 / 1000):
-                    await self._state.publish(pool, self._me, lease, self.own.figures(pool))
+                    await self._state.publish(pool, self._me, lease, figures)
             except STATE_ERRORS as exc:  # no back-off here: the heartbeat keeps probing
                 log.debug("heartbeat failed: %s", exc)
                 return

@@ -76,8 +76,8 @@ class PlacementState(Protocol):
         """Index writes and releases, in order, at once; returns how many blocks the index writes evicted."""
         ...
 
-    async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
-        """Replace the replica's in-flight figures with `figures` and renew its lease."""
+    async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int] | None) -> None:
+        """Replace the replica's in-flight figures with `figures` (None: keep them) and renew its lease."""
         ...
 
 
@@ -259,8 +259,9 @@ class MemoryState:
                 await self.release(pool, w.replica, w.endpoint, w.work_blocks, w.model)
         return evicted
 
-    async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int]) -> None:
-        self._figures.setdefault(pool, {})[replica] = Counter({k: v for k, v in figures.items() if v > 0})
+    async def publish(self, pool: str, replica: str, lease_ms: int, figures: Mapping[str, int] | None) -> None:
+        if figures is not None:
+            self._figures.setdefault(pool, {})[replica] = Counter({k: v for k, v in figures.items() if v > 0})
         self._expiry.setdefault(pool, {})[replica] = time.monotonic() + lease_ms / 1000
         self._live(pool)
 

@@ -70,6 +70,15 @@ class WriteBatcher:
             del self._pending[pool]
         return taken
 
+    def drop_releases(self, pool: str) -> None:
+        """Forget the releases gathered for `pool`: the replica's record is replaced whole without those
+        requests (the heartbeat), and applied after it they would take them off a second time."""
+        kept: list[Write] = [w for w in self._pending.get(pool, ()) if not isinstance(w, ReleaseWrite)]
+        if kept:
+            self._pending[pool] = kept
+        else:
+            self._pending.pop(pool, None)
+
     def flush(self) -> None:
         """Send what gathered now (shutdown)."""
         for pool in list(self._pending):

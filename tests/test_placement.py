@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway_state.clock import FleetClock
 from gateway_state.placement_store import IndexWrite, Option, ReleaseWrite, SharedView, Write, summed
 from gateway_state.records import Config, Endpoint, LoadSample, Model, Pool, Strategy, TargetModel
+from gateway_state.script_link import ScriptLink
 from gateway_state.store import StateStore
 from picker.candidates import pending_prefill, prefill_speeds
 from picker.intake import Intake, PlacementRequest
@@ -176,6 +177,51 @@ async def test_an_endpoint_taken_since_the_lookup_gives_way_to_the_next_in_the_s
     view = await store.lookup("p", mine.block_hashes)
     assert view.inflight == {chosen: 1, runner_up: 1} and view.inflight_work == {chosen: 400, runner_up: work}
     assert view.matched_blocks == {runner_up: len(mine.block_hashes)}
+
+
+async def test_a_heartbeat_while_an_admission_is_under_way_keeps_the_record_it_would_miscount(
+        shared_redis: Redis | RedisCluster) -> None:
+    """The heartbeat comes while an admission is under way, and the admission then takes the decision's next
+    endpoint: the record is kept, not replaced by figures that count the request where it was sent, so the
+    pool's figures never count it twice or at the endpoint it did not go to. The next heartbeat, with nothing
+    under way, replaces the record with the same figures."""
+    store = StateStore(shared_redis, ScriptLink.for_client(shared_redis))
+    p, _ = placement(store, MemoryState())
+    plan = await p.plan(request("mine " * 30), {})
+    chosen, runner_up = plan.decision.endpoints[0].endpoint.key, plan.decision.endpoints[1].endpoint.key
+    assert await store.admit("p", "other", [Option(chosen, 400)], 5_000)
+    committing = asyncio.ensure_future(p.commit(plan, time.perf_counter()))
+    while not p.own.figures("p"):  # its admission is sent
+        await asyncio.sleep(0)
+    await p.publish(["p"])
+    placed = await committing
+    assert placed is not None and placed.chosen.endpoint.key == runner_up
+    assert (await store.lookup("p", [])).inflight == {chosen: 1, runner_up: 1}
+    await p.publish(["p"])
+    assert (await store.lookup("p", [])).inflight == {chosen: 1, runner_up: 1}
+    assert (await store.lookup("p", [], leave_out="other")).inflight == {runner_up: 1}
+
+
+async def test_a_heartbeat_drops_the_releases_its_record_already_leaves_out(
+        shared_redis: Redis | RedisCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests at a pool's one endpoint, one ended and its release still gathered when the heartbeat
+    replaces the record: the record counts the other, and the release is not applied after it as well."""
+    monkeypatch.setattr("picker.writes.LINGER_S", 5.0)
+    one = replace(CONFIG, pools={"p": Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=ENDPOINTS[:1])})
+    store = StateStore(shared_redis, ScriptLink.for_client(shared_redis))
+    p, _ = placement(store)
+    placed = []
+    for text in ("first " * 30, "second " * 30):
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
+        placed.append(await p.place(Intake(SETTINGS.prefix, 1 << 20, random.Random(1)).read(
+            one, "p", "/v1/chat/completions", body), {}))
+    key = ENDPOINTS[0].key
+    assert (await store.lookup("p", [])).inflight == {key: 2}
+    p.release(placed[0])
+    await p.publish(["p"])
+    await p.drain()
+    await asyncio.sleep(0.05)
+    assert (await store.lookup("p", [])).inflight == {key: 1}
 
 
 async def test_release_takes_back_exactly_what_was_admitted() -> None:
