@@ -24,6 +24,7 @@ import pytest
 
 from local_fleet.fleet import Fleet, FleetSettings
 from local_fleet.llama_server import model_path
+from picker.settings import StateSettings
 from picker.tokens import EngineTokens
 from tests.client import post, wait_for
 from tests.conftest import FIXTURES, free_port, relocated
@@ -236,16 +237,24 @@ async def test_a_busy_pods_slots_reach_the_scorers(llama_fleet: Fleet, http: aio
 
     hogs = [asyncio.create_task(occupy(i)) for i in range(4)]
     try:
+        ages: list[int] = []
+
         async def seen_busy() -> bool:
+            """The busy slots in a sample fresh enough to be scored (a sample older than the picker's
+            `max_sample_age_ms` is unknown load): on a loaded machine a busy llama.cpp answers the collector
+            late now and then, and a request decided then could go anywhere."""
             found = await admin_pool(llama_fleet, http)
             sample = next(e for e in found["endpoints"] if e["name"] == busy_name)["load"]
-            return bool(sample and sample["running"] == 4 and sample["kv_cache_usage"] > 0)
-        await wait_for(seen_busy, 60)
-        # One after another: each sees the busy slots alone, not also the gateway's own requests in flight.
-        served = await send_groups(http, PREFIX_PORT, [[
-            {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": f"Quick question {i}?"}]}
-            for i in range(4)]])
-        assert set(served) == {pods(llama_fleet)[PODS[1]]}, served
+            if not (sample and sample["running"] == 4 and sample["kv_cache_usage"] > 0):
+                return False
+            ages.append(sample["age_ms"])
+            return bool(sample["age_ms"] is not None and sample["age_ms"] < StateSettings().max_sample_age_ms / 2)
+        served = []
+        for i in range(4):  # one after another: each sees the busy slots alone, not the gateway's own requests
+            await wait_for(seen_busy, 60)
+            served += await send_groups(http, PREFIX_PORT, [[
+                {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": f"Quick question {i}?"}]}]])
+        assert set(served) == {pods(llama_fleet)[PODS[1]]}, (served, ages)
     finally:
         for hog in hogs:
             hog.cancel()
