@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -21,7 +20,7 @@ from picker.intake import Intake
 from picker.plugins.filters import LoraSlotFilter
 from picker.plugins.framework import Candidate, SchedulingRequest
 from picker.plugins.scorers import AdapterHomeScorer, LoraAffinityScorer, adapter_state
-from picker.settings import PrefixSettings, StateSettings
+from picker.settings import PrefixSettings
 from simulator.engine import Engine, Sequence
 from simulator.lora import Adapters
 from simulator.physics import Physics
@@ -170,13 +169,10 @@ async def test_through_the_gateway_an_adapters_requests_go_where_it_runs_and_a_c
                                                                        "adapter": "sql-lora"}) as r:
             assert r.status == 200
         try:
-            async def running_there() -> bool:
-                """The latest sample shows the adapter running there, and is fresh: a sample older than the
-                pickers' `max_sample_age_ms` is unknown load, and a decision then goes to the adapter's home."""
+            async def running_there() -> bool:  # the latest sample shows the adapter running there
                 raw = await redis.hget(keys.load("default/default-pool"), pods[holder])
                 sample = decode_load(raw) if raw is not None else None
-                return (sample is not None and sample.ok and "sql-lora" in sample.running_adapters
-                        and time.time() * 1000 - sample.scraped_at_ms < StateSettings().max_sample_age_ms / 2)
+                return sample is not None and sample.ok and "sql-lora" in sample.running_adapters
 
             served = []
             for i in range(6):
