@@ -329,8 +329,7 @@ class Placement:
         """Admit the plan: counted here at once, and in the state; None if the state refused it (another replica
         took its endpoints since the plan's view: nothing is counted then). The state may admit it at another of
         the decision's endpoints instead, re-weighed on the figures there now. The admission carries the writes
-        gathered for the pool (releases) and, if the chosen endpoint is admitted, the prompt's blocks to index (in a
-        burst these wait for the pool's admissions under way, and only releases ride: writes.py)."""
+        gathered for the pool (releases) and, if the chosen endpoint is admitted, the prompt's blocks to index."""
         request = plan.request
         pool, model = request.pool.name, request.target_model
         endpoints = plan.decision.endpoints
