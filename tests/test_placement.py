@@ -40,9 +40,9 @@ CONFIG = Config(1, {"p": Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=END
 SETTINGS = PickerSettings(server=ServerSettings(replica_id="me"), state=StateSettings(redis_timeout_ms=50))
 
 
-def request(text: str = "shared system prompt " * 40) -> PlacementRequest:
+def request(text: str = "shared system prompt " * 40, config: Config = CONFIG) -> PlacementRequest:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
-    return Intake(SETTINGS.prefix, 1 << 20, random.Random(1)).read(CONFIG, "p", "/v1/chat/completions", body)
+    return Intake(SETTINGS.prefix, 1 << 20, random.Random(1)).read(config, "p", "/v1/chat/completions", body)
 
 
 def placement(state: PlacementState, fallback: MemoryState | None = None,
@@ -145,11 +145,9 @@ async def test_a_decision_made_again_weighs_every_endpoint_at_its_admission(
     keeps the configured number of fallbacks."""
     six = tuple(Endpoint(f"pod-{i}", f"10.0.1.{i}", 8000) for i in range(6))
     config = replace(CONFIG, pools={"p": Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=six)})
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "again " * 40}]}).encode()
     state = FilledAgain(shared_redis)
     p, metrics = placement(state, MemoryState())
-    placed = await p.place(Intake(SETTINGS.prefix, 1 << 20, random.Random(1)).read(
-        config, "p", "/v1/chat/completions", body), {})
+    placed = await p.place(request("again " * 40, config), {})
     first, second = state.rounds
     assert len(first) == 3 and len(second) == 6 and set(second[:3]).isdisjoint(first)
     assert placed.chosen.endpoint.key in first and metrics.placement_conflicts.labels("p")._value.get() == 1
@@ -179,27 +177,38 @@ async def test_an_endpoint_taken_since_the_lookup_gives_way_to_the_next_in_the_s
     assert view.matched_blocks == {runner_up: len(mine.block_hashes)}
 
 
+@asynccontextmanager
+async def linked(redis: Redis | RedisCluster) -> AsyncIterator[StateStore]:
+    """The store as a picker builds it: on one Redis its request-path scripts go through the script link."""
+    link = ScriptLink.for_client(redis)
+    try:
+        yield StateStore(redis, link)
+    finally:
+        if link is not None:
+            link.close()
+
+
 async def test_a_heartbeat_while_an_admission_is_under_way_keeps_the_record_it_would_miscount(
         shared_redis: Redis | RedisCluster) -> None:
     """The heartbeat comes while an admission is under way, and the admission then takes the decision's next
     endpoint: the record is kept, not replaced by figures that count the request where it was sent, so the
     pool's figures never count it twice or at the endpoint it did not go to. The next heartbeat, with nothing
     under way, replaces the record with the same figures."""
-    store = StateStore(shared_redis, ScriptLink.for_client(shared_redis))
-    p, _ = placement(store, MemoryState())
-    plan = await p.plan(request("mine " * 30), {})
-    chosen, runner_up = plan.decision.endpoints[0].endpoint.key, plan.decision.endpoints[1].endpoint.key
-    assert await store.admit("p", "other", [Option(chosen, 400)], 5_000)
-    committing = asyncio.ensure_future(p.commit(plan, time.perf_counter()))
-    while not p.own.figures("p"):  # its admission is sent
-        await asyncio.sleep(0)
-    await p.publish(["p"])
-    placed = await committing
-    assert placed is not None and placed.chosen.endpoint.key == runner_up
-    assert (await store.lookup("p", [])).inflight == {chosen: 1, runner_up: 1}
-    await p.publish(["p"])
-    assert (await store.lookup("p", [])).inflight == {chosen: 1, runner_up: 1}
-    assert (await store.lookup("p", [], leave_out="other")).inflight == {runner_up: 1}
+    async with linked(shared_redis) as store:
+        p, _ = placement(store, MemoryState())
+        plan = await p.plan(request("mine " * 30), {})
+        chosen, runner_up = plan.decision.endpoints[0].endpoint.key, plan.decision.endpoints[1].endpoint.key
+        assert await store.admit("p", "other", [Option(chosen, 400)], 5_000)
+        committing = asyncio.ensure_future(p.commit(plan, time.perf_counter()))
+        while not p.own.figures("p"):  # its admission is sent
+            await asyncio.sleep(0)
+        await p.publish(["p"])
+        placed = await committing
+        assert placed is not None and placed.chosen.endpoint.key == runner_up
+        assert (await store.lookup("p", [])).inflight == {chosen: 1, runner_up: 1}
+        await p.publish(["p"])
+        assert (await store.lookup("p", [])).inflight == {chosen: 1, runner_up: 1}
+        assert (await store.lookup("p", [], leave_out="other")).inflight == {runner_up: 1}
 
 
 async def test_a_heartbeat_drops_the_releases_its_record_already_leaves_out(
@@ -208,20 +217,16 @@ async def test_a_heartbeat_drops_the_releases_its_record_already_leaves_out(
     replaces the record: the record counts the other, and the release is not applied after it as well."""
     monkeypatch.setattr("picker.writes.LINGER_S", 5.0)
     one = replace(CONFIG, pools={"p": Pool("p", (8000,), Strategy.PREFIX_CACHE, endpoints=ENDPOINTS[:1])})
-    store = StateStore(shared_redis, ScriptLink.for_client(shared_redis))
-    p, _ = placement(store)
-    placed = []
-    for text in ("first " * 30, "second " * 30):
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
-        placed.append(await p.place(Intake(SETTINGS.prefix, 1 << 20, random.Random(1)).read(
-            one, "p", "/v1/chat/completions", body), {}))
-    key = ENDPOINTS[0].key
-    assert (await store.lookup("p", [])).inflight == {key: 2}
-    p.release(placed[0])
-    await p.publish(["p"])
-    await p.drain()
-    await asyncio.sleep(0.05)
-    assert (await store.lookup("p", [])).inflight == {key: 1}
+    async with linked(shared_redis) as store:
+        p, _ = placement(store)
+        placed = [await p.place(request(text, one), {}) for text in ("first " * 30, "second " * 30)]
+        key = ENDPOINTS[0].key
+        assert (await store.lookup("p", [])).inflight == {key: 2}
+        p.release(placed[0])
+        await p.publish(["p"])
+        await p.drain()
+        await asyncio.sleep(0.05)
+        assert (await store.lookup("p", [])).inflight == {key: 1}
 
 
 async def test_release_takes_back_exactly_what_was_admitted() -> None:
