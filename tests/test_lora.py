@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import pytest
@@ -174,16 +175,20 @@ async def test_through_the_gateway_an_adapters_requests_go_where_it_runs_and_a_c
                 sample = decode_load(raw) if raw is not None else None
                 return sample is not None and sample.ok and "sql-lora" in sample.running_adapters
 
-            served = []
+            served, explained = [], []
             for i in range(6):
                 # On a loaded machine a scrape of the busy pod can fail or lag, and for that moment its
                 # adapters are unknown and the adapter's home decides: each request goes once the pickers'
                 # snapshot (refreshed every 50 ms) holds a good sample showing the adapter running there.
                 await wait_for(running_there, 5.0)
                 await asyncio.sleep(0.1)
-                served.append((await post(http, DEFAULT_PORT, chat(f"sql {i}", model="sql-lora", max_tokens=2))).pod)
-            # Without LoRA affinity they would go to the adapter's home, which is another pod.
-            assert served.count(holder) >= 5, served
+                body = chat(f"sql {i}", model="sql-lora", max_tokens=2)
+                explained.append(await scores_now(http, fleet, body))
+                served.append((await post(http, DEFAULT_PORT, body)).pod)
+            # Without LoRA affinity they would go to the adapter's home, which is another pod. On failure, the
+            # scores a picker gave each request just before it went.
+            assert served.count(holder) >= 5, "\n".join(f"{pod}: {json.dumps(e)}"
+                                                         for pod, e in zip(served, explained, strict=True))
         finally:
             async with http.delete(f"http://{pods[holder]}/sim/load") as r:
                 assert r.status == 200
@@ -193,6 +198,16 @@ async def test_through_the_gateway_an_adapters_requests_go_where_it_runs_and_a_c
                                                                       max_tokens=8)) for i in range(12)))
         assert all(r.status == 200 for r in burst)
         assert len({r.pod for r in burst}) >= 2, [r.pod for r in burst]
+
+
+async def scores_now(http: aiohttp.ClientSession, fleet: Fleet, body: dict[str, Any]) -> dict[str, Any]:
+    """A picker's decision for `body` now (`/admin/explain`): each scorer's weighted figure per pod, the totals."""
+    async with http.post(f"http://127.0.0.1:{fleet.settings.picker_admin_ports[0]}/admin/explain", json=body,
+                         headers={"Authorization": f"Bearer {fleet.admin_tokens['read']}"}) as r:
+        assert r.status == 200, await r.text()
+        explained = await r.json()
+    return {"pick": explained["pick_name"], "totals": explained["totals"],
+            **{s["name"]: {pod: round(w, 3) for pod, w in s["weighted"].items()} for s in explained["scorers"]}}
 
 
 def test_an_adapter_in_flight_at_a_pod_counts_as_waiting_there_but_the_base_model_never_does() -> None:
