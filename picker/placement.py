@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from gateway_state.clock import FleetClock
@@ -159,7 +158,6 @@ class Placement:
         self._me = settings.server.replica_id
         self.own = OwnRequests()
         self._answered: dict[str, AnsweredLookup] = {}  # pool -> its last answered lookup
-        self._admitting: Counter[str] = Counter()  # pool -> this replica's admissions sent and not answered yet
         self._replaced_at: dict[str, float] = {}  # pool -> when the heartbeat last replaced this replica's record
         # pool -> (its record and samples, their prefill speeds): worked out once per snapshot, not per decision
         self._speeds: dict[str, tuple[Pool, Mapping[str, LoadSample], dict[str, float]]] = {}
@@ -331,22 +329,25 @@ class Placement:
         """Admit the plan: counted here at once, and in the state; None if the state refused it (another replica
         took its endpoints since the plan's view: nothing is counted then). The state may admit it at another of
         the decision's endpoints instead, re-weighed on the figures there now. The admission carries the writes
-        gathered for the pool (releases) and, if the chosen endpoint is admitted, the prompt's blocks to index."""
+        gathered for the pool (releases) and, if the chosen endpoint is admitted, the prompt's blocks to index (in a
+        burst these wait for the pool's admissions under way, and only releases ride: writes.py)."""
         request = plan.request
         pool, model = request.pool.name, request.target_model
         endpoints = plan.decision.endpoints
         own = [self._index_write(request, plan.chosen)] if request.block_hashes else []
-        # Where the index is on other shards than the pool's, the write goes after the admission, off its path.
-        carried = own if self._state.index_rides_admission else []
+        # Where the index is on other shards than the pool's, the write goes after the admission, off its path;
+        # so it does in a burst (the pool's admissions under way go first: writes.WriteBatcher).
+        burst = self._writes.admitting(pool) > 0
+        carried = own if self._state.index_rides_admission and not burst else []
         admission = self.own.add(pool, plan.chosen.endpoint.key, plan.work_blocks, model)
         sent = None
         try:
             if self._guard.usable:
                 # Sent, the admission runs to its answer even past the deadline, so the state can be set right
                 # then. On one Redis the call is already a future of its reply; a cluster's coroutine becomes a task.
-                sent = self._under_way(pool, self._state.admit(
+                sent = self._writes.under_way(pool, self._state.admit(
                     pool, self._me, plan.options, self._settings.state.inflight_lease_ms, model, plan.weighing,
-                    self._writes.take(pool), carried))
+                    self._writes.take_releases(pool) if burst else self._writes.take(pool), carried))
                 admitted = await self._guard.call("admit", asyncio.shield(sent), slack=self._admission_slack)
             else:
                 self._guard.skip("admit")
@@ -411,7 +412,7 @@ class Placement:
             return
         self._metrics.of(self._metrics.late_admissions, pool, "moved" if counted else "added").inc()
         # One call: the count taken back from where the state put it, then counted where the request went.
-        moved = await self._guard.call("settle", self._under_way(pool, self._state.admit(
+        moved = await self._guard.call("settle", self._writes.under_way(pool, self._state.admit(
             pool, self._me, [Option(went.endpoint, went.work_blocks, blocks_per_s=went.blocks_per_s)],
             self._settings.state.inflight_lease_ms, model, Weighing(floor=NEVER_REFUSED), taken_back)),
             slack=LATE_SLACK, in_backoff=True)
@@ -447,14 +448,6 @@ class Placement:
         """Now on the fleet's clock (Redis's), as load samples are stamped."""
         return self._clock.now_ms()
 
-    def _under_way(self, pool: str, admission: Awaitable[int]) -> asyncio.Future[int]:
-        """The admission sent (on one Redis it already is; a cluster's coroutine becomes a task), counted as
-        under way until its answer: until then, where it counts the request in the state is unknown."""
-        sent = asyncio.ensure_future(admission)
-        self._admitting[pool] += 1
-        sent.add_done_callback(lambda _: self._admitting.subtract((pool,)))
-        return sent
-
     async def publish(self, pools: list[str]) -> None:
         """The heartbeat: this replica's own figures replace its record in every pool, and renew its lease.
 
@@ -473,7 +466,7 @@ class Placement:
         for pool in sorted({*pools, *self.own.pools()}):
             now = time.monotonic()
             figures: dict[str, int] | None = None
-            if self._admitting[pool] <= 0 or now - self._replaced_at.setdefault(pool, now) > lease / 2000:
+            if self._writes.admitting(pool) <= 0 or now - self._replaced_at.setdefault(pool, now) > lease / 2000:
                 self._writes.drop_releases(pool)
                 figures = self.own.figures(pool)
                 self._replaced_at[pool] = now

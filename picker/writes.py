@@ -1,14 +1,18 @@
 """The writes after a decision, off its path: the prompt's blocks to index and the requests to release.
 
-A decision's own index write rides on its admission (`Placement.commit`). What else gathers (releases,
-mostly) waits up to LINGER_S for the next lookup (releases) or admission (anything) in its pool to carry
-it, in the same round trip; when none comes, one task per pool sends what gathered in one call, so at
-rest a release goes within LINGER_S and under load many share a call or ride along.
+A decision's own index write rides on its admission (`Placement.commit`), unless another admission of the
+pool is under way: in a burst the admissions go first, and the index writes wait until none is under way
+(at most INDEX_HOLD_S), then go together. What else gathers (releases, mostly) waits up to LINGER_S for the
+next lookup (releases) or admission (anything, outside a burst) in its pool to carry it, in the same round
+trip; when none comes, one task per pool sends what gathered in one call, so at rest a release goes within
+LINGER_S and under load many share a call or ride along.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from collections.abc import Awaitable
 
 from gateway_state.placement_store import IndexWrite, ReleaseWrite, SpeculativeWrite, Write
 from picker.state import MemoryState, PlacementState
@@ -24,6 +28,11 @@ WRITE_SLACK = 10.0
 LINGER_S = 0.002
 # The most releases a lookup carries (scripts.LOOKUP): a few µs of Lua each, on the request path.
 LOOKUP_RELEASES = 16
+# How long index writes wait for the pool's admissions under way (a burst) before going anyway. A fresh
+# prompt's index write is about 10 µs of Lua a block (a 2,000-token prompt, 1 to 1.5 ms on a loaded
+# machine); riding on admissions or sent between them, a burst's writes held up every admission behind them.
+# Meanwhile the prompts are not yet in the shared index, so a burst of one new prefix spreads by load.
+INDEX_HOLD_S = 0.1
 
 
 class WriteBatcher:
@@ -33,6 +42,19 @@ class WriteBatcher:
         self._guard = guard
         self._pending: dict[str, list[Write]] = {}  # pool -> writes not yet sent
         self._writing: set[str] = set()  # pools whose writer task runs or is due
+        self._admitting: Counter[str] = Counter()  # pool -> this replica's admissions sent and not answered yet
+
+    def under_way(self, pool: str, admission: Awaitable[int]) -> asyncio.Future[int]:
+        """The admission sent (on one Redis it already is; a cluster's coroutine becomes a task), counted as
+        under way until its answer: until then, where it counts the request in the state is unknown."""
+        sent = asyncio.ensure_future(admission)
+        self._admitting[pool] += 1
+        sent.add_done_callback(lambda _: self._admitting.subtract((pool,)))
+        return sent
+
+    def admitting(self, pool: str) -> int:
+        """How many of the pool's admissions are under way."""
+        return self._admitting[pool]
 
     def add(self, pool: str, write: Write) -> None:
         self._pending.setdefault(pool, []).append(write)
@@ -84,8 +106,12 @@ class WriteBatcher:
         for pool in list(self._pending):
             self._guard.later(self._write_pending(pool))
 
-    def _start(self, pool: str) -> None:
-        if self._pending.get(pool):
+    def _start(self, pool: str, held_s: float = 0.0) -> None:
+        pending = self._pending.get(pool)
+        if pending and self._admitting[pool] > 0 and held_s < INDEX_HOLD_S \
+                and any(isinstance(w, IndexWrite | SpeculativeWrite) for w in pending):
+            asyncio.get_running_loop().call_later(LINGER_S, self._start, pool, held_s + LINGER_S)
+        elif pending:
             self._guard.later(self._write_pending(pool))
         else:
             self._writing.discard(pool)

@@ -270,6 +270,58 @@ async def test_the_writes_after_decisions_share_a_round_trip_while_one_is_under_
     assert view.inflight == {} and len(state.matched("p", request("prompt 3 " * 30).block_hashes)) == 1
 
 
+class Paced(MemoryState):
+    """Admissions take the given times to answer in turn (the last for the rest), each write call 5 ms: the calls
+    in the order they ended."""
+
+    def __init__(self, *admit_s: float) -> None:
+        super().__init__()
+        self.admit_s = list(admit_s)
+        self.calls: list[tuple[str, int]] = []  # ("admit", options) or ("write", index writes)
+
+    async def admit(self, *args: Any, **kwargs: Any) -> int:
+        await asyncio.sleep(self.admit_s.pop(0) if len(self.admit_s) > 1 else self.admit_s[0])
+        admitted = await super().admit(*args, **kwargs)
+        self.calls.append(("admit", len(args[2])))
+        return admitted
+
+    async def write(self, pool: str, writes: Sequence[Write]) -> int:
+        await asyncio.sleep(0.005)
+        self.calls.append(("write", sum(isinstance(w, IndexWrite) for w in writes)))
+        return await super().write(pool, writes)
+
+
+async def test_a_bursts_index_writes_wait_for_its_admissions_then_go_together() -> None:
+    """Six decisions at once: the first's index write rides on its admission (none was under way), the others'
+    wait until no admission is under way and then go in one call; every prompt is indexed."""
+    state = Paced(0.03)
+    p, _ = placement(state)
+    prompts = [request(f"burst {i} " * 30) for i in range(6)]
+    placed = await asyncio.gather(*(p.place(r, {}) for r in prompts))
+    await asyncio.sleep(0.05)
+    await p.drain()
+    assert [kind for kind, _ in state.calls] == ["admit"] * 6 + ["write"], state.calls
+    assert state.calls[-1] == ("write", 5)
+    for r, one in zip(prompts, placed, strict=True):
+        assert state.matched("p", r.block_hashes) == {one.chosen.endpoint.key: len(r.block_hashes)}
+
+
+async def test_index_writes_wait_for_a_slow_admission_a_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An admission far slower to answer than the one decided after it holds the second's index write back
+    INDEX_HOLD_S at most: the write goes while the slow one is still under way."""
+    monkeypatch.setattr("picker.writes.INDEX_HOLD_S", 0.05)
+    state = Paced(0.4, 0.01)
+    p, _ = placement(state, settings=replace(SETTINGS, state=replace(SETTINGS.state, admission_timeout_ms=5_000)))
+    slow = asyncio.ensure_future(p.place(request("slow " * 30), {}))
+    while not p.own.figures("p"):  # its admission is sent
+        await asyncio.sleep(0)
+    await p.place(request("fast " * 30), {})
+    await asyncio.sleep(0.2)
+    assert state.calls == [("admit", 3), ("write", 1)] and not slow.done()
+    await slow
+    await p.drain()
+
+
 async def test_an_admission_carries_the_writes_gathered_before_it() -> None:
     """An index write left to the batcher (as when its admission's answer was lost) rides on the next
     admission, and the release gathered beside it on the next lookup: no call of their own."""
