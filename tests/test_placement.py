@@ -270,48 +270,67 @@ async def test_the_writes_after_decisions_share_a_round_trip_while_one_is_under_
     assert view.inflight == {} and len(state.matched("p", request("prompt 3 " * 30).block_hashes)) == 1
 
 
-class Paced(MemoryState):
-    """Admissions take the given times to answer in turn (the last for the rest), each write call 5 ms: the calls
-    in the order they ended."""
+PATIENT = replace(SETTINGS, state=replace(SETTINGS.state, redis_timeout_ms=1_000, admission_timeout_ms=5_000))
 
-    def __init__(self, *admit_s: float) -> None:
-        super().__init__()
+
+class Paced(StateStore):
+    """A real Redis whose admissions are answered the given times late in turn (the last for the rest): each goes
+    to Redis when sent, so Redis sees them in the order they were sent. Each write call takes 5 ms more. The calls
+    in the order they ended, and the write calls sent while an admission was under way."""
+
+    def __init__(self, redis: Redis | RedisCluster, *admit_s: float) -> None:
+        super().__init__(redis)
         self.admit_s = list(admit_s)
         self.calls: list[tuple[str, int]] = []  # ("admit", options) or ("write", index writes)
+        self.admitting = 0
+        self.writes_beside_admissions = 0
 
-    async def admit(self, *args: Any, **kwargs: Any) -> int:
-        await asyncio.sleep(self.admit_s.pop(0) if len(self.admit_s) > 1 else self.admit_s[0])
-        admitted = await super().admit(*args, **kwargs)
+    async def admit(self, *args: Any, **kwargs: Any) -> int:  # type: ignore[override]
+        late_s = self.admit_s.pop(0) if len(self.admit_s) > 1 else self.admit_s[0]
+        self.admitting += 1
+        try:
+            admitted = await super().admit(*args, **kwargs)
+            await asyncio.sleep(late_s)
+        finally:
+            self.admitting -= 1
         self.calls.append(("admit", len(args[2])))
         return admitted
 
     async def write(self, pool: str, writes: Sequence[Write]) -> int:
+        self.writes_beside_admissions += self.admitting > 0
         await asyncio.sleep(0.005)
         self.calls.append(("write", sum(isinstance(w, IndexWrite) for w in writes)))
         return await super().write(pool, writes)
 
 
-async def test_a_bursts_index_writes_wait_for_its_admissions_then_go_together() -> None:
+async def test_a_bursts_index_writes_wait_for_its_admissions_then_go_together(
+        shared_redis: Redis | RedisCluster) -> None:
     """Six decisions at once: the first's index write rides on its admission (none was under way), the others'
-    wait until no admission is under way and then go in one call; every prompt is indexed."""
-    state = Paced(0.03)
-    p, _ = placement(state)
+    wait until no admission is under way and then go in one call; every prompt is indexed. On a cluster no index
+    write rides, and the calls of one replica reach the shards in no fixed order, so an admission may be refused
+    and its decision made again after the others: there no write goes while an admission is under way."""
+    state = Paced(shared_redis, 0.03)
+    # Admissions answered well inside their deadline on a loaded machine too (a late one is settled by a call more).
+    p, _ = placement(state, settings=PATIENT)
     prompts = [request(f"burst {i} " * 30) for i in range(6)]
     placed = await asyncio.gather(*(p.place(r, {}) for r in prompts))
     await asyncio.sleep(0.05)
     await p.drain()
-    assert [kind for kind, _ in state.calls] == ["admit"] * 6 + ["write"], state.calls
-    assert state.calls[-1] == ("write", 5)
+    if state.index_rides_admission:
+        assert state.calls == [("admit", 3)] * 6 + [("write", 5)], state.calls
+    assert state.writes_beside_admissions == 0 and state.calls[-1][0] == "write", state.calls
     for r, one in zip(prompts, placed, strict=True):
-        assert state.matched("p", r.block_hashes) == {one.chosen.endpoint.key: len(r.block_hashes)}
+        assert (await state.lookup("p", r.block_hashes)).matched_blocks == {
+            one.chosen.endpoint.key: len(r.block_hashes)}
 
 
-async def test_index_writes_wait_for_a_slow_admission_a_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_index_writes_wait_for_a_slow_admission_a_bounded_time(
+        shared_redis: Redis | RedisCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """An admission far slower to answer than the one decided after it holds the second's index write back
     INDEX_HOLD_S at most: the write goes while the slow one is still under way."""
     monkeypatch.setattr("picker.writes.INDEX_HOLD_S", 0.05)
-    state = Paced(0.4, 0.01)
-    p, _ = placement(state, settings=replace(SETTINGS, state=replace(SETTINGS.state, admission_timeout_ms=5_000)))
+    state = Paced(shared_redis, 0.4, 0.01)
+    p, _ = placement(state, settings=PATIENT)
     slow = asyncio.ensure_future(p.place(request("slow " * 30), {}))
     while not p.own.figures("p"):  # its admission is sent
         await asyncio.sleep(0)
