@@ -55,6 +55,9 @@ LATE_SLACK = 10.0
 # How many of the best endpoints a decision made again after a refusal offers its admission (a pool's every
 # endpoint, in pools up to this size): an admission's cost grows with its options.
 RETRY_OPTIONS = 16
+# How many times shutdown sends what gathered and waits for it: a late admission's settling gathers a release,
+# and nothing it waits for gathers more.
+DRAIN_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -478,6 +481,11 @@ class Placement:
                 return
 
     async def drain(self) -> None:
-        """Send the writes still gathered, and wait for those under way (shutdown)."""
-        self._writes.flush()
-        await self._guard.drain()
+        """Send the writes still gathered, and wait for those under way (shutdown). Work under way may gather
+        writes of its own meanwhile (a late admission's answer, settled, releases the request it counted):
+        those go too, in a few rounds at most."""
+        for _ in range(DRAIN_ROUNDS):
+            self._writes.flush()
+            await self._guard.drain()
+            if not self._writes.gathered():
+                return

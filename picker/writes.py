@@ -101,6 +101,10 @@ class WriteBatcher:
         else:
             self._pending.pop(pool, None)
 
+    def gathered(self) -> bool:
+        """Whether any writes wait to be sent."""
+        return any(self._pending.values())
+
     def flush(self) -> None:
         """Send what gathered now (shutdown)."""
         for pool in list(self._pending):
