@@ -57,6 +57,12 @@ _LISTENERS = dict(zip(range(18080, 18086), (PREFIX_PORT, PLAIN_PORT, DEFAULT_POR
 POD_NET = f"127.{random.randrange(30, 140)}."
 
 
+def own_net(first: int, last: int) -> str:
+    """A loopback network "127.N." with first <= N < last for a test fleet of its own: never the
+    suite fleet's (POD_NET), which runs for the whole session beside every other fleet."""
+    return random.choice([f"127.{n}." for n in range(first, last) if f"127.{n}." != POD_NET])
+
+
 def pod_address(fixture_address: str) -> str:
     """Where a pod the fixtures place at 127.0.x.y runs in this suite."""
     return fixture_address.replace("127.0.", POD_NET, 1)

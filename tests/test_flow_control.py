@@ -27,10 +27,10 @@ from redis.asyncio import Redis
 from gateway_state import keys
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import wait_for
-from tests.conftest import POD_NET, free_port
+from tests.conftest import free_port, own_net
 from tests.test_resilience import envoy_sends_to_every_picker
 
-NET = random.choice([f"127.{n}." for n in range(20, 120) if f"127.{n}." != POD_NET])
+NET = own_net(20, 120)
 PORT = free_port()
 POOL = "default/fc-pool"
 BASE = "/models/Qwen3-32B"

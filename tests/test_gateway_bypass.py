@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import shutil
 import socket
 import subprocess
@@ -26,14 +25,14 @@ import yaml
 from collector.gateway_stats import BypassWindow, GatewayTarget, ext_proc_counters, resolve_instances
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import chat, wait_for
-from tests.conftest import FIXTURES, free_port, prefix_pool_manifests
+from tests.conftest import FIXTURES, free_port, own_net, prefix_pool_manifests
 from tests.test_make_up import MakeUp
 from tests.test_monitoring import RULES, promtool
 
 POOL = "default/prefix-pool"
-# Its own pods' network: not the suite fleet's (POD_NET), nor the chaos fleet's (140 and up); the PD
+# Its own pods' network: not the suite fleet's, nor the chaos fleet's (140 and up); the PD
 # simulator test's 127.120-139.0.x stays apart by its third octet.
-NET = f"127.{random.randrange(120, 140)}."
+NET = own_net(120, 140)
 WINDOW_MS = 15_000
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -25,10 +24,10 @@ from benchmarks.driver import chat_once
 from benchmarks.workloads import Conversation, SharedPrefixWorkload
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import QWEN, chat, post, wait_for
-from tests.conftest import POD_NET, free_port
+from tests.conftest import free_port, own_net
 
-# Its own loopback network: not the suite fleet's (POD_NET), not the chaos fleet's (140 and up).
-NET = random.choice([f"127.{n}." for n in range(20, 120) if f"127.{n}." != POD_NET])
+# Its own loopback network: not the suite fleet's, not the chaos fleet's (140 and up).
+NET = own_net(20, 120)
 PORTS = {name: free_port() for name in ("pool-mirror", "svc-mirror", "half-mirror", "pd", "pd-no-prefill",
                                         "pd-no-decode")}
 ROLE = "rolebasedgroup.workloads.x-k8s.io/role"

@@ -7,7 +7,6 @@ where the prefixes must not all return."""
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -15,9 +14,9 @@ import pytest
 
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import chat, post
-from tests.conftest import POD_NET, free_port, prefix_pool_manifests
+from tests.conftest import free_port, own_net, prefix_pool_manifests
 
-NET = random.choice([f"127.{n}." for n in range(20, 120) if f"127.{n}." != POD_NET])
+NET = own_net(20, 120)
 PREFIXES = 12
 
 
