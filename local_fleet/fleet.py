@@ -450,6 +450,9 @@ class Fleet:
                 return
             dead = [n for n, p in self.processes.items() if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}; see {self.log_path(dead[0])}")
+                log = self.log_path(dead[0])
+                tail = log.read_text(errors="replace").splitlines()[-8:] if log.exists() else []
+                raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}; the end of {log}:\n"
+                                   + "\n".join(tail))
             time.sleep(0.05)
         raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s; logs in {self.settings.work_dir / 'logs'}")
