@@ -149,9 +149,12 @@ async def test_make_up_restarts_what_dies_and_keeps_serving(make_up: MakeUp) -> 
         await asyncio.gather(*users)
 
     # A group's home: the two pods that served most of it before any fault (its two users' requests run at
-    # once, and load spreads them over two of the four pods), not any pod it ever touched. Without prefix
-    # affinity each group would use all four.
-    homes = {g: {pod for pod, _ in c.most_common(2)} for g, c in home.items()}
+    # once, and load may spread them over two of the four pods), not any pod it ever touched. Where the
+    # warm-up kept a group on one pod, its second is the one that served it most during the faults, and
+    # the group is held to that pair. Without prefix affinity each group would use all four.
+    homes = {g: [pod for pod, _ in c.most_common(2)] for g, c in home.items()}
+    for g, c in pods.items():
+        homes[g] += [pod for pod, _ in c.most_common() if pod not in homes[g]][:2 - len(homes[g])]
     settled = sum(n for g, c in home.items() for pod, n in c.items() if pod in homes[g]) / sum(
         c.total() for c in home.values())
     on_home = sum(n for g, c in pods.items() for pod, n in c.items() if pod in homes[g])
