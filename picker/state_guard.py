@@ -153,6 +153,7 @@ class StateGuard:
         task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
-        """Wait for the work still under way (shutdown)."""
-        if self._background:
+        """Wait for the work still under way (shutdown), and for what it starts meanwhile: a write that work
+        gathered may go in a task of its own before the first wait ends."""
+        while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

@@ -576,6 +576,27 @@ async def test_an_admission_answered_past_its_deadline_is_released_when_its_requ
     assert (await state.lookup("p", [])).inflight == {}
 
 
+async def test_the_guards_drain_waits_for_work_that_work_under_way_starts() -> None:
+    """A late admission's answer gathers a release, whose write goes in a task of its own when the batcher's
+    timer fires: shutdown's drain waits for that one too, not only for what was under way when it began."""
+    guard = StateGuard(PickerMetrics(), 50, 100)
+    done: list[str] = []
+
+    async def write() -> None:
+        await asyncio.sleep(0.05)
+        done.append("write")
+
+    async def settle() -> None:
+        await asyncio.sleep(0.01)
+        asyncio.get_running_loop().call_soon(guard.later, write())
+        await asyncio.sleep(0.01)
+        done.append("settle")
+
+    guard.later(settle())
+    await guard.drain()
+    assert done == ["settle", "write"]
+
+
 async def test_releases_gathered_while_the_state_is_left_alone_are_not_lost() -> None:
     """A call failed a moment ago, so the next decision asks the state nothing: neither its lookup nor its
     admission takes the releases waiting for a call to ride on, and those go on their own, at once."""
