@@ -8,7 +8,6 @@ hit rate before, during and after it.
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,11 +23,11 @@ from gateway_state.lifecycle import connect
 from gateway_state.records import decode_load
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import QWEN, wait_for
-from tests.conftest import FIXTURES, free_port, relocated
+from tests.conftest import FIXTURES, free_port, own_net, relocated
 
 PORT = free_port()  # the test fleet's prefix listener, moved so both fleets can coexist
 LISTENERS = {18080: PORT, **{p: free_port() for p in range(18081, 18086)}}
-NET = f"127.{random.randrange(140, 250)}."  # apart from the suite fleet's network
+NET = own_net(140, 250)  # apart from the suite fleet's network
 DEAD_POD = "127.0.1.2:8000".replace("127.0.", NET)
 
 

@@ -9,7 +9,6 @@ engine reported and which the pickers only expect.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -21,11 +20,11 @@ from gateway_state.records import pool_id
 from gateway_state.store import StateStore
 from local_fleet.fleet import Fleet, FleetSettings
 from tests.client import QWEN, post, wait_for
-from tests.conftest import FIXTURES, free_port, relocated
+from tests.conftest import FIXTURES, free_port, own_net, relocated
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "kv-events"
 PREFIX_PORT, PLAIN_PORT = free_port(), free_port()
-NET = f"127.{random.randrange(230, 235)}."
+NET = own_net(230, 235)
 POOL = pool_id("default", "events-pool")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +26,7 @@ from local_fleet.llama_server import model_path
 from picker.settings import StateSettings
 from picker.tokens import EngineTokens
 from tests.client import post, wait_for
-from tests.conftest import FIXTURES, free_port, relocated
+from tests.conftest import FIXTURES, free_port, own_net, relocated
 from tokenization.model_tokenizer import ChatMessage, for_model
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "llama-cpp"
@@ -35,7 +34,7 @@ MODEL = "smollm2"
 POOL = "default/smollm2-pool"
 PODS = ("llama-smollm2-0", "llama-smollm2-1")
 PREFIX_PORT, PLAIN_PORT = free_port(), free_port()
-NET = f"127.{random.randrange(250, 255)}."
+NET = own_net(250, 255)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator
 
@@ -15,9 +14,9 @@ from simulator.disaggregation import bootstrap_of
 from simulator.physics import Physics
 from simulator.pod import PodSpec, SimulatedPod
 from tests.client import QWEN
-from tests.conftest import free_port
+from tests.conftest import free_port, own_net
 
-NET = f"127.{random.randrange(120, 140)}.0."
+NET = own_net(120, 140) + "0."
 
 
 @pytest.fixture
